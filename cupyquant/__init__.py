@@ -1,0 +1,40 @@
+"""cupyquant: k-bit quantization of NumPy and CuPy arrays (NF4, FP4, 8-bit blockwise).
+
+The array-level API. It never imports torch; see ``cupyquant.torch`` for the layers.
+"""
+
+from .blockwise import (
+    BLOCKSIZES_4BIT,
+    BLOCKSIZES_8BIT,
+    dequantize_4bit,
+    dequantize_blockwise,
+    dequantize_fp4,
+    dequantize_nf4,
+    quantize_4bit,
+    quantize_blockwise,
+    quantize_fp4,
+    quantize_nf4,
+)
+from .codebooks import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCKSIZES_4BIT",
+    "BLOCKSIZES_8BIT",
+    "QuantState",
+    "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "dequantize_fp4",
+    "dequantize_nf4",
+    "get_4bit_type",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "quantize_fp4",
+    "quantize_nf4",
+]

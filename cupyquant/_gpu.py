@@ -1,0 +1,160 @@
+"""CuPy launchers for the blockwise kernels. Callers validate and allocate; these only
+pick the template instantiation, check alignment and launch on the current stream.
+
+Every array argument is a flat, C-contiguous CuPy array on the current device.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import codebooks
+from ._xp import cupy
+from .rawkernels import get_function
+
+_FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
+_QUANT_ID = {"nf4": 0, "fp4": 1, "8bit": 2}
+_THREADS = 256
+_SOURCE = "blockwise.cu"
+
+# FP4 threshold count c (0..7) -> magnitude index, one nibble per c.
+_FP4_MAGNITUDE_NIBBLES = np.uint32(sum(int(m) << (4 * c) for c, m in enumerate(codebooks.FP4_MAGNITUDE_INDEX)))
+
+
+def _padded16(values: np.ndarray) -> np.ndarray:
+    out = np.zeros(16, dtype=np.float32)
+    out[: values.size] = values
+    return out
+
+
+_HOST_TABLES = {
+    "nf4_thresholds": _padded16(codebooks.NF4_THRESHOLDS),
+    "fp4_thresholds": _padded16(codebooks.FP4_THRESHOLDS),
+    "nf4_values": codebooks.NF4_CODE,
+    "fp4_values": codebooks.FP4_DEQUANT_TABLE,
+    "dynamic": codebooks.dynamic_map(),
+}
+
+
+@functools.cache
+def _table_on(name: str, device_id: int) -> Any:
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        return cp.asarray(_HOST_TABLES[name])
+
+
+def device_table(name: str) -> Any:
+    """A codebook table as a float32 CuPy array on the current device (cached)."""
+    return _table_on(name, cupy().cuda.Device().id)
+
+
+def _aligned_input(a: Any, alignment: int) -> Any:
+    """``a``, or a fresh (256-byte aligned) copy when its address is not ``alignment``-aligned."""
+    return a if a.data.ptr % alignment == 0 else a.copy()
+
+
+def _grid(work_items: int, per_block: int) -> tuple[int]:
+    return (max(1, -(-work_items // per_block)),)
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Per-block scales: plain float32 absmax, or the nested (double-quantized) form."""
+
+    absmax: Any = None
+    qabsmax: Any = None
+    code2: Any = None
+    nested_absmax: Any = None
+    offset: Any = None
+
+    @property
+    def nested(self) -> bool:
+        return self.qabsmax is not None
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        dummy = device_table("nf4_values")  # stands in for the pointers the variant ignores
+        if self.nested:
+            return (dummy, self.qabsmax, self.code2, self.nested_absmax, self.offset)
+        return (self.absmax, dummy, dummy, dummy, dummy)
+
+
+def _write_through(out: Any, alignment: int, launch) -> None:
+    """Run ``launch(target)`` into ``out``, or into an aligned temporary copied to ``out``."""
+    if out.data.ptr % alignment == 0:
+        launch(out)
+    else:
+        tmp = cupy().empty_like(out)
+        launch(tmp)
+        out[...] = tmp
+
+
+def quantize_blockwise(
+    bits: Any, fmt: str, blocksize: int, quant: str, absmax: Any, out: Any, code: Any = None, offset: Any = None
+) -> None:
+    """Quantize ``bits`` (n elements) into ``out`` (packed u8 for 4-bit, u8[n] for 8-bit)
+    and ``absmax`` (float32[blocks]). ``quant``: "nf4", "fp4" or "8bit" (with ``code``).
+    ``offset``: float32 0-d array subtracted first (8-bit only, for nested absmax)."""
+    n = bits.size
+    if n == 0:
+        return
+    if quant == "8bit":
+        table, magnitude = code, np.uint32(0)
+    else:
+        table, magnitude = device_table(f"{quant}_thresholds"), _FP4_MAGNITUDE_NIBBLES
+    has_offset = offset is not None
+    expr = f"quantize_blockwise<{_FMT_STRUCT[fmt]}, {blocksize}, {_QUANT_ID[quant]}, {str(has_offset).lower()}>"
+    kernel = get_function(_SOURCE, expr)
+    threads = max(_THREADS, blocksize // 8)
+    grid = _grid(-(-n // 8), threads)
+    bits = _aligned_input(bits, 16)
+    off = offset if has_offset else table
+
+    def launch(target: Any) -> None:
+        kernel(grid, (threads,), (bits, table, magnitude, off, absmax, target, np.int64(n)))
+
+    _write_through(out, 8 if quant == "8bit" else 4, launch)
+
+
+def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scales: Scales, out: Any) -> None:
+    """Decode ``out.size`` elements of packed 4-bit codes into ``out`` (storage of ``fmt``)."""
+    n = out.size
+    if n == 0:
+        return
+    expr = f"dequantize_4bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
+    kernel = get_function(_SOURCE, expr)
+    packed = _aligned_input(packed, 8)
+    table = device_table(f"{quant_type}_values")
+    grid = _grid(-(-n // 16), _THREADS)
+
+    def launch(target: Any) -> None:
+        kernel(grid, (_THREADS,), (packed, table, *scales.kernel_args(), target, np.int64(n)))
+
+    _write_through(out, 16, launch)
+
+
+def dequantize_8bit(q: Any, code: Any, fmt: str, blocksize: int, scales: Scales, out: Any) -> None:
+    """Decode ``q`` (u8[n]) with the 256-value ``code`` into ``out`` (storage of ``fmt``)."""
+    n = out.size
+    if n == 0:
+        return
+    expr = f"dequantize_8bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
+    kernel = get_function(_SOURCE, expr)
+    q = _aligned_input(q, 16)
+    grid = _grid(-(-n // 16), _THREADS)
+
+    def launch(target: Any) -> None:
+        kernel(grid, (_THREADS,), (q, code, *scales.kernel_args(), target, np.int64(n)))
+
+    _write_through(out, 16, launch)
+
+
+def absmax_offset(absmax: Any) -> Any:
+    """The nested offset as a float32 0-d array: mean summed in float64, rounded once."""
+    cp = cupy()
+    if absmax.size == 0:
+        return cp.zeros((), dtype=cp.float32)
+    return cp.mean(absmax, dtype=cp.float64).astype(cp.float32)

@@ -1,0 +1,42 @@
+"""The one loader of cupyquant's CUDA sources.
+
+Each kernel is a template instantiation named by a C++ expression, e.g.
+``"quantize_blockwise<Float16, 64, 0, false>"``. It is compiled with NVRTC the first
+time it is asked for on a device and memoised per (file, expression, device); CuPy's
+own disk cache makes later processes skip the compile.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from .._xp import cupy
+
+KERNEL_DIR = Path(__file__).resolve().parent
+# No fast-math: the kernels promise the reference's exact float32 rounding.
+COMPILE_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
+def sources() -> list[Path]:
+    """Every .cu file of the package (the compile test walks these)."""
+    return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+@functools.cache
+def _source(filename: str) -> str:
+    return (KERNEL_DIR / filename).read_text()
+
+
+@functools.cache
+def _function(filename: str, expression: str, device_id: int) -> Any:
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        module = cp.RawModule(code=_source(filename), options=COMPILE_OPTIONS, name_expressions=[expression])
+        return module.get_function(expression)
+
+
+def get_function(filename: str, expression: str) -> Any:
+    """The compiled kernel ``expression`` of ``filename`` for the current CuPy device."""
+    return _function(filename, expression, cupy().cuda.Device().id)
