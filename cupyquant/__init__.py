@@ -15,6 +15,7 @@ from .blockwise import (
     quantize_fp4,
     quantize_nf4,
 )
+from .matmul_4bit import gemv_4bit, matmul_4bit
 from .codebooks import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
 from .quant_state import QuantState
 
@@ -32,6 +33,8 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_fp4",
     "dequantize_nf4",
+    "gemv_4bit",
+    "matmul_4bit",
     "get_4bit_type",
     "quantize_4bit",
     "quantize_blockwise",

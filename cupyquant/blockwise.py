@@ -136,7 +136,6 @@ def _check_nested(state: QuantState, blocks: int) -> None:
 def _float_absmax(state: QuantState, blocks: int) -> Any:
     """float32 absmax of a state (decoding the nested form; NumPy path)."""
     if state.nested:
-        _check_nested(state, blocks)
         return ref.unnest_absmax(
             state.absmax, state.state2.absmax, np.float32(state.offset), state.state2.code.astype(np.float32)
         )
@@ -147,7 +146,6 @@ def _gpu_scales(state: QuantState, blocks: int):
     from . import _gpu
 
     if state.nested:
-        _check_nested(state, blocks)
         return _gpu.Scales(
             qabsmax=_flat(state.absmax),
             code2=_flat(state.state2.code.astype("float32", copy=False)),
@@ -198,56 +196,85 @@ def quantize_4bit(
     """
     _check_array(A, "A")
     fmt = _xp.float_format(A)
-    _check_choice("blocksize", blocksize, BLOCKSIZES_4BIT)
-    _check_choice("quant_type", quant_type, ("nf4", "fp4"))
     storage = _storage_name(quant_storage)
-    xp = _xp.array_module(A)
     n = A.size
-    blocks = ref.num_blocks(n, blocksize)
-    nbytes = (n + 1) // 2
-    itemsize = np.dtype(storage).itemsize if storage != "bfloat16" else 2
-    storage_elems = -(-nbytes // itemsize)
+    itemsize = 2 if storage == "bfloat16" else np.dtype(storage).itemsize
+    storage_elems = -(-((n + 1) // 2) // itemsize)
     if out is not None:
         _check_buffer(out, "out", A, (storage,), storage_elems)
     if absmax is not None:
-        _check_buffer(absmax, "absmax", A, ("float32",), blocks)
-
+        _check_buffer(absmax, "absmax", A, ("float32",), ref.num_blocks(n, blocksize))
+    xp = _xp.array_module(A)
     with _xp.device_of(A):
-        bits = _flat(_xp.storage_view(A))
-        if xp is np:
-            packed_bytes, block_absmax = ref.quantize_4bit(bits, fmt, blocksize, quant_type)
-            packed_u8 = np.zeros(storage_elems * itemsize, dtype=np.uint8)
-            packed_u8[:nbytes] = packed_bytes
-        else:
-            from . import _gpu
-
-            alloc = xp.zeros if storage_elems * itemsize != nbytes else xp.empty
-            packed_u8 = alloc(storage_elems * itemsize, dtype=xp.uint8)
-            block_absmax = absmax.reshape(-1) if absmax is not None else xp.empty(blocks, dtype=xp.float32)
-            _gpu.quantize_blockwise(bits, fmt, blocksize, quant_type, block_absmax, packed_u8[:nbytes])
-        if absmax is not None and xp is np:
-            absmax.reshape(-1)[...] = block_absmax
+        packed_u8, state = quantize_4bit_bits(
+            _flat(_xp.storage_view(A)), fmt, tuple(A.shape), blocksize, compress_statistics, quant_type,
+            packed_bytes=storage_elems * itemsize, absmax_out=None if absmax is None else absmax.reshape(-1),
+        )  # fmt: skip
         packed = packed_u8.view(_storage_dtype_for(storage, xp) if storage == "bfloat16" else storage)
         packed = packed.reshape(storage_elems, 1)
         if out is not None:
             out[...] = packed.reshape(out.shape)
             packed = out
-        code = xp.asarray(get_4bit_type(quant_type))
-        if compress_statistics:
-            qabsmax, offset, state2 = _nest(block_absmax)
-        else:
-            qabsmax, offset, state2 = block_absmax, None, None
+    return packed, state
+
+
+def quantize_4bit_bits(
+    bits: Any,
+    fmt: str,
+    shape: tuple[int, ...],
+    blocksize: int = 64,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    packed_bytes: int | None = None,
+    absmax_out: Any = None,
+    packed_out: Any = None,
+) -> tuple[Any, QuantState]:
+    """:func:`quantize_4bit` on a flat storage array (bfloat16 as uint16 bits).
+
+    For adapters that own their buffers: ``packed_out`` (uint8[packed_bytes]) and
+    ``absmax_out`` (float32[blocks]) are written in place when given. ``packed_bytes``
+    (default (n+1)//2) may exceed the code bytes; the extra bytes are zero.
+    Call inside the array's device context.
+    """
+    _check_choice("blocksize", blocksize, BLOCKSIZES_4BIT)
+    _check_choice("quant_type", quant_type, ("nf4", "fp4"))
+    _check_choice("format", fmt, _xp.FLOAT_FORMATS)
+    xp = _xp.array_module(bits)
+    n = bits.size
+    blocks = ref.num_blocks(n, blocksize)
+    nbytes = (n + 1) // 2
+    packed_bytes = nbytes if packed_bytes is None else packed_bytes
+    if packed_out is None:
+        alloc = xp.zeros if packed_bytes != nbytes else xp.empty
+        packed_out = alloc(packed_bytes, dtype=xp.uint8)
+    elif packed_bytes != nbytes:
+        packed_out[nbytes:] = 0
+    if xp is np:
+        codes, block_absmax = ref.quantize_4bit(bits, fmt, blocksize, quant_type)
+        packed_out[:nbytes] = codes
+        if absmax_out is not None:
+            absmax_out[...] = block_absmax
+            block_absmax = absmax_out
+    else:
+        from . import _gpu
+
+        block_absmax = absmax_out if absmax_out is not None else xp.empty(blocks, dtype=xp.float32)
+        _gpu.quantize_blockwise(bits, fmt, blocksize, quant_type, block_absmax, packed_out[:nbytes])
+    if compress_statistics:
+        qabsmax, offset, state2 = _nest(block_absmax)
+    else:
+        qabsmax, offset, state2 = block_absmax, None, None
     state = QuantState(
         absmax=qabsmax,
-        shape=tuple(A.shape),
-        code=code,
+        shape=tuple(shape),
+        code=xp.asarray(get_4bit_type(quant_type)),
         blocksize=blocksize,
         quant_type=quant_type,
         dtype=fmt,
         offset=offset,
         state2=state2,
     )
-    return packed, state
+    return packed_out, state
 
 
 def dequantize_4bit(
@@ -279,7 +306,34 @@ def dequantize_4bit(
             absmax=absmax, shape=tuple(out.shape), blocksize=blocksize, quant_type=quant_type,
             dtype=_xp.float_format(out, "out"),
         )  # fmt: skip
-    qs = quant_state
+    fmt, n, _ = check_state_4bit(quant_state)
+    _xp.same_module(A, quant_state.absmax, "A", "quant_state.absmax")
+    xp = _xp.array_module(A)
+    if not A.flags.c_contiguous:
+        raise ValueError("A (packed codes) must be C-contiguous")
+    if out is not None:
+        _check_output(out, A, n, fmt)
+    with _xp.device_of(A):
+        result = out if out is not None else _new_output(xp, quant_state.shape, fmt)
+        dequantize_4bit_bits(A.reshape(-1).view(xp.uint8), quant_state, result.reshape(-1).view(_xp.storage_dtype(fmt)))
+    return result
+
+
+def _check_output(out: Any, like: Any, n: int, fmt: str) -> None:
+    _check_array(out, "out")
+    _xp.same_module(like, out, "A", "out")
+    if out.size != n or out.dtype.itemsize != _xp.storage_dtype(fmt).itemsize:
+        raise ValueError(f"out must hold {n} {fmt} values, got {out.size} of {out.dtype}")
+    if out.dtype.kind == "f" and out.dtype.name != fmt and fmt != "bfloat16":
+        raise ValueError(f"out must have dtype {fmt}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+
+
+def check_state_4bit(qs: QuantState) -> tuple[str, int, int]:
+    """Validate a 4-bit state; returns ``(format name, element count, block count)``."""
+    if not isinstance(qs, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(qs).__name__}")
     if qs.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
     _check_choice("quant_state.blocksize", qs.blocksize, BLOCKSIZES_4BIT)
@@ -290,36 +344,31 @@ def dequantize_4bit(
     n = int(np.prod(qs.shape, dtype=np.int64))
     blocks = ref.num_blocks(n, qs.blocksize)
     _check_absmax(qs, blocks)
-    _xp.same_module(A, qs.absmax, "A", "quant_state.absmax")
-    xp = _xp.array_module(A)
-    if not A.flags.c_contiguous:
-        raise ValueError("A (packed codes) must be C-contiguous")
-    packed = A.reshape(-1).view(xp.uint8)
-    if packed.size < (n + 1) // 2:
-        raise ValueError(
-            f"A holds {packed.size} bytes but quant_state.shape {qs.shape} needs {(n + 1) // 2}"
-        )
-    if out is not None:
-        _check_array(out, "out")
-        _xp.same_module(A, out, "A", "out")
-        if out.size != n or out.dtype.itemsize != _xp.storage_dtype(fmt).itemsize:
-            raise ValueError(f"out must hold {n} {fmt} values, got {out.size} of {out.dtype}")
-        if out.dtype.kind == "f" and out.dtype.name != fmt and fmt != "bfloat16":
-            raise ValueError(f"out must have dtype {fmt}, got {out.dtype}")
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
-    with _xp.device_of(A):
-        result = out if out is not None else _new_output(xp, qs.shape, fmt)
-        target = result.reshape(-1).view(_xp.storage_dtype(fmt))
-        if xp is np:
-            target[...] = ref.dequantize_4bit(
-                packed[: (n + 1) // 2], _float_absmax(qs, blocks), n, fmt, qs.blocksize, qs.quant_type
-            )
-        else:
-            from . import _gpu
+    if qs.nested:
+        _check_nested(qs, blocks)
+    return fmt, n, blocks
 
-            _gpu.dequantize_4bit(packed, fmt, qs.blocksize, qs.quant_type, _gpu_scales(qs, blocks), target)
-    return result
+
+def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any) -> Any:
+    """:func:`dequantize_4bit` into a flat storage array ``out`` (bfloat16 as uint16 bits).
+
+    ``packed``: flat uint8 codes. For adapters that own their buffers; call inside the
+    arrays' device context. Returns ``out``.
+    """
+    fmt, n, blocks = check_state_4bit(quant_state)
+    if packed.size < (n + 1) // 2:
+        raise ValueError(f"A holds {packed.size} bytes but quant_state.shape {quant_state.shape} needs {(n + 1) // 2}")
+    if out.size != n:
+        raise ValueError(f"out must hold {n} values, got {out.size}")
+    if _xp.array_module(packed) is np:
+        absmax = _float_absmax(quant_state, blocks)
+        out[...] = ref.dequantize_4bit(packed[: (n + 1) // 2], absmax, n, fmt, quant_state.blocksize, quant_state.quant_type)
+    else:
+        from . import _gpu
+
+        scales = _gpu_scales(quant_state, blocks)
+        _gpu.dequantize_4bit(packed, fmt, quant_state.blocksize, quant_state.quant_type, scales, out)
+    return out
 
 
 def quantize_nf4(A: Any, absmax: Any = None, out: Any = None, blocksize: int = 64,
@@ -349,10 +398,8 @@ def dequantize_fp4(A: Any, quant_state: QuantState | None = None, absmax: Any = 
 # ---------------------------------------------------------------------------------------
 # 8-bit
 # ---------------------------------------------------------------------------------------
-def _check_code(code: Any, like: Any) -> Any:
+def _check_code(code: Any) -> Any:
     """A user code: float32[256], sorted ascending (a device sync for CuPy codes)."""
-    _check_array(code, "code")
-    _xp.same_module(like, code, "A", "code")
     if code.size != 256 or code.dtype.name != "float32":
         raise ValueError(f"code must be float32[256], got {code.dtype}[{code.size}]")
     xp = _xp.array_module(code)
@@ -388,36 +435,64 @@ def quantize_blockwise(
     """
     _check_array(A, "A")
     fmt = _xp.float_format(A)
-    _check_choice("blocksize", blocksize, BLOCKSIZES_8BIT)
-    xp = _xp.array_module(A)
     n = A.size
-    blocks = ref.num_blocks(n, blocksize)
     if out is not None:
         _check_buffer(out, "out", A, ("uint8",), n)
     if absmax is not None:
-        _check_buffer(absmax, "absmax", A, ("float32",), blocks)
+        _check_buffer(absmax, "absmax", A, ("float32",), ref.num_blocks(n, blocksize))
+    if code is not None:
+        _check_array(code, "code")
+        _xp.same_module(A, code, "A", "code")
+    xp = _xp.array_module(A)
     with _xp.device_of(A):
-        code = _default_code(xp) if code is None else _check_code(code, A)
-        bits = _flat(_xp.storage_view(A))
         result = out if out is not None else xp.empty(A.shape, dtype=xp.uint8)
-        if xp is np:
-            q, block_absmax = ref.quantize_8bit(ref.to_float32(bits, fmt), code, blocksize)
-            result.reshape(-1)[...] = q
-            if absmax is not None:
-                absmax.reshape(-1)[...] = block_absmax
-        else:
-            from . import _gpu
-
-            block_absmax = absmax.reshape(-1) if absmax is not None else xp.empty(blocks, dtype=xp.float32)
-            _gpu.quantize_blockwise(bits, fmt, blocksize, "8bit", block_absmax, result.reshape(-1), code)
-        if nested:
-            qabsmax, offset, state2 = _nest(block_absmax)
-        else:
-            qabsmax, offset, state2 = block_absmax, None, None
-    state = QuantState(
-        absmax=qabsmax, shape=tuple(A.shape), code=code, blocksize=blocksize, dtype=fmt, offset=offset, state2=state2
-    )
+        _, state = quantize_blockwise_bits(
+            _flat(_xp.storage_view(A)), fmt, tuple(A.shape), code, blocksize, nested,
+            q_out=result.reshape(-1), absmax_out=None if absmax is None else absmax.reshape(-1),
+        )  # fmt: skip
     return result, state
+
+
+def quantize_blockwise_bits(
+    bits: Any,
+    fmt: str,
+    shape: tuple[int, ...],
+    code: Any = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+    q_out: Any = None,
+    absmax_out: Any = None,
+) -> tuple[Any, QuantState]:
+    """:func:`quantize_blockwise` on a flat storage array (bfloat16 as uint16 bits).
+
+    ``q_out`` (uint8[n]) and ``absmax_out`` (float32[blocks]) are written in place when
+    given. Call inside the array's device context. Returns ``(q, QuantState)``.
+    """
+    _check_choice("blocksize", blocksize, BLOCKSIZES_8BIT)
+    _check_choice("format", fmt, _xp.FLOAT_FORMATS)
+    xp = _xp.array_module(bits)
+    code = _default_code(xp) if code is None else _check_code(code)
+    n = bits.size
+    q_out = q_out if q_out is not None else xp.empty(n, dtype=xp.uint8)
+    if xp is np:
+        q, block_absmax = ref.quantize_8bit(ref.to_float32(bits, fmt), code, blocksize)
+        q_out[...] = q
+        if absmax_out is not None:
+            absmax_out[...] = block_absmax
+            block_absmax = absmax_out
+    else:
+        from . import _gpu
+
+        block_absmax = absmax_out if absmax_out is not None else xp.empty(ref.num_blocks(n, blocksize), xp.float32)
+        _gpu.quantize_blockwise(bits, fmt, blocksize, "8bit", block_absmax, q_out, code)
+    if nested:
+        qabsmax, offset, state2 = _nest(block_absmax)
+    else:
+        qabsmax, offset, state2 = block_absmax, None, None
+    state = QuantState(
+        absmax=qabsmax, shape=tuple(shape), code=code, blocksize=blocksize, dtype=fmt, offset=offset, state2=state2
+    )
+    return q_out, state
 
 
 def dequantize_blockwise(
@@ -448,36 +523,47 @@ def dequantize_blockwise(
         if nested:
             raise ValueError("nested=True needs the quant_state that holds the nested absmax")
         _check_choice("blocksize", blocksize, BLOCKSIZES_8BIT)
+        if code is not None:
+            _check_array(code, "code")
+            _xp.same_module(A, code, "A", "code")
         with _xp.device_of(A):
-            state_code = _default_code(xp) if code is None else _check_code(code, A)
+            state_code = _default_code(xp) if code is None else _check_code(code)
         fmt = _xp.float_format(out, "out") if out is not None else "float32"
         quant_state = QuantState(absmax=absmax, code=state_code, blocksize=blocksize, dtype=fmt)
-    qs = quant_state
-    _check_choice("quant_state.blocksize", qs.blocksize, BLOCKSIZES_8BIT)
-    fmt = dtype_name(qs.dtype) if qs.dtype is not None else "float32"
+    fmt = dtype_name(quant_state.dtype) if quant_state.dtype is not None else "float32"
     _check_choice("quant_state.dtype", fmt, _xp.FLOAT_FORMATS)
-    n = A.size
-    blocks = ref.num_blocks(n, qs.blocksize)
-    _check_absmax(qs, blocks)
-    _xp.same_module(A, qs.absmax, "A", "quant_state.absmax")
-    if qs.code is None or qs.code.size != 256:
-        raise ValueError("quant_state.code must be a float32[256] codebook")
+    _xp.same_module(A, quant_state.absmax, "A", "quant_state.absmax")
     if out is not None:
-        _check_array(out, "out")
-        _xp.same_module(A, out, "A", "out")
-        if out.size != n or out.dtype.itemsize != _xp.storage_dtype(fmt).itemsize:
-            raise ValueError(f"out must hold {n} {fmt} values, got {out.size} of {out.dtype}")
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
+        _check_output(out, A, A.size, fmt)
     with _xp.device_of(A):
         result = out if out is not None else _new_output(xp, A.shape, fmt)
-        target = result.reshape(-1).view(_xp.storage_dtype(fmt))
-        q = _flat(A)
-        code32 = qs.code.reshape(-1).astype(xp.float32, copy=False)
-        if xp is np:
-            target[...] = ref.dequantize_8bit(q, _float_absmax(qs, blocks), code32, qs.blocksize, fmt)
-        else:
-            from . import _gpu
-
-            _gpu.dequantize_8bit(q, code32, fmt, qs.blocksize, _gpu_scales(qs, blocks), target)
+        dequantize_blockwise_bits(_flat(A), quant_state, result.reshape(-1).view(_xp.storage_dtype(fmt)))
     return result
+
+
+def dequantize_blockwise_bits(q: Any, quant_state: QuantState, out: Any) -> Any:
+    """:func:`dequantize_blockwise` of flat uint8 codes into a flat storage array ``out``
+    (bfloat16 as uint16 bits). Call inside the arrays' device context. Returns ``out``."""
+    qs = quant_state
+    if not isinstance(qs, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(qs).__name__}")
+    _check_choice("quant_state.blocksize", qs.blocksize, BLOCKSIZES_8BIT)
+    fmt = dtype_name(qs.dtype) if qs.dtype is not None else "float32"
+    n = q.size
+    if out.size != n:
+        raise ValueError(f"out must hold {n} values, got {out.size}")
+    blocks = ref.num_blocks(n, qs.blocksize)
+    _check_absmax(qs, blocks)
+    if qs.nested:
+        _check_nested(qs, blocks)
+    if qs.code is None or qs.code.size != 256:
+        raise ValueError("quant_state.code must be a float32[256] codebook")
+    xp = _xp.array_module(q)
+    code32 = qs.code.reshape(-1).astype(xp.float32, copy=False)
+    if xp is np:
+        out[...] = ref.dequantize_8bit(q, _float_absmax(qs, blocks), code32, qs.blocksize, fmt)
+    else:
+        from . import _gpu
+
+        _gpu.dequantize_8bit(q, code32, fmt, qs.blocksize, _gpu_scales(qs, blocks), out)
+    return out
