@@ -14,7 +14,7 @@ import numpy as np
 
 from . import codebooks
 from ._xp import cupy
-from .rawkernels import get_function
+from .rawkernels import get_function, register_expressions
 
 _FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
 _QUANT_ID = {"nf4": 0, "fp4": 1, "8bit": 2}
@@ -158,3 +158,24 @@ def absmax_offset(absmax: Any) -> Any:
     if absmax.size == 0:
         return cp.zeros((), dtype=cp.float32)
     return cp.mean(absmax, dtype=cp.float64).astype(cp.float32)
+
+
+def _kernel_expressions() -> list[str]:
+    """Every instantiation the launchers above can ask for."""
+    fmts = list(_FMT_STRUCT.values())
+    out = []
+    for fmt in fmts:
+        for bs in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            for quant in ("nf4", "fp4"):
+                out.append(f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID[quant]}, false>")
+            for nested in ("false", "true"):
+                out.append(f"dequantize_4bit<{fmt}, {bs}, {nested}>")
+                if bs >= 64:
+                    out.append(f"dequantize_8bit<{fmt}, {bs}, {nested}>")
+            if bs >= 64:
+                out.append(f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID['8bit']}, false>")
+    out.append(f"quantize_blockwise<Float32, 256, {_QUANT_ID['8bit']}, true>")
+    return out
+
+
+register_expressions(_SOURCE, _kernel_expressions)

@@ -29,9 +29,7 @@ def cupy() -> ModuleType:
     try:
         import cupy as cp
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "CuPy arrays need CuPy: pip install 'cupyquant[cuda12]' or 'cupyquant[cuda13]'"
-        ) from exc
+        raise ImportError("CuPy arrays need CuPy: pip install 'cupyquant[cuda12]' or 'cupyquant[cuda13]'") from exc
     return cp
 
 

@@ -207,9 +207,15 @@ def quantize_4bit(
     xp = _xp.array_module(A)
     with _xp.device_of(A):
         packed_u8, state = quantize_4bit_bits(
-            _flat(_xp.storage_view(A)), fmt, tuple(A.shape), blocksize, compress_statistics, quant_type,
-            packed_bytes=storage_elems * itemsize, absmax_out=None if absmax is None else absmax.reshape(-1),
-        )  # fmt: skip
+            _flat(_xp.storage_view(A)),
+            fmt,
+            tuple(A.shape),
+            blocksize,
+            compress_statistics,
+            quant_type,
+            packed_bytes=storage_elems * itemsize,
+            absmax_out=None if absmax is None else absmax.reshape(-1),
+        )
         packed = packed_u8.view(_storage_dtype_for(storage, xp) if storage == "bfloat16" else storage)
         packed = packed.reshape(storage_elems, 1)
         if out is not None:
@@ -303,9 +309,12 @@ def dequantize_4bit(
         _check_choice("blocksize", blocksize, BLOCKSIZES_4BIT)
         _check_choice("quant_type", quant_type, ("nf4", "fp4"))
         quant_state = QuantState(
-            absmax=absmax, shape=tuple(out.shape), blocksize=blocksize, quant_type=quant_type,
+            absmax=absmax,
+            shape=tuple(out.shape),
+            blocksize=blocksize,
+            quant_type=quant_type,
             dtype=_xp.float_format(out, "out"),
-        )  # fmt: skip
+        )
     fmt, n, _ = check_state_4bit(quant_state)
     _xp.same_module(A, quant_state.absmax, "A", "quant_state.absmax")
     xp = _xp.array_module(A)
@@ -320,12 +329,17 @@ def dequantize_4bit(
 
 
 def _check_output(out: Any, like: Any, n: int, fmt: str) -> None:
+    """An output buffer: same library/device as ``like``, n values of ``fmt``, contiguous.
+
+    bfloat16 outputs may also be 16-bit integer arrays that receive the raw bits.
+    """
     _check_array(out, "out")
     _xp.same_module(like, out, "A", "out")
-    if out.size != n or out.dtype.itemsize != _xp.storage_dtype(fmt).itemsize:
-        raise ValueError(f"out must hold {n} {fmt} values, got {out.size} of {out.dtype}")
-    if out.dtype.kind == "f" and out.dtype.name != fmt and fmt != "bfloat16":
-        raise ValueError(f"out must have dtype {fmt}, got {out.dtype}")
+    allowed = ("bfloat16", "uint16", "int16") if fmt == "bfloat16" else (fmt,)
+    if out.dtype.name not in allowed:
+        raise ValueError(f"out must have dtype {' or '.join(allowed)}, got {out.dtype}")
+    if out.size != n:
+        raise ValueError(f"out must hold {n} {fmt} values, got {out.size}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
 
@@ -362,7 +376,9 @@ def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any) -> Any:
         raise ValueError(f"out must hold {n} values, got {out.size}")
     if _xp.array_module(packed) is np:
         absmax = _float_absmax(quant_state, blocks)
-        out[...] = ref.dequantize_4bit(packed[: (n + 1) // 2], absmax, n, fmt, quant_state.blocksize, quant_state.quant_type)
+        out[...] = ref.dequantize_4bit(
+            packed[: (n + 1) // 2], absmax, n, fmt, quant_state.blocksize, quant_state.quant_type
+        )
     else:
         from . import _gpu
 
@@ -371,26 +387,40 @@ def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any) -> Any:
     return out
 
 
-def quantize_nf4(A: Any, absmax: Any = None, out: Any = None, blocksize: int = 64,
-                 compress_statistics: bool = False, quant_storage: Any = np.uint8) -> tuple[Any, QuantState]:  # fmt: skip
+def quantize_nf4(
+    A: Any,
+    absmax: Any = None,
+    out: Any = None,
+    blocksize: int = 64,
+    compress_statistics: bool = False,
+    quant_storage: Any = np.uint8,
+) -> tuple[Any, QuantState]:
     """:func:`quantize_4bit` with ``quant_type="nf4"``."""
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
 
 
-def quantize_fp4(A: Any, absmax: Any = None, out: Any = None, blocksize: int = 64,
-                 compress_statistics: bool = False, quant_storage: Any = np.uint8) -> tuple[Any, QuantState]:  # fmt: skip
+def quantize_fp4(
+    A: Any,
+    absmax: Any = None,
+    out: Any = None,
+    blocksize: int = 64,
+    compress_statistics: bool = False,
+    quant_storage: Any = np.uint8,
+) -> tuple[Any, QuantState]:
     """:func:`quantize_4bit` with ``quant_type="fp4"``."""
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
 
 
-def dequantize_nf4(A: Any, quant_state: QuantState | None = None, absmax: Any = None, out: Any = None,
-                   blocksize: int = 64) -> Any:  # fmt: skip
+def dequantize_nf4(
+    A: Any, quant_state: QuantState | None = None, absmax: Any = None, out: Any = None, blocksize: int = 64
+) -> Any:
     """:func:`dequantize_4bit` with ``quant_type="nf4"``."""
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
 
 
-def dequantize_fp4(A: Any, quant_state: QuantState | None = None, absmax: Any = None, out: Any = None,
-                   blocksize: int = 64) -> Any:  # fmt: skip
+def dequantize_fp4(
+    A: Any, quant_state: QuantState | None = None, absmax: Any = None, out: Any = None, blocksize: int = 64
+) -> Any:
     """:func:`dequantize_4bit` with ``quant_type="fp4"``."""
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
 
@@ -447,9 +477,15 @@ def quantize_blockwise(
     with _xp.device_of(A):
         result = out if out is not None else xp.empty(A.shape, dtype=xp.uint8)
         _, state = quantize_blockwise_bits(
-            _flat(_xp.storage_view(A)), fmt, tuple(A.shape), code, blocksize, nested,
-            q_out=result.reshape(-1), absmax_out=None if absmax is None else absmax.reshape(-1),
-        )  # fmt: skip
+            _flat(_xp.storage_view(A)),
+            fmt,
+            tuple(A.shape),
+            code,
+            blocksize,
+            nested,
+            q_out=result.reshape(-1),
+            absmax_out=None if absmax is None else absmax.reshape(-1),
+        )
     return result, state
 
 

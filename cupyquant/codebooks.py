@@ -48,9 +48,9 @@ NF4_THRESHOLDS = np.array(
 
 # FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 3, divided by its max 12). Bit 3 is the sign.
 _FP4_UNSCALED = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4_CODE = (
-    np.array(_FP4_UNSCALED + [-v for v in _FP4_UNSCALED], dtype=np.float32) / np.float32(12.0)
-).astype(np.float32)
+FP4_CODE = (np.array(_FP4_UNSCALED + [-v for v in _FP4_UNSCALED], dtype=np.float32) / np.float32(12.0)).astype(
+    np.float32
+)
 FP4_CODE[8] = 0.0  # bitsandbytes stores +0 at index 8 in quant_map
 
 # FP4 code of x: sign bit from x < 0, then the number c of these thresholds |x| exceeds
@@ -99,12 +99,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     ``10**(i - max_exponent_bits + 1)``; with ``signed`` both signs are present. 0 and 1
     complete the map; unused entries are 0.
     """
-    if not 1 <= max_exponent_bits < total_bits + (0 if signed else 1):
-        raise ValueError(
-            f"max_exponent_bits must be in [1, {total_bits - (1 if signed else 0)}], got {max_exponent_bits}"
-        )
+    if not 1 <= max_exponent_bits <= total_bits - 1:
+        raise ValueError(f"max_exponent_bits must be in [1, {total_bits - 1}], got {max_exponent_bits}")
     data: list[np.ndarray] = []
-    non_sign_bits = total_bits - (1 if signed else 0)
+    # One bit is the sign (signed) or doubles the fraction points (unsigned).
+    non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for i in range(max_exponent_bits):
         exp = i + non_sign_bits - max_exponent_bits
@@ -150,7 +149,9 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     return values.astype(np.float32)
 
 
-def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8) -> np.ndarray:
+def create_fp8_map(
+    signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
+) -> np.ndarray:
     """All values of a small float format (IEEE-like, subnormals, no inf/nan), normalised
     to [-1, 1] and sorted, float32[2**total_bits] (zero-padded)."""
     has_sign = 1 if signed else 0

@@ -9,6 +9,7 @@ own disk cache makes later processes skip the compile.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,21 @@ from .._xp import cupy
 KERNEL_DIR = Path(__file__).resolve().parent
 # No fast-math: the kernels promise the reference's exact float32 rounding.
 COMPILE_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
+_EXPRESSIONS: dict[str, Callable[[], list[str]]] = {}
+
+
+def register_expressions(filename: str, expressions: Callable[[], list[str]]) -> None:
+    """Declare every template instantiation a launcher may ask of ``filename``, so the
+    compile test can build them all ahead of time with nvcc."""
+    _EXPRESSIONS[filename] = expressions
+
+
+def expressions(filename: str) -> list[str]:
+    """The registered instantiations of ``filename`` (empty when none are registered)."""
+    fn = _EXPRESSIONS.get(filename)
+    return fn() if fn is not None else []
 
 
 def sources() -> list[Path]:
