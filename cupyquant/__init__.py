@@ -15,8 +15,8 @@ from .blockwise import (
     quantize_fp4,
     quantize_nf4,
 )
-from .matmul_4bit import gemv_4bit, matmul_4bit
 from .codebooks import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
+from .matmul_4bit import gemv_4bit, matmul_4bit
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
