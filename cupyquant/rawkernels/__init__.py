@@ -45,12 +45,26 @@ def _source(filename: str) -> str:
     return (KERNEL_DIR / filename).read_text()
 
 
+def _group(filename: str, expression: str) -> tuple[str, ...]:
+    """The instantiations compiled together with ``expression``: the registered ones of
+    the same kernel and first template argument (e.g. every blocksize of one kernel for
+    float16). One NVRTC call per group keeps first-use compile time low and the number
+    of compiles small."""
+    key = expression.split(",")[0]
+    group = tuple(e for e in expressions(filename) if e.split(",")[0] == key)
+    return group if expression in group else (expression,)
+
+
 @functools.cache
-def _function(filename: str, expression: str, device_id: int) -> Any:
+def _module(filename: str, group: tuple[str, ...], device_id: int) -> Any:
     cp = cupy()
     with cp.cuda.Device(device_id):
-        module = cp.RawModule(code=_source(filename), options=COMPILE_OPTIONS, name_expressions=[expression])
-        return module.get_function(expression)
+        return cp.RawModule(code=_source(filename), options=COMPILE_OPTIONS, name_expressions=list(group))
+
+
+@functools.cache
+def _function(filename: str, expression: str, device_id: int) -> Any:
+    return _module(filename, _group(filename, expression), device_id).get_function(expression)
 
 
 def get_function(filename: str, expression: str) -> Any:
