@@ -12,28 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from . import codebooks
+from . import _lut, codebooks
 from ._xp import cupy
 from .rawkernels import get_function, register_expressions
 
 _FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
-_QUANT_ID = {"nf4": 0, "fp4": 1, "8bit": 2}
+# Kernel code-choice modes (blockwise.cu): NF4 / FP4 tables, 8-bit table, 8-bit search.
+_QUANT_ID = {"nf4": 0, "fp4": 1, "8bit": 2, "8bit_search": 3}
 _THREADS = 256
+_QUANT_VEC = 16  # elements per quantize thread
+_DEQUANT_VEC = 32  # elements per dequantize thread (4 groups of 8)
 _SOURCE = "blockwise.cu"
 
-# FP4 threshold count c (0..7) -> magnitude index, one nibble per c.
-_FP4_MAGNITUDE_NIBBLES = np.uint32(sum(int(m) << (4 * c) for c, m in enumerate(codebooks.FP4_MAGNITUDE_INDEX)))
-
-
-def _padded16(values: np.ndarray) -> np.ndarray:
-    out = np.zeros(16, dtype=np.float32)
-    out[: values.size] = values
-    return out
-
-
 _HOST_TABLES = {
-    "nf4_thresholds": _padded16(codebooks.NF4_THRESHOLDS),
-    "fp4_thresholds": _padded16(codebooks.FP4_THRESHOLDS),
+    "nf4_lut": _lut.nf4_table(),
+    "fp4_lut": _lut.fp4_table(),
+    "dynamic_lut": _lut.dynamic_table(),
     "nf4_values": codebooks.NF4_CODE,
     "fp4_values": codebooks.FP4_DEQUANT_TABLE,
     "dynamic": codebooks.dynamic_map(),
@@ -48,8 +42,27 @@ def _table_on(name: str, device_id: int) -> Any:
 
 
 def device_table(name: str) -> Any:
-    """A codebook table as a float32 CuPy array on the current device (cached)."""
+    """A codebook or lookup table as a CuPy array on the current device (cached)."""
     return _table_on(name, cupy().cuda.Device().id)
+
+
+@functools.cache
+def _resident_blocks(device_id: int, threads: int) -> int:
+    """Blocks that fill the device once: SMs x (2048 threads / threads per block)."""
+    sms = cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return sms * max(1, 2048 // threads)
+
+
+def code8_lookup(code: Any, is_default: bool) -> tuple[str, Any]:
+    """How the 8-bit kernel finds codes of ``code``: ``("8bit", bucket table)`` when the
+    code fits the exponent buckets, else ``("8bit_search", code)``. A custom code is
+    read back to the host once to build its table (a device sync)."""
+    if is_default:
+        return "8bit", device_table("dynamic_lut")
+    table = _lut.code8_table(code.get())
+    if table is None:
+        return "8bit_search", code
+    return "8bit", cupy().asarray(table)
 
 
 def _aligned_input(a: Any, alignment: int) -> Any:
@@ -92,31 +105,30 @@ def _write_through(out: Any, alignment: int, launch) -> None:
         out[...] = tmp
 
 
-def quantize_blockwise(
-    bits: Any, fmt: str, blocksize: int, quant: str, absmax: Any, out: Any, code: Any = None, offset: Any = None
-) -> None:
+def quantize_blockwise(bits: Any, fmt: str, blocksize: int, quant: str, absmax: Any, out: Any,
+                       table: Any = None, offset: Any = None) -> None:  # fmt: skip
     """Quantize ``bits`` (n elements) into ``out`` (packed u8 for 4-bit, u8[n] for 8-bit)
-    and ``absmax`` (float32[blocks]). ``quant``: "nf4", "fp4" or "8bit" (with ``code``).
-    ``offset``: float32 0-d array subtracted first (8-bit only, for nested absmax)."""
+    and ``absmax`` (float32[blocks]). ``quant``: "nf4", "fp4", or "8bit" / "8bit_search"
+    with ``table`` from :func:`code8_lookup`. ``offset``: float32 0-d array subtracted
+    first (for nested absmax)."""
     n = bits.size
     if n == 0:
         return
-    if quant == "8bit":
-        table, magnitude = code, np.uint32(0)
-    else:
-        table, magnitude = device_table(f"{quant}_thresholds"), _FP4_MAGNITUDE_NIBBLES
+    if quant in ("nf4", "fp4"):
+        table = device_table(f"{quant}_lut")
     has_offset = offset is not None
     expr = f"quantize_blockwise<{_FMT_STRUCT[fmt]}, {blocksize}, {_QUANT_ID[quant]}, {str(has_offset).lower()}>"
     kernel = get_function(_SOURCE, expr)
-    threads = max(_THREADS, blocksize // 8)
-    grid = _grid(-(-n // 8), threads)
+    threads = max(_THREADS, blocksize // _QUANT_VEC)
+    chunks = -(-n // (threads * _QUANT_VEC))
+    grid = (min(chunks, _resident_blocks(cupy().cuda.Device().id, threads)),)
     bits = _aligned_input(bits, 16)
     off = offset if has_offset else table
 
     def launch(target: Any) -> None:
-        kernel(grid, (threads,), (bits, table, magnitude, off, absmax, target, np.int64(n)))
+        kernel(grid, (threads,), (bits, table, off, absmax, target, np.int64(n)))
 
-    _write_through(out, 8 if quant == "8bit" else 4, launch)
+    _write_through(out, 8 if quant in ("nf4", "fp4") else 16, launch)
 
 
 def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scales: Scales, out: Any) -> None:
@@ -126,9 +138,9 @@ def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scal
         return
     expr = f"dequantize_4bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
     kernel = get_function(_SOURCE, expr)
-    packed = _aligned_input(packed, 8)
+    packed = _aligned_input(packed, 4)
     table = device_table(f"{quant_type}_values")
-    grid = _grid(-(-n // 16), _THREADS)
+    grid = _grid(-(-n // _DEQUANT_VEC), _THREADS)
 
     def launch(target: Any) -> None:
         kernel(grid, (_THREADS,), (packed, table, *scales.kernel_args(), target, np.int64(n)))
@@ -143,8 +155,8 @@ def dequantize_8bit(q: Any, code: Any, fmt: str, blocksize: int, scales: Scales,
         return
     expr = f"dequantize_8bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
     kernel = get_function(_SOURCE, expr)
-    q = _aligned_input(q, 16)
-    grid = _grid(-(-n // 16), _THREADS)
+    q = _aligned_input(q, 8)
+    grid = _grid(-(-n // _DEQUANT_VEC), _THREADS)
 
     def launch(target: Any) -> None:
         kernel(grid, (_THREADS,), (q, code, *scales.kernel_args(), target, np.int64(n)))
@@ -162,18 +174,15 @@ def absmax_offset(absmax: Any) -> Any:
 
 def _kernel_expressions() -> list[str]:
     """Every instantiation the launchers above can ask for."""
-    fmts = list(_FMT_STRUCT.values())
     out = []
-    for fmt in fmts:
+    for fmt in _FMT_STRUCT.values():
         for bs in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            for quant in ("nf4", "fp4"):
-                out.append(f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID[quant]}, false>")
+            modes = ("nf4", "fp4", "8bit", "8bit_search") if bs >= 64 else ("nf4", "fp4")
+            out += [f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID[m]}, false>" for m in modes]
             for nested in ("false", "true"):
                 out.append(f"dequantize_4bit<{fmt}, {bs}, {nested}>")
                 if bs >= 64:
                     out.append(f"dequantize_8bit<{fmt}, {bs}, {nested}>")
-            if bs >= 64:
-                out.append(f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID['8bit']}, false>")
     out.append(f"quantize_blockwise<Float32, 256, {_QUANT_ID['8bit']}, true>")
     return out
 

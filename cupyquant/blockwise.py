@@ -115,7 +115,8 @@ def _nest(absmax: Any) -> tuple[Any, Any, QuantState]:
         q = xp.empty(absmax.size, dtype=xp.uint8)
         nested_absmax = xp.empty(ref.num_blocks(absmax.size, ref.NESTED_BLOCKSIZE), dtype=xp.float32)
         code = _gpu.device_table("dynamic").copy()
-        _gpu.quantize_blockwise(absmax, "float32", ref.NESTED_BLOCKSIZE, "8bit", nested_absmax, q, code, offset)
+        mode, table = _gpu.code8_lookup(code, is_default=True)
+        _gpu.quantize_blockwise(absmax, "float32", ref.NESTED_BLOCKSIZE, mode, nested_absmax, q, table, offset)
     state2 = QuantState(absmax=nested_absmax, code=code, blocksize=ref.NESTED_BLOCKSIZE, dtype="float32")
     return q, offset, state2
 
@@ -507,7 +508,8 @@ def quantize_blockwise_bits(
     _check_choice("blocksize", blocksize, BLOCKSIZES_8BIT)
     _check_choice("format", fmt, _xp.FLOAT_FORMATS)
     xp = _xp.array_module(bits)
-    code = _default_code(xp) if code is None else _check_code(code)
+    is_default = code is None
+    code = _default_code(xp) if is_default else _check_code(code)
     n = bits.size
     q_out = q_out if q_out is not None else xp.empty(n, dtype=xp.uint8)
     if xp is np:
@@ -520,7 +522,8 @@ def quantize_blockwise_bits(
         from . import _gpu
 
         block_absmax = absmax_out if absmax_out is not None else xp.empty(ref.num_blocks(n, blocksize), xp.float32)
-        _gpu.quantize_blockwise(bits, fmt, blocksize, "8bit", block_absmax, q_out, code)
+        mode, table = _gpu.code8_lookup(code, is_default)
+        _gpu.quantize_blockwise(bits, fmt, blocksize, mode, block_absmax, q_out, table)
     if nested:
         qabsmax, offset, state2 = _nest(block_absmax)
     else:
