@@ -16,6 +16,18 @@ from .blockwise import (
     quantize_nf4,
 )
 from .codebooks import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
+from .int8 import (
+    INT8_MAX_K,
+    get_int8_gemm_backend,
+    int8_double_quant,
+    int8_linear,
+    int8_linear_matmul,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    outlier_columns,
+    set_int8_gemm_backend,
+)
 from .matmul_4bit import gemv_4bit, matmul_4bit
 from .quant_state import QuantState
 
@@ -34,6 +46,16 @@ __all__ = [
     "dequantize_fp4",
     "dequantize_nf4",
     "gemv_4bit",
+    "get_int8_gemm_backend",
+    "INT8_MAX_K",
+    "int8_double_quant",
+    "int8_linear",
+    "int8_linear_matmul",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
+    "outlier_columns",
+    "set_int8_gemm_backend",
     "matmul_4bit",
     "get_4bit_type",
     "quantize_4bit",

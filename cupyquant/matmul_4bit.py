@@ -1,94 +1,381 @@
 """4-bit matrix products: ``out = A @ dequantize(B)^T (+ bias)`` on packed NF4/FP4 weights.
 
 ``B`` is the packed weight of an (N, K) matrix quantized with :func:`quantize_4bit`
-(``quant_state.shape == (N, K)``); ``A`` is (..., K). This module holds the reference
-semantics: dequantize to float32 and multiply in float32 (NumPy), or dequantize to the
-activation dtype and multiply with cuBLAS (CuPy).
+(``quant_state.shape == (N, K)``, bitsandbytes layout); ``A`` is (..., K).
+
+Semantics (the NumPy path, the spec): dequantize W to float32 (``code[q] * absmax``),
+multiply in float32, add the bias in float32, round once to A's format.
+
+CuPy arrays take one of three paths, picked per call from M (the number of rows of A)
+without any host synchronisation, so every path can be captured in a CUDA graph:
+
+* fused tensor-core kernel (``rawkernels/gemm_4bit.cu``): fp16 / bf16 activations,
+  K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
+  dequantized in registers to A's format (``code[q]`` and the block's scale each rounded to
+  it, then multiplied there), products are accumulated in float32.
+* fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
+  M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
+  float32 exactly as the reference and accumulates in float32.
+
+The cuBLAS call goes through ctypes to the libcublas CuPy loaded, on CuPy's handle and the
+current stream, because CuPy's binding refuses to run during stream capture.
+* dequantize + cuBLAS for larger M: W is dequantized to A's format (as
+  :func:`dequantize_4bit` does) and multiplied by cublasGemmEx with float32 compute; a bias
+  is pre-broadcast into the output and added by the GEMM (beta = 1), so it is rounded once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from . import _reference as ref
 from . import _xp
-from .blockwise import _check_array, check_state_4bit, dequantize_4bit_bits
+from .blockwise import _check_array, _gpu_scales, check_state_4bit, dequantize_4bit_bits
 from .quant_state import QuantState
 
-__all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits"]
+__all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m"]
+
+# Largest M at which the fused kernels beat dequantize + cuBLAS, from the sweep in
+# benchmarks/NOTES_matmul_4bit.md (NF4 bs64 nested; shapes 4096x4096, 11008x4096, 28672x8192,
+# 8192x28672; measured on an NVIDIA H200, the card the second measuring run was given):
+# * "tc" (fp16 / bf16, K % 32 == 0, tensor-core kernels): fused wins at M = 32 on every shape
+#   (17.0 vs 23.3 us at 4096x4096, 213 vs 271 us at 8192x28672; a tie, 279 vs 270 us, at
+#   28672x8192) and loses at M = 64 on every shape (27.0 vs 21.7 us at 4096x4096).
+# * "gemv" with float32 activations (CUDA-core kernel): wins at M = 4 (63 vs 67 us at
+#   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
+# * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays): wins at M = 1 (9.2 vs 22.8 us at
+#   4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0; the general
+#   path for odd K is slower still).
+_FUSED_MAX_M = {"tc": 32, "gemv-float32": 4, "gemv-16bit": 1}
+
+# Tensor-core kernel geometry (gemm_4bit.cu): 4 warps a CTA, 16-row tiles, 128-element
+# segments, 4 segments' weights in flight a warp.
+_MMA_WARPS = 4
+_MMA_SEGMENT = 128
+_MMA_IN_FLIGHT = 4
+_MMA_TOKEN_TILES = (1, 2, 4, 8)  # n8 token tiles a CTA: up to 8, 16, 32, 64 tokens
+# CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA.
+_GEMV_WARPS = 4
+_WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
+
+# cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
+_CUDA_R = {"float32": 0, "float16": 2, "bfloat16": 14}
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_POINTER_MODE_HOST = 0
+_ONE = np.ones(1, dtype=np.float32)  # host scalars for cuBLAS (alive for the process)
+_ZERO = np.zeros(1, dtype=np.float32)
+
+_GEMV_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
+_MMA_STRUCT = {"float16": "MmaHalf", "bfloat16": "MmaBFloat16"}
 
 
-def _check_operands(a_fmt: str, K: int, quant_state: QuantState) -> tuple[int, int]:
-    fmt, _, _ = check_state_4bit(quant_state)
+def fused_max_m(fmt: str, N: int, K: int) -> int:
+    """The largest M for which the fused kernels beat dequantize + cuBLAS.
+
+    Measured on an H200 (benchmarks/NOTES_matmul_4bit.md; the kernels are bound by
+    instruction issue, not by memory, so an H100 should switch at about the same M); the
+    torch adapter uses it to route its CUDA matmuls. ``fmt``: the activation format ("float16", "bfloat16" or
+    "float32"); ``N``, ``K``: the weight's shape.
+    """
+    if fmt not in _xp.FLOAT_FORMATS:
+        raise ValueError(f"fmt must be one of {_xp.FLOAT_FORMATS}, got {fmt!r}")
+    if fmt == "float32":
+        return _FUSED_MAX_M["gemv-float32"]
+    return _FUSED_MAX_M["tc" if K % 32 == 0 else "gemv-16bit"]
+
+
+def _weight_shape(quant_state: QuantState) -> tuple[int, int]:
+    check_state_4bit(quant_state)
     if len(quant_state.shape) != 2:
         raise ValueError(f"B must be a quantized 2-D (N, K) weight, got shape {quant_state.shape}")
-    N, K_w = quant_state.shape
+    return quant_state.shape
+
+
+def _check_operands(K: int, quant_state: QuantState) -> tuple[int, int]:
+    N, K_w = _weight_shape(quant_state)
     if K != K_w:
         raise ValueError(f"A's last dimension ({K}) must equal the weight's K ({K_w}); weight shape is {(N, K_w)}")
     return N, K_w
+
+
+def _check_bits(arr: Any, name: str, fmt: str, size: int) -> None:
+    want = _xp.storage_dtype(fmt)
+    if arr.dtype != want:
+        raise ValueError(f"{name} must hold {fmt} values as {want}, got {arr.dtype}")
+    if arr.size != size:
+        raise ValueError(f"{name} must have {size} elements, got {arr.size}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
 
 
 def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: QuantState,
                      bias_bits: Any = None, out_bits: Any = None) -> Any:  # fmt: skip
     """``out[M, N] = A[M, K] @ W[N, K]^T (+ bias[N])`` on flat storage arrays (bf16 as uint16 bits).
 
-    ``a_bits``: (M*K) values of ``fmt``; ``packed``: flat uint8 codes of W; ``bias_bits``:
-    N values of ``fmt`` or None; ``out_bits``: M*N values of ``fmt`` written in place
-    (allocated when None). Accumulation is float32, the result is rounded to ``fmt`` once.
-    Call inside the arrays' device context. Returns ``out_bits``.
+    ``a_bits``: (M*K) values of ``fmt`` (float32 / float16 / uint16 for bfloat16),
+    contiguous; ``packed``: flat uint8 codes of W (bitsandbytes layout, at least
+    (N*K+1)//2 bytes); ``bias_bits``: N values of ``fmt`` or None; ``out_bits``: M*N values
+    of ``fmt`` written in place (allocated when None). Accumulation is float32 and the
+    result is rounded to ``fmt`` once. NumPy arrays run the reference, CuPy arrays the
+    kernels on the current device and stream (no host synchronisation). Call inside the
+    arrays' device context. Returns ``out_bits``.
     """
-    K = a_bits.size // M if M else quant_state.shape[1]
-    N, K = _check_operands(fmt, K, quant_state)
+    if fmt not in _xp.FLOAT_FORMATS:
+        raise ValueError(f"fmt must be one of {_xp.FLOAT_FORMATS}, got {fmt!r}")
+    if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 0:
+        raise ValueError(f"M must be a non-negative integer, got {M!r}")
+    M = int(M)
+    N, K = _weight_shape(quant_state)
     xp = _xp.array_module(a_bits)
+    _check_bits(a_bits, "A", fmt, M * K)
+    _xp.same_module(a_bits, packed, "A", "B")
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise ValueError(f"B (packed codes) must be a flat uint8 array, got {packed.dtype} of shape {packed.shape}")
+    if packed.size < (N * K + 1) // 2:
+        raise ValueError(f"B holds {packed.size} bytes but an ({N}, {K}) weight needs {(N * K + 1) // 2}")
+    if bias_bits is not None:
+        _xp.same_module(a_bits, bias_bits, "A", "bias")
+        _check_bits(bias_bits, "bias", fmt, N)
     if out_bits is None:
         out_bits = xp.empty(M * N, dtype=_xp.storage_dtype(fmt))
-    w_fmt = "float32"
-    weight = xp.empty(N * K, dtype=np.float32)
-    state32 = QuantState(
-        absmax=quant_state.absmax, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
-        quant_type=quant_state.quant_type, dtype=w_fmt, offset=quant_state.offset, state2=quant_state.state2,
-    )  # fmt: skip
-    dequantize_4bit_bits(packed, state32, weight)
-    a32 = ref.to_float32(a_bits, fmt) if xp is np else _to_float32_gpu(a_bits, fmt)
-    acc = a32.reshape(M, K) @ weight.reshape(N, K).T
-    if bias_bits is not None:
-        acc += (ref.to_float32(bias_bits, fmt) if xp is np else _to_float32_gpu(bias_bits, fmt))[None, :]
-    out_bits[...] = (ref.from_float32(acc, fmt) if xp is np else _from_float32_gpu(acc, fmt)).reshape(-1)
+    else:
+        _xp.same_module(a_bits, out_bits, "A", "out")
+        _check_bits(out_bits, "out", fmt, M * N)
+    if M == 0 or N == 0:
+        return out_bits
+    if xp is np:
+        return _matmul_reference(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
+    if K == 0:
+        out2d = out_bits.reshape(M, N)
+        if bias_bits is None:
+            out2d.fill(0)
+        else:
+            out2d[...] = bias_bits
+        return out_bits
+    if M <= fused_max_m(fmt, N, K):
+        _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
+    else:
+        _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
     return out_bits
 
 
-def _to_float32_gpu(bits: Any, fmt: str) -> Any:
+# ---------------------------------------------------------------------------------------
+# NumPy reference
+# ---------------------------------------------------------------------------------------
+def _matmul_reference(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits):
+    weight = np.empty(N * K, dtype=np.float32)
+    dequantize_4bit_bits(packed, _as_float32_state(quant_state), weight)
+    acc = ref.to_float32(a_bits, fmt).reshape(M, K) @ weight.reshape(N, K).T
+    if bias_bits is not None:
+        acc += ref.to_float32(bias_bits, fmt)[None, :]
+    out_bits[...] = ref.from_float32(acc, fmt).reshape(-1)
+    return out_bits
+
+
+def _as_float32_state(qs: QuantState) -> QuantState:
+    return QuantState(
+        absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize, quant_type=qs.quant_type,
+        dtype="float32", offset=qs.offset, state2=qs.state2,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# CuPy paths
+# ---------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    return int(_xp.cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _scale_args(qs: QuantState) -> tuple[Any, ...]:
+    """(absmax, qabsmax, code2, nested_absmax, offset) kernel arguments, dummies for the unused."""
+    blocks = qs.absmax.size
+    return _gpu_scales(qs, blocks).kernel_args()
+
+
+def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
+    from . import _gpu
+
+    table = _gpu.device_table(f"{qs.quant_type}_values")
+    return (packed, table, *_scale_args(qs))
+
+
+def _pick_mma(M: int, N: int, K: int, rt: int | None = None) -> tuple[str, int, int, int, int]:
+    """(kernel expression prefix, token tiles, token chunks, ksplit, grid) for the tensor-core kernels.
+
+    Up to 16 tokens a CTA run ``gemm_4bit_small`` with ``rt`` 16-row tiles a warp; more tokens
+    run ``gemm_4bit_mma`` (one tile a warp), in chunks of up to 64 tokens. Default ``rt``
+    (measured, NOTES_matmul_4bit.md): 2 for 9..16 tokens; for 1..8 tokens 2 when the weight has
+    at least 3 row tiles per SM (N >= 8192 on 132 SMs: 60.9 vs 79.4 us at 28672x8192), else 1
+    (8.8 vs 11.2 us at 4096x4096).
+    """
+    tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
+    chunks = -(-M // (8 * tiles))
+    row_tiles = -(-N // 16)
+    sms = _sm_count(_xp.cupy().cuda.Device().id)
+    target = _WARPS_PER_SM_TARGET * sms
+    if tiles <= 2:
+        if rt is None:
+            rt = 2 if tiles == 2 or row_tiles >= 3 * sms else 1
+        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}>"
+    else:
+        rt = 1
+        kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
+    warp_tiles = -(-row_tiles // rt)
+    segments = -(-K // _MMA_SEGMENT)
+    ksplit = 1
+    while ksplit < _MMA_WARPS and warp_tiles * chunks * ksplit < target and segments >= 2 * _MMA_IN_FLIGHT * ksplit:
+        ksplit *= 2
+    groups = -(-warp_tiles // (_MMA_WARPS // ksplit))
+    return kernel, tiles, chunks, ksplit, groups * chunks
+
+
+def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None) -> None:
+    from .rawkernels import get_function
+
+    kernel, _, chunks, ksplit, grid = _pick_mma(M, N, K, rt)
+    kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
+    has_bias = bias_bits is not None
+    kernel(
+        (grid,), (32 * _MMA_WARPS,),
+        (a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
+         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
+         np.int32(ksplit), np.int32(chunks)),
+    )  # fmt: skip
+
+
+def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool) -> None:
+    from .rawkernels import get_function
+
+    mr = 1 if M == 1 else 4
+    rows = 4 if mr == 1 else 2
+    expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {rows}, {str(aligned).lower()}>"
+    kernel = get_function("gemv_4bit.cu", expr)
+    has_bias = bias_bits is not None
+    grid = (-(-N // (_GEMV_WARPS * rows)), -(-M // mr))
+    kernel(
+        grid, (32 * _GEMV_WARPS,),
+        (a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
+         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias)),
+    )  # fmt: skip
+
+
+def _aligned(K: int, *arrays: Any) -> bool:
+    return K % 32 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
+    """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma", or "mma-rt1" /
+    "mma-rt2" (row tiles a warp, up to 16 tokens); None picks the best that applies."""
+    aligned = _aligned(K, a_bits, packed)
+    if path is None:
+        path = "mma" if fmt != "float32" and aligned else "gemv"
+    if path.startswith("mma"):
+        if fmt == "float32" or not aligned:
+            raise ValueError(
+                "the tensor-core kernels need fp16/bf16 activations, K % 32 == 0 and 16-byte aligned A and B"
+            )
+        _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, {"mma-rt1": 1, "mma-rt2": 2}.get(path))
+    else:
+        _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
+
+
+def _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits) -> None:
+    """Dequantize W to A's format, then cublasGemmEx (float32 compute) into ``out_bits``."""
+    from . import _gpu
+
     cp = _xp.cupy()
-    if fmt == "bfloat16":
-        return (bits.astype(cp.uint32) << 16).view(cp.float32)
-    return bits.astype(cp.float32)
+    weight = cp.empty(N * K, dtype=_xp.storage_dtype(fmt))
+    _gpu.dequantize_4bit(packed, fmt, qs.blocksize, qs.quant_type, _gpu_scales(qs, qs.absmax.size), weight)
+    beta = _ZERO
+    if bias_bits is not None:
+        out_bits.reshape(M, N)[...] = bias_bits  # C = bias, beta = 1: the bias is added in float32
+        beta = _ONE
+    # Row-major out (M, N) is column-major out^T (N, M) = W (N, K) @ A^T (K, M); W row-major is
+    # column-major W^T with ld K (so op T), A row-major is column-major A^T with ld K (op N).
+    _gemm_ex(
+        _CUBLAS_OP_T, _CUBLAS_OP_N, N, M, K, _ONE.ctypes.data, weight.data.ptr, _CUDA_R[fmt], K,
+        a_bits.data.ptr, K, beta.ctypes.data, out_bits.data.ptr, N,
+    )  # fmt: skip
 
 
-def _from_float32_gpu(x: Any, fmt: str) -> Any:
+def _gemm_ex(transa, transb, m, n, k, alpha, a_ptr, dtype, lda, b_ptr, ldb, beta, c_ptr, ldc) -> None:
+    """cublasGemmEx (float32 compute, host alpha/beta) on CuPy's handle and current stream.
+
+    CuPy's cuBLAS bindings refuse to run while a stream is being captured, although cuBLAS
+    itself is capturable; so the call goes through ctypes to the libcublas that CuPy loaded.
+    Where that library cannot be found, CuPy's binding is used (not capturable).
+    """
     cp = _xp.cupy()
-    if fmt == "float32":
-        return x
-    if fmt == "float16":
-        return x.astype(cp.float16)
-    u = x.view(cp.uint32)
-    rounded = (u + cp.uint32(0x7FFF) + ((u >> 16) & cp.uint32(1))) >> 16
-    return cp.where(cp.isnan(x), cp.uint32(0x7FFF), rounded).astype(cp.uint16)
+    handle = cp.cuda.device.get_cublas_handle()
+    lib = _cublas_library()
+    args = (transa, transb, m, n, k, alpha, a_ptr, dtype, lda, b_ptr, dtype, ldb, beta, c_ptr, dtype, ldc,
+            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)  # fmt: skip
+    if lib is None:
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
+        cublas.gemmEx(handle, *args)
+        return
+    calls = (
+        (lib.cublasSetStream_v2, (handle, cp.cuda.get_current_stream().ptr)),
+        (lib.cublasSetPointerMode_v2, (handle, _CUBLAS_POINTER_MODE_HOST)),
+        (lib.cublasGemmEx, (handle, *args)),
+    )
+    for fn, fn_args in calls:
+        status = fn(*fn_args)
+        if status != 0:
+            raise RuntimeError(f"{fn.__name__} failed with cuBLAS status {status}")
 
 
+@functools.cache
+def _cublas_library() -> Any:
+    """ctypes handle of the libcublas CuPy has loaded into this process, or None."""
+    import ctypes
+
+    from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas into the process
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcublas.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        lib.cublasSetStream_v2.argtypes = [vp, vp]
+        lib.cublasSetPointerMode_v2.argtypes = [vp, i]
+        lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
+        for fn in (lib.cublasSetStream_v2, lib.cublasSetPointerMode_v2, lib.cublasGemmEx):
+            fn.restype = i
+        return lib
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# public array API
+# ---------------------------------------------------------------------------------------
 def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: Any = None) -> Any:
     """``A @ dequantize(B, quant_state)^T (+ bias)``.
 
     Args:
         A: (..., K) float32 / float16 / bfloat16 activations (NumPy or CuPy).
-        B: the packed weight from ``quantize_4bit`` of an (N, K) matrix.
-        quant_state: B's QuantState.
-        out: optional (..., N) output of A's dtype.
+        B: the packed weight from ``quantize_4bit`` of an (N, K) matrix (any storage
+            dtype, C-contiguous).
+        quant_state: B's QuantState (``shape == (N, K)``).
+        out: optional C-contiguous (..., N) output of A's dtype.
         bias: optional (N,) of A's dtype.
 
     Returns:
-        (..., N) array of A's dtype.
+        (..., N) array of A's dtype: float32 accumulation, rounded once to A's dtype.
     """
     _check_array(A, "A")
     _check_array(B, "B")
@@ -96,17 +383,19 @@ def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: 
     if A.ndim < 1:
         raise ValueError("A must have at least one dimension (..., K)")
     K = A.shape[-1]
-    N, _ = _check_operands(fmt, K, quant_state)
+    N, _ = _check_operands(K, quant_state)
     _xp.same_module(A, B, "A", "B")
     xp = _xp.array_module(A)
     lead = A.shape[:-1]
     M = int(np.prod(lead, dtype=np.int64))
     if bias is not None:
         _check_array(bias, "bias")
+        _xp.same_module(A, bias, "A", "bias")
         if bias.size != N or _xp.float_format(bias, "bias") != fmt:
             raise ValueError(f"bias must be ({N},) of {fmt}, got {bias.shape} of {bias.dtype}")
     if out is not None:
         _check_array(out, "out")
+        _xp.same_module(A, out, "A", "out")
         if out.shape != (*lead, N) or _xp.float_format(out, "out") != fmt or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous {(*lead, N)} array of {fmt}, got {out.shape} of {out.dtype}")
     if not B.flags.c_contiguous:
@@ -127,5 +416,3 @@ def gemv_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: An
     if rows != 1:
         raise ValueError(f"gemv_4bit needs exactly one row of activations (M = 1), got A of shape {A.shape}")
     return matmul_4bit(A, B, quant_state, out=out, bias=bias)
-
-

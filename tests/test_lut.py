@@ -5,7 +5,6 @@ zeros, NaN and values just beyond [-1, 1]."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from cupyquant import _lut
 from cupyquant import _reference as ref
@@ -34,8 +33,13 @@ def sweep(boundaries) -> np.ndarray:
     edges = np.concatenate([np.arange(-96, 97) / 64, np.arange(-192, 193) / 128])
     log_spread = rng.uniform(-1, 1, 200_000) * 10.0 ** rng.uniform(-9, 0, 200_000)
     return np.concatenate(
-        [rng.uniform(-1.05, 1.05, 400_000).astype(np.float32), log_spread.astype(np.float32),
-         around(boundaries), around(edges), SPECIALS]  # fmt: skip
+        [
+            rng.uniform(-1.05, 1.05, 400_000).astype(np.float32),
+            log_spread.astype(np.float32),
+            around(boundaries),
+            around(edges),
+            SPECIALS,
+        ]  # fmt: skip
     )
 
 

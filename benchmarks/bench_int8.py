@@ -1,0 +1,214 @@
+"""LLM.int8 on the GPU: Linear8bitLt forward and int8 row-wise quantization.
+
+Linear8bitLt (has_fp16_weights=False, fp16 activations) against torch fp16 ``nn.Linear``
+in the same run, for PERFORMANCE.md's shapes: microseconds a call from CUDA events around
+replays of a CUDA graph of 20 calls (median of repeats), with layers rotated among copies
+that together exceed ~400 MB so the 50 MB L2 does not hold the weights; eager times (100
+back-to-back calls) too. The cuBLAS backend is timed eagerly only (its GB/s and ratios use
+the eager time); the fp16 reference is always a graph replay.
+GB/s counts the weight, activation and output bytes of a call. Every M > 8 row is run
+with both int8 GEMM backends ("mma": this package's tensor-core kernel with the fused
+dequantization; "cublas": cuBLAS int32 GEMM + dequantization kernel). Activations carry
+six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
+
+    PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10]
+
+Targets (H100, PERFORMANCE.md): 4096 x 4096 M=1 <= 9 us (graph); 28672 x 8192 M=1 <= 95 us;
+M=4096 faster than fp16 on both; threshold 6 <= 1.25x threshold 0 at every M; row-wise
+quantization of 8192 x 28672 fp16 >= 2300 GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+from torch import nn
+
+import cupyquant.int8 as cq8
+from cupyquant.torch import int8 as T
+
+ROTATION_BYTES = 400e6
+GRAPH_CALLS = 20
+SHAPES = [(4096, 4096), (28672, 8192)]  # (N, K): output x input features
+ROWS = [1, 16, 64, 512, 4096]
+OUTLIER_COLUMNS = 6
+
+
+def _weights(n: int, k: int, bytes_per_weight: float) -> int:
+    return max(1, math.ceil(ROTATION_BYTES / (n * k * bytes_per_weight)))
+
+
+def _int8_layers(n: int, k: int, threshold: float) -> list[nn.Module]:
+    layers = []
+    for _ in range(_weights(n, k, 1)):
+        layer = T.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=threshold, device="cuda")
+        with torch.no_grad():
+            layer.weight.data = torch.randn(n, k, device="cuda") / math.sqrt(k)
+        layers.append(layer.cuda())  # quantizes on the GPU
+    return layers
+
+
+def _fp16_layers(n: int, k: int) -> list[nn.Module]:
+    layers = []
+    for _ in range(_weights(n, k, 2)):
+        layer = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n, k, device="cuda") / math.sqrt(k))
+        layers.append(layer)
+    return layers
+
+
+def _activations(m: int, k: int) -> torch.Tensor:
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cols = torch.randperm(k, generator=g)[:OUTLIER_COLUMNS].cuda()
+    x[:, cols] *= 10
+    return x
+
+
+def _time_graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
+    """Median us a call over replays of graphs of GRAPH_CALLS calls each (layers rotated)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for layer in layers[:3]:
+            layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for first in range(0, len(layers), GRAPH_CALLS):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(GRAPH_CALLS):
+                layers[(first + i) % len(layers)](x)
+        graphs.append(graph)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        for graph in graphs:
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (GRAPH_CALLS * len(graphs)))
+    del graphs
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _time_eager(layers: list[nn.Module], x: torch.Tensor, repeats: int, calls: int = 100) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        for i in range(calls):
+            layers[i % len(layers)](x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def _gbps(nbytes: float, us: float) -> float:
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> None:
+    print("\nLinear8bitLt forward (fp16 activations, no bias), us a call")
+    header = (
+        f"{'N x K':>13} {'M':>5} {'thr':>4} {'backend':>7} {'graph us':>9} {'eager us':>9} {'GB/s':>7} "
+        f"{'fp16 us':>8} {'x fp16':>7} {'thr6/thr0':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n, k in shapes:
+        fp16 = _fp16_layers(n, k)
+        int8 = {t: _int8_layers(n, k, t) for t in (0.0, 6.0)}
+        for m in rows:
+            x = _activations(m, k)
+            with torch.no_grad():
+                fp16_us = _time_graph(fp16, x, repeats)
+                backends = ["mma"] if m <= 8 else ["mma", "cublas"]
+                for backend in backends:
+                    cq8.set_int8_gemm_backend(backend)
+                    base = None
+                    for t in (0.0, 6.0):
+                        eager = _time_eager(int8[t], x, max(3, repeats // 3))
+                        # cuBLAS may allocate workspace on first use in a graph; time it eagerly
+                        graph = _time_graph(int8[t], x, repeats) if backend == "mma" else None
+                        us = graph if graph is not None else eager
+                        base = us if t == 0.0 else base
+                        nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n
+                        rel = f"{us / base:9.2f}" if t else f"{'':>9}"
+                        shown = f"{graph:>9.1f}" if graph is not None else f"{'-':>9}"
+                        print(
+                            f"{n:>6} x {k:<5} {m:>5} {t:>4.0f} {backend:>7} {shown} {eager:>9.1f} "
+                            f"{_gbps(nbytes, us):>7.0f} {fp16_us:>8.1f} {us / fp16_us:>7.2f} {rel}"
+                        )
+            cq8.set_int8_gemm_backend("mma")
+        del fp16, int8
+        torch.cuda.empty_cache()
+
+
+def bench_quant(repeats: int) -> None:
+    print("\nint8 row-wise quantization (fp16 -> int8 + row absmax), 8192 x 28672")
+    rows, k = 8192, 28672
+    copies = 2  # 470 MB of fp16 each: L2 holds neither
+    xs = [torch.randn(rows, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
+    for x in xs:
+        x[:, :OUTLIER_COLUMNS] *= 10
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    nbytes = rows * k * 3 + 4 * rows
+    for t in (0.0, 6.0):
+        for x in xs:
+            T.int8_vectorwise_quant(x, t)  # compile
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start.record()
+            for i in range(10):
+                T.int8_vectorwise_quant(xs[i % copies], t)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / 10)
+        us = statistics.median(times)
+        note = "  (includes finding the outlier columns: one device sync)" if t else ""
+        print(f"  threshold {t:.0f}: {us:8.1f} us  {_gbps(nbytes, us):7.0f} GB/s{note}")
+    copy_us = []
+    dst = torch.empty_like(xs[0])
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        dst.copy_(xs[0])
+        end.record()
+        end.synchronize()
+        copy_us.append(start.elapsed_time(end) * 1e3)
+    us = statistics.median(copy_us)
+    print(f"  reference device copy of the fp16 input: {us:8.1f} us  {_gbps(2 * 2 * rows * k, us):7.0f} GB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4096 x 4096 only, M in (1, 4096)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    props = torch.cuda.get_device_properties(0)
+    print(f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}")
+    import cupy
+
+    rotation = f"{ROTATION_BYTES / 1e6:.0f} MB"
+    print(f"CuPy {cupy.__version__}; graph replays of {GRAPH_CALLS} calls, weights rotated past {rotation}")
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    rows = [1, 4096] if args.quick else ROWS
+    bench_linear(shapes, rows, args.repeats)
+    bench_quant(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

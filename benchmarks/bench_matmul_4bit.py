@@ -1,0 +1,319 @@
+"""4-bit linear forward ``out = x @ W^T``: cupyquant against torch fp16 (cuBLAS), one run.
+
+Prints the GPU, then PERFORMANCE.md's table (NF4, blocksize 64, nested absmax, fp16
+activations): microseconds per call from CUDA events around CUDA-graph replays of 20
+calls, the weight copies rotated so the 50 MB L2 does not hold them; GB/s (bytes the call
+must move: packed weights, scales, activations, output); the ratio to torch fp16 measured
+in the same process; and the bandwidth floor (those bytes at the measured device-to-device
+copy rate). Then the sweep that sets ``fused_max_m``: each fused kernel against
+dequantize + cuBLAS over M, and the eager (no graph) per-call time.
+
+    PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--json FILE] [--sass DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cupy as cp
+
+import cupyquant as cq
+
+mm = importlib.import_module("cupyquant.matmul_4bit")
+
+CALLS = 20  # calls per captured graph
+REPEATS = 10  # timed replays; the median is reported
+ROTATE_BYTES = 400e6  # weight copies per shape: at least this many bytes
+
+TABLE = (  # PERFORMANCE.md: (N, K), M values, targets in us (None: a ratio target)
+    ((28672, 8192), (1, 16, 64, 512, 4096), (50, 60, 110, None, None)),
+    ((8192, 28672), (1, 16, 64), (50, 60, 110)),
+    ((4096, 4096), (1, 16, 64), (6, 8, 12)),
+    ((11008, 4096), (1, 16), (14, 18)),
+)
+SWEEP_SHAPES = ((4096, 4096), (11008, 4096), (28672, 8192), (8192, 28672))
+SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+GEMV_SWEEP_M = (1, 2, 4, 8, 12, 16, 32)
+
+
+def gpu_name() -> str:
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def time_graph(calls, stream) -> float:
+    """Median microseconds per call over REPEATS replays of a graph of ``calls``."""
+    with stream:
+        for f in calls[:2]:
+            f()
+        stream.synchronize()
+        stream.begin_capture()
+        for f in calls:
+            f()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(REPEATS):
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def time_torch(calls) -> float:
+    import torch
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for f in calls[:2]:
+            f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in calls:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(REPEATS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate through torch (an SM copy kernel), bytes read + written per second.
+
+    (cudaMemcpyAsync in a graph goes through the copy engines: 2.72 TB/s on an H200 whose SM
+    copies reach about 4.3 TB/s, so it is not the ceiling a kernel can reach.)
+    """
+    import torch
+
+    n = 1 << 30  # 1 GiB
+    src = torch.ones(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_torch([lambda: dst.copy_(src)] * 5)
+    return 2 * n / (us * 1e-6)
+
+
+class Weights:
+    """Rotated copies of one NF4 (blocksize 64, nested) weight, plus the fp16 original for torch."""
+
+    def __init__(self, N: int, K: int, quant_type="nf4", blocksize=64, nested=True):
+        self.N, self.K = N, K
+        rng = cp.random.default_rng(N * 7 + K)
+        W = (rng.standard_normal((N, K), dtype=cp.float32) / math.sqrt(K)).astype(cp.float16)
+        packed, qs = cq.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+        self.weight_bytes = packed.nbytes + qs.absmax.nbytes + (qs.state2.absmax.nbytes if nested else 0)
+        count = max(2, min(CALLS, math.ceil(ROTATE_BYTES / self.weight_bytes)))
+        self.copies = [(packed.reshape(-1).copy(), copy.deepcopy(qs)) for _ in range(count)]
+        self.fp16 = W
+        del packed, qs
+
+    def torch_copies(self):
+        import torch
+
+        count = max(2, min(CALLS, math.ceil(ROTATE_BYTES / self.fp16.nbytes)))
+        base = torch.from_dlpack(self.fp16)
+        return [base.clone() for _ in range(count)]
+
+
+def ours_calls(w: Weights, M: int, fmt: str, path: str | None):
+    rng = cp.random.default_rng(M)
+    x = rng.standard_normal((M, w.K), dtype=cp.float32)
+    a_bits = x.astype(cp.float16) if fmt == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16)
+    if fmt == "float32":
+        a_bits = x.reshape(-1)
+    a_bits = a_bits.reshape(-1)
+    out = cp.empty(M * w.N, dtype=cp.float32 if fmt == "float32" else (cp.float16 if fmt == "float16" else cp.uint16))
+
+    def make(i):
+        packed, qs = w.copies[i % len(w.copies)]
+        if path is None:
+            return lambda: mm.matmul_4bit_bits(a_bits, fmt, M, packed, qs, None, out)
+        if path == "dequant":
+            return lambda: mm._matmul_dequant_gemm(a_bits, fmt, M, w.N, w.K, packed, qs, None, out)
+        return lambda: mm._matmul_fused(a_bits, fmt, M, w.N, w.K, packed, qs, None, out, path=path)
+
+    return [make(i) for i in range(CALLS)]
+
+
+def torch_calls(copies, M: int, K: int):
+    import torch
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    count = len(copies)
+    return [lambda W=copies[i % count]: torch.nn.functional.linear(x, W) for i in range(CALLS)]
+
+
+def moved_bytes(w: Weights, M: int, act_bytes: int = 2) -> int:
+    return w.weight_bytes + M * w.K * act_bytes + M * w.N * act_bytes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="table only, no sweeps")
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
+    args = parser.parse_args()
+    stream = cp.cuda.Stream(non_blocking=True)
+    results: dict = {"gpu": gpu_name(), "table": [], "sweep": [], "gemv_sweep": []}
+    bw = copy_bandwidth()
+    results["copy_bandwidth"] = bw
+    print(f"GPU: {results['gpu']}   device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    print("4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
+    header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
+              f"{'x floor':>7} {'target':>7}  path")  # fmt: skip
+    print(header)
+    for (N, K), ms, targets in TABLE:
+        w = Weights(N, K)
+        t_copies = w.torch_copies()
+        for M, target in zip(ms, targets, strict=True):
+            t16 = time_torch(torch_calls(t_copies, M, K))
+            ours = measure(ours_calls(w, M, "float16", None), stream)
+            nbytes = moved_bytes(w, M)
+            floor = nbytes / bw * 1e6
+            path = "fused" if M <= mm.fused_max_m("float16", N, K) else "dequant+cuBLAS"
+            target_s = f"{target}" if target is not None else ("1.25x" if M == 512 else "1.1x")
+            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, gbps=nbytes / ours * 1e-3, floor_us=floor,
+                       path=path, target=target_s)  # fmt: skip
+            results["table"].append(row)
+            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {ours / t16:7.2f} {nbytes / ours * 1e-3:6.0f} "
+                  f"{floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
+        del t_copies, w
+        cp.get_default_memory_pool().free_all_blocks()
+    save(args.json, results)
+    if not args.quick:
+        sweep(results, stream, lambda: save(args.json, results))
+        eager(results)
+    save(args.json, results)
+    if args.sass:
+        dump_sass(Path(args.sass))
+    return 0
+
+
+def save(path: str | None, results: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))
+
+
+def measure(calls, stream) -> float:
+    try:
+        return time_graph(calls, stream)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+        print(f"  failed: {type(exc).__name__}: {exc}")
+        return float("nan")
+
+
+def sweep(results: dict, stream, checkpoint) -> None:
+    print("\nfused vs dequantize + cuBLAS (us per call), NF4 bs64 nested")
+    print(f"{'N x K':>13} {'fmt':>8} {'M':>5} {'mma':>8} {'rt1':>8} {'rt2':>8} {'gemv':>8} {'dequant':>8}")
+    nan = float("nan")
+    for N, K in SWEEP_SHAPES:
+        w = Weights(N, K)
+        for fmt in ("float16", "bfloat16"):
+            for M in SWEEP_M:
+                small = M <= 16
+                row = dict(N=N, K=K, fmt=fmt, M=M)
+                row["mma_us"] = measure(ours_calls(w, M, fmt, "mma"), stream)
+                row["rt1_us"] = measure(ours_calls(w, M, fmt, "mma-rt1"), stream) if small else nan
+                row["rt2_us"] = measure(ours_calls(w, M, fmt, "mma-rt2"), stream) if small else nan
+                row["gemv_us"] = measure(ours_calls(w, M, fmt, "gemv"), stream) if small else nan
+                row["dequant_us"] = measure(ours_calls(w, M, fmt, "dequant"), stream)
+                results["sweep"].append(row)
+                print(f"{N:>6}x{K:<6} {fmt:>8} {M:>5} {row['mma_us']:8.1f} {row['rt1_us']:8.1f} {row['rt2_us']:8.1f} "
+                      f"{row['gemv_us']:8.1f} {row['dequant_us']:8.1f}")  # fmt: skip
+        if (N, K) in ((4096, 4096), (28672, 8192)):
+            for M in GEMV_SWEEP_M:
+                gemv = measure(ours_calls(w, M, "float32", "gemv"), stream)
+                deq = measure(ours_calls(w, M, "float32", "dequant"), stream)
+                results["gemv_sweep"].append(dict(N=N, K=K, fmt="float32", M=M, gemv_us=gemv, dequant_us=deq))
+                print(f"{N:>6}x{K:<6} {'float32':>8} {M:>5} {'':>8} {'':>8} {'':>8} {gemv:8.1f} {deq:8.1f}")
+        del w
+        cp.get_default_memory_pool().free_all_blocks()
+        checkpoint()
+
+
+def eager(results: dict) -> None:
+    w = Weights(4096, 4096)
+    packed, qs = w.copies[0]
+    a = cp.random.default_rng(0).standard_normal((1, 4096), dtype=cp.float32).astype(cp.float16)
+    for _ in range(5):
+        cq.matmul_4bit(a, packed, qs)
+    cp.cuda.Device().synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        cq.matmul_4bit(a, packed, qs)
+    cp.cuda.Device().synchronize()
+    us = (time.perf_counter() - t0) / n * 1e6
+    results["eager_m1_4096_us"] = us
+    print(f"\neager cupyquant.matmul_4bit, M=1, 4096 x 4096: {us:.1f} us per call (wall clock, {n} calls)")
+
+
+SASS_INSTANCES = {
+    "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1>", "gemm_4bit_small<MmaBFloat16, true, 2, 2>",
+                     "gemm_4bit_mma<MmaHalf, true, 8>"),
+    "gemv_4bit.cu": ("gemv_4bit<Float16, true, 1, 4, true>", "gemv_4bit<Float32, true, 4, 2, true>"),
+}  # fmt: skip
+
+
+def dump_sass(folder: Path) -> None:
+    """nvcc -arch=sm_90 -cubin on a file that instantiates the templates, then cuobjdump -sass."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kernels = Path(mm.__file__).parent / "rawkernels"
+    for source, instances in SASS_INSTANCES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            unit = Path(tmp) / "unit.cu"
+            unit.write_text(explicit_instantiations(source, instances))
+            cubin = Path(tmp) / "unit.cubin"
+            cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{kernels}", str(unit), "-o",
+                   str(cubin)]  # fmt: skip
+            build = subprocess.run(cmd, capture_output=True, text=True)
+            (folder / f"{source}.ptxas.txt").write_text(build.stdout + build.stderr)
+            if build.returncode == 0:
+                sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True)
+                (folder / f"{source}.sass").write_text(sass.stdout + sass.stderr)
+    print(f"SASS and ptxas reports in {folder}", file=sys.stderr)
+
+
+def explicit_instantiations(source: str, instances) -> str:
+    """A translation unit that includes ``source`` and instantiates ``instances`` (for nvcc)."""
+    kernels = Path(mm.__file__).parent / "rawkernels"
+    text = [f'#include "{kernels / source}"']
+    if source == "gemm_4bit.cu":
+        sig = ("(const u16*, const u8*, const float*, const float*, const u8*, const float*, const float*, "
+               "const float*, const u16*, u16*, int, int, int, int, int, int, int);")  # fmt: skip
+        text += [f"template __global__ void {i}{sig}" for i in instances]
+    else:
+        for inst in instances:
+            params = inst.split("<", 1)[1][:-1]
+            fmt = params.split(",")[0]
+            storage = f"{fmt}::storage"
+            sig = (f"(const {storage}*, const u8*, const float*, const float*, const u8*, const float*, "
+                   f"const float*, const float*, const {storage}*, {storage}*, int, int, int, int, int);")  # fmt: skip
+            text.append(f"template __global__ void gemv_4bit<{params}>{sig}")
+    return "\n".join(text) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

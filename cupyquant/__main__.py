@@ -1,0 +1,7 @@
+"""``python -m cupyquant``: the ``cupyquant`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

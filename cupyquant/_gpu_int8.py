@@ -1,0 +1,349 @@
+"""CuPy launchers for the LLM.int8 kernels (``rawkernels/int8.cu``).
+
+Callers validate shapes and dtypes and allocate outputs; these functions pick the
+template instantiation, check alignment (copying or padding where a kernel needs it)
+and launch on the current CuPy stream inside the current device. Every array is a flat,
+C-contiguous CuPy array; float arrays hold their format's storage (bfloat16 as uint16).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ._xp import FLOAT_FORMATS, cupy
+from .rawkernels import get_function, register_expressions
+
+_SOURCE = "int8.cu"
+_FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ROWS_PER_SLAB = 32  # kRowsPerSlab in int8.cu
+_MAX_GRID_Y = 65535
+
+# The small-M path (int8_linear_gemv) handles up to this many activation rows.
+GEMV_MAX_M = 8
+_GEMV_TILES = (1, 2, 4, 8)
+_GEMV_CTAS_PER_SM = 8  # 256-thread CTAs: 8 fill an SM's 2048 threads
+_GEMM_SMEM = 4 * (128 + 128) * 64  # kStages * kStageBytes
+_DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
+
+GEMM_BACKENDS = ("mma", "cublas")
+_backend = {"gemm": "mma"}
+
+
+def set_gemm_backend(name: str) -> None:
+    """Choose the int8 GEMM for M > GEMV_MAX_M: "mma" (this package's tensor-core kernel,
+    dequantization fused) or "cublas" (cuBLAS int32 GEMM, then a dequantization kernel)."""
+    if name not in GEMM_BACKENDS:
+        raise ValueError(f"gemm backend must be one of {GEMM_BACKENDS}, got {name!r}")
+    _backend["gemm"] = name
+
+
+def gemm_backend() -> str:
+    """The int8 GEMM backend in use ("mma" or "cublas")."""
+    return _backend["gemm"]
+
+
+@functools.cache
+def _device_limits(device_id: int) -> tuple[int, int]:
+    """(multiprocessor count, opt-in dynamic shared memory per block) of a device."""
+    attrs = cupy().cuda.Device(device_id).attributes
+    return int(attrs["MultiProcessorCount"]), int(attrs.get("MaxSharedMemoryPerBlockOptin", _DEFAULT_SMEM))
+
+
+def _limits() -> tuple[int, int]:
+    return _device_limits(cupy().cuda.Device().id)
+
+
+def _kernel(expr: str, smem: int = 0) -> Any:
+    """The compiled kernel, opted in to ``smem`` bytes of dynamic shared memory if above 48 KB."""
+    kernel = get_function(_SOURCE, expr)
+    if smem > _DEFAULT_SMEM and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    return kernel
+
+
+def _aligned(a: Any, alignment: int) -> Any:
+    """``a``, or a fresh (256-byte aligned) copy when its address is not ``alignment``-aligned."""
+    return a if a.data.ptr % alignment == 0 else a.copy()
+
+
+def _slabs(rows: int) -> int:
+    return max(1, min(_MAX_GRID_Y, -(-rows // _ROWS_PER_SLAB)))
+
+
+def _blocks(n: int, per_block: int) -> int:
+    return max(1, -(-n // per_block))
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _bias_variants(fmt: str) -> list[tuple[str, bool]]:
+    """(BiasFmt, HAS_BIAS) pairs instantiated for output format ``fmt``: no bias, a bias in
+    the output's format, or a float32 bias (any other format is widened to float32 first)."""
+    s = _FMT_STRUCT[fmt]
+    return list(dict.fromkeys([(s, False), (s, True), ("Float32", True)]))
+
+
+def _expressions() -> list[str]:
+    """Every instantiation the launchers below may ask for (the compile test builds them all)."""
+    exprs = ["int8_compact_flags", "int8_vectorwise_dequant", "int8_gemm<Float32, 0, Float32, false, false>"]
+    for fmt in FLOAT_FORMATS:
+        s = _FMT_STRUCT[fmt]
+        exprs += [f"int8_outlier_flags<{s}, {_bool(v)}>" for v in (False, True)]
+        exprs += [f"int8_row_quant<{s}, {_bool(sp)}, {_bool(v)}>" for sp in (False, True) for v in (False, True)]
+        exprs += [f"int8_col_absmax<{s}, {_bool(sp)}>" for sp in (False, True)]
+        exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
+        for bs, hb in _bias_variants(fmt):
+            for sp in (False, True):
+                exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}, {_bool(sp)}>")
+                exprs.append(f"int8_gemm<{s}, 1, {bs}, {_bool(hb)}, {_bool(sp)}>")
+                exprs += [f"int8_linear_gemv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _GEMV_TILES]
+    return exprs
+
+
+register_expressions(_SOURCE, _expressions)
+
+
+def _widen(bits: Any, fmt: str) -> Any:
+    """float32 copy of a storage array of ``fmt`` (exact)."""
+    cp = cupy()
+    if fmt == "bfloat16":
+        return (bits.astype(cp.uint32) << 16).view(cp.float32)
+    return bits.astype(cp.float32)
+
+
+def _bias_args(fmt: str, bias: Any, bias_fmt: str | None) -> tuple[Any, str, bool]:
+    """(bias array, BiasFmt struct, HAS_BIAS) for a kernel writing ``fmt``."""
+    if bias is None:
+        return None, _FMT_STRUCT[fmt], False
+    if bias_fmt == fmt:
+        return bias, _FMT_STRUCT[fmt], True
+    return (bias if bias_fmt == "float32" else _widen(bias, bias_fmt)), "Float32", True
+
+
+# ---------------------------------------------------------------------------------------
+# quantization
+# ---------------------------------------------------------------------------------------
+def outlier_flags(bits: Any, fmt: str, rows: int, K: int, threshold: float) -> Any:
+    """uint8[K]: 1 where a column of A (rows x K) holds a value with |a| >= threshold."""
+    cp = cupy()
+    flags = cp.zeros(K, dtype=cp.uint8)
+    if rows == 0 or K == 0:
+        return flags
+    vec = K % 8 == 0 and bits.data.ptr % 16 == 0
+    kernel = _kernel(f"int8_outlier_flags<{_FMT_STRUCT[fmt]}, {_bool(vec)}>")
+    kernel((_blocks(K, 2048), _slabs(rows)), (256,), (bits, np.float32(threshold), flags, np.int64(rows), np.int32(K)))
+    return flags
+
+
+def row_quant(bits: Any, fmt: str, rows: int, K: int, threshold: float, ca: Any, sca: Any) -> Any:
+    """Row-wise codes into ``ca`` (int8[rows*K]) and absmax into ``sca`` (float32[rows]).
+
+    With ``threshold > 0`` returns the outlier column flags (uint8[K]) and zeroes those
+    columns in ``ca``; otherwise returns None.
+    """
+    flags = outlier_flags(bits, fmt, rows, K, threshold) if threshold > 0 else None
+    if rows == 0:
+        return flags
+    vec = K % 8 == 0 and bits.data.ptr % 16 == 0 and ca.data.ptr % 8 == 0
+    sparse = flags is not None
+    kernel = _kernel(f"int8_row_quant<{_FMT_STRUCT[fmt]}, {_bool(sparse)}, {_bool(vec)}>")
+    kernel(
+        (_blocks(rows, 8),), (256,),
+        (bits, flags if sparse else ca, np.float32(threshold), ca, sca, np.int64(rows), np.int32(K)),
+    )  # fmt: skip
+    return flags
+
+
+def col_quant(bits: Any, fmt: str, rows: int, K: int, threshold: float, flags: Any, cat: Any, scat: Any) -> None:
+    """Column-wise codes into ``cat`` (int8[rows*K], A's layout) and absmax into ``scat`` (float32[K])."""
+    cp = cupy()
+    if K == 0:
+        return
+    if rows == 0:
+        scat[...] = 0
+        return
+    sparse = threshold > 0
+    colmax = cp.zeros(K, dtype=cp.uint32)
+    grid = (_blocks(K, 256), _slabs(rows))
+    absmax = _kernel(f"int8_col_absmax<{_FMT_STRUCT[fmt]}, {_bool(sparse)}>")
+    absmax(grid, (256,), (bits, np.float32(threshold), colmax, np.int64(rows), np.int32(K)))
+    quant = _kernel(f"int8_col_quant<{_FMT_STRUCT[fmt]}, {_bool(sparse)}>")
+    quant(grid, (256,), (bits, flags if sparse else colmax, colmax, cat, scat, np.int64(rows), np.int32(K)))
+
+
+def compact_flags(flags: Any) -> tuple[Any, Any]:
+    """Flagged columns on the device, no host round trip: ``(idx int32[K], count int32[1])``;
+    the first ``count`` entries of ``idx`` are the flagged columns in ascending order."""
+    cp = cupy()
+    K = flags.size
+    idx = cp.empty(max(K, 1), dtype=cp.int32)
+    count = cp.zeros(1, dtype=cp.int32)
+    if K:
+        _kernel("int8_compact_flags")((1,), (1024,), (flags, np.int32(K), idx, count))
+    return idx, count
+
+
+def vectorwise_dequant(ca: Any, sca: Any, rows: int, K: int, out: Any) -> None:
+    """``out`` (float32[rows*K]) = (CA * SCA) * (1/127)."""
+    if rows == 0 or K == 0:
+        return
+    _kernel("int8_vectorwise_dequant")(
+        (_blocks(K, 256), _slabs(rows)), (256,), (ca, sca, out, np.int64(rows), np.int32(K))
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# products
+# ---------------------------------------------------------------------------------------
+def _pad_k(a: Any, rows: int, K: int, Kp: int) -> Any:
+    """A (rows x K) matrix copied into a zero-padded (rows x Kp) one, flat."""
+    cp = cupy()
+    padded = cp.zeros((rows, Kp), dtype=a.dtype)
+    padded[:, :K] = a.reshape(rows, K)
+    return padded.reshape(-1)
+
+
+def _gemm_operands(ca: Any, cb: Any, M: int, N: int, K: int) -> tuple[Any, Any, int]:
+    """CA and CB as the tensor-core kernel needs them: K % 16 == 0 (zero-padded, which
+    leaves the product unchanged) and 16-byte aligned."""
+    Kp = -(-K // 16) * 16
+    if Kp != K:
+        return _pad_k(ca, M, K, Kp), _pad_k(cb, N, K, Kp), Kp
+    return _aligned(ca, 16), _aligned(cb, 16), K
+
+
+def _cublas_usable(M: int, N: int, K: int) -> bool:
+    # cuBLAS' int8 tensor-core GEMMs want 4-byte multiples for the leading dimensions and
+    # pick different kernels for tiny M; stay inside the shapes torch._int_mm accepts.
+    return M > 16 and K % 16 == 0 and N % 8 == 0
+
+
+def _cublas_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
+    """``out[M, N] = CA @ CB^T`` with cublasGemmEx (int8 in, int32 out).
+
+    cuBLAS is column-major: the row-major (M, N) result is the column-major (N, M) matrix
+    CB @ CA^T, i.e. op(A) = CB^T-as-stored ("T") and op(B) = CA as stored ("N").
+    """
+    from cupy.cuda import device
+    from cupy_backends.cuda.libs import cublas
+
+    cp = cupy()
+    cuda_r_8i, cuda_r_32i = 3, 10  # cudaDataType_t values
+    handle = device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    one = np.ones(1, dtype=np.int32)
+    zero = np.zeros(1, dtype=np.int32)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        cublas.gemmEx(
+            handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, M, K,
+            one.ctypes.data, cb.data.ptr, cuda_r_8i, K, ca.data.ptr, cuda_r_8i, K,
+            zero.ctypes.data, out.data.ptr, cuda_r_32i, N, cublas.CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT,
+        )  # fmt: skip
+    finally:
+        cublas.setPointerMode(handle, mode)
+
+
+def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
+    """``out`` (int32[M*N]) = CA (int8[M*K]) @ CB (int8[N*K])^T, exactly."""
+    if M == 0 or N == 0:
+        return
+    if gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+        _cublas_int32(_aligned(ca, 16), _aligned(cb, 16), M, N, K, out)
+        return
+    ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
+    kernel = _kernel("int8_gemm<Float32, 0, Float32, false, false>", _GEMM_SMEM)
+    f32 = cupy().empty(1, dtype=np.float32)  # stands in for the pointers EPI = 0 ignores
+    kernel(
+        (_blocks(M, 128), _blocks(N, 128)), (256,),
+        (ca, cb, np.int32(M), np.int32(N), np.int32(Kp), out, f32, f32, f32, f32, out, out, f32),
+        shared_mem=_GEMM_SMEM,
+    )  # fmt: skip
+
+
+def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any = None,
+               bias_fmt: str | None = None, sparse: tuple[Any, Any, Any, Any, int] | None = None) -> None:  # fmt: skip
+    """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
+    column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
+    CB int8[N*K], idx, count, K) adds the outlier columns' 16-bit product."""
+    if rows == 0 or N == 0:
+        return
+    bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
+    expr = f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse is not None)}>"
+    a_bits, cb, idx, count, K = sparse if sparse is not None else (out, acc, acc, acc, 0)
+    _kernel(expr)(
+        (_blocks(N, 256), _slabs(rows)), (256,),
+        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K), out, np.int64(rows),
+         np.int32(N)),
+    )  # fmt: skip
+
+
+def _gemv_tile(M: int, K: int) -> int | None:
+    """The gemv's MT for M rows, or None when M or its shared memory is too large."""
+    if M > GEMV_MAX_M or K % 16:
+        return None
+    mt = next(t for t in _GEMV_TILES if t >= M)
+    return mt if _gemv_smem(mt, K) <= _limits()[1] else None
+
+
+def _gemv_smem(mt: int, K: int) -> int:
+    words = -(-K // 32)
+    return mt * K + 4 * words + 4 * -(-words // 32)
+
+
+def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bias_fmt: str | None,
+           threshold: float, out: Any) -> None:  # fmt: skip
+    """LLM.int8 forward into ``out`` (fmt[M*N]): A (fmt[M*K]) @ W^T with W = (CB int8[N*K], SCB
+    float32[N]), optional bias (bias_fmt[N]), outlier decomposition when threshold > 0.
+
+    No host synchronisation on any path, so the call can be captured in a CUDA graph.
+    """
+    if M == 0 or N == 0:
+        return
+    cp = cupy()
+    sparse = threshold > 0
+    mt = _gemv_tile(M, K)
+    if mt is None and gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+        bfmt, has_bias = "", False  # mm_dequant picks the bias variant itself
+    else:
+        bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
+    if mt is not None:
+        cb = _aligned(cb, 16)
+        smem = _gemv_smem(mt, K)
+        expr = f"int8_linear_gemv<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
+        sms, _ = _limits()
+        grid = max(1, min(_blocks(N, 8), _GEMV_CTAS_PER_SM * sms))
+        _kernel(expr, smem)(
+            (grid,), (256,),
+            (a_bits, cb, scb, bias if has_bias else scb, np.float32(threshold), np.int32(M), np.int32(N), np.int32(K),
+             out),
+            shared_mem=smem,
+        )  # fmt: skip
+        return
+
+    ca = cp.empty(M * K, dtype=cp.int8)
+    sca = cp.empty(M, dtype=cp.float32)
+    flags = row_quant(a_bits, fmt, M, K, threshold, ca, sca)
+    idx, count = compact_flags(flags) if sparse else (sca, sca)
+    if gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+        acc = cp.empty(M * N, dtype=cp.int32)
+        _cublas_int32(ca, _aligned(cb, 16), M, N, K, acc)
+        mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, (a_bits, cb, idx, count, K) if sparse else None)
+        return
+    ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
+    if Kp != K and sparse:
+        a_bits = _pad_k(a_bits, M, K, Kp)  # the epilogue indexes A with CB's padded stride
+    expr = f"int8_gemm<{_FMT_STRUCT[fmt]}, 1, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}>"
+    _kernel(expr, _GEMM_SMEM)(
+        (_blocks(M, 128), _blocks(N, 128)), (256,),
+        (ca, cb, np.int32(M), np.int32(N), np.int32(Kp), idx, sca, scb, bias if has_bias else scb, a_bits, idx, count,
+         out),
+        shared_mem=_GEMM_SMEM,
+    )  # fmt: skip

@@ -1,0 +1,448 @@
+// Fused 4-bit matrix product on tensor cores (mma.sync m16n8k16, float32 accumulators):
+// out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for fp16 / bf16 activations and few
+// tokens (1 .. 64 per CTA; more through token chunks), from bitsandbytes-packed NF4 / FP4.
+//
+// Data layout
+//   A        u16[M, K]                fp16 or bf16 activations, row-major, 16-byte aligned
+//   packed   u8[(N*K + 1) / 2]        W (N, K) flattened row-major, flat element 2j in the
+//                                     HIGH nibble of byte j; 16-byte aligned
+//   table    float32[16]              value of each code (FP4 index 8 is -0.0)
+//   absmax / qabsmax, code2, nested_absmax, offset: the scales, as in gemv_4bit.cu
+//   bias     u16[N] (has_bias != 0);  out u16[M, N] row-major, rounded once from float32
+//   Requires K % 32 == 0, so every weight row starts 16-byte aligned and every 32-element
+//   chunk of a row lies inside one quantization block (blocks are >= 32, at multiples of 32).
+//
+// The product is computed transposed, C^T = W * A^T: the weight is the mma's A operand
+// (16 weight rows x 16 k) and the activations its B operand (16 k x 8 tokens), so one
+// m16n8k16 consumes 256 weights, and a single token wastes only tensor-core cycles.
+//
+// Thread mapping: a CTA of 4 warps. blockIdx.x = group * token_chunks + chunk, so the CTAs
+// that read the same weights for different 8*MT-token chunks run side by side and share
+// them through L2. Warp w of a group owns the 16-row tile  group * (4 / ksplit) + w / ksplit
+// and the kpart = w % ksplit-th contiguous share of the row's 128-element segments (split-K
+// inside the CTA, summed through shared memory at the end, for shapes with few rows).
+// Lane (g, t) = (lane / 4, lane % 4) loads, per segment, the 16 packed bytes (32 elements,
+// k in [32t, 32t + 32) of the segment) of weight rows g and g + 8 with one 16-byte load
+// each, D = 4 segments in flight.
+//
+// k permutation. A dot product may visit k in any order as long as both operands use the
+// same one. mma's A fragment gives lane (g, t) the k slots {2t, 2t+1, 2t+8, 2t+9} and its B
+// fragment gives lane (g', t) the same slots, so step s (0..7) of a segment maps
+//   slots 2t, 2t+1   -> k = 32t + 4s + {0, 1}  = packed byte 2s   of the lane's chunk
+//   slots 2t+8, 2t+9 -> k = 32t + 4s + {2, 3}  = packed byte 2s+1 of the lane's chunk
+// A byte's high nibble is its lower k, and the lower 16 bits of a fragment register hold
+// the lower slot, so each packed byte becomes exactly one fragment register; the matching
+// activations are the lane's own 64 contiguous bytes (four 16-byte loads), words 2s, 2s+1.
+//
+// Dequantization: a shared table maps a packed byte to the pair (code[hi], code[lo]) in
+// the activation format, replicated 32 times ([byte][lane]) so a warp's 32 lookups always
+// hit 32 distinct banks; the pair is multiplied by the block's scale (rounded to the
+// activation format) with one packed half2 / bfloat162 multiply.
+#include "matmul_4bit.cuh"
+
+// The two activation formats the tensor cores take, tagged for the mma / multiply variants.
+struct MmaHalf : Float16 {
+  static constexpr bool kIsHalf = true;
+};
+struct MmaBFloat16 : BFloat16 {
+  static constexpr bool kIsHalf = false;
+};
+
+namespace {
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kSegment = 128;  // k per segment: 4 lanes x 32 elements
+constexpr int kInFlight = 4;   // segments whose weights are loaded ahead
+
+template <class Fmt>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  return (u32)Fmt::from_float(lo) | ((u32)Fmt::from_float(hi) << 16);
+}
+
+// x * s on two packed 16-bit values (round to nearest even).
+template <class Fmt>
+__device__ __forceinline__ u32 mul2(u32 x, u32 s) {
+  u32 d;
+  if constexpr (Fmt::kIsHalf) {
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(s));
+  } else {
+    // x * s + (-0.0) is exactly the rounded product (and keeps the sign of a zero product).
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(s), "r"(0x80008000u));
+  }
+  return d;
+}
+
+// The table entry of the byte at bit position p of `word`, lane's replica. The byte
+// offset (byte << 7) | (lane << 2) is one shift and one lop3; the table's own address
+// folds into the shared load's immediate.
+__device__ __forceinline__ u32 lut_entry(const u32* lut, u32 word, int p, u32 lane4) {
+  const u32 off = (p >= 7 ? (word >> (p - 7)) : (word << (7 - p))) & 0x7F80u;
+  return *reinterpret_cast<const u32*>(reinterpret_cast<const char*>(lut) + (off | lane4));
+}
+
+// Byte b (0..3) of `word`, zero-extended: one PRMT.
+__device__ __forceinline__ u32 byte_of(u32 word, int b) { return __byte_perm(word, 0u, 0x4440u | (u32)b); }
+
+// The table entry of `byte` in this lane's replica. lut_lane: the shared-memory address of
+// this lane's replica of entry 0 (table + 4 * lane); entries are 128 bytes apart, so the
+// address is one LEA. (volatile keeps the load after the barrier that publishes the table.)
+__device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) {
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut_lane + (byte << 7)));
+  return v;
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+template <class Fmt>
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if constexpr (Fmt::kIsHalf) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+}  // namespace
+
+// gemm_4bit_mma<Fmt, NESTED, MT>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16); MT n8 token tiles per CTA.
+//   grid (ceil(ceil(N / 16) / (4 / ksplit)) * token_chunks), block 128; ksplit in {1, 2, 4}.
+template <class Fmt, bool NESTED, int MT>
+__global__ void __launch_bounds__(kMmaThreads)
+gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+              const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+              const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+              u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit, int token_chunks) {
+  __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
+  __shared__ float code2_s[NESTED ? 256 : 1];
+  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {  // one uint4 = 4 replicas
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % token_chunks;
+  const int tile = (blockIdx.x / token_chunks) * (kMmaWarps / ksplit) + warp / ksplit;
+  const int kpart = warp % ksplit;
+  const bool tile_valid = tile * 16 < N;
+  const int row_lo = tile * 16 + g, row_hi = row_lo + 8;
+  const i64 start_lo = (i64)min(row_lo, N - 1) * K, start_hi = (i64)min(row_hi, N - 1) * K;
+  const int tok0 = chunk * 8 * MT;
+  const u16* a_tok[MT];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) a_tok[j] = A + (i64)min(tok0 + 8 * j + g, M - 1) * K;
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lane4 = 4u * lane;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+
+  const int segments = (K + kSegment - 1) / kSegment;
+  const int share = (segments + ksplit - 1) / ksplit;
+  const int seg_begin = kpart * share;
+  const int seg_end = tile_valid ? min(segments, seg_begin + share) : seg_begin;
+
+  for (int seg0 = seg_begin; seg0 < seg_end; seg0 += kInFlight) {
+    uint4 w_lo[kInFlight], w_hi[kInFlight];
+    float v_lo[kInFlight], v_hi[kInFlight];
+    u32 q_lo[kInFlight], q_hi[kInFlight];
+#pragma unroll
+    for (int d = 0; d < kInFlight; ++d) {
+      const int k0 = (seg0 + d) * kSegment + 32 * t;
+      if (seg0 + d < seg_end && k0 < K) {
+        w_lo[d] = q4::load_stream16(packed + ((start_lo + k0) >> 1));
+        w_hi[d] = q4::load_stream16(packed + ((start_hi + k0) >> 1));
+        q4::scale_fetch<NESTED>((start_lo + k0) >> block_shift, absmax, qabsmax, nested_absmax, v_lo[d], q_lo[d]);
+        q4::scale_fetch<NESTED>((start_hi + k0) >> block_shift, absmax, qabsmax, nested_absmax, v_hi[d], q_hi[d]);
+      } else {
+        w_lo[d] = w_hi[d] = make_uint4(0, 0, 0, 0);
+        v_lo[d] = v_hi[d] = 0.0f;
+        q_lo[d] = q_hi[d] = 0;
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < kInFlight; ++d) {
+      if (seg0 + d >= seg_end) break;  // warp-uniform
+      const int k0 = (seg0 + d) * kSegment + 32 * t;
+      const bool valid = k0 < K;  // past K: zero scale and zero activations add nothing
+      const float s_lo = valid ? q4::scale_decode<NESTED>(v_lo[d], q_lo[d], code2_s, off) : 0.0f;
+      const float s_hi = valid ? q4::scale_decode<NESTED>(v_hi[d], q_hi[d], code2_s, off) : 0.0f;
+      const u32 h_lo = pack2<Fmt>(s_lo, s_lo), h_hi = pack2<Fmt>(s_hi, s_hi);
+      u32 frag[8][4];
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        const u32 lo = q4::word_of(w_lo[d], s >> 1), hi = q4::word_of(w_hi[d], s >> 1);
+        const int p = 16 * (s & 1);  // bit position of byte 2s in its word; byte 2s+1 is at p + 8
+        frag[s][0] = mul2<Fmt>(lut_entry(lut, lo, p, lane4), h_lo);      // row g,     byte 2s
+        frag[s][1] = mul2<Fmt>(lut_entry(lut, hi, p, lane4), h_hi);      // row g + 8, byte 2s
+        frag[s][2] = mul2<Fmt>(lut_entry(lut, lo, p + 8, lane4), h_lo);  // row g,     byte 2s+1
+        frag[s][3] = mul2<Fmt>(lut_entry(lut, hi, p + 8, lane4), h_hi);  // row g + 8, byte 2s+1
+      }
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        uint4 x[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = valid ? q4::load_cached16(a_tok[j] + k0 + 8 * i) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int s = 0; s < 8; ++s)
+          mma16816<Fmt>(acc[j], frag[s], q4::word_of(x[s >> 1], 2 * (s & 1)), q4::word_of(x[s >> 1], 2 * (s & 1) + 1));
+      }
+    }
+  }
+
+  if (ksplit > 1) {  // uniform over the launch
+    __syncthreads();  // every warp is done with the table
+    float* red = reinterpret_cast<float*>(lut);  // [warp][j][i][lane]: conflict-free
+    if (kpart != 0) {
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[((warp * MT + j) * 4 + i) * 32 + lane] = acc[j][i];
+    }
+    __syncthreads();
+    if (kpart == 0) {
+      for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((warp + p) * MT + j) * 4 + i) * 32 + lane];
+    }
+  }
+  if (kpart != 0 || !tile_valid) return;
+
+  // C fragment: acc[j][0..1] = rows g, tokens 8j + 2t + {0, 1}; acc[j][2..3] = row g + 8.
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+      const int row = i < 2 ? row_lo : row_hi;
+      if (tok < M && row < N) {
+        const float b = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+        out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[j][i], b));
+      }
+    }
+  }
+}
+
+// gemm_4bit_small<Fmt, NESTED, MT, RT>: the same product for up to 8 * MT tokens a CTA, with
+// the loads and addresses trimmed for the few-token case and RT row tiles a warp.
+//   grid (ceil(ceil(N / 16) / (RT * 4 / ksplit)) * token_chunks), block 128; ksplit in {1, 2, 4}.
+//
+// Differences from gemm_4bit_mma (same layouts, k permutation and table):
+//  * warp w owns the RT consecutive 16-row tiles RT * (group * (4 / ksplit) + w / ksplit) + rt,
+//    so every activation fragment loaded feeds RT tiles' mma (the activation loads, not the
+//    weight bytes, are what the L1/shared-memory pipe runs out of once there are 16 tokens);
+//  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
+//    pointers that step by one segment; only the last, partial segment is checked;
+//  * a packed byte becomes a table address with one PRMT and one LEA.
+template <class Fmt, bool NESTED, int MT, int RT>
+__global__ void __launch_bounds__(kMmaThreads)
+gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+                const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
+                int token_chunks) {
+  constexpr int kBatch = kInFlight / RT;  // segments loaded ahead: 4 x 2 x 16 bytes a lane in flight
+  __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
+  __shared__ float code2_s[NESTED ? 256 : 1];
+  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % token_chunks;
+  const int tile0 = ((blockIdx.x / token_chunks) * (kMmaWarps / ksplit) + warp / ksplit) * RT;
+  const int kpart = warp % ksplit;
+  const bool warp_valid = tile0 * 16 < N;
+  const int tok0 = chunk * 8 * MT;
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = shared_address(lut) + 4 * lane;
+
+  const int segments = (K + kSegment - 1) / kSegment;
+  const int share = (segments + ksplit - 1) / ksplit;
+  const int seg_begin = kpart * share;
+  const int seg_end = warp_valid ? min(segments, seg_begin + share) : seg_begin;
+  const int full_end = min(seg_end, K / kSegment);  // segments with no element past K
+
+  // Per-lane streams, positioned at seg_begin: [rt][0] row g, [rt][1] row g + 8 of tile rt.
+  const u8* wp[RT][2];
+  i64 e[RT][2];  // flat index of the lane's first element in the current segment
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = min((tile0 + rt) * 16 + g + 8 * h, N - 1);
+      e[rt][h] = (i64)row * K + (i64)seg_begin * kSegment + 32 * t;
+      wp[rt][h] = packed + (e[rt][h] >> 1);
+    }
+  }
+  const u16* ap[MT];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) ap[j] = A + (i64)min(tok0 + 8 * j + g, M - 1) * K + (i64)seg_begin * kSegment + 32 * t;
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
+
+  // One segment: scales -> packed scale pairs, activations, 8 mma steps.
+  // d: the segment's place in the batch (its pointer offsets); valid: false past K.
+  auto segment = [&](const uint4 (&w)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2], int d, bool valid) {
+    u32 hs[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = valid ? q4::scale_decode<NESTED>(v[rt][h], q[rt][h], code2_s, off) : 0.0f;
+        hs[rt][h] = pack2<Fmt>(sc, sc);
+      }
+    uint4 x[MT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        x[j][i] = valid ? q4::load_cached16(ap[j] + d * kSegment + 8 * i) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int b = 2 * (s & 1);  // bytes 2s, 2s+1 of the chunk are bytes b, b+1 of word s/2
+      u32 frag[RT][4];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const u32 lo = q4::word_of(w[rt][0], s >> 1), hi = q4::word_of(w[rt][1], s >> 1);
+        frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
+        frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
+        frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
+        frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
+      }
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const u32 b0 = q4::word_of(x[j][s >> 1], b), b1 = q4::word_of(x[j][s >> 1], b + 1);
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
+      }
+    }
+  };
+
+  auto advance = [&](int count) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wp[rt][h] += count * (kSegment / 2);
+        e[rt][h] += count * kSegment;
+      }
+#pragma unroll
+    for (int j = 0; j < MT; ++j) ap[j] += count * kSegment;
+  };
+
+  int seg = seg_begin;
+  for (; seg + kBatch <= full_end; seg += kBatch) {
+    uint4 w[kBatch][RT][2];
+    float v[kBatch][RT][2];
+    u32 q[kBatch][RT][2];
+#pragma unroll
+    for (int d = 0; d < kBatch; ++d)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          w[d][rt][h] = q4::load_stream16(wp[rt][h] + d * (kSegment / 2));
+          q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
+                                  v[d][rt][h], q[d][rt][h]);
+        }
+#pragma unroll
+    for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
+    advance(kBatch);
+  }
+  for (; seg < seg_end; ++seg) {  // fewer than a batch left, or the segment that K cuts
+    const bool valid = seg * kSegment + 32 * t < K;
+    uint4 w[RT][2];
+    float v[RT][2];
+    u32 q[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (valid) {
+          w[rt][h] = q4::load_stream16(wp[rt][h]);
+          q4::scale_fetch<NESTED>(e[rt][h] >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h], q[rt][h]);
+        } else {
+          w[rt][h] = make_uint4(0, 0, 0, 0);
+          v[rt][h] = 0.0f;
+          q[rt][h] = 0;
+        }
+      }
+    segment(w, v, q, 0, valid);
+    advance(1);
+  }
+
+  if (ksplit > 1) {  // uniform over the launch
+    __syncthreads();  // every warp is done with the table
+    float* red = reinterpret_cast<float*>(lut);  // [warp][rt][j][i][lane]: conflict-free
+    constexpr int kPerWarp = RT * MT * 4;
+    if (kpart != 0) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[(warp * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
+    }
+    __syncthreads();
+    if (kpart == 0) {
+      for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              acc[rt][j][i] += red[((warp + p) * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane];
+    }
+  }
+  if (kpart != 0 || !warp_valid) return;
+
+  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+        if (tok < M && row < N) {
+          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
+        }
+      }
+}

@@ -1,0 +1,214 @@
+// Fused 4-bit GEMV on CUDA cores: out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for a
+// handful of activation rows, straight from bitsandbytes-packed NF4 / FP4 codes. Every
+// packed byte is read once from device memory; nothing is dequantized to memory.
+//
+// Data layout
+//   A        Fmt::storage[M, K]       activations, row-major (bfloat16 as raw 16-bit words)
+//   packed   u8[(N*K + 1) / 2]        W (N, K) flattened row-major, two codes a byte, flat
+//                                     element 2j in the HIGH nibble of byte j
+//   table    float32[16]              value of each code (FP4 index 8 is -0.0)
+//   absmax   float32[blocks]          one scale per 2^block_shift flat elements (NESTED = false)
+//   qabsmax  u8[blocks], code2 float32[256], nested_absmax float32[ceil(blocks / 256)],
+//   offset   float32[1]               the nested (double-quantized) scales (NESTED = true)
+//   bias     Fmt::storage[N]          read when has_bias != 0
+//   out      Fmt::storage[M, N]       row-major; each value rounded once from float32
+//
+// Thread mapping: a CTA of 4 warps; warp w owns ROWS consecutive weight rows
+// (blockIdx.x * 4 + w) * ROWS ... and the MR activation rows blockIdx.y * MR ... (rows past
+// M or N are clamped for loads and never stored). Lane l walks its weight rows in chunks of
+// 32 elements (16 packed bytes): chunks l, l + 32, l + 64, ... with UNROLL chunks' loads in
+// flight. Each lane keeps MR x ROWS float32 sums; a butterfly of shuffles adds the lanes.
+//
+// ALIGNED (K % 32 == 0, packed and A 16-byte aligned): a chunk is one 16-byte load and lies
+// inside one quantization block (blocks hold >= 32 elements and start at multiples of 32),
+// so its scale is factored out: acc += scale * sum_j A[k_j] * code[q_j].
+// Otherwise (odd K, K % 32 != 0, unaligned pointers) each element's byte, nibble and
+// block come from its flat index row * K + k (with odd K a row may start in a low nibble,
+// and a 32-element chunk may straddle two blocks) and the weight is code[q] * scale in
+// float32, as the reference dequantizes it.
+//
+// Dequantization: a shared table maps a whole packed byte to both of its values (float2:
+// high nibble, low nibble), so one 8-byte shared load decodes two weights. The table is
+// replicated 16 times ([byte][replica]) and lane l reads replica l % 16: a half-warp's
+// sixteen 8-byte reads then hit 32 distinct banks whatever the bytes are.
+#include "matmul_4bit.cuh"
+
+namespace {
+
+constexpr int kGemvWarps = 4;
+constexpr int kGemvThreads = 32 * kGemvWarps;
+constexpr int kLutReplicas = 16;
+constexpr int kUnroll = 2;
+
+}  // namespace
+
+// gemv_4bit<Fmt, NESTED, MR, ROWS, ALIGNED>
+//   grid (ceil(N / (4 * ROWS)), ceil(M / MR)), block 128.
+template <class Fmt, bool NESTED, int MR, int ROWS, bool ALIGNED>
+__global__ void __launch_bounds__(kGemvThreads, 3)
+gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+          const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+          const float* __restrict__ nested_absmax, const float* __restrict__ offset,
+          const typename Fmt::storage* __restrict__ bias, typename Fmt::storage* __restrict__ out, int M, int N, int K,
+          int block_shift, int has_bias) {
+  __shared__ float2 lut[256 * kLutReplicas];
+  __shared__ float code2_s[NESTED ? 256 : 1];
+  for (int i = threadIdx.x; i < 256 * kLutReplicas; i += kGemvThreads) {
+    const int b = i / kLutReplicas;
+    lut[i] = make_float2(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code2_s[i] = __ldg(code2 + i);
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * kGemvWarps + (threadIdx.x >> 5)) * ROWS;
+  const int m0 = blockIdx.y * MR;
+  if (row0 >= N) return;  // no barrier follows
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  i64 row_start[ROWS];  // flat index of each weight row's first element
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) row_start[r] = (i64)min(row0 + r, N - 1) * K;
+  const typename Fmt::storage* a_row[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) a_row[m] = A + (i64)min(m0 + m, M - 1) * K;
+  const float2* lut_lane = lut + (lane % kLutReplicas);
+
+  float acc[MR][ROWS];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
+
+  const int chunks = (K + 31) >> 5;
+  if constexpr (ALIGNED) {
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+      // Issue every load of UNROLL chunks first, then decode: more bytes in flight per warp.
+      uint4 w[kUnroll][ROWS];
+      float sv[kUnroll][ROWS];
+      u32 sq[kUnroll][ROWS];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + 32 * u;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          if (c < chunks) {
+            const i64 e = row_start[r] + 32 * c;
+            w[u][r] = q4::load_stream16(packed + (e >> 1));
+            q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, sv[u][r], sq[u][r]);
+          } else {
+            w[u][r] = make_uint4(0, 0, 0, 0);
+            sv[u][r] = 0.0f;
+            sq[u][r] = 0;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) break;
+        float part[MR][ROWS];
+#pragma unroll
+        for (int m = 0; m < MR; ++m)
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) part[m][r] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // 8 elements: packed bytes 4q .. 4q+3 of the chunk
+          float wf[ROWS][8];
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            const u32 word = q4::word_of(w[u][r], q);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 v = lut_lane[((word >> (8 * i)) & 0xFFu) * kLutReplicas];
+              wf[r][2 * i] = v.x;  // high nibble: the even (lower-k) element
+              wf[r][2 * i + 1] = v.y;
+            }
+          }
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            float a[8];
+            load8<Fmt>(a_row[m], 32 * c + 8 * q, K, a);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+              for (int i = 0; i < 8; ++i) part[m][r] = fmaf(a[i], wf[r][i], part[m][r]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
+#pragma unroll
+          for (int m = 0; m < MR; ++m) acc[m][r] = fmaf(part[m][r], s, acc[m][r]);
+        }
+      }
+    }
+  } else {
+    for (int c = lane; c < chunks; c += 32) {
+      const int k0 = 32 * c;
+      const int valid = min(32, K - k0);
+      // A 32-element chunk straddles at most two blocks (blocks hold >= 32 elements):
+      // elements before `boundary` take the first block's scale, the rest the second's.
+      float s_first[ROWS], s_last[ROWS];
+      int boundary[ROWS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const i64 e0 = row_start[r] + k0;
+        const i64 b_first = e0 >> block_shift;
+        const i64 b_last = (e0 + valid - 1) >> block_shift;
+        float v0, v1;
+        u32 q0, q1;
+        q4::scale_fetch<NESTED>(b_first, absmax, qabsmax, nested_absmax, v0, q0);
+        q4::scale_fetch<NESTED>(b_last, absmax, qabsmax, nested_absmax, v1, q1);
+        s_first[r] = q4::scale_decode<NESTED>(v0, q0, code2_s, off);
+        s_last[r] = q4::scale_decode<NESTED>(v1, q1, code2_s, off);
+        boundary[r] = b_first == b_last ? 32 : (int)(((b_first + 1) << block_shift) - e0);
+      }
+#pragma unroll 1  // the general path is for odd shapes: keep it small
+      for (int q = 0; q < 4; ++q) {
+        float wf[ROWS][8];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int j = 8 * q + i;
+            float value = 0.0f;
+            if (j < valid) {
+              const i64 e = row_start[r] + k0 + j;
+              const u32 byte = __ldg(packed + (e >> 1));
+              const u32 code = (e & 1) ? (byte & 15u) : (byte >> 4);
+              // entry code * 17 is the byte (code, code): its .x is the code's value
+              value = __fmul_rn(lut_lane[code * 17u * kLutReplicas].x, j < boundary[r] ? s_first[r] : s_last[r]);
+            }
+            wf[r][i] = value;
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int j = 8 * q + i;
+            const float a = j < valid ? Fmt::to_float(a_row[m][k0 + j]) : 0.0f;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[m][r] = fmaf(a, wf[r][i], acc[m][r]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float v = q4::warp_sum(acc[m][r]);
+      const int row = row0 + r, tok = m0 + m;
+      // every lane holds the sum; spread the stores over lanes
+      if (lane == ((m * ROWS + r) & 31) && row < N && tok < M) {
+        const float b = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+        out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(v, b));
+      }
+    }
+  }
+}

@@ -1,0 +1,789 @@
+// LLM.int8: row-wise int8 quantization with outlier columns, int8 products with a fused
+// dequantization epilogue, and the small-M (decode) path.
+//
+// Data layout (all row-major, element offsets in 64-bit)
+//   A        Fmt::storage[rows * K]   activations (bf16 / fp16 as raw 16-bit words)
+//   CA       i8[rows * K]             row-wise codes of A
+//   SCA      float32[rows]            row absmax of A (outlier values left out)
+//   CB       i8[N * K]                int8 weight, one output feature per row
+//   SCB      float32[N]               row absmax of the weight
+//   flags    u8[K]                    1 where column k of A holds an outlier (|a| >= threshold)
+//   idx      i32[K], count i32[1]     the flagged columns in ascending order, and how many
+//   out      OutFmt::storage[M * N]   or int32[M * N] for the raw product
+//
+// Arithmetic (the NumPy spec is cupyquant/_reference_int8.py; results are bit-equal):
+//   scale    = 127 * RZ(1 / absmax)                         __frcp_rz, then __fmul_rn
+//   code     = round_half_even(x * scale), 0 for NaN        __float2int_rn
+//   dequant  = fmaf((float(acc) * SCA) * SCB, 1/127^2, bias) one rounding to OutFmt
+//   outliers = OutFmt(widen(dequant) + sum_j A[m, c_j] * OutFmt((CB[n, c_j] * SCB[n]) / 127))
+//              the sum in ascending column order, one multiply and one add per term
+// Every float operation is an explicitly rounded intrinsic: no FMA contraction.
+//
+// Kernels
+//   int8_outlier_flags   thread = 8 consecutive columns x a slab of rows; sets flags
+//   int8_row_quant       warp = one row; pass 1 absmax, pass 2 codes (row re-read from L1/L2)
+//   int8_col_absmax / int8_col_quant   thread = one column x a slab of rows (backward only)
+//   int8_compact_flags   one CTA: flags -> ascending idx, count (no host round trip)
+//   int8_vectorwise_dequant, int8_mm_dequant   elementwise (thread = column x row slab)
+//   int8_gemm            tensor cores (mma.m16n8k32.s8), 128x128x64 CTA tile, 4-stage cp.async
+//                        pipeline, int32 or dequantized epilogue (+ outlier columns)
+//   int8_linear_gemv     M <= MT rows: each CTA quantizes A into shared memory itself, each
+//                        warp streams whole weight rows once with 16-byte loads and dp4a
+#include "common.cuh"
+
+typedef signed char i8;
+
+namespace {
+
+constexpr u32 kFull = 0xffffffffu;
+constexpr int kRowsPerSlab = 32;  // rows one thread walks in the column-mapped kernels
+
+// bitsandbytes' float32 constants bit for bit: 1/127 (int8_vectorwise_dequant) and
+// 1/127^2 (MM_DEQUANT_CONST of its int32 -> fp16 kernel).
+__device__ __forceinline__ float dequant_scale() { return __uint_as_float(0x3C010204u); }
+__device__ __forceinline__ float mm_dequant_scale() { return __uint_as_float(0x38820610u); }
+
+// 127 * RZ(1/absmax). bitsandbytes uses __fdividef (an approximate reciprocal times 127),
+// whose reciprocal the truncated one reproduces on its outputs; unlike the hardware
+// approximation, RZ is specified exactly and NumPy can compute it.
+__device__ __forceinline__ float int8_scale(float absmax) { return __fmul_rn(127.0f, __frcp_rz(absmax)); }
+
+// round_half_even(x * scale); cvt.rni.s32.f32 gives 0 for NaN (and 0 * inf is NaN).
+__device__ __forceinline__ int quantize_int8(float x, float scale) { return __float2int_rn(__fmul_rn(x, scale)); }
+
+__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
+  return (u32)(a & 0xff) | ((u32)(b & 0xff) << 8) | ((u32)(c & 0xff) << 16) | ((u32)(d & 0xff) << 24);
+}
+
+// Sum of the four signed byte products of a and b, plus c.
+__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
+  int d;
+  asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ float warp_max(float m) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, o));
+  return m;
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Elements [k, k+8) of one row as floats, 0.0f past K. VEC: the row start and K keep
+// every 8-element chunk 16-byte aligned (the launcher checks), so full chunks are vector loads.
+template <class Fmt, bool VEC>
+__device__ __forceinline__ void load_row8(const typename Fmt::storage* __restrict__ row, int k, int K, float (&v)[8]) {
+  if constexpr (VEC) {
+    load8<Fmt>(row, k, K, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = k + i < K ? Fmt::to_float(row[k + i]) : 0.0f;
+  }
+}
+
+// The dequantized value of one int32 product, before rounding to the output format.
+template <class BiasFmt, bool HAS_BIAS>
+__device__ __forceinline__ float dequant_value(int acc, float row_stat, float col_stat,
+                                               const typename BiasFmt::storage* __restrict__ bias, i64 col) {
+  const float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), col_stat);
+  const float b = HAS_BIAS ? BiasFmt::to_float(bias[col]) : 0.0f;
+  return __fmaf_rn(v, mm_dequant_scale(), b);
+}
+
+// A weight value of an outlier column in the activations' 16-bit format (widened back):
+// bitsandbytes dequantizes those weight columns and casts them to A's dtype before addmm.
+template <class Fmt>
+__device__ __forceinline__ float outlier_weight(i8 cb, float scb) {
+  return Fmt::to_float(Fmt::from_float(__fmul_rn(__fmul_rn((float)cb, scb), dequant_scale())));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Outlier columns
+// ---------------------------------------------------------------------------------------
+
+// int8_outlier_flags<Fmt, VEC>
+//   A          Fmt::storage[rows * K]
+//   threshold  > 0; a value is an outlier when |a| >= threshold (float32 compare)
+//   flags      u8[K], zeroed by the caller; only ever set to 1, so racing writers agree
+// grid (ceil(K / 2048), row slabs); thread = 8 consecutive columns over kRowsPerSlab rows
+// per slab, consecutive threads on consecutive 16-byte pieces of a row (coalesced).
+template <class Fmt, bool VEC>
+__global__ void __launch_bounds__(256)
+int8_outlier_flags(const typename Fmt::storage* __restrict__ A, float threshold, u8* __restrict__ flags, i64 rows, int K) {
+  const int k = (blockIdx.x * 256 + threadIdx.x) * 8;
+  if (k >= K) return;
+  u32 found = 0;  // bit i: column k + i
+  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
+    const i64 r1 = r0 + kRowsPerSlab < rows ? r0 + kRowsPerSlab : rows;
+    for (i64 r = r0; r < r1; ++r) {
+      float v[8];
+      load_row8<Fmt, VEC>(A + r * K, k, K, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) found |= (fabsf(v[i]) >= threshold ? 1u : 0u) << i;  // padding 0 never counts
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if ((found >> i) & 1u) flags[k + i] = 1;
+}
+
+// int8_compact_flags: one CTA of 1024 threads.
+//   flags  u8[K]   ->   idx i32[K] (first *count entries: flagged columns, ascending), count i32[1]
+// Thread t owns the contiguous columns [t * per, (t + 1) * per); a block-wide exclusive scan
+// of the per-thread counts gives each thread its first output slot.
+__global__ void __launch_bounds__(1024)
+int8_compact_flags(const u8* __restrict__ flags, int K, int* __restrict__ idx, int* __restrict__ count) {
+  __shared__ int warp_base[32];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int per = (K + 1023) / 1024;
+  const int begin = t * per < K ? t * per : K;
+  const int end = begin + per < K ? begin + per : K;
+  int mine = 0;
+  for (int k = begin; k < end; ++k) mine += flags[k] != 0;
+  int incl = mine;  // inclusive scan inside the warp
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_base[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int total = warp_base[lane];
+    int w = total;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFull, w, o);
+      if (lane >= o) w += y;
+    }
+    warp_base[lane] = w - total;  // exclusive
+  }
+  __syncthreads();
+  int pos = warp_base[warp] + incl - mine;
+  for (int k = begin; k < end; ++k)
+    if (flags[k]) idx[pos++] = k;
+  if (t == 1023) *count = pos;  // the last thread ends at the total
+}
+
+// ---------------------------------------------------------------------------------------
+// Row-wise and column-wise quantization
+// ---------------------------------------------------------------------------------------
+
+// int8_row_quant<Fmt, SPARSE, VEC>
+//   A          Fmt::storage[rows * K]
+//   flags      u8[K] outlier columns (SPARSE), from int8_outlier_flags
+//   threshold  SPARSE: values with |a| >= threshold stay out of the row absmax
+//   CA         i8[rows * K]: codes; outlier columns are 0
+//   SCA        float32[rows]: the row absmax
+// 8 warps per CTA, warp = one row; lane handles 8-element chunks lane*8, lane*8 + 256, ...
+// Pass 2 re-reads the row: it was just read by the same warp, so it comes from L1/L2 and
+// DRAM sees each element once. VEC: K % 8 == 0 and A, CA aligned (16 / 8 bytes).
+template <class Fmt, bool SPARSE, bool VEC>
+__global__ void __launch_bounds__(256)
+int8_row_quant(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ flags, float threshold,
+               i8* __restrict__ CA, float* __restrict__ SCA, i64 rows, int K) {
+  const int lane = threadIdx.x & 31;
+  const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave together
+  const typename Fmt::storage* a = A + row * K;
+  float m = 0.0f;
+  for (int k = lane * 8; k < K; k += 256) {
+    float v[8];
+    load_row8<Fmt, VEC>(a, k, K, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float x = fabsf(v[i]);
+      if constexpr (SPARSE) x = x >= threshold ? 0.0f : x;
+      m = fmaxf(m, x);  // fmaxf drops NaN
+    }
+  }
+  m = warp_max(m);
+  const float scale = int8_scale(m);
+  i8* q = CA + row * K;
+  for (int k = lane * 8; k < K; k += 256) {
+    float v[8];
+    load_row8<Fmt, VEC>(a, k, K, v);
+    int c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = quantize_int8(v[i], scale);
+    if constexpr (SPARSE) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (k + i < K && flags[k + i]) c[i] = 0;
+    }
+    if (VEC && k + 8 <= K) {
+      *reinterpret_cast<uint2*>(q + k) = make_uint2(pack4(c[0], c[1], c[2], c[3]), pack4(c[4], c[5], c[6], c[7]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (k + i < K) q[k + i] = (i8)c[i];
+    }
+  }
+  if (lane == 0) SCA[row] = m;
+}
+
+// int8_col_absmax<Fmt, SPARSE>
+//   A            Fmt::storage[rows * K]
+//   colmax_bits  u32[K], zeroed by the caller: float bits of max |a| per column (outlier
+//                values left out). Non-negative floats order like their bit patterns, so an
+//                integer atomicMax merges the row slabs, and max is order-independent.
+// grid (ceil(K / 256), row slabs); thread = one column over a slab of rows.
+template <class Fmt, bool SPARSE>
+__global__ void __launch_bounds__(256)
+int8_col_absmax(const typename Fmt::storage* __restrict__ A, float threshold, u32* __restrict__ colmax_bits, i64 rows,
+                int K) {
+  const int k = blockIdx.x * 256 + threadIdx.x;
+  if (k >= K) return;
+  float m = 0.0f;
+  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
+    const i64 r1 = r0 + kRowsPerSlab < rows ? r0 + kRowsPerSlab : rows;
+    for (i64 r = r0; r < r1; ++r) {
+      float x = fabsf(Fmt::to_float(A[r * K + k]));
+      if constexpr (SPARSE) x = x >= threshold ? 0.0f : x;
+      m = fmaxf(m, x);
+    }
+  }
+  if (m > 0.0f) atomicMax(colmax_bits + k, __float_as_uint(m));
+}
+
+// int8_col_quant<Fmt, SPARSE>
+//   A            Fmt::storage[rows * K]
+//   flags        u8[K] outlier columns (SPARSE): zero in the output
+//   colmax_bits  u32[K] from int8_col_absmax
+//   CAt          i8[rows * K]: codes scaled per column (same layout as A)
+//   SCAt         float32[K]: the column absmax
+template <class Fmt, bool SPARSE>
+__global__ void __launch_bounds__(256)
+int8_col_quant(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ flags,
+               const u32* __restrict__ colmax_bits, i8* __restrict__ CAt, float* __restrict__ SCAt, i64 rows, int K) {
+  const int k = blockIdx.x * 256 + threadIdx.x;
+  if (k >= K) return;
+  const float m = __uint_as_float(colmax_bits[k]);
+  const float scale = int8_scale(m);
+  const bool zero = SPARSE && flags[k] != 0;
+  if (blockIdx.y == 0) SCAt[k] = m;
+  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
+    const i64 r1 = r0 + kRowsPerSlab < rows ? r0 + kRowsPerSlab : rows;
+    for (i64 r = r0; r < r1; ++r)
+      CAt[r * K + k] = zero ? (i8)0 : (i8)quantize_int8(Fmt::to_float(A[r * K + k]), scale);
+  }
+}
+
+// int8_vectorwise_dequant
+//   CA   i8[rows * K], SCA float32[rows]  ->  out float32[rows * K] = (CA * SCA) * (1/127)
+// grid (ceil(K / 256), row slabs); thread = one column over a slab of rows.
+__global__ void __launch_bounds__(256)
+int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA, float* __restrict__ out, i64 rows,
+                        int K) {
+  const int k = blockIdx.x * 256 + threadIdx.x;
+  if (k >= K) return;
+  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
+    const i64 r1 = r0 + kRowsPerSlab < rows ? r0 + kRowsPerSlab : rows;
+    for (i64 r = r0; r < r1; ++r) out[r * K + k] = __fmul_rn(__fmul_rn((float)CA[r * K + k], SCA[r]), dequant_scale());
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// int32 -> float dequantization (the epilogue of an unfused product)
+// ---------------------------------------------------------------------------------------
+
+// int8_mm_dequant<OutFmt, BiasFmt, HAS_BIAS, SPARSE>
+//   acc        int32[rows * N]
+//   SCA        float32[rows], SCB float32[N]
+//   bias       BiasFmt::storage[N] (HAS_BIAS)
+//   A, CB, idx, count, K   SPARSE: activations (OutFmt), int8 weight (N x K) and outlier columns
+//   out        OutFmt::storage[rows * N]
+// grid (ceil(N / 256), row slabs); thread = one output column over kRowsPerSlab rows, so
+// the outlier weight of (n, c_j) is computed once per slab, not once per row.
+template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
+__global__ void __launch_bounds__(256)
+int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
+                const typename BiasFmt::storage* __restrict__ bias, const typename OutFmt::storage* __restrict__ A,
+                const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
+                typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  if (n >= N) return;
+  const float scb = SCB[n];
+  const int outliers = SPARSE ? *count : 0;
+  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
+    const int nr = (int)(r0 + kRowsPerSlab < rows ? kRowsPerSlab : rows - r0);
+    float o[kRowsPerSlab];
+#pragma unroll
+    for (int i = 0; i < kRowsPerSlab; ++i) {
+      if (i < nr) {
+        const i64 r = r0 + i;
+        o[i] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(acc[r * N + n], SCA[r], scb, bias, n)));
+      }
+    }
+    if (SPARSE && outliers > 0) {
+      float s[kRowsPerSlab];
+#pragma unroll
+      for (int i = 0; i < kRowsPerSlab; ++i) s[i] = 0.0f;
+      for (int j = 0; j < outliers; ++j) {
+        const int c = idx[j];
+        const float w = outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
+#pragma unroll
+        for (int i = 0; i < kRowsPerSlab; ++i)
+          if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + c]), w));
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerSlab; ++i) o[i] = __fadd_rn(o[i], s[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerSlab; ++i)
+      if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(o[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core int8 GEMM: C[M, N] = CA[M, K] @ CB[N, K]^T
+// ---------------------------------------------------------------------------------------
+//
+// CTA tile 128 (M) x 128 (N) x 64 (K bytes), 8 warps as 2 (M) x 4 (N), warp tile 64 x 32 =
+// 4 x 4 mma.m16n8k32 (int32 accumulators: 64 registers a thread). Operands are K-major
+// (both matrices row-major with K contiguous), which is the "row.col" mma form directly.
+//
+// Shared memory: kStages stages of [A tile 128 x 64 B | B tile 128 x 64 B], 64 KB in all
+// (dynamic). A 64-byte row holds four 16-byte chunks; chunk c of row r is stored at chunk
+// c ^ ((r >> 1) & 3). ldmatrix reads 8 rows at one logical chunk: rows r and r + 2 would
+// otherwise share banks (64-byte pitch); with the XOR the 8 rows hit 8 distinct 16-byte
+// bank groups, conflict-free. cp.async writes of a warp cover 8 whole rows, also conflict-free.
+//
+// Fragments: ldmatrix.x4 of 8x8 b16 matrices is byte-for-byte the s8 m16n8k32 layout
+// (a 32-bit word = 4 int8 along K). A: lanes 0-15 address rows 0-15 at chunk 2ks, lanes
+// 16-31 rows 0-15 at chunk 2ks+1 -> a0..a3. B (rows = n): lanes 0-7 rows 0-7 chunk 2ks,
+// 8-15 rows 0-7 chunk 2ks+1, 16-23 rows 8-15 chunk 2ks, 24-31 rows 8-15 chunk 2ks+1 ->
+// b0, b1 of two n8 tiles. Accumulator c0, c1: row g, columns 2t, 2t+1; c2, c3: row g + 8
+// (g = lane / 4, t = lane % 4).
+//
+// Requirements (the launcher pads or copies otherwise): K % 16 == 0, CA and CB 16-byte
+// aligned. Rows past M or N and chunks past K are zero-filled by cp.async (src-size 0).
+// The grid's x walks M tiles first, so CTAs running together share weight tiles in L2.
+
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4, kGemmThreads = 256;
+constexpr int kStageBytes = (kBM + kBN) * kBK;
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of logical 16-byte chunk `chunk` of tile row `row` (64-byte rows, XOR swizzle).
+__device__ __forceinline__ u32 swizzle(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4); }
+
+// One 128 x 64-byte tile of a K-major int8 matrix with `rows` rows into shared memory.
+__device__ __forceinline__ void load_tile(u32 dst, const i8* __restrict__ src, int rows, int K, int row0, int k0) {
+#pragma unroll
+  for (int i = 0; i < (kBM * kBK / 16) / kGemmThreads; ++i) {
+    const int id = threadIdx.x + i * kGemmThreads;
+    const int row = id >> 2, chunk = id & 3;
+    const int gr = row0 + row, gk = k0 + chunk * 16;
+    const bool ok = gr < rows && gk < K;
+    cp_async16(dst + swizzle(row, chunk), ok ? src + (i64)gr * K + gk : src, ok ? 16 : 0);
+  }
+}
+
+}  // namespace
+
+// int8_gemm<OutFmt, EPI, BiasFmt, HAS_BIAS, SPARSE>
+//   CA       i8[M * K], CB i8[N * K] (16-byte aligned, K % 16 == 0)
+//   EPI = 0: out_i32 int32[M * N] = CA @ CB^T
+//   EPI = 1: out OutFmt::storage[M * N] = dequant (SCA float32[M], SCB float32[N], bias
+//            BiasFmt::storage[N] when HAS_BIAS), plus with SPARSE the outlier columns idx[0..*count)
+//            of A (OutFmt::storage[M * K], the unquantized activations)
+// dynamic shared memory: kStages * kStageBytes; block 256; grid (ceil(M / 128), ceil(N / 128)).
+template <class OutFmt, int EPI, class BiasFmt, bool HAS_BIAS, bool SPARSE>
+__global__ void __launch_bounds__(kGemmThreads)
+int8_gemm(const i8* __restrict__ CA, const i8* __restrict__ CB, int M, int N, int K, int* __restrict__ out_i32,
+          const float* __restrict__ SCA, const float* __restrict__ SCB, const typename BiasFmt::storage* __restrict__ bias,
+          const typename OutFmt::storage* __restrict__ A, const int* __restrict__ idx, const int* __restrict__ count,
+          typename OutFmt::storage* __restrict__ out) {
+  extern __shared__ __align__(128) u8 smem[];
+  const u32 base = shared_address(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+
+  int acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+  const int ktiles = (K + kBK - 1) / kBK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) {
+      load_tile(base + s * kStageBytes, CA, M, K, m0, s * kBK);
+      load_tile(base + s * kStageBytes + kBM * kBK, CB, N, K, n0, s * kBK);
+    }
+    cp_async_commit();  // empty groups keep the group count uniform
+  }
+
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
+    __syncthreads();               // ... everyone's have, and stage (kt - 1) % kStages is free
+    const int next = kt + kStages - 1;
+    if (next < ktiles) {
+      const u32 stage = base + (next % kStages) * kStageBytes;
+      load_tile(stage, CA, M, K, m0, next * kBK);
+      load_tile(stage + kBM * kBK, CB, N, K, n0, next * kBK);
+    }
+    cp_async_commit();
+
+    const u32 sa = base + (kt % kStages) * kStageBytes;
+    const u32 sb = sa + kBM * kBK;
+#pragma unroll
+    for (int ks = 0; ks < kBK / 32; ++ks) {
+      u32 a[4][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = wm * 64 + i * 16 + (lane & 15);
+        ldmatrix_x4(a[i], sa + swizzle(row, ks * 2 + (lane >> 4)));
+      }
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int row = wn * 32 + jj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        u32 r[4];
+        ldmatrix_x4(r, sb + swizzle(row, ks * 2 + ((lane >> 3) & 1)));
+        b[2 * jj][0] = r[0];
+        b[2 * jj][1] = r[1];
+        b[2 * jj + 1][0] = r[2];
+        b[2 * jj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_s8(acc[i][j], a[i], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (EPI == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = m0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
+          const int col = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
+          if (row < M && col < N) out_i32[(i64)row * N + col] = acc[i][j][r];
+        }
+  } else {
+    float o[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = m0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
+          const int col = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
+          const float sca = row < M ? SCA[row] : 0.0f;
+          const float scb = col < N ? SCB[col] : 0.0f;
+          const float v = dequant_value<BiasFmt, HAS_BIAS>(acc[i][j][r], sca, scb, bias, col < N ? col : 0);
+          o[i][j][r] = OutFmt::to_float(OutFmt::from_float(v));
+        }
+    if constexpr (SPARSE) {
+      const int outliers = *count;
+      if (outliers > 0) {
+        float s[4][4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[i][j][r] = 0.0f;
+        for (int q = 0; q < outliers; ++q) {
+          const int c = idx[q];
+          float av[4][2], wv[4][2];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = m0 + wm * 64 + i * 16 + g + h * 8;
+              av[i][h] = row < M ? OutFmt::to_float(A[(i64)row * K + c]) : 0.0f;
+            }
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int col = n0 + wn * 32 + j * 8 + t * 2 + h;
+              wv[j][h] = col < N ? outlier_weight<OutFmt>(CB[(i64)col * K + c], SCB[col]) : 0.0f;
+            }
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) s[i][j][r] = __fadd_rn(s[i][j][r], __fmul_rn(av[i][r >> 1], wv[j][r & 1]));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) o[i][j][r] = __fadd_rn(o[i][j][r], s[i][j][r]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = m0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
+          const int col = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
+          if (row < M && col < N) out[(i64)row * N + col] = OutFmt::from_float(o[i][j][r]);
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small-M linear (decode): quantize A in every CTA, stream the int8 weight once
+// ---------------------------------------------------------------------------------------
+
+// One batch of a warp's weight stream: chunks c0, c0 + 32, ... (kGemvUnroll of them) of row n,
+// zeros past the row or past N. Weights are read exactly once: keep them out of L1.
+constexpr int kGemvUnroll = 4;
+
+__device__ __forceinline__ void load_weight_batch(const i8* __restrict__ CB, int n, int N, int K, int c0,
+                                                  uint4 (&w)[kGemvUnroll]) {
+  const int chunks = K >> 4;
+  const uint4* row = reinterpret_cast<const uint4*>(CB + (i64)n * K);
+#pragma unroll
+  for (int u = 0; u < kGemvUnroll; ++u) {
+    const int c = c0 + u * 32;
+    if (n < N && c < chunks) {
+      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(w[u].x), "=r"(w[u].y), "=r"(w[u].z), "=r"(w[u].w)
+          : "l"(row + c));
+    } else {
+      w[u] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// Dynamic shared memory of int8_linear_gemv: codes, outlier bitmap, bitmap summary.
+__host__ __device__ constexpr int gemv_words(int K) { return (K + 31) / 32; }
+
+// int8_linear_gemv<Fmt, BiasFmt, HAS_BIAS, SPARSE, MT>
+//   A          Fmt::storage[M * K], M <= MT <= 8 activation rows
+//   CB         i8[N * K], K % 16 == 0, 16-byte aligned (rows are read as uint4)
+//   SCB        float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
+//   threshold  SPARSE: outlier columns are those holding |a| >= threshold
+//   out        Fmt::storage[M * N]
+// dynamic smem: CA_s i8[MT * K] | bitmap u32[ceil(K/32)] | summary u32[ceil(K/1024)]
+// block 256 (8 warps); grid = min(ceil(N / 8), a few CTAs per SM), rows n grid-strided.
+//
+// Prologue (whole CTA): thread t walks columns t, t + 256, ...: the row absmax of each of
+// the M rows (outliers left out) and, SPARSE, one ballot per warp turns its 32 columns'
+// outlier flags into one bitmap word. A summary word has bit w set when bitmap word w is
+// not zero, so the outlier sum below visits only words that hold outliers. Then A is
+// quantized into CA_s (outlier columns 0). Every CTA repeats this: A is M * K elements
+// (tiny next to the weight) and it saves a launch and a round trip through memory.
+//
+// Main loop (warp = one weight row n): lane reads 16-byte chunks lane, lane + 32, ... of
+// row n, the matching 16 codes of each activation row from shared memory, and accumulates
+// with dp4a. The weight stream is software-pipelined: while one batch of 4 chunks is
+// multiplied the next is in flight (the next row's first batch at a row's end), and the
+// very first batch is issued before the prologue, so DRAM latency hides behind it. Then a butterfly sum; the outlier columns' 16-bit
+// products are summed in ascending column order (each lane computes the product of one
+// column, lane 0's order is replayed through shuffles) so the result matches the NumPy
+// spec bit for bit; lane m writes out[m, n].
+template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
+__global__ void __launch_bounds__(256)
+int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restrict__ CB, const float* __restrict__ SCB,
+                 const typename BiasFmt::storage* __restrict__ bias, float threshold, int M, int N, int K,
+                 typename Fmt::storage* __restrict__ out) {
+  constexpr int kThreads = 256, kWarps = 8;
+  extern __shared__ __align__(16) u8 gemv_smem[];
+  i8* ca = reinterpret_cast<i8*>(gemv_smem);
+  u32* bitmap = reinterpret_cast<u32*>(gemv_smem + MT * K);
+  const int words = gemv_words(K);
+  u32* summary = bitmap + words;
+  const int summaries = (words + 31) / 32;
+  __shared__ float red[kWarps][MT];
+  __shared__ float row_absmax[MT], row_scale[MT];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int row_stride = gridDim.x * kWarps;
+  int n = blockIdx.x * kWarps + warp;
+  uint4 wbuf[kGemvUnroll];
+  load_weight_batch(CB, n, N, K, lane, wbuf);  // in flight during the prologue
+
+  // ---- prologue: absmax per row, outlier bitmap
+  float amax[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) amax[m] = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += kThreads) {  // uniform trip count: ballots see full warps
+    const int k = k0 + tid;
+    bool flag = false;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < M && k < K) {
+        float x = fabsf(Fmt::to_float(A[(i64)m * K + k]));
+        if constexpr (SPARSE) {
+          const bool big = x >= threshold;
+          flag |= big;
+          x = big ? 0.0f : x;
+        }
+        amax[m] = fmaxf(amax[m], x);
+      }
+    }
+    if constexpr (SPARSE) {
+      const u32 word = __ballot_sync(kFull, flag);
+      if (lane == 0 && k0 + warp * 32 < K) bitmap[(k0 + warp * 32) >> 5] = word;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float wmax = warp_max(amax[m]);
+    if (lane == 0) red[warp][m] = wmax;
+  }
+  __syncthreads();  // red and bitmap complete
+  if (tid < MT) {
+    float rmax = red[0][tid];
+#pragma unroll
+    for (int i = 1; i < kWarps; ++i) rmax = fmaxf(rmax, red[i][tid]);
+    row_absmax[tid] = rmax;
+    row_scale[tid] = int8_scale(rmax);
+  }
+  int any = 0;
+  if constexpr (SPARSE) {
+    for (int w0 = 0; w0 < words; w0 += kThreads) {
+      const int wi = w0 + tid;
+      const bool nz = wi < words && bitmap[wi] != 0;
+      any |= nz;
+      const u32 s = __ballot_sync(kFull, nz);
+      if (lane == 0 && w0 + warp * 32 < words) summary[(w0 + warp * 32) >> 5] = s;
+    }
+  }
+  any = __syncthreads_or(any);  // also publishes row_scale and summary
+
+  // ---- quantize A into shared memory
+  for (int k = tid; k < K; k += kThreads) {
+    const bool zero = SPARSE && ((bitmap[k >> 5] >> (k & 31)) & 1u);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      int q = 0;
+      if (m < M && !zero) q = quantize_int8(Fmt::to_float(A[(i64)m * K + k]), row_scale[m]);
+      ca[m * K + k] = (i8)q;
+    }
+  }
+  __syncthreads();
+
+  // ---- main loop: one weight row per warp
+  const int chunks = K >> 4;
+  for (; n < N; n += row_stride) {
+    int acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = 0;
+    // Lanes differ by at most one iteration; each lane's last one prefetches its part of
+    // the next row's first batch, which is what it needs at the top of that row.
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kGemvUnroll) {
+      uint4 cur[kGemvUnroll];
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) cur[u] = wbuf[u];
+      const int next = c0 + 32 * kGemvUnroll;
+      if (next < chunks) {
+        load_weight_batch(CB, n, N, K, next, wbuf);
+      } else {
+        load_weight_batch(CB, n + row_stride, N, K, lane, wbuf);
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int c = c0 + u * 32;
+        if (c < chunks) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const uint4 a = *reinterpret_cast<const uint4*>(ca + m * K + c * 16);
+            acc[m] = dp4a(cur[u].x, a.x, acc[m]);
+            acc[m] = dp4a(cur[u].y, a.y, acc[m]);
+            acc[m] = dp4a(cur[u].z, a.z, acc[m]);
+            acc[m] = dp4a(cur[u].w, a.w, acc[m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = warp_sum(acc[m]);
+
+    const float scb = SCB[n];
+    float s[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) s[m] = 0.0f;
+    if (SPARSE && any) {
+      for (int sw = 0; sw < summaries; ++sw) {
+        u32 sbits = summary[sw];  // warp-uniform: loops and shuffles below see full warps
+        while (sbits) {
+          const int wi = sw * 32 + __ffs((int)sbits) - 1;
+          sbits &= sbits - 1;
+          const u32 word = bitmap[wi];
+          const int col = wi * 32 + lane;
+          float p[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) p[m] = 0.0f;
+          if ((word >> lane) & 1u) {
+            const float wq = outlier_weight<Fmt>(CB[(i64)n * K + col], scb);
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+              if (m < M) p[m] = __fmul_rn(Fmt::to_float(A[(i64)m * K + col]), wq);
+          }
+          u32 bits = word;
+          while (bits) {  // ascending column order
+            const int b = __ffs((int)bits) - 1;
+            bits &= bits - 1;
+#pragma unroll
+            for (int m = 0; m < MT; ++m) s[m] = __fadd_rn(s[m], __shfl_sync(kFull, p[m], b));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < M && lane == m) {
+        float o = Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(acc[m], row_absmax[m], scb, bias, n)));
+        if (SPARSE && any) o = __fadd_rn(o, s[m]);
+        out[(i64)m * N + n] = Fmt::from_float(o);
+      }
+    }
+  }
+}

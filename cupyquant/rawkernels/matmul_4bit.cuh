@@ -1,0 +1,65 @@
+// Helpers shared by the fused 4-bit matrix-product kernels (gemv_4bit.cu, gemm_4bit.cu).
+//
+// The weight W (N, K) arrives in the bitsandbytes layout: flattened row-major, two codes a
+// byte (flat element 2j in the high nibble of byte j), one scale per BLOCKSIZE consecutive
+// flat elements. The scale is a float32 absmax, or, when nested (double quantized),
+//   absmax[b] = code2[qabsmax[b]] * nested_absmax[b / 256] + offset
+// with two float32 roundings, exactly as cupyquant/_reference.py::unnest_absmax.
+#pragma once
+#include "common.cuh"
+
+namespace q4 {
+
+constexpr int kNestedShift = 8;  // double quantization compresses absmax in blocks of 256
+
+// 16 bytes of packed weights on the read-only path without allocating in L1: each weight
+// byte is used by exactly one warp once, so caching it would only evict the activations
+// that every warp of the SM re-reads.
+__device__ __forceinline__ uint4 load_stream16(const u8* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// 16 bytes of activations on the read-only path, cached in L1 (re-read by every warp).
+__device__ __forceinline__ uint4 load_cached16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));  // i is a compile-time constant after unrolling
+}
+
+// The scale of one block is fetched in two steps so that its global loads can be issued
+// together with the weight loads and decoded after they land.
+//   plain:  value = absmax[b]
+//   nested: value = nested_absmax[b >> 8], q = qabsmax[b]
+template <bool NESTED>
+__device__ __forceinline__ void scale_fetch(i64 block, const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
+                                            const float* __restrict__ nested_absmax, float& value, u32& q) {
+  if constexpr (NESTED) {
+    q = __ldg(qabsmax + block);
+    value = __ldg(nested_absmax + (block >> kNestedShift));
+  } else {
+    value = __ldg(absmax + block);
+    q = 0;
+  }
+}
+
+// code2_s: the 256-value nested code in shared memory.
+template <bool NESTED>
+__device__ __forceinline__ float scale_decode(float value, u32 q, const float* code2_s, float offset) {
+  if constexpr (NESTED) {
+    return __fadd_rn(__fmul_rn(code2_s[q], value), offset);
+  } else {
+    return value;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+}  // namespace q4

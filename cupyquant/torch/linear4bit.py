@@ -1,0 +1,229 @@
+"""``Linear4bit``, ``LinearNF4``, ``LinearFP4``: nn.Linear with a frozen 4-bit weight.
+
+Same constructor, compute-dtype rules, warnings and state_dict keys as bitsandbytes'
+layers. Unlike bitsandbytes, ``load_state_dict`` works on a freshly built layer (not
+yet quantized, on any device, or on the meta device with ``assign=True``), and
+``forward`` never modifies the module's bias.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .autograd import matmul_4bit
+from .parameters import Params4bit, load_weight_state, save_weight_state
+
+__all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
+
+_FP16_INPUT_ONE_ROW = (
+    "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 (default). "
+    "This will lead to slow inference."
+)
+_FP16_INPUT_BATCH = (
+    "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 (default). "
+    "This will lead to slow inference or training speed."
+)
+# Each compute-dtype warning is issued once per process, not once per layer or call.
+_issued_warnings: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _issued_warnings:
+        _issued_warnings.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+class Linear4bit(nn.Linear):
+    """``y = x @ dequantize(W)^T + b`` with W stored as NF4 / FP4 codes (bitsandbytes' ``Linear4bit``).
+
+    The weight is a :class:`Params4bit`; it is quantized on the layer's first move to a
+    device (``.to(device)``, ``.cuda()``, ``.cpu()``), or comes quantized from
+    ``load_state_dict`` / :meth:`from_linear`.
+
+    Compute dtype: ``compute_dtype`` when given. Otherwise the first input decides: a
+    float32 or bfloat16 input sets it to that dtype; a float16 input leaves it unset
+    (the product runs in float16) with a warning about float32 being the default. The
+    input is cast to the compute dtype, and the output back to the input's dtype.
+
+    Args:
+        input_features: K, the input size.
+        output_features: N, the output size.
+        bias: whether the layer has a bias (kept in its own dtype, cast per call).
+        compute_dtype: dtype of the product (float32, float16, bfloat16) or None.
+        compress_statistics: double-quantize absmax (nested state).
+        quant_type: "nf4" or "fp4".
+        quant_storage: dtype the packed bytes are viewed as.
+        device: where the float weight is created (quantization waits for a move).
+    """
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype}"
+            )
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data,
+            requires_grad=False,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            module=self,
+        )
+        self.compute_dtype = compute_dtype
+        self.compute_type_is_set = compute_dtype is not None
+        self.quant_storage = quant_storage
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        device: torch.device | str | None = None,
+        blocksize: int = 64,
+        **kwargs: Any,
+    ) -> Linear4bit:
+        """A quantized layer from an ``nn.Linear`` (which is left unchanged).
+
+        Args:
+            linear: the float layer.
+            device: where to quantize and put the layer (default the linear's device).
+            blocksize: 4-bit blocksize of the weight.
+            **kwargs: the constructor's keyword arguments (compute_dtype, quant_type, ...).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        device = linear.weight.device if device is None else torch.device(device)
+        # built on the meta device: nothing is initialised only to be overwritten
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
+        template = layer.weight
+        layer.weight = Params4bit.from_float(
+            linear.weight.detach(),
+            device=device,
+            blocksize=blocksize,
+            compress_statistics=template.compress_statistics,
+            quant_type=template.quant_type,
+            quant_storage=template.quant_storage,
+        )
+        layer.weight.module = layer
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(
+                linear.bias.detach().to(device, copy=True), requires_grad=linear.bias.requires_grad
+            )
+        return layer
+
+    @property
+    def quant_state(self) -> Any:
+        """The weight's QuantState (None until quantized); the weight owns it."""
+        return getattr(self.weight, "quant_state", None)
+
+    def set_compute_type(self, x: Tensor) -> None:
+        """bitsandbytes' rule for the compute dtype, from the first input."""
+        if x.dtype in (torch.float32, torch.bfloat16):
+            # the input is in a dtype that is safe to compute in
+            self.compute_dtype = x.dtype
+        elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32):
+            one_row = x.numel() == x.shape[-1]
+            _warn_once(_FP16_INPUT_ONE_ROW if one_row else _FP16_INPUT_BATCH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., input_features) float tensor -> (..., output_features) in x's dtype."""
+        weight = self.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.weight is not quantized yet: move the layer to its device first "
+                "(.to(device), .cuda() or .cpu()), or load a quantized state dict"
+            )
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        input_dtype = x.dtype
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        out = matmul_4bit(x, weight, quant_state, bias=bias)
+        return out if out.dtype == input_dtype else out.to(input_dtype)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_weight_state(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        load_weight_state(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+            (self.out_features, self.in_features),
+            super()._load_from_state_dict,
+        )
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        quant = f"quant_type={w.quant_type}, blocksize={w.blocksize}, compress_statistics={w.compress_statistics}"
+        return f"{super().extra_repr()}, {quant}, compute_dtype={self.compute_dtype}"
+
+
+class LinearFP4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="fp4"``."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device
+        )
+
+
+class LinearNF4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="nf4"``."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, device
+        )

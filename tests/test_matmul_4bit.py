@@ -1,0 +1,357 @@
+"""4-bit matrix products: NumPy path and CuPy paths against a float64 reference of
+``A @ dequantize_4bit(W)^T (+ bias)``, bitsandbytes' Linear4bit outputs, error paths."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import numpy as np
+import pytest
+
+import cupyquant as cq
+from cupyquant import _reference as ref
+from cupyquant.blockwise import dequantize_4bit_bits
+from cupyquant.quant_state import QuantState
+
+from .conftest import FIXTURES
+
+# the module (the package attribute of the same name is the function)
+mm = importlib.import_module("cupyquant.matmul_4bit")
+
+# Relative Frobenius error ||out - ref|| / ||ref|| against float64 A @ W^T (+ bias), where W is
+# dequantize_4bit's exact float32 weight.
+# float32: only the float32 accumulation order differs (~1e-7 measured); 1e-5 leaves room for K
+#   in the thousands.
+# float16: the output is rounded once to fp16 (~2e-4), and the tensor-core kernel rounds
+#   code[q], the block scale and their product to fp16 (~4e-4 in a rounding simulation);
+#   2e-3 is 5x that.
+# bfloat16: the same three roundings with 8 mantissa bits: ~3.3e-3 simulated; 1.5e-2 is 4.5x.
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
+
+FORMATS = ("float32", "float16", "bfloat16")
+M_SWEEP = (1, 2, 3, 7, 16, 33, 64, 128, 512)
+# (N, K): aligned; odd N with blocks straddling rows (K % 64 != 0); K % 32 != 0; odd K;
+# a K above one 1024-element pass of a warp and not a multiple of the 128-element segment.
+SHAPES = ((64, 256), (37, 96), (50, 100), (21, 77), (67, 1184))
+
+
+def _shape_id(shape):
+    return f"{shape[0]}x{shape[1]}"
+
+
+def make_case(N, K, M, fmt, quant_type="nf4", blocksize=64, nested=True, bias=True, seed=0):
+    """NumPy operands: (a_bits, packed uint8, QuantState, bias_bits or None)."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((N, K)) / np.sqrt(max(K, 1))).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    a_bits = ref.from_float32(rng.standard_normal(M * K).astype(np.float32), fmt)
+    bias_bits = ref.from_float32(rng.standard_normal(N).astype(np.float32), fmt) if bias else None
+    return a_bits, packed.reshape(-1), qs, bias_bits
+
+
+def reference(a_bits, fmt, M, packed, qs, bias_bits):
+    """float64 A @ W^T (+ bias) with W = dequantize_4bit(packed) in float32 (the spec's weight)."""
+    N, K = qs.shape
+    weight = np.empty(N * K, dtype=np.float32)
+    state32 = QuantState(absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
+                         quant_type=qs.quant_type, dtype="float32", offset=qs.offset, state2=qs.state2)  # fmt: skip
+    dequantize_4bit_bits(packed, state32, weight)
+    acc = ref.to_float32(a_bits, fmt).astype(np.float64).reshape(M, K) @ weight.astype(np.float64).reshape(N, K).T
+    if bias_bits is not None:
+        acc += ref.to_float32(bias_bits, fmt).astype(np.float64)[None, :]
+    return acc
+
+
+def rel_error(out_bits, fmt, expected):
+    out = ref.to_float32(np.asarray(out_bits), fmt).astype(np.float64).reshape(expected.shape)
+    assert np.all(np.isfinite(out)), "output has NaN/Inf (unwritten or overflowed values)"
+    denom = np.linalg.norm(expected)
+    return np.linalg.norm(out - expected) / (denom if denom else 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (NumPy reference path)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", (1, 3, 16))
+def test_numpy_matches_reference(shape, fmt, M):
+    N, K = shape
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M)
+    out = mm.matmul_4bit_bits(a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_numpy_every_blocksize(quant_type, blocksize, nested):
+    a_bits, packed, qs, bias_bits = make_case(19, 150, 2, "float32", quant_type, blocksize, nested, bias=False)
+    out = mm.matmul_4bit_bits(a_bits, "float32", 2, packed, qs)
+    assert rel_error(out, "float32", reference(a_bits, "float32", 2, packed, qs, None)) < TOLERANCE["float32"]
+
+
+def test_numpy_public_api_shapes():
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((24, 64)) / 8).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, quant_type="nf4")
+    A = rng.standard_normal((2, 3, 64)).astype(np.float16)
+    bias = rng.standard_normal(24).astype(np.float16)
+    out = cq.matmul_4bit(A, packed, qs, bias=bias)
+    assert out.shape == (2, 3, 24) and out.dtype == np.float16
+    a_bits = A.reshape(-1)
+    expected = reference(a_bits, "float16", 6, packed.reshape(-1), qs, bias)
+    assert rel_error(out.reshape(-1), "float16", expected) < TOLERANCE["float16"]
+    given = np.empty((2, 3, 24), dtype=np.float16)
+    assert cq.matmul_4bit(A, packed, qs, out=given, bias=bias) is given
+    np.testing.assert_array_equal(given, out)
+    vec = cq.gemv_4bit(A[0, 0], packed, qs)
+    assert vec.shape == (24,)
+    np.testing.assert_allclose(vec, cq.matmul_4bit(A[0, :1], packed, qs)[0], rtol=0, atol=0)
+
+
+def test_fused_max_m_contract():
+    for fmt in FORMATS:
+        for N, K in ((4096, 4096), (28672, 8192), (37, 77)):
+            m = mm.fused_max_m(fmt, N, K)
+            assert isinstance(m, int) and m >= 1
+    assert mm.fused_max_m("float16", 4096, 4096) >= 16  # the tensor-core path covers decode batches
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        mm.fused_max_m("int8", 16, 16)
+
+
+def _load_linear4bit(name):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = safetensors_torch.load_file(str(FIXTURES / f"{name}.safetensors"))
+
+    def host(t):
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    entries = {k[len("module.weight.") :]: host(v) for k, v in tensors.items() if k.startswith("module.weight.")}
+    qs = QuantState.from_dict(entries)
+    packed = host(tensors["module.weight"]).reshape(-1).view(np.uint8)
+    fmt = str(tensors["x"].dtype).removeprefix("torch.")
+    return fmt, host(tensors["x"]), packed, qs, host(tensors["module.bias"]), host(tensors["y"])
+
+
+LINEAR4BIT_FIXTURES = (
+    "linear4bit_nf4_nested_bfloat16",
+    "linear4bit_fp4_plain_float32",
+    "linear4bit_nf4_nested_float16_storagebfloat16",
+)
+
+
+@pytest.mark.parametrize("name", LINEAR4BIT_FIXTURES)
+def test_numpy_matches_bitsandbytes_linear4bit(name):
+    fmt, x, packed, qs, bias, y = _load_linear4bit(name)
+    M = x.shape[0]
+    out = mm.matmul_4bit_bits(x.reshape(-1), fmt, M, packed, qs, bias.reshape(-1))
+    expected = ref.to_float32(y.reshape(-1), fmt).astype(np.float64).reshape(M, -1)
+    assert rel_error(out, fmt, expected) < TOLERANCE[fmt]
+
+
+# ---------------------------------------------------------------------------------------
+# error paths
+# ---------------------------------------------------------------------------------------
+def _small():
+    a_bits, packed, qs, bias_bits = make_case(8, 64, 2, "float16", bias=True)
+    return a_bits, packed, qs, bias_bits
+
+
+def test_errors_public_api():
+    a_bits, packed, qs, bias_bits = _small()
+    A = a_bits.view(np.float16).reshape(2, 64)
+    with pytest.raises(ValueError, match=r"A's last dimension \(63\) must equal the weight's K \(64\)"):
+        cq.matmul_4bit(A[:, :63], packed, qs)
+    with pytest.raises(ValueError, match="A must be float32, float16 or bfloat16, got int32"):
+        cq.matmul_4bit(A.astype(np.int32), packed, qs)
+    with pytest.raises(ValueError, match=r"bias must be \(8,\) of float16"):
+        cq.matmul_4bit(A, packed, qs, bias=np.zeros(7, np.float16))
+    with pytest.raises(ValueError, match=r"bias must be \(8,\) of float16"):
+        cq.matmul_4bit(A, packed, qs, bias=np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        cq.matmul_4bit(A, packed, qs, out=np.empty((2, 7), np.float16))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        cq.matmul_4bit(A, packed, qs, out=np.empty((8, 2), np.float16).T)
+    with pytest.raises(TypeError, match="B must be a NumPy or CuPy array"):
+        cq.matmul_4bit(A, packed.tolist(), qs)
+    with pytest.raises(TypeError, match="quant_state must be a QuantState"):
+        cq.matmul_4bit(A, packed, {"shape": (8, 64)})
+    with pytest.raises(ValueError, match="gemv_4bit needs exactly one row"):
+        cq.gemv_4bit(A, packed, qs)
+    with pytest.raises(ValueError, match="A must have at least one dimension"):
+        cq.matmul_4bit(np.array(1.0, dtype=np.float16), packed, qs)
+    flat_state = copy.copy(qs)
+    flat_state.shape = (8 * 64,)
+    with pytest.raises(ValueError, match=r"B must be a quantized 2-D \(N, K\) weight, got shape \(512,\)"):
+        cq.matmul_4bit(A, packed, flat_state)
+
+
+def test_errors_bits_api():
+    a_bits, packed, qs, bias_bits = _small()
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        mm.matmul_4bit_bits(a_bits, "float8", 2, packed, qs)
+    with pytest.raises(ValueError, match="M must be a non-negative integer, got -1"):
+        mm.matmul_4bit_bits(a_bits, "float16", -1, packed, qs)
+    with pytest.raises(ValueError, match="A must have 192 elements, got 128"):
+        mm.matmul_4bit_bits(a_bits, "float16", 3, packed, qs)
+    with pytest.raises(ValueError, match="A must hold bfloat16 values as uint16, got float16"):
+        mm.matmul_4bit_bits(a_bits.view(np.float16), "bfloat16", 2, packed, qs)
+    with pytest.raises(ValueError, match="B holds 100 bytes but an \\(8, 64\\) weight needs 256"):
+        mm.matmul_4bit_bits(a_bits, "float16", 2, packed[:100], qs)
+    with pytest.raises(ValueError, match="B \\(packed codes\\) must be a flat uint8 array"):
+        mm.matmul_4bit_bits(a_bits, "float16", 2, packed.view(np.int8), qs)
+    with pytest.raises(ValueError, match="bias must have 8 elements, got 7"):
+        mm.matmul_4bit_bits(a_bits, "float16", 2, packed, qs, bias_bits[:7])
+    with pytest.raises(ValueError, match="out must have 16 elements, got 15"):
+        mm.matmul_4bit_bits(a_bits, "float16", 2, packed, qs, None, np.empty(15, np.float16))
+    empty = mm.matmul_4bit_bits(a_bits[:0], "float16", 0, packed, qs)
+    assert empty.size == 0
+
+
+# ---------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------
+def to_gpu(cp, a_bits, packed, qs, bias_bits):
+    qs_gpu = copy.deepcopy(qs).to(0)
+    return (cp.asarray(a_bits), cp.asarray(packed), qs_gpu, None if bias_bits is None else cp.asarray(bias_bits))
+
+
+def run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=None):
+    """Run on the GPU into a NaN-poisoned output; ``path`` forces a kernel ("gemv", "mma",
+    "mma-rt1", "mma-rt2") or "dequant" (dequantize + cuBLAS)."""
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    N = qs.shape[0]
+    if fmt == "float32":
+        out = cp.full(M * N, np.nan, dtype=np.float32)
+    else:  # NaN bit patterns, in the storage dtype of the format
+        out = cp.full(M * N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)
+        out = out.view(np.float16) if fmt == "float16" else out
+    if path is None:
+        mm.matmul_4bit_bits(ga, fmt, M, gp, gqs, gb, out)
+    elif path == "dequant":
+        mm._matmul_dequant_gemm(ga, fmt, M, N, qs.shape[1], gp, gqs, gb, out)
+    else:
+        mm._matmul_fused(ga, fmt, M, N, qs.shape[1], gp, gqs, gb, out, path=path)
+    return cp.asnumpy(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", M_SWEEP)
+def test_gpu_sweep_m(cp, shape, fmt, M):
+    N, K = shape
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
+    out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", (1, 16))
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gpu_formats(cp, fmt, M, quant_type, blocksize, nested, bias):
+    # K = 96: blocks straddle rows for blocksize 64 and every blocksize above 96; odd N.
+    for N, K in ((37, 96), (21, 77)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
+        out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
+        err = rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits))
+        assert err < TOLERANCE[fmt], f"{N}x{K}: {err}"
+
+
+EACH_PATH = [
+    (path, M)
+    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "dequant")
+    for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
+    if not (path.startswith("mma-") and M > 16) and not (path == "gemv" and M > 70)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("path", "M"), EACH_PATH, ids=[f"{p}-M{m}" for p, m in EACH_PATH])
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("shape", ((64, 256), (37, 96), (130, 4128), (300, 640)), ids=_shape_id)
+def test_gpu_each_path(cp, path, M, fmt, shape):
+    # 130 x 4128: 33 segments of 128 (split-K with a partial share); 300 x 640: 19 row tiles.
+    N, K = shape
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "fp4", 128, True, True, seed=M)
+    out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=path)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 3, 8, 16, 40))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_float32_gemv(cp, M, nested):
+    for N, K in ((64, 256), (21, 77), (67, 1184)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, "float32", "nf4", 64, nested, True, seed=M)
+        out = run_gpu(cp, a_bits, "float32", M, packed, qs, bias_bits, path="gemv")
+        err = rel_error(out, "float32", reference(a_bits, "float32", M, packed, qs, bias_bits))
+        assert err < TOLERANCE["float32"], f"{N}x{K}: {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_unaligned_views(cp, fmt):
+    # A and B starting one element / byte into their buffers: not 16-byte aligned.
+    N, K, M = 40, 128, 3
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=5)
+    ga_buf = cp.asarray(np.concatenate([a_bits[:1], a_bits]))
+    gp_buf = cp.asarray(np.concatenate([packed[:1], packed]))
+    gqs = copy.deepcopy(qs).to(0)
+    out = mm.matmul_4bit_bits(ga_buf[1:], fmt, M, gp_buf[1:], gqs, cp.asarray(bias_bits))
+    assert rel_error(cp.asnumpy(out), fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LINEAR4BIT_FIXTURES)
+def test_gpu_matches_bitsandbytes_linear4bit(cp, name):
+    fmt, x, packed, qs, bias, y = _load_linear4bit(name)
+    M = x.shape[0]
+    expected = ref.to_float32(y.reshape(-1), fmt).astype(np.float64).reshape(M, -1)
+    for path in ("gemv", "dequant") + (("mma",) if fmt != "float32" else ()):
+        out = run_gpu(cp, x.reshape(-1), fmt, M, packed, qs, bias.reshape(-1), path=path)
+        assert rel_error(out, fmt, expected) < TOLERANCE[fmt], path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 16, 512))
+def test_gpu_graph_capture(cp, M):
+    fmt, N, K = "float16", 96, 256
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=11)
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    out = cp.zeros(M * N, dtype=np.float16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        mm.matmul_4bit_bits(ga, fmt, M, gp, gqs, gb, out)  # warm up: compile, cuBLAS handle, pool
+        stream.synchronize()
+        out.fill(0)
+        stream.begin_capture()
+        mm.matmul_4bit_bits(ga, fmt, M, gp, gqs, gb, out)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+    assert rel_error(cp.asnumpy(out), fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+def test_gpu_public_api(cp):
+    rng = np.random.default_rng(9)
+    W = cp.asarray((rng.standard_normal((48, 160)) / 12).astype(np.float32))
+    packed, qs = cq.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    A = cp.asarray(rng.standard_normal((2, 2, 160)).astype(np.float16))
+    out = cq.matmul_4bit(A, packed, qs)
+    assert out.shape == (2, 2, 48) and out.dtype == np.float16
+    host_qs = copy.deepcopy(qs).to("cpu")
+    expected = reference(cp.asnumpy(A).reshape(-1), "float16", 4, cp.asnumpy(packed).reshape(-1), host_qs, None)
+    assert rel_error(cp.asnumpy(out).reshape(-1), "float16", expected) < TOLERANCE["float16"]
+    vec = cq.gemv_4bit(A[0, 0], packed, qs)
+    assert vec.shape == (48,)
