@@ -149,7 +149,7 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -
                             f"{n:>6} x {k:<5} {m:>5} {t:>4.0f} {backend:>7} {shown} {eager:>9.1f} "
                             f"{_gbps(nbytes, us):>7.0f} {fp16_us:>8.1f} {us / fp16_us:>7.2f} {rel}"
                         )
-            cq8.set_int8_gemm_backend("mma")
+            cq8.set_int8_gemm_backend("auto")
         del fp16, int8
         torch.cuda.empty_cache()
 

@@ -29,8 +29,12 @@ _GEMV_CTAS_PER_SM = 8  # 256-thread CTAs: 8 fill an SM's 2048 threads
 _GEMM_SMEM = 4 * (128 + 128) * 64  # kStages * kStageBytes
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 
-GEMM_BACKENDS = ("mma", "cublas")
-_backend = {"gemm": "mma"}
+GEMM_BACKENDS = ("auto", "mma", "cublas")
+_backend = {"gemm": "auto"}
+# "auto" switches to cuBLAS from this many rows (H100, benchmarks/bench_int8.py: at M = 512
+# cuBLAS + dequant took 296 us against 520 for the fused kernel at 28672 x 8192, and 1,885
+# against 3,820 at M = 4096; at M = 64 the two were within 10%).
+CUBLAS_MIN_M = 512
 
 
 def set_gemm_backend(name: str) -> None:
@@ -42,8 +46,22 @@ def set_gemm_backend(name: str) -> None:
 
 
 def gemm_backend() -> str:
-    """The int8 GEMM backend in use ("mma" or "cublas")."""
+    """The int8 GEMM backend setting ("auto", "mma" or "cublas")."""
     return _backend["gemm"]
+
+
+def _capturing() -> bool:
+    """True while the current stream is being captured into a CUDA graph, where CuPy's
+    cuBLAS binding refuses to run: "auto" then keeps the capturable fused kernel."""
+    cp = cupy()
+    return cp.cuda.runtime.streamIsCapturing(cp.cuda.get_current_stream().ptr) != 0
+
+
+def _use_cublas(M: int, N: int, K: int) -> bool:
+    mode = _backend["gemm"]
+    if mode == "mma" or not _cublas_usable(M, N, K):
+        return False
+    return mode == "cublas" or (M >= CUBLAS_MIN_M and not _capturing())
 
 
 @functools.cache
@@ -255,7 +273,7 @@ def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
     """``out`` (int32[M*N]) = CA (int8[M*K]) @ CB (int8[N*K])^T, exactly."""
     if M == 0 or N == 0:
         return
-    if gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+    if _use_cublas(M, N, K):
         _cublas_int32(_aligned(ca, 16), _aligned(cb, 16), M, N, K, out)
         return
     ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
@@ -310,7 +328,7 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
     cp = cupy()
     sparse = threshold > 0
     mt = _gemv_tile(M, K)
-    if mt is None and gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+    if mt is None and _use_cublas(M, N, K):
         bfmt, has_bias = "", False  # mm_dequant picks the bias variant itself
     else:
         bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
@@ -332,7 +350,7 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
     sca = cp.empty(M, dtype=cp.float32)
     flags = row_quant(a_bits, fmt, M, K, threshold, ca, sca)
     idx, count = compact_flags(flags) if sparse else (sca, sca)
-    if gemm_backend() == "cublas" and _cublas_usable(M, N, K):
+    if _use_cublas(M, N, K):
         acc = cp.empty(M * N, dtype=cp.int32)
         _cublas_int32(ca, _aligned(cb, 16), M, N, K, acc)
         mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, (a_bits, cb, idx, count, K) if sparse else None)

@@ -138,10 +138,11 @@ def _gpu():
 def set_int8_gemm_backend(name: str) -> None:
     """Choose the int8 GEMM used for more than 8 activation rows on the GPU.
 
-    ``"mma"`` (default): this package's tensor-core kernel with the dequantization fused
-    into its epilogue. ``"cublas"``: cuBLAS' int8 GEMM to int32, then a dequantization
-    kernel (used where its shape rules allow: M > 16, K % 16 == 0, N % 8 == 0).
-    Both give identical results.
+    ``"auto"`` (default): cuBLAS from 512 rows (where it measured faster), the fused
+    kernel below that and while a CUDA graph is being captured. ``"mma"``: this
+    package's tensor-core kernel with the dequantization fused into its epilogue.
+    ``"cublas"``: cuBLAS' int8 GEMM to int32, then a dequantization kernel (used where
+    its shape rules allow: M > 16, K % 16 == 0, N % 8 == 0). All give identical results.
     """
     from ._gpu_int8 import set_gemm_backend
 
@@ -149,7 +150,7 @@ def set_int8_gemm_backend(name: str) -> None:
 
 
 def get_int8_gemm_backend() -> str:
-    """The int8 GEMM backend in use: ``"mma"`` or ``"cublas"``."""
+    """The int8 GEMM backend setting: ``"auto"``, ``"mma"`` or ``"cublas"``."""
     from ._gpu_int8 import gemm_backend
 
     return gemm_backend()

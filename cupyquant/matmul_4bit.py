@@ -36,7 +36,7 @@ from . import _xp
 from .blockwise import _check_array, _gpu_scales, check_state_4bit, dequantize_4bit_bits
 from .quant_state import QuantState
 
-__all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m"]
+__all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepare_fused", "FusedLaunch"]
 
 # Largest M at which the fused kernels beat dequantize + cuBLAS, from the sweep in
 # benchmarks/NOTES_matmul_4bit.md (NF4 bs64 nested; shapes 4096x4096, 11008x4096, 28672x8192,
@@ -235,21 +235,23 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None) -> tuple[str, int, 
     return kernel, tiles, chunks, ksplit, groups * chunks
 
 
-def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None) -> None:
+def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None):
+    """(kernel, grid, block, args) of the tensor-core kernels."""
     from .rawkernels import get_function
 
     kernel, _, chunks, ksplit, grid = _pick_mma(M, N, K, rt)
     kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
     has_bias = bias_bits is not None
-    kernel(
-        (grid,), (32 * _MMA_WARPS,),
-        (a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
-         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-         np.int32(ksplit), np.int32(chunks)),
+    args = (
+        a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
+        np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
+        np.int32(ksplit), np.int32(chunks),
     )  # fmt: skip
+    return kernel, (grid,), (32 * _MMA_WARPS,), args
 
 
-def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool) -> None:
+def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool):
+    """(kernel, grid, block, args) of the CUDA-core GEMV."""
     from .rawkernels import get_function
 
     mr = 1 if M == 1 else 4
@@ -258,11 +260,76 @@ def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     kernel = get_function("gemv_4bit.cu", expr)
     has_bias = bias_bits is not None
     grid = (-(-N // (_GEMV_WARPS * rows)), -(-M // mr))
-    kernel(
-        grid, (32 * _GEMV_WARPS,),
-        (a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
-         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias)),
+    args = (
+        a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
+        np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
     )  # fmt: skip
+    return kernel, grid, (32 * _GEMV_WARPS,), args
+
+
+def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None) -> None:
+    kernel, grid, block, args = _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt)
+    kernel(grid, block, args)
+
+
+def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool) -> None:
+    kernel, grid, block, args = _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
+    kernel(grid, block, args)
+
+
+# Positions of the per-call pointers in both kernels' argument lists.
+_ARG_A, _ARG_BIAS, _ARG_OUT = 0, 8, 9
+
+
+class FusedLaunch:
+    """A fused 4-bit matmul launch prepared once for one weight, format and M.
+
+    The kernel, grid and every weight-side argument (as raw device pointers) are fixed;
+    a call passes only the activation, bias and output addresses and the stream, so the
+    per-call host cost is one kernel launch. The prepared arguments assume a 16-byte
+    aligned, contiguous A of M x K values (check with :meth:`accepts`).
+    """
+
+    __slots__ = ("_function", "_grid", "_block", "_args", "_keep")
+
+    def __init__(self, kernel: Any, grid: tuple, block: tuple, args: tuple, keep: tuple) -> None:
+        self._function = kernel.kernel  # the compiled Function of the current device
+        self._grid = tuple(grid) + (1,) * (3 - len(grid))
+        self._block = tuple(block) + (1,) * (3 - len(block))
+        self._args = [np.uint64(a.data.ptr) if hasattr(a, "data") and hasattr(a, "dtype") else a for a in args]
+        self._keep = keep  # the arrays whose addresses the arguments hold stay alive
+
+    @staticmethod
+    def accepts(a_ptr: int) -> bool:
+        return a_ptr % 16 == 0
+
+    def __call__(self, a_ptr: int, bias_ptr: int | None, out_ptr: int, stream: Any) -> None:
+        """Launch on ``stream`` (a CuPy stream of the prepared device) with raw pointers."""
+        args = self._args.copy()
+        args[_ARG_A] = np.uint64(a_ptr)
+        args[_ARG_OUT] = np.uint64(out_ptr)
+        args[_ARG_BIAS] = np.uint64(out_ptr if bias_ptr is None else bias_ptr)
+        self._function(self._grid, self._block, tuple(args), 0, stream)
+
+
+def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bias: bool) -> FusedLaunch | None:
+    """A :class:`FusedLaunch` for ``M`` rows of ``fmt`` activations against the CuPy
+    weight ``packed`` / ``quant_state``, or None where the fused kernels do not apply
+    (M above :func:`fused_max_m`, empty shapes). Call inside the weight's device context."""
+    N, K = _weight_shape(quant_state)
+    if M < 1 or N == 0 or K == 0 or M > fused_max_m(fmt, N, K):
+        return None
+    cp = _xp.cupy()
+    # Stand-ins with the right dtype for the per-call pointers (replaced at each call).
+    a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
+    bias_stub = a_stub if has_bias else None
+    if fmt != "float32" and K % 32 == 0 and packed.data.ptr % 16 == 0:
+        launch = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+    else:
+        aligned = K % 32 == 0 and packed.data.ptr % 16 == 0
+        launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
+    kernel, grid, block, args = launch
+    return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args))
 
 
 def _aligned(K: int, *arrays: Any) -> bool:

@@ -425,12 +425,12 @@ def test_errors(call, exc, match):
 
 
 def test_gemm_backend_setting_round_trips():
-    assert I8.get_int8_gemm_backend() == "mma"
+    assert I8.get_int8_gemm_backend() == "auto"
     I8.set_int8_gemm_backend("cublas")
     try:
         assert I8.get_int8_gemm_backend() == "cublas"
     finally:
-        I8.set_int8_gemm_backend("mma")
+        I8.set_int8_gemm_backend("auto")
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def test_gemm_backend_setting_round_trips():
 def backend(request):
     I8.set_int8_gemm_backend(request.param)
     yield request.param
-    I8.set_int8_gemm_backend("mma")
+    I8.set_int8_gemm_backend("auto")
 
 
 def _to_gpu(cp, a, offset: bool = False):

@@ -24,6 +24,8 @@ __all__ = [
     "FLOAT_DTYPES",
     "float_format",
     "format_of_dtype",
+    "current_cupy_device",
+    "current_cupy_stream",
     "kernel_context",
     "storage",
     "to_tensor",
@@ -225,6 +227,16 @@ class _NoKernelContext:
 
 
 _CPU_CONTEXT = _NoKernelContext()
+
+
+def current_cupy_device() -> int:
+    """The GPU current for CuPy (and the CUDA runtime) on this thread."""
+    return cupy().cuda.runtime.getDevice()
+
+
+def current_cupy_stream(index: int) -> Any:
+    """torch's current stream on GPU ``index`` as a CuPy stream (read at every call)."""
+    return _cupy_stream(_current_stream_ptr(index), index)
 
 
 def kernel_context(t: torch.Tensor) -> _CudaKernelContext | _NoKernelContext:

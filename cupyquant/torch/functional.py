@@ -25,7 +25,16 @@ from .. import _reference
 from .. import blockwise as _bw
 from .. import codebooks as _codebooks
 from ..quant_state import QuantState as _ArrayQuantState
-from ._interop import float_format, format_of_dtype, kernel_context, storage, to_tensor, torch_dtype
+from ._interop import (
+    current_cupy_device,
+    current_cupy_stream,
+    float_format,
+    format_of_dtype,
+    kernel_context,
+    storage,
+    to_tensor,
+    torch_dtype,
+)
 
 # The LLM.int8 ops live with the 8-bit layers; bitsandbytes users find them here.
 from .int8 import (
@@ -185,6 +194,17 @@ class QuantState(_ArrayQuantState):
         view = make(t)
         self._kernel_views[slot] = (key, view)
         return view
+
+    def fused_launch(self, packed: Tensor, fmt: str, M: int, has_bias: bool, like: Tensor) -> Any:
+        """The prepared fused-kernel launch for ``M`` rows of ``fmt`` (None where the fused
+        kernels do not apply), built on first use and cached with the array views."""
+        key = ("launch", fmt, M, has_bias, packed.data_ptr())
+        cached = self._kernel_views.get(key)
+        if cached is None:
+            with kernel_context(like):
+                launch = _mm.prepare_fused(fmt, M, self.packed_bytes(packed), self.kernel_state(fmt), has_bias)
+            cached = self._kernel_views[key] = (launch,)
+        return cached[0]
 
     def tensors(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """``(absmax, nested_absmax, nested_code, offset)``: what the custom ops take."""
@@ -604,6 +624,10 @@ def _matmul_4bit_kernels(
         with kernel_context(A):
             _dequantize_4bit_into(state.packed_bytes(packed), state.kernel_state(fmt), weight)
         return torch.nn.functional.linear(A, weight, bias)
+    if A.is_cuda and isinstance(state, QuantState):
+        out = _matmul_4bit_prepared(A, packed, state, fmt, M, N, bias)
+        if out is not None:
+            return out
     out = torch.empty((*lead, N), dtype=A.dtype, device=A.device)
     with kernel_context(A):
         _mm.matmul_4bit_bits(
@@ -615,6 +639,26 @@ def _matmul_4bit_kernels(
             None if bias is None else state.operand_view(bias),
             _flat_storage(out),
         )
+    return out
+
+
+def _matmul_4bit_prepared(
+    A: Tensor, packed: Tensor, state: QuantState, fmt: str, M: int, N: int, bias: Tensor | None
+) -> Tensor | None:
+    """The eager fast path: the fused kernel launched from a launch prepared once per
+    (weight, format, M), with raw pointers on torch's current stream. None when it does
+    not apply (another GPU is current, unaligned or strided operands): the general path
+    then runs."""
+    index = A.get_device()
+    if index != current_cupy_device():
+        return None
+    if not A.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return None
+    launch = state.fused_launch(packed, fmt, M, bias is not None, A)
+    if launch is None or not launch.accepts(A.data_ptr()):
+        return None
+    out = torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
+    launch(A.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), current_cupy_stream(index))
     return out
 
 

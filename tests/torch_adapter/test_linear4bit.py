@@ -79,6 +79,8 @@ def test_loading_a_bitsandbytes_state_dict(device, case, quantize_first):
     layer = Linear4bit(128, 48, **_layer_settings(case))
     layer = layer.to(device) if quantize_first else layer
     layer.load_state_dict(expected)
+    if not quantize_first:  # a fresh layer loads on the CPU; moving it must not re-quantize
+        layer = layer.to(device)
     assert layer.weight.device.type == device.type and layer.quant_state.absmax.device.type == device.type
     saved = layer.state_dict()
     assert set(saved) == set(expected)
