@@ -26,7 +26,9 @@ current stream, because CuPy's binding refuses to run during stream capture.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -281,35 +283,46 @@ def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
 _ARG_A, _ARG_BIAS, _ARG_OUT = 0, 8, 9
 
 
+_CTYPE_OF = {"int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32, "float32": ctypes.c_float}
+
+
 class FusedLaunch:
     """A fused 4-bit matmul launch prepared once for one weight, format and M.
 
-    The kernel, grid and every weight-side argument (as raw device pointers) are fixed;
-    a call passes only the activation, bias and output addresses and the stream, so the
-    per-call host cost is one kernel launch. The prepared arguments assume a 16-byte
+    The kernel, grid and every weight-side argument are fixed in a ctypes parameter block;
+    a call writes only the activation, bias and output addresses into it and launches on
+    the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
+    per-call host cost is that one driver call. The prepared arguments assume a 16-byte
     aligned, contiguous A of M x K values (check with :meth:`accepts`).
     """
 
-    __slots__ = ("_function", "_grid", "_block", "_args", "_keep")
+    __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
 
     def __init__(self, kernel: Any, grid: tuple, block: tuple, args: tuple, keep: tuple) -> None:
-        self._function = kernel.kernel  # the compiled Function of the current device
-        self._grid = tuple(grid) + (1,) * (3 - len(grid))
-        self._block = tuple(block) + (1,) * (3 - len(block))
-        self._args = [np.uint64(a.data.ptr) if hasattr(a, "data") and hasattr(a, "dtype") else a for a in args]
+        self._function = kernel.kernel.ptr  # the compiled CUfunction of the current device
+        self._dims = (*grid, *(1,) * (3 - len(grid)), *block, *(1,) * (3 - len(block)))
+        self._values = [
+            ctypes.c_uint64(a.data.ptr) if _xp.is_cupy_array(a) else _CTYPE_OF[np.asarray(a).dtype.name](a.item())
+            for a in args
+        ]
+        self._params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(v) for v in self._values))
+        self._lock = threading.Lock()  # the parameter block is shared by the threads using this weight
         self._keep = keep  # the arrays whose addresses the arguments hold stay alive
 
     @staticmethod
     def accepts(a_ptr: int) -> bool:
         return a_ptr % 16 == 0
 
-    def __call__(self, a_ptr: int, bias_ptr: int | None, out_ptr: int, stream: Any) -> None:
-        """Launch on ``stream`` (a CuPy stream of the prepared device) with raw pointers."""
-        args = self._args.copy()
-        args[_ARG_A] = np.uint64(a_ptr)
-        args[_ARG_OUT] = np.uint64(out_ptr)
-        args[_ARG_BIAS] = np.uint64(out_ptr if bias_ptr is None else bias_ptr)
-        self._function(self._grid, self._block, tuple(args), 0, stream)
+    def __call__(self, a_ptr: int, bias_ptr: int | None, out_ptr: int, stream_ptr: int) -> None:
+        """Launch on the CUDA stream ``stream_ptr`` of the prepared device, with raw pointers."""
+        values = self._values
+        with self._lock:
+            values[_ARG_A].value = a_ptr
+            values[_ARG_OUT].value = out_ptr
+            values[_ARG_BIAS].value = out_ptr if bias_ptr is None else bias_ptr
+            _xp.cupy().cuda.driver.launchKernel(
+                self._function, *self._dims, 0, stream_ptr, ctypes.addressof(self._params), 0
+            )
 
 
 def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bias: bool) -> FusedLaunch | None:

@@ -25,7 +25,7 @@ __all__ = [
     "float_format",
     "format_of_dtype",
     "current_cupy_device",
-    "current_cupy_stream",
+    "current_stream_ptr",
     "kernel_context",
     "storage",
     "to_tensor",
@@ -234,9 +234,9 @@ def current_cupy_device() -> int:
     return cupy().cuda.runtime.getDevice()
 
 
-def current_cupy_stream(index: int) -> Any:
-    """torch's current stream on GPU ``index`` as a CuPy stream (read at every call)."""
-    return _cupy_stream(_current_stream_ptr(index), index)
+def current_stream_ptr(index: int) -> int:
+    """torch's current stream on GPU ``index`` as a raw pointer (read at every call)."""
+    return _current_stream_ptr(index)
 
 
 def kernel_context(t: torch.Tensor) -> _CudaKernelContext | _NoKernelContext:

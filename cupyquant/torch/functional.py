@@ -27,7 +27,7 @@ from .. import codebooks as _codebooks
 from ..quant_state import QuantState as _ArrayQuantState
 from ._interop import (
     current_cupy_device,
-    current_cupy_stream,
+    current_stream_ptr,
     float_format,
     format_of_dtype,
     kernel_context,
@@ -658,7 +658,7 @@ def _matmul_4bit_prepared(
     if launch is None or not launch.accepts(A.data_ptr()):
         return None
     out = torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
-    launch(A.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), current_cupy_stream(index))
+    launch(A.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), current_stream_ptr(index))
     return out
 
 
