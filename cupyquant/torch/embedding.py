@@ -15,7 +15,7 @@ from . import functional as F
 from ._interop import FLOAT_DTYPES
 from .int8 import int8_vectorwise_quant
 from .optim import GlobalOptimManager
-from .parameters import Params4bit, load_weight_state, save_weight_state
+from .parameters import PackedWeightStateDict, Params4bit
 
 __all__ = ["Embedding", "Embedding4bit", "Embedding8bit", "EmbeddingFP4", "EmbeddingNF4", "StableEmbedding"]
 
@@ -105,7 +105,7 @@ class StableEmbedding(Embedding):
         return self.norm(emb.to(torch.get_default_dtype())).to(self.weight.dtype)
 
 
-class Embedding4bit(nn.Embedding):
+class Embedding4bit(PackedWeightStateDict, nn.Embedding):
     """An embedding table stored as 4-bit codes (bitsandbytes' ``Embedding4bit``).
 
     Quantized on the first move to a device, like :class:`Linear4bit` (absmax is not
@@ -187,32 +187,8 @@ class Embedding4bit(nn.Embedding):
         table = F.dequantize_4bit_as(self.weight, state, self.dtype)
         return nn.functional.embedding(input, table)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_weight_state(self, destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        load_weight_state(
-            self,
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-            (self.num_embeddings, self.embedding_dim),
-            super()._load_from_state_dict,
-        )
+    def float_weight_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
 
 
 class EmbeddingFP4(Embedding4bit):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import matmul_4bit
-from .parameters import Params4bit, load_weight_state, save_weight_state
+from .parameters import PackedWeightStateDict, Params4bit
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
 
@@ -37,7 +37,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
 
 
-class Linear4bit(nn.Linear):
+class Linear4bit(PackedWeightStateDict, nn.Linear):
     """``y = x @ dequantize(W)^T + b`` with W stored as NF4 / FP4 codes (bitsandbytes' ``Linear4bit``).
 
     The weight is a :class:`Params4bit`; it is quantized on the layer's first move to a
@@ -160,32 +160,8 @@ class Linear4bit(nn.Linear):
         out = matmul_4bit(x, weight, quant_state, bias=bias)
         return out if out.dtype == input_dtype else out.to(input_dtype)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_weight_state(self, destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        load_weight_state(
-            self,
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-            (self.out_features, self.in_features),
-            super()._load_from_state_dict,
-        )
+    def float_weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         w = self.weight

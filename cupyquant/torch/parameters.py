@@ -334,6 +334,35 @@ def load_weight_state(
     module.weight = loaded
 
 
+class PackedWeightStateDict:
+    """Mixin for a module whose ``weight`` is a :class:`Params4bit`: its state dict uses
+    bitsandbytes' layout (see :func:`save_weight_state` and :func:`load_weight_state`).
+    Put it before the torch module class in the bases; the module names the float
+    weight's shape in ``float_weight_shape``."""
+
+    def float_weight_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_weight_state(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        load_weight_state(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+            self.float_weight_shape(), super()._load_from_state_dict,
+        )  # fmt: skip
+
+
 def _load_quantized(data: Tensor, stats: dict[str, Any], device: torch.device, copy_tensors: bool) -> Params4bit:
     if copy_tensors:
         # a loaded module must not share memory with the caller's state dict
