@@ -6,9 +6,10 @@ replays of a CUDA graph of 20 calls (median of repeats), with layers rotated amo
 that together exceed ~400 MB so the 50 MB L2 does not hold the weights; eager times (100
 back-to-back calls) too. The cuBLAS backend is timed eagerly only (its GB/s and ratios use
 the eager time); the fp16 reference is always a graph replay.
-GB/s counts the weight, activation and output bytes of a call. Every M > 8 row is run
-with both int8 GEMM backends ("mma": this package's tensor-core kernel with the fused
-dequantization; "cublas": cuBLAS int32 GEMM + dequantization kernel). Activations carry
+GB/s counts the weight, activation and output bytes of a call. M > 8 rows are run with
+the int8 GEMM backends ("auto" up to M = 64: the medium-M kernel that streams the weights
+once; "mma": this package's tensor-core kernel with the fused dequantization; "cublas":
+cuBLAS int32 GEMM + dequantization kernel, for M > 16). Activations carry
 six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
 
     PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10]
@@ -33,7 +34,7 @@ from cupyquant.torch import int8 as T
 ROTATION_BYTES = 400e6
 GRAPH_CALLS = 20
 SHAPES = [(4096, 4096), (28672, 8192)]  # (N, K): output x input features
-ROWS = [1, 16, 64, 512, 4096]
+ROWS = [1, 16, 32, 64, 512, 4096]
 OUTLIER_COLUMNS = 6
 
 
@@ -117,6 +118,15 @@ def _gbps(nbytes: float, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 
 
+def _backends(m: int) -> list[str]:
+    """Backends timed at M rows: the gemv alone up to 8 ("mma" names it there); "auto" (the
+    medium-M kernel) next to the tensor-core GEMM up to 64; cuBLAS where it accepts M (> 16)."""
+    if m <= 8:
+        return ["mma"]
+    names = ["auto", "mma"] if m <= 64 else ["mma"]
+    return names + (["cublas"] if m > 16 and m != 32 else [])
+
+
 def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> None:
     print("\nLinear8bitLt forward (fp16 activations, no bias), us a call")
     header = (
@@ -132,14 +142,14 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -
             x = _activations(m, k)
             with torch.no_grad():
                 fp16_us = _time_graph(fp16, x, repeats)
-                backends = ["mma"] if m <= 8 else ["mma", "cublas"]
+                backends = _backends(m)
                 for backend in backends:
                     cq8.set_int8_gemm_backend(backend)
                     base = None
                     for t in (0.0, 6.0):
                         eager = _time_eager(int8[t], x, max(3, repeats // 3))
                         # cuBLAS may allocate workspace on first use in a graph; time it eagerly
-                        graph = _time_graph(int8[t], x, repeats) if backend == "mma" else None
+                        graph = _time_graph(int8[t], x, repeats) if backend != "cublas" else None
                         us = graph if graph is not None else eager
                         base = us if t == 0.0 else base
                         nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n

@@ -26,6 +26,14 @@ _MAX_GRID_Y = 65535
 GEMV_MAX_M = 8
 _GEMV_TILES = (1, 2, 4, 8)
 _GEMV_CTAS_PER_SM = 8  # 256-thread CTAs: 8 fill an SM's 2048 threads
+# The medium-M path (int8_linear_mmv: row quantization, then the weights streamed once
+# through tensor cores with the activations as the narrow operand) handles M up to this
+# under the "auto" backend; MT is the smallest of _MMV_TILES that holds M. H100, 4096 x
+# 4096 at M = 16 / 64: 14.5 / 18.6 us against 41.1 / 41.9 for the fused GEMM
+# (benchmarks/NOTES_int8.md).
+MMV_MAX_M = 64
+_MMV_TILES = (16, 32, 64)
+_MMV_ROWS = 32  # kMmvRows in int8.cu: weight rows per CTA
 _GEMM_SMEM = 4 * (128 + 128) * 64  # kStages * kStageBytes
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 
@@ -114,6 +122,7 @@ def _expressions() -> list[str]:
         s = _FMT_STRUCT[fmt]
         exprs += [f"int8_outlier_flags<{s}, {_bool(v)}>" for v in (False, True)]
         exprs += [f"int8_row_quant<{s}, {_bool(sp)}, {_bool(v)}>" for sp in (False, True) for v in (False, True)]
+        exprs += [f"int8_row_quant_wide<{s}, {_bool(d)}, {_bool(v)}>" for d in (False, True) for v in (False, True)]
         exprs += [f"int8_col_absmax<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
         for bs, hb in _bias_variants(fmt):
@@ -121,6 +130,7 @@ def _expressions() -> list[str]:
                 exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}, {_bool(sp)}>")
                 exprs.append(f"int8_gemm<{s}, 1, {bs}, {_bool(hb)}, {_bool(sp)}>")
                 exprs += [f"int8_linear_gemv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _GEMV_TILES]
+                exprs += [f"int8_linear_mmv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _MMV_TILES]
     return exprs
 
 
@@ -316,6 +326,49 @@ def _gemv_smem(mt: int, K: int) -> int:
     return mt * K + 4 * words + 4 * -(-words // 32)
 
 
+_MMV_STATIC_SMEM = 33024  # int8_linear_mmv<..., 64>'s static shared memory (ptxas)
+
+
+def _mmv_smem(K: int) -> int:
+    """int8_linear_mmv's dynamic shared memory with outliers: bitmap and summary words."""
+    words = -(-K // 32)
+    return 4 * (words + -(-words // 32))
+
+
+def _mmv_tile(M: int, K: int) -> int | None:
+    """The medium-M kernel's MT for M rows, or None when it does not apply (only the
+    "auto" backend takes it, so "mma" and "cublas" still reach their GEMMs at these M)."""
+    if _backend["gemm"] != "auto" or not GEMV_MAX_M < M <= MMV_MAX_M or K % 16:
+        return None
+    if _MMV_STATIC_SMEM + _mmv_smem(K) > _limits()[1]:
+        return None
+    return next(t for t in _MMV_TILES if t >= M)
+
+
+def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bfmt: str,
+                has_bias: bool, threshold: float, out: Any, mt: int) -> None:  # fmt: skip
+    """The medium-M forward: int8_row_quant_wide (finding the outlier columns in the same
+    pass), then int8_linear_mmv (masking them out of the int8 product, adding them in fmt)."""
+    cp = cupy()
+    sparse = threshold > 0
+    ca = cp.empty(M * K, dtype=cp.int8)  # fresh: 256-byte aligned, rows 16-byte aligned (K % 16 == 0)
+    sca = cp.empty(M, dtype=cp.float32)
+    flags = cp.zeros(K, dtype=cp.uint8) if sparse else ca
+    vec = a_bits.data.ptr % 16 == 0
+    s = _FMT_STRUCT[fmt]
+    _kernel(f"int8_row_quant_wide<{s}, {_bool(sparse)}, {_bool(vec)}>")(
+        (M,), (256,), (a_bits, np.float32(threshold), flags, ca, sca, np.int32(K))
+    )
+    smem = _mmv_smem(K) if sparse else 0
+    expr = f"int8_linear_mmv<{s}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
+    _kernel(expr, smem)(
+        (_blocks(N, _MMV_ROWS),), (256,),
+        (ca, sca, _aligned(cb, 16), scb, bias if has_bias else scb, a_bits, flags, np.int32(M), np.int32(N),
+         np.int32(K), out),
+        shared_mem=smem,
+    )  # fmt: skip
+
+
 def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bias_fmt: str | None,
            threshold: float, out: Any) -> None:  # fmt: skip
     """LLM.int8 forward into ``out`` (fmt[M*N]): A (fmt[M*K]) @ W^T with W = (CB int8[N*K], SCB
@@ -344,6 +397,11 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
              out),
             shared_mem=smem,
         )  # fmt: skip
+        return
+
+    mmt = _mmv_tile(M, K)
+    if mmt is not None:
+        _linear_mmv(a_bits, fmt, M, K, cb, scb, N, bias, bfmt, has_bias, threshold, out, mmt)
         return
 
     ca = cp.empty(M * K, dtype=cp.int8)

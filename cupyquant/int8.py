@@ -138,8 +138,10 @@ def _gpu():
 def set_int8_gemm_backend(name: str) -> None:
     """Choose the int8 GEMM used for more than 8 activation rows on the GPU.
 
-    ``"auto"`` (default): cuBLAS from 512 rows (where it measured faster), the fused
-    kernel below that and while a CUDA graph is being captured. ``"mma"``: this
+    ``"auto"`` (default): up to 64 rows a kernel that reads the int8 weight once (rows
+    quantized by a separate pass, weight rows through the tensor cores); cuBLAS from 512
+    rows (where it measured faster); the fused kernel otherwise and while a CUDA graph is
+    being captured. ``"mma"``: this
     package's tensor-core kernel with the dequantization fused into its epilogue.
     ``"cublas"``: cuBLAS' int8 GEMM to int32, then a dequantization kernel (used where
     its shape rules allow: M > 16, K % 16 == 0, N % 8 == 0). All give identical results.

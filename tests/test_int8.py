@@ -567,6 +567,107 @@ def test_gpu_int8_linear(cp, backend, fmt, threshold, bias_fmt, M, N, K):
     np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
+MMV_SHAPES = [
+    (9, 130, 512),  # MT = 16; N not a multiple of the CTA's 32 weight rows
+    (16, 8, 1040),  # fewer weight rows than one 16-row group; K % 64 == 16, K % 32 == 16
+    (32, 96, 2064),  # MT = 32
+    (33, 257, 4096),  # MT = 64 with 31 rows of padding
+    (64, 200, 768),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+@pytest.mark.parametrize("bias_fmt", [None, "same", "float32"])
+@pytest.mark.parametrize("M,N,K", MMV_SHAPES, ids=str)
+def test_gpu_int8_linear_medium_m(cp, fmt, threshold, bias_fmt, M, N, K):
+    """The "auto" backend's medium-M path (int8_row_quant_wide + int8_linear_mmv)."""
+    from cupyquant import _gpu_int8
+
+    assert _gpu_int8._mmv_tile(M, K) is not None
+    rng = np.random.default_rng(M * 7 + N + K)
+    a = with_outliers(rng, M, K, fmt).reshape(-1)
+    w = rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K)
+    cb, scb, _ = ref8.quantize_rows(w)
+    bfmt = {None: None, "same": fmt, "float32": "float32"}[bias_fmt]
+    bias = None if bfmt is None else random_bits(rng, (N,), bfmt, 0.1)
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, bfmt, threshold)
+    got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                              None if bias is None else cp.asarray(bias), bfmt, threshold)  # fmt: skip
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [0, 9, 40])
+def test_gpu_int8_linear_medium_m_outlier_counts_and_misaligned_a(cp, cols):
+    """Outlier columns: none planted, more than one epilogue batch, every column (a row of
+    outliers only); A starting one element into its buffer (the row quantization's scalar loads)."""
+    rng = np.random.default_rng(cols)
+    M, N, K = 24, 70, 1024
+    a = with_outliers(rng, M, K, "float16", cols=cols)
+    if cols == 40:
+        a[3, :] = ref.from_float32(np.full(K, 20.0, np.float32), "float16")  # a row of outliers only
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    for threshold in (0.0, 3.0):
+        want = I8.int8_linear_bits(a.reshape(-1), "float16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
+        got = I8.int8_linear_bits(_to_gpu(cp, a.reshape(-1), True), "float16", M, K, cp.asarray(cb.reshape(-1)),
+                                  cp.asarray(scb), N, None, None, threshold)  # fmt: skip
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_linear_many_outlier_columns(cp, backend):
+    """More outlier columns than int8_mm_dequant keeps in registers (8), on both GEMMs."""
+    rng = np.random.default_rng(12)
+    M, N, K = 40, 136, 1024
+    a = with_outliers(rng, M, K, "bfloat16", cols=12).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    want = I8.int8_linear_bits(a, "bfloat16", M, K, cb.reshape(-1), scb, N, None, None, 3.0)
+    got = I8.int8_linear_bits(cp.asarray(a), "bfloat16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
+                              None, 3.0)  # fmt: skip
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+def test_gpu_medium_m_path_is_auto_only(cp):
+    from cupyquant import _gpu_int8
+
+    assert _gpu_int8._mmv_tile(8, 4096) is None  # the gemv's
+    assert _gpu_int8._mmv_tile(9, 4096) == 16
+    assert _gpu_int8._mmv_tile(64, 4096) == 64
+    assert _gpu_int8._mmv_tile(65, 4096) is None
+    assert _gpu_int8._mmv_tile(16, 40) is None  # K % 16 != 0: the padded GEMM
+    I8.set_int8_gemm_backend("mma")
+    try:
+        assert _gpu_int8._mmv_tile(16, 4096) is None
+    finally:
+        I8.set_int8_gemm_backend("auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+@pytest.mark.parametrize("M", [16, 48])
+def test_gpu_int8_linear_medium_m_captures_in_a_cuda_graph(cp, threshold, M):
+    rng = np.random.default_rng(10 + M)
+    K, N = 2048, 256
+    a = cp.asarray(with_outliers(rng, M, K, "float16"))
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    cb, scb = cp.asarray(cb), cp.asarray(scb)
+    out = cp.empty((M, N), cp.float16)
+    I8.int8_linear(a, cb, scb, threshold=threshold, out=out)  # compile outside the capture
+    want = cp.asnumpy(out).copy()
+    out[...] = 0
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        I8.int8_linear(a, cb, scb, threshold=threshold, out=out)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(out), want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
 def test_gpu_int8_linear_captures_in_a_cuda_graph(cp, threshold):

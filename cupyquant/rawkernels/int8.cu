@@ -29,6 +29,9 @@
 //                        pipeline, int32 or dequantized epilogue (+ outlier columns)
 //   int8_linear_gemv     M <= MT rows: each CTA quantizes A into shared memory itself, each
 //                        warp streams whole weight rows once with 16-byte loads and dp4a
+//   int8_row_quant_wide  CTA = one row (few rows); finds outlier columns in the same pass
+//   int8_linear_mmv      9 <= M <= 64: weight rows as mma's 16-row operand, activation codes
+//                        as its n8 operand, each weight byte read once; dequant epilogue
 #include "common.cuh"
 
 typedef signed char i8;
@@ -785,5 +788,300 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
         out[(i64)m * N + n] = Fmt::from_float(o);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Medium-M linear (9 <= M <= 64): row quantization a CTA a row, then the weights streamed
+// once through tensor cores
+// ---------------------------------------------------------------------------------------
+
+// int8_row_quant_wide<Fmt, DETECT, VEC>
+//   A          Fmt::storage[rows * K]
+//   threshold  DETECT: values with |a| >= threshold stay out of the row absmax and set
+//              flags[k] = 1 (u8[K], zeroed by the caller; racing writers all write 1)
+//   CA         i8[rows * K] codes; DETECT leaves the outlier columns' codes as computed
+//              (not zeroed): int8_linear_mmv masks flagged columns itself, so quantizing a
+//              row never waits for the other rows' outlier search
+//   SCA        float32[rows] row absmax
+// block 256 = one row, grid = rows: the medium-M path has too few rows for a warp a row
+// (int8_row_quant) to fill the GPU. Thread t handles the 8-element chunks 8t, 8t + 2048, ...;
+// pass 2 re-reads them (L1 hits). VEC: K % 8 == 0, A 16-byte and CA 8-byte aligned.
+template <class Fmt, bool DETECT, bool VEC>
+__global__ void __launch_bounds__(256)
+int8_row_quant_wide(const typename Fmt::storage* __restrict__ A, float threshold, u8* __restrict__ flags,
+                    i8* __restrict__ CA, float* __restrict__ SCA, int K) {
+  __shared__ float red[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const typename Fmt::storage* a = A + (i64)blockIdx.x * K;
+  float m = 0.0f;
+  for (int k = threadIdx.x * 8; k < K; k += 2048) {
+    float v[8];
+    load_row8<Fmt, VEC>(a, k, K, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float x = fabsf(v[i]);
+      if constexpr (DETECT) {
+        if (x >= threshold) {  // padding 0 never counts (threshold > 0)
+          flags[k + i] = 1;
+          x = 0.0f;
+        }
+      }
+      m = fmaxf(m, x);  // fmaxf drops NaN
+    }
+  }
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < 8; ++w) m = fmaxf(m, red[w]);  // max is exact in any order
+  const float scale = int8_scale(m);
+  i8* q = CA + (i64)blockIdx.x * K;
+  for (int k = threadIdx.x * 8; k < K; k += 2048) {
+    float v[8];
+    load_row8<Fmt, VEC>(a, k, K, v);
+    int c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = quantize_int8(v[i], scale);
+    if (VEC && k + 8 <= K) {
+      *reinterpret_cast<uint2*>(q + k) = make_uint2(pack4(c[0], c[1], c[2], c[3]), pack4(c[4], c[5], c[6], c[7]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (k + i < K) q[k + i] = (i8)c[i];
+    }
+  }
+  if (threadIdx.x == 0) SCA[blockIdx.x] = m;
+}
+
+// The GEMM's 128-row M tile wastes most of its work below 64 rows, and the gemv's dp4a
+// path re-reads every activation code from shared memory once per 16 weight bytes. Here
+// the product is computed transposed: the weight is mma's A operand (16 weight rows) and
+// the activation codes are its B operand (n8 = 8 activation rows), so one mma.m16n8k32
+// consumes 512 weight bytes and MT / 8 mmas cover all activation rows.
+//
+// K order inside a 64-byte span: the dot product does not depend on the order of k, so
+// lane (g, t) (g = lane / 4, t = lane % 4) loads the 16 bytes [k0 + 16t, k0 + 16t + 16) of
+// weight rows g and g + 8 and of activation row g, and feeds words (x, y) to the first
+// mma and (z, w) to the second: a0 = W[g].x, a1 = W[g+8].x, a2 = W[g].y, a3 = W[g+8].y,
+// b0 = X[g].x, b1 = X[g].y. Logical k of both operands depends only on t, so each logical
+// k names the same actual column in A and B, and every 16-byte load is one whole chunk.
+// Accumulator c0, c1: weight row g, activation rows 2t, 2t + 1; c2, c3: weight row g + 8.
+
+constexpr int kMmvRowGroups = 2;  // 16-row weight groups per CTA
+constexpr int kMmvKParts = 4;     // K split among the warps of a CTA (reduced in shared memory)
+constexpr int kMmvUnroll = 4;     // 64-byte spans whose weight loads a warp keeps in flight
+constexpr int kMmvRows = 16 * kMmvRowGroups;
+
+// 32 flags (u8, 0 or 1) from 16-byte aligned `f` as a bitmap word, bit i = column i; the
+// second half is past K when `two` is false (K % 16 == 0 keeps halves whole).
+__device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
+  const uint4 lo = *reinterpret_cast<const uint4*>(f);
+  const uint4 hi = two ? *reinterpret_cast<const uint4*>(f + 16) : make_uint4(0u, 0u, 0u, 0u);
+  const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  u32 bits = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) bits |= ((w[i] >> (8 * b)) & 1u) << (4 * i + b);
+  return bits;
+}
+
+// int8_linear_mmv<Fmt, BiasFmt, HAS_BIAS, SPARSE, MT>
+//   CA         i8[M * K] row codes of A, SCA float32[M] their row absmax (int8_row_quant_wide)
+//   CB         i8[N * K], SCB float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
+//   A, flags   SPARSE: activations Fmt::storage[M * K] and outlier columns u8[K] (0 / 1,
+//              16-byte aligned). Flagged columns are masked out of the int8 product (in the
+//              weight words: a byte of 0 / 1 times 0xff is its mask, no carries) and added
+//              in Fmt as int8_mm_dequant does, in ascending column order
+//   out        Fmt::storage[M * N]
+//   M <= MT (16, 32 or 64); K % 16 == 0; CA and CB 16-byte aligned.
+// dynamic smem (SPARSE): bitmap u32[ceil(K / 32)] | summary u32[ceil(K / 1024)] (as the gemv's)
+// block 256 = 8 warps; warp w: weight rows n0 + 16 (w % 2) + [0, 16), K spans
+// w / 2, w / 2 + 4, ...; grid ceil(N / 32). The four K parts are summed in shared memory
+// (int32, exact), then all 256 threads run the epilogue: thread = one weight row (tid % 32)
+// x activation rows tid / 32, tid / 32 + 8, ... (stores of 32 consecutive n).
+template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
+__global__ void __launch_bounds__(256, 2)
+int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const i8* __restrict__ CB,
+                const float* __restrict__ SCB, const typename BiasFmt::storage* __restrict__ bias,
+                const typename Fmt::storage* __restrict__ A, const u8* __restrict__ flags, int M, int N, int K,
+                typename Fmt::storage* __restrict__ out) {
+  constexpr int kTiles = MT / 8;
+  __shared__ int part[kMmvKParts - 1][kMmvRowGroups][kTiles * 4][32];
+  __shared__ int total[MT][kMmvRows + 1];  // +1: the transposed writes below spread over banks
+  extern __shared__ __align__(16) u32 mmv_smem[];
+  u32* bitmap = mmv_smem;
+  const int words = (K + 31) >> 5;
+  u32* summary = bitmap + words;
+  const int summaries = (words + 31) >> 5;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rg = warp % kMmvRowGroups, kp = warp / kMmvRowGroups;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kMmvRows;
+  const int ra = n0 + rg * 16 + g, rb = ra + 8;
+  const i8* wrow_a = CB + (i64)(ra < N ? ra : 0) * K;
+  const i8* wrow_b = CB + (i64)(rb < N ? rb : 0) * K;
+
+  int acc[kTiles][4];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[j][r] = 0;
+
+  const int spans = (K + 63) >> 6;
+  for (int s0 = kp; s0 < spans; s0 += kMmvKParts * kMmvUnroll) {
+    uint4 wa[kMmvUnroll], wb[kMmvUnroll];
+#pragma unroll
+    for (int u = 0; u < kMmvUnroll; ++u) {
+      const int k = (s0 + u * kMmvKParts) * 64 + t * 16;
+      const bool in = k < K;  // K % 16 == 0: a chunk is wholly inside or past the row
+      wa[u] = make_uint4(0u, 0u, 0u, 0u);
+      wb[u] = wa[u];
+      if (in && ra < N)
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(wa[u].x), "=r"(wa[u].y), "=r"(wa[u].z), "=r"(wa[u].w)
+            : "l"(wrow_a + k));
+      if (in && rb < N)
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(wb[u].x), "=r"(wb[u].y), "=r"(wb[u].z), "=r"(wb[u].w)
+            : "l"(wrow_b + k));
+      if constexpr (SPARSE) {
+        if (in) {
+          const uint4 f = *reinterpret_cast<const uint4*>(flags + k);
+          const uint4 keep = make_uint4(~(f.x * 0xffu), ~(f.y * 0xffu), ~(f.z * 0xffu), ~(f.w * 0xffu));
+          wa[u] = make_uint4(wa[u].x & keep.x, wa[u].y & keep.y, wa[u].z & keep.z, wa[u].w & keep.w);
+          wb[u] = make_uint4(wb[u].x & keep.x, wb[u].y & keep.y, wb[u].z & keep.z, wb[u].w & keep.w);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmvUnroll; ++u) {
+      if (s0 + u * kMmvKParts < spans) {  // warp-uniform: mma needs the whole warp
+        const int k = (s0 + u * kMmvKParts) * 64 + t * 16;
+        const u32 a_lo[4] = {wa[u].x, wb[u].x, wa[u].y, wb[u].y};
+        const u32 a_hi[4] = {wa[u].z, wb[u].z, wa[u].w, wb[u].w};
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+          const int m = j * 8 + g;
+          uint4 x = make_uint4(0u, 0u, 0u, 0u);
+          if (m < M && k < K) x = *reinterpret_cast<const uint4*>(CA + (i64)m * K + k);  // L1: shared by row groups
+          mma_s8(acc[j], a_lo, x.x, x.y);
+          mma_s8(acc[j], a_hi, x.z, x.w);
+        }
+      }
+    }
+  }
+
+  // ---- sum the K parts: parts 1..3 park their accumulators, part 0 adds them (exact).
+  // SPARSE: the outlier bitmap is built meanwhile.
+  if (kp > 0) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) part[kp - 1][rg][j * 4 + r][lane] = acc[j][r];
+  }
+  if constexpr (SPARSE) {
+    for (int wi = threadIdx.x; wi < words; wi += 256) bitmap[wi] = flag_word(flags + wi * 32, wi * 32 + 16 < K);
+  }
+  __syncthreads();
+  if (kp == 0) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        int v = acc[j][r];
+#pragma unroll
+        for (int p = 0; p < kMmvKParts - 1; ++p) v += part[p][rg][j * 4 + r][lane];
+        const int m = j * 8 + 2 * t + (r & 1);
+        const int nl = rg * 16 + g + (r >> 1) * 8;
+        total[m][nl] = v;
+      }
+  }
+  int any = 0;
+  if constexpr (SPARSE) {
+    for (int sw = threadIdx.x; sw < summaries; sw += 256) {
+      u32 bits = 0;
+      for (int b = 0; b < 32 && sw * 32 + b < words; ++b) bits |= (bitmap[sw * 32 + b] != 0 ? 1u : 0u) << b;
+      summary[sw] = bits;
+      any |= bits != 0;
+    }
+  }
+  any = __syncthreads_or(any);  // also publishes total and summary
+
+  // ---- epilogue: thread = weight row n (tid % 32) x activation rows tid / 32 + 8i
+  const int nl = threadIdx.x & 31;
+  const int n = n0 + nl;
+  if (n >= N) return;
+  const int m0 = threadIdx.x >> 5;
+  const float scb = SCB[n];
+  constexpr int kPer = MT / 8;
+  float o[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int m = m0 + 8 * i;
+    o[i] = m < M ? Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(total[m][nl], SCA[m], scb, bias, n)))
+                 : 0.0f;
+  }
+  if (SPARSE && any) {
+    float s[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) s[i] = 0.0f;
+    // Columns in ascending order, kOutlierBatch at a time so their loads overlap (fewer
+    // for MT = 64, whose kPer values a column would otherwise spill registers).
+    constexpr int kOutlierBatch = kPer <= 4 ? 8 : 4;
+    int cols[kOutlierBatch];
+    int nc = 0;
+    int sw = 0, wi = -1;
+    u32 sbits = 0, word = 0;
+    while (true) {
+      // next outlier column, or -1 when there is none (uniform across the CTA)
+      while (word == 0) {
+        while (sbits == 0 && sw < summaries) sbits = summary[sw++];
+        if (sbits == 0) break;
+        wi = (sw - 1) * 32 + __ffs((int)sbits) - 1;
+        sbits &= sbits - 1;
+        word = bitmap[wi];
+      }
+      const bool done = word == 0;
+      if (!done) {
+        const int c = wi * 32 + __ffs((int)word) - 1;
+#pragma unroll
+        for (int q = 0; q < kOutlierBatch; ++q)  // constant indices keep cols in registers
+          if (q == nc) cols[q] = c;
+        ++nc;
+        word &= word - 1;
+      }
+      if (nc == kOutlierBatch || (done && nc > 0)) {
+        float w[kOutlierBatch], av[kOutlierBatch][kPer];
+#pragma unroll
+        for (int q = 0; q < kOutlierBatch; ++q) {
+          if (q < nc) {
+            w[q] = outlier_weight<Fmt>(CB[(i64)n * K + cols[q]], scb);
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+              const int m = m0 + 8 * i;
+              av[q][i] = m < M ? Fmt::to_float(A[(i64)m * K + cols[q]]) : 0.0f;
+            }
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kOutlierBatch; ++q)
+          if (q < nc) {
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) s[i] = __fadd_rn(s[i], __fmul_rn(av[q][i], w[q]));
+          }
+        nc = 0;
+      }
+      if (done) break;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) o[i] = __fadd_rn(o[i], s[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int m = m0 + 8 * i;
+    if (m < M) out[(i64)m * N + n] = Fmt::from_float(o[i]);
   }
 }

@@ -501,7 +501,7 @@ def test_gpu_fixture_and_cpu_parity(threshold):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64, 300])  # 16 / 33 / 64: the medium-M path
 def test_gpu_layer_matches_cpu(dtype, threshold, rows):
     if not _cuda_available():
         pytest.skip("torch has no CUDA here")
@@ -517,12 +517,14 @@ def test_gpu_layer_matches_cpu(dtype, threshold, rows):
 
 
 @pytest.mark.gpu
-def test_gpu_layer_in_a_cuda_graph():
+@pytest.mark.parametrize("rows", [1, 16])  # the gemv and the medium-M path
+def test_gpu_layer_in_a_cuda_graph(rows):
     if not _cuda_available():
         pytest.skip("torch has no CUDA here")
     torch.manual_seed(7)
     layer = T.Linear8bitLt(4096, 1024, has_fp16_weights=False, threshold=6.0).half().cuda()
-    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+    x = torch.randn(rows, 4096, dtype=torch.float16, device="cuda")
+    x[:, 5] *= 10
     want = layer(x)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
