@@ -172,6 +172,8 @@ def moved_bytes(w: Weights, M: int, act_bytes: int = 2) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="table only, no sweeps")
+    parser.add_argument("--tile", action="store_true", help="first the gemm_4bit_tile sweep (sets fused_max_m)")
+    parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
     args = parser.parse_args()
@@ -180,6 +182,22 @@ def main() -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth"] = bw
     print(f"GPU: {results['gpu']}   device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    if args.tile:
+        tile_sweep(results, stream, lambda: save(args.json, results))
+    if not args.no_table:
+        table(results, bw, stream)
+    save(args.json, results)
+    if not args.quick:
+        sweep(results, stream, lambda: save(args.json, results))
+        eager(results)
+    save(args.json, results)
+    if args.sass:
+        dump_sass(Path(args.sass))
+    return 0
+
+
+def table(results: dict, bw: float, stream) -> None:
+    """PERFORMANCE.md's table: our default dispatch against torch fp16, with the bandwidth floor."""
     print("4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
     header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
               f"{'x floor':>7} {'target':>7}  path")  # fmt: skip
@@ -201,14 +219,6 @@ def main() -> int:
                   f"{floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
         del t_copies, w
         cp.get_default_memory_pool().free_all_blocks()
-    save(args.json, results)
-    if not args.quick:
-        sweep(results, stream, lambda: save(args.json, results))
-        eager(results)
-    save(args.json, results)
-    if args.sass:
-        dump_sass(Path(args.sass))
-    return 0
 
 
 def save(path: str | None, results: dict) -> None:
@@ -253,6 +263,37 @@ def sweep(results: dict, stream, checkpoint) -> None:
         checkpoint()
 
 
+TILE_SWEEP_M = (17, 32, 64, 96, 128, 192, 256, 512)
+TILE_SWEEP_SHAPES = ((28672, 8192), (8192, 28672), (4096, 4096), (11008, 4096))
+
+
+def tile_sweep(results: dict, stream, checkpoint) -> None:
+    """gemm_4bit_tile in each instantiated (token tiles, row tiles) configuration against the
+    default dispatch, dequantize + cuBLAS and torch fp16, fp16 activations."""
+    paths = [f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS]
+    print("\ngemm_4bit_tile configurations vs dequantize + cuBLAS and torch fp16 (us per call), NF4 bs64 nested")
+    print(f"{'N x K':>13} {'M':>5} " + " ".join(f"{p[5:]:>7}" for p in paths) + f" {'mma':>7} {'wide':>7} "
+          f"{'dequant':>7} {'fp16':>7}")  # fmt: skip
+    results.setdefault("tile_sweep", [])
+    for N, K in TILE_SWEEP_SHAPES:
+        w = Weights(N, K)
+        t_copies = w.torch_copies()
+        for M in TILE_SWEEP_M:
+            row = dict(N=N, K=K, M=M)
+            for p in paths:
+                row[p] = measure(ours_calls(w, M, "float16", p), stream)
+            row["mma"] = measure(ours_calls(w, M, "float16", "mma"), stream)
+            row["wide"] = measure(ours_calls(w, M, "float16", "mma-wide"), stream) if M <= 64 else float("nan")
+            row["dequant"] = measure(ours_calls(w, M, "float16", "dequant"), stream)
+            row["fp16"] = time_torch(torch_calls(t_copies, M, K))
+            results["tile_sweep"].append(row)
+            print(f"{N:>6}x{K:<6} {M:>5} " + " ".join(f"{row[p]:7.1f}" for p in paths) +
+                  f" {row['mma']:7.1f} {row['wide']:7.1f} {row['dequant']:7.1f} {row['fp16']:7.1f}")  # fmt: skip
+        del t_copies, w
+        cp.get_default_memory_pool().free_all_blocks()
+        checkpoint()
+
+
 def eager(results: dict) -> None:
     w = Weights(4096, 4096)
     packed, qs = w.copies[0]
@@ -272,7 +313,7 @@ def eager(results: dict) -> None:
 
 SASS_INSTANCES = {
     "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1>", "gemm_4bit_small<MmaBFloat16, true, 2, 2>",
-                     "gemm_4bit_mma<MmaHalf, true, 8>"),
+                     "gemm_4bit_mma<MmaHalf, true, 8>", "gemm_4bit_tile<MmaHalf, true, 8, 2>"),
     "gemv_4bit.cu": ("gemv_4bit<Float16, true, 1, 4, true>", "gemv_4bit<Float32, true, 4, 2, true>"),
 }  # fmt: skip
 

@@ -9,10 +9,12 @@ multiply in float32, add the bias in float32, round once to A's format.
 CuPy arrays take one of three paths, picked per call from M (the number of rows of A)
 without any host synchronisation, so every path can be captured in a CUDA graph:
 
-* fused tensor-core kernel (``rawkernels/gemm_4bit.cu``): fp16 / bf16 activations,
+* fused tensor-core kernels (``rawkernels/gemm_4bit.cu``): fp16 / bf16 activations,
   K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
   dequantized in registers to A's format (``code[q]`` and the block's scale each rounded to
-  it, then multiplied there), products are accumulated in float32.
+  it, then multiplied there), products are accumulated in float32. Up to 16 tokens
+  ``gemm_4bit_small``; above, ``gemm_4bit_tile`` (activations staged in shared memory and
+  shared by a CTA's 64-128 weight rows) for wide weights, ``gemm_4bit_mma`` for narrow ones.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32.
@@ -40,25 +42,38 @@ from .quant_state import QuantState
 
 __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepare_fused", "FusedLaunch"]
 
-# Largest M at which the fused kernels beat dequantize + cuBLAS, from the sweep in
-# benchmarks/NOTES_matmul_4bit.md (NF4 bs64 nested; shapes 4096x4096, 11008x4096, 28672x8192,
-# 8192x28672; measured on an NVIDIA H200, the card the second measuring run was given):
-# * "tc" (fp16 / bf16, K % 32 == 0, tensor-core kernels): fused wins at M = 32 on every shape
-#   (17.0 vs 23.3 us at 4096x4096, 213 vs 271 us at 8192x28672; a tie, 279 vs 270 us, at
-#   28672x8192) and loses at M = 64 on every shape (27.0 vs 21.7 us at 4096x4096).
-# * "gemv" with float32 activations (CUDA-core kernel): wins at M = 4 (63 vs 67 us at
+# Largest M at which the fused kernels beat dequantize + cuBLAS, from the sweeps in
+# benchmarks/NOTES_matmul_4bit.md (NF4 bs64 nested, fp16; shapes 4096x4096, 11008x4096,
+# 28672x8192, 8192x28672). us: fused vs dequantize + cuBLAS, graph replay.
+# * "tc-tile" (fp16 / bf16, K % 32 == 0, N >= _TILE_MIN_N; gemm_4bit_small up to 16 tokens,
+#   gemm_4bit_tile above; H100, run 4): wins at M = 192 on 28672x8192 (350 vs 387) and
+#   11008x4096 (63 vs 81), ties on 8192x28672 (392 vs 394); loses at M = 256 on all three
+#   (444 vs 402, 103 vs 82, 385 vs 391 is a tie).
+# * "tc" (the same formats, N < _TILE_MIN_N; gemm_4bit_mma above 16 tokens): wins at M = 32
+#   (17.4 vs 25.5 at 4096x4096, H100 run 4; 17.0 vs 23.3 on the H200), loses at M = 64
+#   (27.0 vs 25.8).
+# * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
-# * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays): wins at M = 1 (9.2 vs 22.8 us at
-#   4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0; the general
-#   path for odd K is slower still).
-_FUSED_MAX_M = {"tc": 32, "gemv-float32": 4, "gemv-16bit": 1}
+# * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
+#   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
+#   the general path for odd K is slower still).
+_FUSED_MAX_M = {"tc": 32, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+# Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
+# weight rows a CTA, no split-K); narrower ones on gemm_4bit_mma, whose split-K fills the SMs.
+# H100, run 4: 8192 rows (128 CTAs) win (8192x28672 at 32 tokens: 143 vs 207 us); 4096 rows
+# (64 CTAs) lose to gemm_4bit_mma at 32 tokens (24.6 vs 17.5 us with the best tile shape).
+_TILE_MIN_N = 8192
 
 # Tensor-core kernel geometry (gemm_4bit.cu): 4 warps a CTA, 16-row tiles, 128-element
-# segments, 4 segments' weights in flight a warp.
+# segments, 4 segments' weights in flight a warp (gemm_4bit_small / gemm_4bit_mma).
 _MMA_WARPS = 4
 _MMA_SEGMENT = 128
 _MMA_IN_FLIGHT = 4
 _MMA_TOKEN_TILES = (1, 2, 4, 8)  # n8 token tiles a CTA: up to 8, 16, 32, 64 tokens
+# gemm_4bit_tile: activation stages in shared memory (kTileStages), and the (token tiles a
+# CTA, row tiles a warp) instantiated.
+_TILE_STAGES = 4
+_TILE_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2))
 # CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA.
 _GEMV_WARPS = 4
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
@@ -79,16 +94,18 @@ _MMA_STRUCT = {"float16": "MmaHalf", "bfloat16": "MmaBFloat16"}
 def fused_max_m(fmt: str, N: int, K: int) -> int:
     """The largest M for which the fused kernels beat dequantize + cuBLAS.
 
-    Measured on an H200 (benchmarks/NOTES_matmul_4bit.md; the kernels are bound by
-    instruction issue, not by memory, so an H100 should switch at about the same M); the
-    torch adapter uses it to route its CUDA matmuls. ``fmt``: the activation format ("float16", "bfloat16" or
-    "float32"); ``N``, ``K``: the weight's shape.
+    fp16 / bf16 switch points measured on an H100, float32 ones on an H200
+    (benchmarks/NOTES_matmul_4bit.md): 192 for weights of at least 8192 rows, 32 below. The
+    torch adapter uses it to route its CUDA matmuls. ``fmt``: the activation format
+    ("float16", "bfloat16" or "float32"); ``N``, ``K``: the weight's shape.
     """
     if fmt not in _xp.FLOAT_FORMATS:
         raise ValueError(f"fmt must be one of {_xp.FLOAT_FORMATS}, got {fmt!r}")
     if fmt == "float32":
         return _FUSED_MAX_M["gemv-float32"]
-    return _FUSED_MAX_M["tc" if K % 32 == 0 else "gemv-16bit"]
+    if K % 32 != 0:
+        return _FUSED_MAX_M["gemv-16bit"]
+    return _FUSED_MAX_M["tc-tile" if N >= _TILE_MIN_N else "tc"]
 
 
 def _weight_shape(quant_state: QuantState) -> tuple[int, int]:
@@ -207,7 +224,7 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
     return (packed, table, *_scale_args(qs))
 
 
-def _pick_mma(M: int, N: int, K: int, rt: int | None = None) -> tuple[str, int, int, int, int]:
+def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False) -> tuple[str, int, int, int, int]:
     """(kernel expression prefix, token tiles, token chunks, ksplit, grid) for the tensor-core kernels.
 
     Up to 16 tokens a CTA run ``gemm_4bit_small`` with ``rt`` 16-row tiles a warp; more tokens
@@ -221,7 +238,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None) -> tuple[str, int, 
     row_tiles = -(-N // 16)
     sms = _sm_count(_xp.cupy().cuda.Device().id)
     target = _WARPS_PER_SM_TARGET * sms
-    if tiles <= 2:
+    if tiles <= 2 and not wide:
         if rt is None:
             rt = 2 if tiles == 2 or row_tiles >= 3 * sms else 1
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}>"
@@ -237,23 +254,87 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None) -> tuple[str, int, 
     return kernel, tiles, chunks, ksplit, groups * chunks
 
 
-def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None):
-    """(kernel, grid, block, args) of the tensor-core kernels."""
+def _tile_smem(mt: int) -> int:
+    """Dynamic shared memory of ``gemm_4bit_tile`` with ``mt`` token tiles: the byte table
+    (256 x 32 u32), code2 (256 floats) and the activation stages (8 * mt tokens x 256 bytes)."""
+    return 4 * (256 * 32 + 256) + _TILE_STAGES * mt * 8 * 2 * _MMA_SEGMENT
+
+
+def _pick_tile(M: int, N: int, K: int, mt: int | None = None, rt: int | None = None) -> tuple[str, int, int, int]:
+    """(kernel expression prefix, token chunks, grid, shared bytes) of ``gemm_4bit_tile``.
+
+    ``mt`` token tiles (8 tokens each) a CTA, ``rt`` 16-row tiles a warp (so 64 * rt weight
+    rows a CTA); None: :func:`_tile_default`.
+    """
+    row_tiles = -(-N // 16)
+    if mt is None or rt is None:
+        sms = _sm_count(_xp.cupy().cuda.Device().id)
+        d_mt, d_rt = _tile_default(M, row_tiles, sms)
+        mt = d_mt if mt is None else mt
+        rt = d_rt if rt is None else rt
+    chunks = -(-M // (8 * mt))
+    groups = -(-row_tiles // (_MMA_WARPS * rt))
+    return f"gemm_4bit_tile<{{}}, {{}}, {mt}, {rt}>", chunks, groups * chunks, _tile_smem(mt)
+
+
+def _tile_default(M: int, row_tiles: int, sms: int) -> tuple[int, int]:
+    """(mt, rt) of ``gemm_4bit_tile`` for M tokens and ``row_tiles`` 16-row weight tiles.
+
+    H100 run 4 (NOTES_matmul_4bit.md): the default is the best or within ~5% of the best
+    measured shape at every M in 17..192 on 28672x8192, 8192x28672 and 11008x4096, except
+    11008x4096 at 96 tokens (62.5 us; mt=4, rt=2 took 45.2)."""
+    mt = 4 if M <= 32 else 8
+    chunks = -(-M // (8 * mt))
+    # Two row tiles a warp halve the activation reads from shared memory per weight byte,
+    # but halve the CTAs too: only where that still leaves every SM a CTA.
+    rt = 2 if -(-row_tiles // (2 * _MMA_WARPS)) * chunks >= sms else 1
+    return mt, rt
+
+
+_SMEM_SET: set[tuple[int, int]] = set()  # (CUfunction, bytes) whose dynamic shared limit is raised
+
+
+def _allow_smem(kernel: Any, nbytes: int) -> None:
+    """Raise the kernel's dynamic shared-memory limit (48 KB by default) to ``nbytes``, once."""
+    key = (kernel.kernel.ptr, nbytes)
+    if key not in _SMEM_SET:
+        kernel.max_dynamic_shared_size_bytes = nbytes
+        _SMEM_SET.add(key)
+
+
+def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma"):
+    """(kernel, grid, block, args, shared bytes) of the tensor-core kernels.
+
+    ``path``: "mma" (the default dispatch: ``gemm_4bit_small`` up to 16 tokens, above that
+    ``gemm_4bit_tile`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``), "mma-rt1" / "mma-rt2"
+    (``gemm_4bit_small`` with that many row tiles a warp), "mma-wide" (``gemm_4bit_mma``),
+    "tile" or "tile-<mt>x<rt>" (``gemm_4bit_tile``)."""
     from .rawkernels import get_function
 
-    kernel, _, chunks, ksplit, grid = _pick_mma(M, N, K, rt)
+    smem = 0
+    if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
+        path = "tile" if N >= _TILE_MIN_N else "mma-wide"
+    if path.startswith("tile"):
+        mt, rt = (int(v) for v in path[5:].split("x")) if path != "tile" else (None, None)
+        kernel, chunks, grid, smem = _pick_tile(M, N, K, mt, rt)
+        ksplit = 1
+    else:
+        rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
+        kernel, _, chunks, ksplit, grid = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
     kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
+    if smem:
+        _allow_smem(kernel, smem)
     has_bias = bias_bits is not None
     args = (
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
         np.int32(ksplit), np.int32(chunks),
     )  # fmt: skip
-    return kernel, (grid,), (32 * _MMA_WARPS,), args
+    return kernel, (grid,), (32 * _MMA_WARPS,), args, smem
 
 
 def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool):
-    """(kernel, grid, block, args) of the CUDA-core GEMV."""
+    """(kernel, grid, block, args, shared bytes) of the CUDA-core GEMV."""
     from .rawkernels import get_function
 
     mr = 1 if M == 1 else 4
@@ -266,16 +347,16 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
     )  # fmt: skip
-    return kernel, grid, (32 * _GEMV_WARPS,), args
+    return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
 
-def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt: int | None = None) -> None:
-    kernel, grid, block, args = _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, rt)
-    kernel(grid, block, args)
+def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma") -> None:
+    kernel, grid, block, args, smem = _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+    kernel(grid, block, args, shared_mem=smem)
 
 
 def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool) -> None:
-    kernel, grid, block, args = _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
+    kernel, grid, block, args, _ = _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
     kernel(grid, block, args)
 
 
@@ -298,9 +379,9 @@ class FusedLaunch:
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
 
-    def __init__(self, kernel: Any, grid: tuple, block: tuple, args: tuple, keep: tuple) -> None:
+    def __init__(self, kernel: Any, grid: tuple, block: tuple, args: tuple, keep: tuple, shared_mem: int = 0) -> None:
         self._function = kernel.kernel.ptr  # the compiled CUfunction of the current device
-        self._dims = (*grid, *(1,) * (3 - len(grid)), *block, *(1,) * (3 - len(block)))
+        self._dims = (*grid, *(1,) * (3 - len(grid)), *block, *(1,) * (3 - len(block)), shared_mem)
         self._values = [
             ctypes.c_uint64(a.data.ptr) if _xp.is_cupy_array(a) else _CTYPE_OF[np.asarray(a).dtype.name](a.item())
             for a in args
@@ -321,7 +402,7 @@ class FusedLaunch:
             values[_ARG_OUT].value = out_ptr
             values[_ARG_BIAS].value = out_ptr if bias_ptr is None else bias_ptr
             _xp.cupy().cuda.driver.launchKernel(
-                self._function, *self._dims, 0, stream_ptr, ctypes.addressof(self._params), 0
+                self._function, *self._dims, stream_ptr, ctypes.addressof(self._params), 0
             )
 
 
@@ -341,8 +422,8 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     else:
         aligned = K % 32 == 0 and packed.data.ptr % 16 == 0
         launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
-    kernel, grid, block, args = launch
-    return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args))
+    kernel, grid, block, args, smem = launch
+    return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
 
 
 def _aligned(K: int, *arrays: Any) -> bool:
@@ -350,17 +431,19 @@ def _aligned(K: int, *arrays: Any) -> bool:
 
 
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
-    """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma", or "mma-rt1" /
-    "mma-rt2" (row tiles a warp, up to 16 tokens); None picks the best that applies."""
+    """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma" (the
+    tensor-core dispatch), "mma-rt1" / "mma-rt2" (row tiles a warp, up to 16 tokens),
+    "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>" (``gemm_4bit_tile``); None
+    picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "mma" if fmt != "float32" and aligned else "gemv"
-    if path.startswith("mma"):
+    if path.startswith(("mma", "tile")):
         if fmt == "float32" or not aligned:
             raise ValueError(
                 "the tensor-core kernels need fp16/bf16 activations, K % 32 == 0 and 16-byte aligned A and B"
             )
-        _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, {"mma-rt1": 1, "mma-rt2": 2}.get(path))
+        _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
     else:
         _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
 
@@ -438,6 +521,31 @@ def _cublas_library() -> Any:
             fn.restype = i
         return lib
     return None
+
+
+def _kernel_expressions(source: str) -> list[str]:
+    """Every instantiation the launchers above can ask of ``source``."""
+    nested = ("false", "true")
+    if source == "gemv_4bit.cu":
+        return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
+                for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested]  # fmt: skip
+    out = []
+    for f in _MMA_STRUCT.values():
+        for n in nested:
+            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}>" for mt in (1, 2) for rt in (1, 2)]
+            out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
+            out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]
+    return out
+
+
+def _register() -> None:
+    from .rawkernels import register_expressions
+
+    for source in ("gemv_4bit.cu", "gemm_4bit.cu"):
+        register_expressions(source, functools.partial(_kernel_expressions, source))
+
+
+_register()
 
 
 # ---------------------------------------------------------------------------------------

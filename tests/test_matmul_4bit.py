@@ -117,6 +117,7 @@ def test_fused_max_m_contract():
             m = mm.fused_max_m(fmt, N, K)
             assert isinstance(m, int) and m >= 1
     assert mm.fused_max_m("float16", 4096, 4096) >= 16  # the tensor-core path covers decode batches
+    assert mm.fused_max_m("float16", 28672, 8192) >= 64  # gemm_4bit_tile covers prefill-sized batches
     with pytest.raises(ValueError, match="fmt must be one of"):
         mm.fused_max_m("int8", 16, 16)
 
@@ -223,7 +224,7 @@ def to_gpu(cp, a_bits, packed, qs, bias_bits):
 
 def run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=None):
     """Run on the GPU into a NaN-poisoned output; ``path`` forces a kernel ("gemv", "mma",
-    "mma-rt1", "mma-rt2") or "dequant" (dequantize + cuBLAS)."""
+    "mma-rt1", "mma-rt2", "mma-wide", "tile-<mt>x<rt>") or "dequant" (dequantize + cuBLAS)."""
     ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
     N = qs.shape[0]
     if fmt == "float32":
@@ -267,11 +268,16 @@ def test_gpu_formats(cp, fmt, M, quant_type, blocksize, nested, bias):
         assert err < TOLERANCE[fmt], f"{N}x{K}: {err}"
 
 
+# "mma": the tensor-core dispatch; "mma-wide": gemm_4bit_mma; "tile-<mt>x<rt>": gemm_4bit_tile
+# with that many token tiles a CTA and row tiles a warp (every instantiated configuration).
+TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
 EACH_PATH = [
     (path, M)
-    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "dequant")
+    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-wide", "dequant", *TILE_PATHS)
     for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
-    if not (path.startswith("mma-") and M > 16) and not (path == "gemv" and M > 70)
+    if not (path.startswith("mma-rt") and M > 16)
+    and not (path == "gemv" and M > 70)
+    and not (path.startswith("tile-") and M not in (1, 40, 70, 256))
 ]
 
 
@@ -280,11 +286,55 @@ EACH_PATH = [
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 @pytest.mark.parametrize("shape", ((64, 256), (37, 96), (130, 4128), (300, 640)), ids=_shape_id)
 def test_gpu_each_path(cp, path, M, fmt, shape):
-    # 130 x 4128: 33 segments of 128 (split-K with a partial share); 300 x 640: 19 row tiles.
+    # 130 x 4128: 33 segments of 128 (split-K with a partial share, and a last segment that K
+    # cuts); 300 x 640: 19 row tiles; 37 x 96: one segment, cut by K.
     N, K = shape
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "fp4", 128, True, True, seed=M)
     out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=path)
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tile_plain_nested(cp, path, nested, fmt):
+    # The shared-memory tile kernel on plain absmax too, several token chunks, bias off.
+    N, K, M = 200, 1056, 100
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "nf4", 64, nested, False, seed=3)
+    out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=path)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (17, 40, 128))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tile_dispatch(cp, M, fmt):
+    # A weight wide enough for the default dispatch to pick gemm_4bit_tile (N >= _TILE_MIN_N;
+    # N not a multiple of a CTA's rows, K cut inside a segment).
+    N, K = mm._TILE_MIN_N + 40, 160
+    assert M <= mm.fused_max_m(fmt, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M)
+    out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("M", "N"), ((1, 300), (16, 300), (32, 300), (40, 8232), (128, 8232)))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gpu_prepared_launch(cp, M, N, bias):
+    # prepare_fused's launch (the torch adapter's eager path): every tensor-core kernel, the
+    # dynamic shared memory of gemm_4bit_tile included.
+    fmt, K = "float16", 640
+    assert M <= mm.fused_max_m(fmt, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=21, bias=bias)
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    launch = mm.prepare_fused(fmt, M, gp, gqs, bias)
+    assert launch is not None and launch.accepts(ga.data.ptr)
+    out = cp.full(M * N, np.nan, dtype=np.float16)
+    stream = cp.cuda.get_current_stream()
+    launch(ga.data.ptr, None if gb is None else gb.data.ptr, out.data.ptr, stream.ptr)
+    assert rel_error(cp.asnumpy(out), fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu
@@ -323,7 +373,7 @@ def test_gpu_matches_bitsandbytes_linear4bit(cp, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", (1, 16, 512))
+@pytest.mark.parametrize("M", (1, 16, 64, 512))
 def test_gpu_graph_capture(cp, M):
     fmt, N, K = "float16", 96, 256
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=11)

@@ -1,6 +1,9 @@
 // Fused 4-bit matrix product on tensor cores (mma.sync m16n8k16, float32 accumulators):
 // out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for fp16 / bf16 activations and few
 // tokens (1 .. 64 per CTA; more through token chunks), from bitsandbytes-packed NF4 / FP4.
+// Three kernels share the layouts below: gemm_4bit_mma (activation fragments from global
+// memory, split-K for narrow weights), gemm_4bit_small (<= 16 tokens, RT row tiles a
+// warp) and gemm_4bit_tile (activations staged in shared memory for a CTA's 64 * RT rows).
 //
 // Data layout
 //   A        u16[M, K]                fp16 or bf16 activations, row-major, 16-byte aligned
@@ -430,6 +433,228 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     }
   }
   if (kpart != 0 || !warp_valid) return;
+
+  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+        if (tok < M && row < N) {
+          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
+        }
+      }
+}
+
+// gemm_4bit_tile<Fmt, NESTED, MT, RT>: the same product for up to 8 * MT tokens a CTA (M up
+// to a few hundred through token chunks), with the activations staged in shared memory.
+//   grid (ceil(ceil(N / 16) / (4 * RT)) * token_chunks), block 128, dynamic shared memory
+//   4 * (256 * 32 + 256) + kTileStages * MT * 2048 bytes (matmul_4bit._tile_smem); ksplit
+//   must be 1 (kept in the parameter list so every tensor-core kernel takes the same
+//   arguments, A, bias and out at positions 0, 8 and 9).
+//
+// Why: gemm_4bit_mma has every warp fetch its own copy of the activations for each 16-row
+// tile through L1; at 64 tokens and K = 8192 that is 1 MB a warp, which L1 cannot hold, so
+// the activations stream from L2 once per 16 weight rows (~1.8 GB at 28672 x 8192) and L2,
+// not DRAM, sets the time. Here the 4 warps of a CTA (64 * RT weight rows) share one copy
+// in shared memory, and each activation fragment read from it feeds RT row tiles' mma
+// (H100, 64 tokens of 28672 x 8192: 373 us for gemm_4bit_mma, 127 us for this kernel).
+// What bounds it now: a CTA takes ~2 us a segment at MT = 8, RT = 2 whatever the weights in
+// flight, ~240 TFLOP/s of mma.sync over the GPU: the tensor-core issue rate with ~2.5 other
+// instructions (table lookups, multiplies, fragment loads) per mma.
+//
+// Thread mapping: blockIdx.x = group * token_chunks + chunk (the CTAs that read the same
+// weights for different 8*MT-token chunks run side by side and share them through L2).
+// Warp w owns the RT consecutive 16-row tiles RT * (4 * group + w) + rt, over all of K.
+// Lane (g, t) holds rows g and g + 8 of each tile, as in gemm_4bit_small (same k
+// permutation, table and fragment layout); its weights for the next kAhead - 1 segments
+// (4 for RT = 1, 3 for RT = 2) are in flight in registers while a segment is multiplied.
+//
+// Shared memory (dynamic): the byte table u32[256][32] | code2 float[256] | kTileStages
+// activation stages, each u16[8 * MT tokens][128 k] (one segment; 256 bytes a token).
+// All 128 threads copy a stage with cp.async (16 bytes each, zero-filled past M and K),
+// kTileStages - 1 segments ahead of the one being multiplied. Within a token's 256 bytes
+// the 16-byte chunk c is stored at chunk c ^ ((c >> 3) << 1) ^ (token & 1): a quarter warp
+// reading chunk 4t + i (t = 0..3) of two consecutive tokens then hits 8 distinct 16-byte
+// bank groups (unswizzled, t = 0 and t = 2 and the two tokens would collide).
+constexpr int kTileStages = 4;
+
+__device__ __forceinline__ u32 tile_swizzle(u32 chunk, u32 token) { return chunk ^ ((chunk >> 3) << 1) ^ (token & 1u); }
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// (The minimum of 2 CTAs an SM, which the registers allow anyway, only changes ptxas's
+// allocation heuristic: without it the <MmaHalf, false, 4, 1> instance got 80 registers
+// and spilled.)
+template <class Fmt, bool NESTED, int MT, int RT>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+               const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+               const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+               u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
+               int token_chunks) {
+  constexpr int kTokens = 8 * MT;
+  constexpr int kRowBytes = 2 * kSegment;  // one token's 128 activations
+  constexpr int kStageBytes = kTokens * kRowBytes;
+  constexpr int kCopies = kStageBytes / 16 / kMmaThreads;  // 16-byte copies a thread a stage
+  extern __shared__ __align__(16) u32 smem[];
+  u32* lut = smem;
+  float* code2_s = reinterpret_cast<float*>(smem + 256 * 32);
+  const char* act = reinterpret_cast<const char*>(smem + 256 * 32 + 256);
+  const u32 act_s = shared_address(act);
+  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+  }
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % token_chunks;
+  const int tile0 = ((blockIdx.x / token_chunks) * kMmaWarps + warp) * RT;
+  const bool warp_valid = tile0 * 16 < N;
+  const int tok0 = chunk * kTokens;
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = shared_address(lut) + 4 * lane;
+  const int segments = (K + kSegment - 1) / kSegment;
+
+  // Copies of one stage: copy r of this thread is chunk c = threadIdx.x + 128 r of the
+  // stage, token c / 16, elements 8 (c % 16) .. + 8 of the segment.
+  auto stage_load = [&](int seg) {
+    if (seg < segments) {
+      const u32 base = act_s + (u32)(seg % kTileStages) * kStageBytes;
+#pragma unroll
+      for (int r = 0; r < kCopies; ++r) {
+        const u32 c = threadIdx.x + kMmaThreads * r, tok = c >> 4, cc = c & 15;
+        const int k = seg * kSegment + 8 * (int)cc;
+        const bool ok = tok0 + (int)tok < M && k < K;  // K % 32 == 0: a chunk is wholly in or out
+        const u16* src = ok ? A + (i64)(tok0 + (int)tok) * K + k : A;
+        cp_async16(base + tok * kRowBytes + (tile_swizzle(cc, tok) << 4), src, ok ? 16u : 0u);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the wait count uniform
+  };
+
+  // Weight streams: [rt][0] row g, [rt][1] row g + 8 of tile rt (rows past N read row N - 1).
+  i64 row_start[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_start[rt][h] = (i64)min((tile0 + rt) * 16 + g + 8 * h, N - 1) * K;
+
+  // This lane's 16 packed bytes and scale of each stream for segment seg (zeros past K).
+  auto weights_load = [&](int seg, uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2]) {
+    const int k0 = seg * kSegment + 32 * t;
+    const bool ok = warp_valid && seg < segments && k0 < K;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (ok) {
+          const i64 e = row_start[rt][h] + k0;
+          w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h], q[rt][h]);
+        } else {
+          w[rt][h] = make_uint4(0, 0, 0, 0);
+          v[rt][h] = 0.0f;
+          q[rt][h] = 0;
+        }
+      }
+  };
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
+
+  // One segment: scales -> packed scale pairs, then 4 x (activation fragments of MT token
+  // tiles from the stage, 2 steps of RT x MT mma).
+  auto multiply = [&](int seg, const uint4 (&w)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2]) {
+    const bool valid = seg * kSegment + 32 * t < K;  // past K: zero scales and zero activations
+    u32 hs[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = valid ? q4::scale_decode<NESTED>(v[rt][h], q[rt][h], code2_s, off) : 0.0f;
+        hs[rt][h] = pack2<Fmt>(sc, sc);
+      }
+    const char* xs = act + (seg % kTileStages) * kStageBytes + g * kRowBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // the lane's activations k = 32t + 8i .. + 8: steps 2i, 2i + 1
+      uint4 x[MT];
+      const int at = tile_swizzle(4 * t + i, g) << 4;  // token 8j + g has g's parity
+#pragma unroll
+      for (int j = 0; j < MT; ++j) x[j] = *reinterpret_cast<const uint4*>(xs + 8 * j * kRowBytes + at);
+#pragma unroll
+      for (int ss = 0; ss < 2; ++ss) {
+        const int b = 2 * ss;  // bytes 2s, 2s+1 of the chunk (s = 2i + ss) are bytes b, b+1 of word i
+        u32 frag[RT][4];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          const u32 lo = q4::word_of(w[rt][0], i), hi = q4::word_of(w[rt][1], i);
+          frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
+          frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
+          frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
+          frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
+        }
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+          const u32 b0 = q4::word_of(x[j], b), b1 = q4::word_of(x[j], b + 1);
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
+        }
+      }
+    }
+  };
+
+  // Weights: a ring of kAhead segments' registers, loaded kAhead segments ahead. With one
+  // segment ahead (H100 runs 3 and 4 of NOTES_matmul_4bit.md) 32 tokens of 28672 x 8192 took
+  // 104 us, with the ring 90.5; at 64 tokens it changed nothing (128 -> 127 us), which is
+  // bound by the mma.sync issue rate instead. The loop is unrolled by kAhead so the ring is
+  // indexed with constants.
+  constexpr int kAhead = RT == 1 ? 5 : 4;
+  uint4 wr[kAhead][RT][2];
+  float vr[kAhead][RT][2];
+  u32 qr[kAhead][RT][2];
+#pragma unroll
+  for (int s = 0; s < kTileStages - 1; ++s) stage_load(s);
+#pragma unroll
+  for (int d = 0; d < kAhead; ++d) weights_load(d, wr[d], vr[d], qr[d]);
+  __syncthreads();  // the table and code2 are published (the stages by the barrier in the loop)
+
+  for (int seg0 = 0; seg0 < segments; seg0 += kAhead) {
+#pragma unroll
+    for (int d = 0; d < kAhead; ++d) {
+      const int seg = seg0 + d;
+      if (seg >= segments) break;         // uniform over the CTA: every thread has the same count
+      cp_async_wait<kTileStages - 2>();   // this thread's copies of stage seg have landed
+      __syncthreads();                    // everyone's have; and everyone is done with stage seg - 1
+      stage_load(seg + kTileStages - 1);  // into the buffer of stage seg - 1
+      if (warp_valid) multiply(seg, wr[d], vr[d], qr[d]);
+      weights_load(seg + kAhead, wr[d], vr[d], qr[d]);
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+  if (!warp_valid) return;
 
   // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
 #pragma unroll
