@@ -4,12 +4,11 @@ Linear8bitLt (has_fp16_weights=False, fp16 activations) against torch fp16 ``nn.
 in the same run, for PERFORMANCE.md's shapes: microseconds a call from CUDA events around
 replays of a CUDA graph of 20 calls (median of repeats), with layers rotated among copies
 that together exceed ~400 MB so the 50 MB L2 does not hold the weights; eager times (100
-back-to-back calls) too. The cuBLAS backend is timed eagerly only (its GB/s and ratios use
-the eager time); the fp16 reference is always a graph replay.
+back-to-back calls) too; every backend is captured, cuBLAS included (ctypes cublasGemmEx).
 GB/s counts the weight, activation and output bytes of a call. M > 8 rows are run with
-the int8 GEMM backends ("auto" up to M = 64: the medium-M kernel that streams the weights
-once; "mma": this package's tensor-core kernel with the fused dequantization; "cublas":
-cuBLAS int32 GEMM + dequantization kernel, for M > 16). Activations carry
+the int8 GEMM backends ("auto": up to M = 64 the medium-M kernel that streams the weights
+once, below 512 the tensor-core GEMM, from 512 cuBLAS int32 GEMM + dequantization kernel;
+"mma": this package's tensor-core kernel with the fused dequantization). Activations carry
 six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
 
     PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10]
@@ -28,13 +27,14 @@ import statistics
 import torch
 from torch import nn
 
+import cupyquant._gpu_int8 as g8
 import cupyquant.int8 as cq8
 from cupyquant.torch import int8 as T
 
 ROTATION_BYTES = 400e6
 GRAPH_CALLS = 20
 SHAPES = [(4096, 4096), (28672, 8192)]  # (N, K): output x input features
-ROWS = [1, 16, 32, 64, 512, 4096]
+ROWS = [1, 16, 32, 64, 256, 512, 4096]
 OUTLIER_COLUMNS = 6
 
 
@@ -120,11 +120,13 @@ def _gbps(nbytes: float, us: float) -> float:
 
 def _backends(m: int) -> list[str]:
     """Backends timed at M rows: the gemv alone up to 8 ("mma" names it there); "auto" (the
-    medium-M kernel) next to the tensor-core GEMM up to 64; cuBLAS where it accepts M (> 16)."""
+    medium-M kernel up to 64, the tensor-core GEMM below 512, cuBLAS from 512) next to the
+    tensor-core GEMM."""
     if m <= 8:
         return ["mma"]
-    names = ["auto", "mma"] if m <= 64 else ["mma"]
-    return names + (["cublas"] if m > 16 and m != 32 else [])
+    if 64 < m < g8.CUBLAS_MIN_M:
+        return ["auto"]  # the tensor-core GEMM, as "mma"
+    return ["auto", "mma"]
 
 
 def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> None:
@@ -142,21 +144,17 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -
             x = _activations(m, k)
             with torch.no_grad():
                 fp16_us = _time_graph(fp16, x, repeats)
-                backends = _backends(m)
-                for backend in backends:
+                for backend in _backends(m):
                     cq8.set_int8_gemm_backend(backend)
                     base = None
                     for t in (0.0, 6.0):
                         eager = _time_eager(int8[t], x, max(3, repeats // 3))
-                        # cuBLAS may allocate workspace on first use in a graph; time it eagerly
-                        graph = _time_graph(int8[t], x, repeats) if backend != "cublas" else None
-                        us = graph if graph is not None else eager
+                        us = _time_graph(int8[t], x, repeats)
                         base = us if t == 0.0 else base
                         nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n
                         rel = f"{us / base:9.2f}" if t else f"{'':>9}"
-                        shown = f"{graph:>9.1f}" if graph is not None else f"{'-':>9}"
                         print(
-                            f"{n:>6} x {k:<5} {m:>5} {t:>4.0f} {backend:>7} {shown} {eager:>9.1f} "
+                            f"{n:>6} x {k:<5} {m:>5} {t:>4.0f} {backend:>7} {us:>9.1f} {eager:>9.1f} "
                             f"{_gbps(nbytes, us):>7.0f} {fp16_us:>8.1f} {us / fp16_us:>7.2f} {rel}"
                         )
             cq8.set_int8_gemm_backend("auto")

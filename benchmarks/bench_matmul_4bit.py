@@ -173,6 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="table only, no sweeps")
     parser.add_argument("--tile", action="store_true", help="first the gemm_4bit_tile sweep (sets fused_max_m)")
+    parser.add_argument("--split", action="store_true", help="after the table, the split-K sweep (narrow weights)")
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
@@ -187,6 +188,8 @@ def main() -> int:
     if not args.no_table:
         table(results, bw, stream)
     save(args.json, results)
+    if args.split:
+        split_sweep(results, stream, lambda: save(args.json, results))
     if not args.quick:
         sweep(results, stream, lambda: save(args.json, results))
         eager(results)
@@ -294,6 +297,39 @@ def tile_sweep(results: dict, stream, checkpoint) -> None:
         checkpoint()
 
 
+SPLIT_SWEEP_M = (17, 32, 48, 64, 128, 192, 256)
+SPLIT_SWEEP_SHAPES = ((8192, 28672), (4096, 4096), (11008, 4096))
+SPLIT_SWEEP_PATHS = ("mma", "tile", "tile-8x2k4", "tile-4x2k4", "mma-wide", "dequant")
+
+
+def split_sweep(results: dict, stream, checkpoint) -> None:
+    """gemm_4bit_tile with split-K across CTAs on the weights of few rows: the default dispatch
+    ("mma", whatever fused_max_m says), the tile kernel with the default split ("tile"), two
+    forced splits, gemm_4bit_mma ("mma-wide", up to 64 tokens), dequantize + cuBLAS and torch
+    fp16; fp16 activations, us per call."""
+    print("\nsplit-K sweep (us per call), NF4 bs64 nested, fp16")
+    print(f"{'N x K':>13} {'M':>5} " + " ".join(f"{p:>10}" for p in SPLIT_SWEEP_PATHS) + f" {'fp16':>7}  default")
+    results.setdefault("split_sweep", [])
+    for N, K in SPLIT_SWEEP_SHAPES:
+        w = Weights(N, K)
+        t_copies = w.torch_copies()
+        for M in SPLIT_SWEEP_M:
+            row = dict(N=N, K=K, M=M)
+            for p in SPLIT_SWEEP_PATHS:
+                skip = p == "mma-wide" and M > 64
+                row[p] = float("nan") if skip else measure(ours_calls(w, M, "float16", p), stream)
+            row["fp16"] = time_torch(torch_calls(t_copies, M, K))
+            kernel, _, ctas, ks, _, _ = mm._pick_tile(M, N, K)
+            mt, rt = kernel.rstrip(">").split(", ")[2:]
+            row["default"] = f"{mt}x{rt} ctas {ctas} k{ks}"
+            results["split_sweep"].append(row)
+            print(f"{N:>6}x{K:<6} {M:>5} " + " ".join(f"{row[p]:10.1f}" for p in SPLIT_SWEEP_PATHS) +
+                  f" {row['fp16']:7.1f}  {row['default']}")  # fmt: skip
+            checkpoint()
+        del t_copies, w
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def eager(results: dict) -> None:
     w = Weights(4096, 4096)
     packed, qs = w.copies[0]
@@ -313,7 +349,8 @@ def eager(results: dict) -> None:
 
 SASS_INSTANCES = {
     "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1>", "gemm_4bit_small<MmaBFloat16, true, 2, 2>",
-                     "gemm_4bit_mma<MmaHalf, true, 8>", "gemm_4bit_tile<MmaHalf, true, 8, 2>"),
+                     "gemm_4bit_mma<MmaHalf, true, 8>", "gemm_4bit_tile<MmaHalf, true, 8, 2>",
+                     "gemm_4bit_tile_split<MmaHalf, true, 8, 2>"),
     "gemv_4bit.cu": ("gemv_4bit<Float16, true, 1, 4, true>", "gemv_4bit<Float32, true, 4, 2, true>"),
 }  # fmt: skip
 
@@ -344,7 +381,11 @@ def explicit_instantiations(source: str, instances) -> str:
     if source == "gemm_4bit.cu":
         sig = ("(const u16*, const u8*, const float*, const float*, const u8*, const float*, const float*, "
                "const float*, const u16*, u16*, int, int, int, int, int, int, int);")  # fmt: skip
-        text += [f"template __global__ void {i}{sig}" for i in instances]
+        split_sig = sig.replace("int);", "int, float*, u32*);")  # gemm_4bit_tile_split's workspace
+        text += [
+            f"template __global__ void {i}{split_sig if i.startswith('gemm_4bit_tile_split') else sig}"
+            for i in instances
+        ]
     else:
         for inst in instances:
             params = inst.split("<", 1)[1][:-1]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _cublas
 from ._xp import FLOAT_FORMATS, cupy
 from .rawkernels import get_function, register_expressions
 
@@ -20,6 +21,8 @@ _SOURCE = "int8.cu"
 _FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ROWS_PER_SLAB = 32  # kRowsPerSlab in int8.cu
+_DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant walks a slab
+_OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights precomputes
 _MAX_GRID_Y = 65535
 
 # The small-M path (int8_linear_gemv) handles up to this many activation rows.
@@ -41,7 +44,7 @@ GEMM_BACKENDS = ("auto", "mma", "cublas")
 _backend = {"gemm": "auto"}
 # "auto" switches to cuBLAS from this many rows (H100, benchmarks/bench_int8.py: at M = 512
 # cuBLAS + dequant took 296 us against 520 for the fused kernel at 28672 x 8192, and 1,885
-# against 3,820 at M = 4096; at M = 64 the two were within 10%).
+# against 3,820 at M = 4096; at M = 64 the two were within 10%), also while capturing.
 CUBLAS_MIN_M = 512
 
 
@@ -59,8 +62,7 @@ def gemm_backend() -> str:
 
 
 def _capturing() -> bool:
-    """True while the current stream is being captured into a CUDA graph, where CuPy's
-    cuBLAS binding refuses to run: "auto" then keeps the capturable fused kernel."""
+    """True while the current stream is being captured into a CUDA graph."""
     cp = cupy()
     return cp.cuda.runtime.streamIsCapturing(cp.cuda.get_current_stream().ptr) != 0
 
@@ -69,7 +71,9 @@ def _use_cublas(M: int, N: int, K: int) -> bool:
     mode = _backend["gemm"]
     if mode == "mma" or not _cublas_usable(M, N, K):
         return False
-    return mode == "cublas" or (M >= CUBLAS_MIN_M and not _capturing())
+    # Without the ctypes route (no libcublas found in the process) only CuPy's binding is
+    # left, which refuses stream capture: "auto" then keeps the capturable fused kernel.
+    return mode == "cublas" or (M >= CUBLAS_MIN_M and (_cublas.capturable() or not _capturing()))
 
 
 @functools.cache
@@ -125,6 +129,7 @@ def _expressions() -> list[str]:
         exprs += [f"int8_row_quant_wide<{s}, {_bool(d)}, {_bool(v)}>" for d in (False, True) for v in (False, True)]
         exprs += [f"int8_col_absmax<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
+        exprs.append(f"int8_outlier_weights<{s}>")
         for bs, hb in _bias_variants(fmt):
             for sp in (False, True):
                 exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}, {_bool(sp)}>")
@@ -252,31 +257,21 @@ def _cublas_usable(M: int, N: int, K: int) -> bool:
     return M > 16 and K % 16 == 0 and N % 8 == 0
 
 
+_I32_ONE = np.ones(1, dtype=np.int32)  # host alpha / beta for cuBLAS (alive for the process)
+_I32_ZERO = np.zeros(1, dtype=np.int32)
+
+
 def _cublas_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
-    """``out[M, N] = CA @ CB^T`` with cublasGemmEx (int8 in, int32 out).
+    """``out[M, N] = CA @ CB^T`` with cublasGemmEx (int8 in, int32 out), capturable.
 
     cuBLAS is column-major: the row-major (M, N) result is the column-major (N, M) matrix
     CB @ CA^T, i.e. op(A) = CB^T-as-stored ("T") and op(B) = CA as stored ("N").
     """
-    from cupy.cuda import device
-    from cupy_backends.cuda.libs import cublas
-
-    cp = cupy()
-    cuda_r_8i, cuda_r_32i = 3, 10  # cudaDataType_t values
-    handle = device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    one = np.ones(1, dtype=np.int32)
-    zero = np.zeros(1, dtype=np.int32)
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        cublas.gemmEx(
-            handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, M, K,
-            one.ctypes.data, cb.data.ptr, cuda_r_8i, K, ca.data.ptr, cuda_r_8i, K,
-            zero.ctypes.data, out.data.ptr, cuda_r_32i, N, cublas.CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT,
-        )  # fmt: skip
-    finally:
-        cublas.setPointerMode(handle, mode)
+    _cublas.gemm_ex(
+        _cublas.CUBLAS_OP_T, _cublas.CUBLAS_OP_N, N, M, K, _I32_ONE.ctypes.data, cb.data.ptr, _cublas.CUDA_R_8I, K,
+        ca.data.ptr, _cublas.CUDA_R_8I, K, _I32_ZERO.ctypes.data, out.data.ptr, _cublas.CUDA_R_32I, N,
+        _cublas.CUBLAS_COMPUTE_32I,
+    )  # fmt: skip
 
 
 def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
@@ -296,21 +291,54 @@ def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
     )  # fmt: skip
 
 
+def outlier_weights(cb: Any, scb: Any, idx: Any, count: Any, N: int, K: int, fmt: str) -> Any:
+    """float32[_OUTLIER_CACHE * N]: the 16-bit weights of the first (up to _OUTLIER_CACHE)
+    outlier columns, column-major by outlier (``[j * N + n]``), for :func:`mm_dequant`."""
+    w16 = cupy().empty(_OUTLIER_CACHE * max(N, 1), dtype=np.float32)
+    if N:
+        _kernel(f"int8_outlier_weights<{_FMT_STRUCT[fmt]}>")(
+            (_blocks(N, 256),), (256,), (cb, scb, idx, count, np.int32(K), w16, np.int32(N))
+        )
+    return w16
+
+
 def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any = None,
-               bias_fmt: str | None = None, sparse: tuple[Any, Any, Any, Any, int] | None = None) -> None:  # fmt: skip
+               bias_fmt: str | None = None, sparse: tuple[Any, Any, Any, Any, int] | None = None,
+               w16: Any = None) -> None:  # fmt: skip
     """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
     column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
-    CB int8[N*K], idx, count, K) adds the outlier columns' 16-bit product."""
+    CB int8[N*K], idx, count, K) adds the outlier columns' 16-bit product; ``w16``: their
+    weights from :func:`outlier_weights` (computed here when None)."""
     if rows == 0 or N == 0:
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     expr = f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse is not None)}>"
     a_bits, cb, idx, count, K = sparse if sparse is not None else (out, acc, acc, acc, 0)
+    if sparse is not None and w16 is None:
+        w16 = outlier_weights(cb, scb, idx, count, N, K, fmt)
+    slabs = max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
     _kernel(expr)(
-        (_blocks(N, 256), _slabs(rows)), (256,),
-        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K), out, np.int64(rows),
-         np.int32(N)),
+        (_blocks(N, 256), slabs), (256,),
+        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K),
+         w16 if w16 is not None else sca, out, np.int64(rows), np.int32(N)),
     )  # fmt: skip
+
+
+def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, ca: Any, sca: Any, cb: Any, scb: Any, N: int, bias: Any,
+                   bias_fmt: str | None, sparse: tuple[Any, Any] | None, out: Any) -> None:  # fmt: skip
+    """cuBLAS int32 product, then int8_mm_dequant; ``sparse`` = (idx, count) of the outlier
+    columns, whose 16-bit weights int8_outlier_weights computes once for the whole call.
+
+    (Row chunks sized for the int32 product to stay in L2 measured slower on an H100:
+    4096 x 4096 at M = 4096 took 223 us in four chunks against 162 in one call.)
+    """
+    cp = cupy()
+    cb = _aligned(cb, 16)
+    acc = cp.empty(M * N, dtype=cp.int32)
+    w16 = outlier_weights(cb, scb, sparse[0], sparse[1], N, K, fmt) if sparse is not None else None
+    _cublas_int32(ca, cb, M, N, K, acc)
+    extra = (a_bits, cb, sparse[0], sparse[1], K) if sparse is not None else None
+    mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, extra, w16)
 
 
 def _gemv_tile(M: int, K: int) -> int | None:
@@ -345,6 +373,20 @@ def _mmv_tile(M: int, K: int) -> int | None:
     return next(t for t in _MMV_TILES if t >= M)
 
 
+def _row_quant_wide(a_bits: Any, fmt: str, M: int, K: int, threshold: float, ca: Any, sca: Any) -> Any:
+    """int8_row_quant_wide (a CTA a row) into ``ca`` / ``sca``, K % 16 == 0 and ``ca`` fresh.
+    With threshold > 0 it returns the outlier flags (uint8[K], found in the same pass) and
+    leaves the flagged columns' codes as quantized: the consumer subtracts their products."""
+    cp = cupy()
+    sparse = threshold > 0
+    flags = cp.zeros(K, dtype=cp.uint8) if sparse else None
+    vec = a_bits.data.ptr % 16 == 0
+    _kernel(f"int8_row_quant_wide<{_FMT_STRUCT[fmt]}, {_bool(sparse)}, {_bool(vec)}>")(
+        (M,), (256,), (a_bits, np.float32(threshold), flags if sparse else ca, ca, sca, np.int32(K))
+    )
+    return flags
+
+
 def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bfmt: str,
                 has_bias: bool, threshold: float, out: Any, mt: int) -> None:  # fmt: skip
     """The medium-M forward: int8_row_quant_wide (finding the outlier columns in the same
@@ -353,12 +395,10 @@ def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int
     sparse = threshold > 0
     ca = cp.empty(M * K, dtype=cp.int8)  # fresh: 256-byte aligned, rows 16-byte aligned (K % 16 == 0)
     sca = cp.empty(M, dtype=cp.float32)
-    flags = cp.zeros(K, dtype=cp.uint8) if sparse else ca
-    vec = a_bits.data.ptr % 16 == 0
+    flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca)
+    if flags is None:
+        flags = ca  # stands in for the pointer SPARSE = false ignores
     s = _FMT_STRUCT[fmt]
-    _kernel(f"int8_row_quant_wide<{s}, {_bool(sparse)}, {_bool(vec)}>")(
-        (M,), (256,), (a_bits, np.float32(threshold), flags, ca, sca, np.int32(K))
-    )
     smem = _mmv_smem(K) if sparse else 0
     expr = f"int8_linear_mmv<{s}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
     _kernel(expr, smem)(
@@ -406,12 +446,17 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
 
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)
-    flags = row_quant(a_bits, fmt, M, K, threshold, ca, sca)
+    cublas = _use_cublas(M, N, K)
+    if sparse and not cublas and K % 16 == 0:
+        # The GEMM's epilogue takes the outlier columns' int8 products back out, so the
+        # one-pass row quantization with outlier search serves (one kernel instead of two,
+        # A read once instead of twice).
+        flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca)
+    else:
+        flags = row_quant(a_bits, fmt, M, K, threshold, ca, sca)
     idx, count = compact_flags(flags) if sparse else (sca, sca)
-    if _use_cublas(M, N, K):
-        acc = cp.empty(M * N, dtype=cp.int32)
-        _cublas_int32(ca, _aligned(cb, 16), M, N, K, acc)
-        mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, (a_bits, cb, idx, count, K) if sparse else None)
+    if cublas:
+        _linear_cublas(a_bits, fmt, M, K, ca, sca, cb, scb, N, bias, bias_fmt, (idx, count) if sparse else None, out)
         return
     ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
     if Kp != K and sparse:

@@ -140,8 +140,8 @@ def set_int8_gemm_backend(name: str) -> None:
 
     ``"auto"`` (default): up to 64 rows a kernel that reads the int8 weight once (rows
     quantized by a separate pass, weight rows through the tensor cores); cuBLAS from 512
-    rows (where it measured faster); the fused kernel otherwise and while a CUDA graph is
-    being captured. ``"mma"``: this
+    rows (where it measured faster; capturable in a CUDA graph, through ctypes, wherever
+    the process's libcublas is found); the fused kernel otherwise. ``"mma"``: this
     package's tensor-core kernel with the dequantization fused into its epilogue.
     ``"cublas"``: cuBLAS' int8 GEMM to int32, then a dequantization kernel (used where
     its shape rules allow: M > 16, K % 16 == 0, N % 8 == 0). All give identical results.

@@ -14,7 +14,9 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   dequantized in registers to A's format (``code[q]`` and the block's scale each rounded to
   it, then multiplied there), products are accumulated in float32. Up to 16 tokens
   ``gemm_4bit_small``; above, ``gemm_4bit_tile`` (activations staged in shared memory and
-  shared by a CTA's 64-128 weight rows) for wide weights, ``gemm_4bit_mma`` for narrow ones.
+  shared by a CTA's 64-128 weight rows; ``gemm_4bit_tile_split`` splits K across CTAs,
+  summing the partials in a fixed order, where the rows are few and K long) for wide
+  weights, ``gemm_4bit_mma`` for narrow ones.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32.
@@ -35,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _cublas, _xp
 from . import _reference as ref
-from . import _xp
 from .blockwise import _check_array, _gpu_scales, check_state_4bit, dequantize_4bit_bits
 from .quant_state import QuantState
 
@@ -59,7 +61,8 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   the general path for odd K is slower still).
 _FUSED_MAX_M = {"tc": 32, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
-# weight rows a CTA, no split-K); narrower ones on gemm_4bit_mma, whose split-K fills the SMs.
+# weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
+# _tile_default); narrower ones on gemm_4bit_mma, whose split-K fills the SMs.
 # H100, run 4: 8192 rows (128 CTAs) win (8192x28672 at 32 tokens: 143 vs 207 us); 4096 rows
 # (64 CTAs) lose to gemm_4bit_mma at 32 tokens (24.6 vs 17.5 us with the best tile shape).
 _TILE_MIN_N = 8192
@@ -80,10 +83,6 @@ _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cove
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
 _CUDA_R = {"float32": 0, "float16": 2, "bfloat16": 14}
-_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
-_CUBLAS_COMPUTE_32F = 68
-_CUBLAS_GEMM_DEFAULT = -1
-_CUBLAS_POINTER_MODE_HOST = 0
 _ONE = np.ones(1, dtype=np.float32)  # host scalars for cuBLAS (alive for the process)
 _ZERO = np.zeros(1, dtype=np.float32)
 
@@ -260,35 +259,61 @@ def _tile_smem(mt: int) -> int:
     return 4 * (256 * 32 + 256) + _TILE_STAGES * mt * 8 * 2 * _MMA_SEGMENT
 
 
-def _pick_tile(M: int, N: int, K: int, mt: int | None = None, rt: int | None = None) -> tuple[str, int, int, int]:
-    """(kernel expression prefix, token chunks, grid, shared bytes) of ``gemm_4bit_tile``.
+def _pick_tile(
+    M: int, N: int, K: int, mt: int | None = None, rt: int | None = None, ksplit: int | None = None
+) -> tuple[str, int, int, int, int, int]:
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit, shared bytes, float32
+    accumulators a thread) of ``gemm_4bit_tile`` (ksplit 1) or ``gemm_4bit_tile_split``.
 
     ``mt`` token tiles (8 tokens each) a CTA, ``rt`` 16-row tiles a warp (so 64 * rt weight
-    rows a CTA); None: :func:`_tile_default`.
+    rows a CTA), ``ksplit`` CTAs sharing K (grid.y). All None: :func:`_tile_default`; a
+    forced shape without ``ksplit`` runs unsplit.
     """
     row_tiles = -(-N // 16)
     if mt is None or rt is None:
-        sms = _sm_count(_xp.cupy().cuda.Device().id)
-        d_mt, d_rt = _tile_default(M, row_tiles, sms)
+        d_mt, d_rt, d_ks = _tile_default(M, row_tiles, -(-K // _MMA_SEGMENT), _sm_count(_xp.cupy().cuda.Device().id))
         mt = d_mt if mt is None else mt
         rt = d_rt if rt is None else rt
+        ksplit = d_ks if ksplit is None else ksplit
+    ksplit = 1 if ksplit is None else ksplit
     chunks = -(-M // (8 * mt))
-    groups = -(-row_tiles // (_MMA_WARPS * rt))
-    return f"gemm_4bit_tile<{{}}, {{}}, {mt}, {rt}>", chunks, groups * chunks, _tile_smem(mt)
+    ctas = -(-row_tiles // (_MMA_WARPS * rt)) * chunks
+    name = "gemm_4bit_tile_split" if ksplit > 1 else "gemm_4bit_tile"
+    return f"{name}<{{}}, {{}}, {mt}, {rt}>", chunks, ctas, ksplit, _tile_smem(mt), 4 * mt * rt
 
 
-def _tile_default(M: int, row_tiles: int, sms: int) -> tuple[int, int]:
-    """(mt, rt) of ``gemm_4bit_tile`` for M tokens and ``row_tiles`` 16-row weight tiles.
+# gemm_4bit_tile_split: K is split only where even one row tile a warp leaves SMs without
+# a CTA, and each split keeps at least _TILE_MIN_SHARE 128-element segments; the splits
+# fill up to _TILE_CTAS_PER_SM CTAs an SM (registers and shared memory allow 2 resident).
+# H100 run 5 (NOTES_matmul_4bit.md): 8192 x 28672 at 17..64 tokens (224 segments, 4 splits
+# of 56) went from 142-202 us to 99-180; on K = 4096 (32 segments) splits of 8 to 11
+# segments lost to the unsplit kernels (4096 x 4096 at 64 tokens: 33.4 vs 32.8 us; 11008 x
+# 4096 at 64: 72 vs 43), the last CTA's reduction of the partials costing about what the
+# split saves. 48 keeps K = 4096 unsplit; the 8192 x 28672 shares (56) are the measured ones.
+_TILE_MIN_SHARE = 48
+_TILE_CTAS_PER_SM = 2
+_TILE_SPLIT_CONFIGS = ((4, 2), (8, 2))  # (mt, rt) of gemm_4bit_tile_split instantiated
 
-    H100 run 4 (NOTES_matmul_4bit.md): the default is the best or within ~5% of the best
-    measured shape at every M in 17..192 on 28672x8192, 8192x28672 and 11008x4096, except
-    11008x4096 at 96 tokens (62.5 us; mt=4, rt=2 took 45.2)."""
+
+def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int, int, int]:
+    """(mt, rt, ksplit) of the tile kernels for M tokens, ``row_tiles`` 16-row weight tiles
+    and ``segments`` 128-element segments of K, on ``sms`` SMs.
+
+    H100 run 4 (NOTES_matmul_4bit.md), unsplit: the best or within ~5% of the best measured
+    shape at every M in 17..192 on 28672x8192, 8192x28672 and 11008x4096, except 11008x4096
+    at 96 tokens (62.5 us; mt=4, rt=2 took 45.2). Run 5: split as above (rt = 2, ksplit 4 on
+    8192x28672 at 17..64 tokens)."""
     mt = 4 if M <= 32 else 8
     chunks = -(-M // (8 * mt))
+    ctas_rt1 = -(-row_tiles // _MMA_WARPS) * chunks
+    ctas_rt2 = -(-row_tiles // (2 * _MMA_WARPS)) * chunks
+    ksplit = min(_TILE_CTAS_PER_SM * sms // ctas_rt2, segments // _TILE_MIN_SHARE)
+    if ctas_rt1 < sms and ksplit >= 2:
+        share = -(-segments // ksplit)
+        return mt, 2, -(-segments // share)  # trimmed so that no split is empty
     # Two row tiles a warp halve the activation reads from shared memory per weight byte,
     # but halve the CTAs too: only where that still leaves every SM a CTA.
-    rt = 2 if -(-row_tiles // (2 * _MMA_WARPS)) * chunks >= sms else 1
-    return mt, rt
+    return mt, 2 if ctas_rt2 >= sms else 1, 1
 
 
 _SMEM_SET: set[tuple[int, int]] = set()  # (CUfunction, bytes) whose dynamic shared limit is raised
@@ -306,21 +331,34 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     """(kernel, grid, block, args, shared bytes) of the tensor-core kernels.
 
     ``path``: "mma" (the default dispatch: ``gemm_4bit_small`` up to 16 tokens, above that
-    ``gemm_4bit_tile`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``), "mma-rt1" / "mma-rt2"
-    (``gemm_4bit_small`` with that many row tiles a warp), "mma-wide" (``gemm_4bit_mma``),
-    "tile" or "tile-<mt>x<rt>" (``gemm_4bit_tile``)."""
+    ``gemm_4bit_tile`` / ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else
+    ``gemm_4bit_mma``), "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles
+    a warp), "mma-wide" (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default
+    rule), "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split
+    across ksplit CTAs).
+
+    A ``gemm_4bit_tile_split`` launch also carries its workspace (float32 partial sums and
+    zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
+    current CuPy pool on the current stream; a prepared launch keeps its own."""
     from .rawkernels import get_function
 
     smem = 0
+    tile_args: tuple[Any, ...] = ()
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
         path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("tile"):
-        mt, rt = (int(v) for v in path[5:].split("x")) if path != "tile" else (None, None)
-        kernel, chunks, grid, smem = _pick_tile(M, N, K, mt, rt)
-        ksplit = 1
+        mt = rt = ks = None
+        if path != "tile":
+            shape, _, forced = path[5:].partition("k")
+            mt, rt = (int(v) for v in shape.split("x"))
+            ks = int(forced) if forced else None
+        kernel, chunks, ctas, ksplit, smem, frag = _pick_tile(M, N, K, mt, rt, ks)
+        grid = (ctas, ksplit)
+        tile_args = _split_workspace(ksplit, ctas, frag) if ksplit > 1 else ()
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
-        kernel, _, chunks, ksplit, grid = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
+        kernel, _, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
+        grid = (ctas,)
     kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
     if smem:
         _allow_smem(kernel, smem)
@@ -328,9 +366,19 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     args = (
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-        np.int32(ksplit), np.int32(chunks),
+        np.int32(ksplit), np.int32(chunks), *tile_args,
     )  # fmt: skip
-    return kernel, (grid,), (32 * _MMA_WARPS,), args, smem
+    return kernel, grid, (32 * _MMA_WARPS,), args, smem
+
+
+def _split_workspace(ksplit: int, ctas: int, frag: int) -> tuple[Any, Any]:
+    """(partial, counters) of a ``gemm_4bit_tile_split`` launch: float32 partial sums, ``frag``
+    accumulators a thread of each of the ``ksplit * ctas`` CTAs, and one arrival counter a
+    tile, zeroed here (a memset on the current stream, capturable) and left zeroed by the
+    kernel. From the current CuPy pool, so stream-ordered like the output."""
+    cp = _xp.cupy()
+    partial = cp.empty(ksplit * ctas * frag * 32 * _MMA_WARPS, dtype=np.float32)
+    return partial, cp.zeros(ctas, dtype=np.uint32)
 
 
 def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool):
@@ -374,7 +422,10 @@ class FusedLaunch:
     a call writes only the activation, bias and output addresses into it and launches on
     the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
     per-call host cost is that one driver call. The prepared arguments assume a 16-byte
-    aligned, contiguous A of M x K values (check with :meth:`accepts`).
+    aligned, contiguous A of M x K values (check with :meth:`accepts`). A
+    ``gemm_4bit_tile_split`` launch owns one workspace (partial sums and arrival counters),
+    so its launches must be ordered (one stream, or streams synchronised with each other),
+    as with any buffer a kernel writes.
     """
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
@@ -423,6 +474,11 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
         aligned = K % 32 == 0 and packed.data.ptr % 16 == 0
         launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
     kernel, grid, block, args, smem = launch
+    if len(grid) > 1 and grid[1] > 1 and cp.cuda.get_current_stream().is_capturing():
+        # A split-K launch keeps its workspace, whose counters must be zero before the first
+        # launch; under capture the zeroing memset would only be recorded into the graph.
+        # The general path (a workspace a call, zeroed in stream order) runs instead.
+        return None
     return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
 
 
@@ -461,66 +517,11 @@ def _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits) 
         beta = _ONE
     # Row-major out (M, N) is column-major out^T (N, M) = W (N, K) @ A^T (K, M); W row-major is
     # column-major W^T with ld K (so op T), A row-major is column-major A^T with ld K (op N).
-    _gemm_ex(
-        _CUBLAS_OP_T, _CUBLAS_OP_N, N, M, K, _ONE.ctypes.data, weight.data.ptr, _CUDA_R[fmt], K,
-        a_bits.data.ptr, K, beta.ctypes.data, out_bits.data.ptr, N,
+    dtype = _CUDA_R[fmt]
+    _cublas.gemm_ex(
+        _cublas.CUBLAS_OP_T, _cublas.CUBLAS_OP_N, N, M, K, _ONE.ctypes.data, weight.data.ptr, dtype, K,
+        a_bits.data.ptr, dtype, K, beta.ctypes.data, out_bits.data.ptr, dtype, N, _cublas.CUBLAS_COMPUTE_32F,
     )  # fmt: skip
-
-
-def _gemm_ex(transa, transb, m, n, k, alpha, a_ptr, dtype, lda, b_ptr, ldb, beta, c_ptr, ldc) -> None:
-    """cublasGemmEx (float32 compute, host alpha/beta) on CuPy's handle and current stream.
-
-    CuPy's cuBLAS bindings refuse to run while a stream is being captured, although cuBLAS
-    itself is capturable; so the call goes through ctypes to the libcublas that CuPy loaded.
-    Where that library cannot be found, CuPy's binding is used (not capturable).
-    """
-    cp = _xp.cupy()
-    handle = cp.cuda.device.get_cublas_handle()
-    lib = _cublas_library()
-    args = (transa, transb, m, n, k, alpha, a_ptr, dtype, lda, b_ptr, dtype, ldb, beta, c_ptr, dtype, ldc,
-            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)  # fmt: skip
-    if lib is None:
-        from cupy_backends.cuda.libs import cublas
-
-        cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
-        cublas.gemmEx(handle, *args)
-        return
-    calls = (
-        (lib.cublasSetStream_v2, (handle, cp.cuda.get_current_stream().ptr)),
-        (lib.cublasSetPointerMode_v2, (handle, _CUBLAS_POINTER_MODE_HOST)),
-        (lib.cublasGemmEx, (handle, *args)),
-    )
-    for fn, fn_args in calls:
-        status = fn(*fn_args)
-        if status != 0:
-            raise RuntimeError(f"{fn.__name__} failed with cuBLAS status {status}")
-
-
-@functools.cache
-def _cublas_library() -> Any:
-    """ctypes handle of the libcublas CuPy has loaded into this process, or None."""
-    import ctypes
-
-    from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas into the process
-
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libcublas.so" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        vp, i = ctypes.c_void_p, ctypes.c_int
-        lib.cublasSetStream_v2.argtypes = [vp, vp]
-        lib.cublasSetPointerMode_v2.argtypes = [vp, i]
-        lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
-        for fn in (lib.cublasSetStream_v2, lib.cublasSetPointerMode_v2, lib.cublasGemmEx):
-            fn.restype = i
-        return lib
-    return None
 
 
 def _kernel_expressions(source: str) -> list[str]:
@@ -535,6 +536,7 @@ def _kernel_expressions(source: str) -> list[str]:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}>" for mt in (1, 2) for rt in (1, 2)]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]
+            out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_SPLIT_CONFIGS]
     return out
 
 

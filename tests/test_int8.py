@@ -617,11 +617,13 @@ def test_gpu_int8_linear_medium_m_outlier_counts_and_misaligned_a(cp, cols):
 
 
 @pytest.mark.gpu
-def test_gpu_int8_linear_many_outlier_columns(cp, backend):
-    """More outlier columns than int8_mm_dequant keeps in registers (8), on both GEMMs."""
+@pytest.mark.parametrize("cols", [12, 40])
+def test_gpu_int8_linear_many_outlier_columns(cp, backend, cols):
+    """More outlier columns than the GEMM epilogue batches (8) and than int8_outlier_weights
+    precomputes for the cuBLAS path's dequantization (32), on both GEMMs."""
     rng = np.random.default_rng(12)
     M, N, K = 40, 136, 1024
-    a = with_outliers(rng, M, K, "bfloat16", cols=12).reshape(-1)
+    a = with_outliers(rng, M, K, "bfloat16", cols=cols).reshape(-1)
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
     want = I8.int8_linear_bits(a, "bfloat16", M, K, cb.reshape(-1), scb, N, None, None, 3.0)
     got = I8.int8_linear_bits(cp.asarray(a), "bfloat16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
@@ -689,3 +691,36 @@ def test_gpu_int8_linear_captures_in_a_cuda_graph(cp, threshold):
         graph.launch()
     stream.synchronize()
     np.testing.assert_array_equal(cp.asnumpy(out), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_gpu_int8_linear_cublas_captures_in_a_cuda_graph(cp, monkeypatch, threshold):
+    """The "auto" backend keeps cuBLAS (ctypes cublasGemmEx on the capturing stream) in a capture."""
+    from cupyquant import _cublas, _gpu_int8
+
+    if not _cublas.capturable():
+        pytest.skip("libcublas not found in the process: CuPy's binding cannot be captured")
+    calls = []
+    real = _gpu_int8._cublas_int32
+    monkeypatch.setattr(_gpu_int8, "_cublas_int32", lambda *args: calls.append(args[2:5]) or real(*args))
+    rng = np.random.default_rng(22)
+    M, N, K = 512, 256, 512
+    a = with_outliers(rng, M, K, "float16")
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    want = I8.int8_linear_bits(a.reshape(-1), "float16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
+    ga, gcb, gscb = cp.asarray(a), cp.asarray(cb), cp.asarray(scb)
+    out = cp.empty((M, N), cp.float16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        I8.int8_linear(ga, gcb, gscb, threshold=threshold, out=out)  # compile, cuBLAS handle
+        stream.synchronize()
+        out[...] = 0
+        calls.clear()
+        stream.begin_capture()
+        I8.int8_linear(ga, gcb, gscb, threshold=threshold, out=out)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+    assert calls == [(M, N, K)]
+    np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), want.reshape(M, N).view(np.uint16))

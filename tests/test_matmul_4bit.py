@@ -271,9 +271,14 @@ def test_gpu_formats(cp, fmt, M, quant_type, blocksize, nested, bias):
 # "mma": the tensor-core dispatch; "mma-wide": gemm_4bit_mma; "tile-<mt>x<rt>": gemm_4bit_tile
 # with that many token tiles a CTA and row tiles a warp (every instantiated configuration).
 TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
+# gemm_4bit_tile_split forced: "k<ksplit>" CTAs share each tile's K. On the shapes below:
+# 1 segment (37 x 96: the splits past the first are empty), 2 and 5 segments (empty splits
+# too), and 33 segments (130 x 4128: shares 11/11/11, and 7 x 4 + 5 with the last segment
+# cut by K).
+SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLIT_CONFIGS, (3, 5), strict=True))
 EACH_PATH = [
     (path, M)
-    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-wide", "dequant", *TILE_PATHS)
+    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
     for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
     if not (path.startswith("mma-rt") and M > 16)
     and not (path == "gemv" and M > 70)
@@ -295,7 +300,7 @@ def test_gpu_each_path(cp, path, M, fmt, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("path", TILE_PATHS + SPLIT_PATHS)
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_tile_plain_nested(cp, path, nested, fmt):
@@ -317,6 +322,107 @@ def test_gpu_tile_dispatch(cp, M, fmt):
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M)
     out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+def test_tile_default_split_rule():
+    # (mt, rt, ksplit) on 132 SMs: 8192 x 28672 (512 row tiles, 224 segments) splits K in 4 at
+    # 17..64 tokens and not above; K = 4096 (32 segments) and 28672 rows never split.
+    assert mm._tile_default(17, 512, 224, 132) == (4, 2, 4)
+    assert mm._tile_default(64, 512, 224, 132) == (8, 2, 4)
+    assert mm._tile_default(128, 512, 224, 132) == (8, 1, 1)
+    assert mm._tile_default(64, 256, 32, 132) == (8, 1, 1)
+    assert mm._tile_default(32, 688, 32, 132) == (4, 1, 1)
+    assert mm._tile_default(64, 1792, 64, 132) == (8, 2, 1)
+    for row_tiles in (19, 256, 512, 520):
+        for segments in range(1, 400, 7):
+            for M in (17, 33, 64, 200):
+                mt, rt, ks = mm._tile_default(M, row_tiles, segments, 132)
+                share = -(-segments // ks)
+                assert (ks - 1) * share < segments <= ks * share  # no empty split
+                assert ks == 1 or (mt, rt) in mm._TILE_SPLIT_CONFIGS  # instantiated
+
+
+def _split_dispatch(monkeypatch):
+    # Make small weights take gemm_4bit_tile_split in the default dispatch (the real
+    # thresholds need 8192 rows and K >= 12288).
+    monkeypatch.setattr(mm, "_TILE_MIN_N", 256)
+    monkeypatch.setattr(mm, "_TILE_MIN_SHARE", 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", SPLIT_PATHS)
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tile_split_deterministic(cp, path, fmt):
+    # The splits' float32 partials are summed in split order whichever CTA finishes last:
+    # repeated launches give identical bits. 300 x 4128 at 64 tokens: 33 segments, K ends
+    # inside the last split's last segment.
+    N, K, M = 300, 4128, 64
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "nf4", 64, True, True, seed=13)
+    outs = [run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits, path=path) for _ in range(3)]
+    assert rel_error(outs[0], fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other.view(np.uint16), outs[0].view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gpu_prepared_split_launch(cp, monkeypatch, bias):
+    # A prepared launch of gemm_4bit_tile_split (the default dispatch, made to split) keeps
+    # one workspace; its counters must be back at zero after each launch, so repeated
+    # launches agree bit for bit.
+    _split_dispatch(monkeypatch)
+    fmt, N, K, M = "float16", 300, 2112, 64
+    assert M <= mm.fused_max_m(fmt, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=23, bias=bias)
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    launch = mm.prepare_fused(fmt, M, gp, gqs, bias)
+    assert launch is not None and launch._dims[1] > 1  # grid.y = ksplit
+    stream = cp.cuda.get_current_stream()
+    outs = []
+    for _ in range(3):
+        out = cp.full(M * N, np.nan, dtype=np.float16)
+        launch(ga.data.ptr, None if gb is None else gb.data.ptr, out.data.ptr, stream.ptr)
+        outs.append(cp.asnumpy(out))
+    assert rel_error(outs[0], fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other.view(np.uint16), outs[0].view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", (None, SPLIT_PATHS[-1]))
+def test_gpu_graph_capture_split(cp, monkeypatch, path):
+    # gemm_4bit_tile_split under capture (the default dispatch, made to split, and forced):
+    # the workspace is allocated and its counters zeroed inside the graph; two replays give
+    # the eager result bit for bit.
+    _split_dispatch(monkeypatch)
+    fmt, N, K, M = "float16", 300, 2112, 48
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=29)
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    out = cp.zeros(M * N, dtype=np.float16)
+    if path is None:
+        with cp.cuda.Device(0):
+            assert mm._pick_tile(M, N, K)[3] > 1
+
+    def call():
+        if path is None:
+            mm.matmul_4bit_bits(ga, fmt, M, gp, gqs, gb, out)
+        else:
+            mm._matmul_fused(ga, fmt, M, N, K, gp, gqs, gb, out, path=path)
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        call()
+        stream.synchronize()
+        eager = cp.asnumpy(out)
+        stream.begin_capture()
+        call()
+        graph = stream.end_capture()
+        for _ in range(2):
+            out.fill(0)
+            graph.launch(stream)
+            stream.synchronize()
+            np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), eager.view(np.uint16))
+    assert rel_error(eager, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu

@@ -671,3 +671,242 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
         }
       }
 }
+
+// gemm_4bit_tile_split<Fmt, NESTED, MT, RT>: gemm_4bit_tile with K split across CTAs, for
+// weights of few rows and long K (8192 x 28672: 64 CTAs of 128 rows at 17..64 tokens, half
+// the SMs idle without a split).
+//   grid (ceil(ceil(N / 16) / (4 * RT)) * token_chunks, ksplit), block 128, dynamic shared
+//   memory as gemm_4bit_tile; A, bias and out at positions 0, 8 and 9 as in every
+//   tensor-core kernel, then the workspace: partial float[ksplit * gridDim.x * 4 * RT * MT
+//   * 128] and counters u32[gridDim.x], zero before the first launch.
+//
+// Layout, thread mapping, staging and the k permutation are gemm_4bit_tile's. blockIdx.y
+// = split takes the split-th contiguous share of ceil(segments / ksplit) 128-element
+// segments (the launcher trims ksplit so no share is empty; an empty one would add zeros).
+// Each CTA stores its float32 accumulators to `partial` in fragment order,
+// [split][blockIdx.x][r][thread] with r = (rt * MT + j) * 4 + i (coalesced), then counts
+// itself in counters[blockIdx.x]. The CTA that arrives last sums the ksplit partials of its
+// tile in split order 0, 1, ... (its own from registers, the value it stored), so the result
+// does not depend on which CTA finishes last: it is the same bits run to run. It then adds
+// the bias, rounds once and resets the counter to zero for the next launch.
+//
+// Why a second kernel rather than a ksplit = 1 case of gemm_4bit_tile: built as one kernel
+// (H100 run 5 of NOTES_matmul_4bit.md) the unsplit launches ran 10-28% slower than
+// gemm_4bit_tile (28672 x 8192 at 64 tokens: 152 vs 124 us), so the unsplit kernel is kept
+// as it was measured.
+// (__launch_bounds__ minimum of 2 CTAs an SM: as gemm_4bit_tile.)
+template <class Fmt, bool NESTED, int MT, int RT>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+               const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+               const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+               u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
+               int token_chunks, float* __restrict__ partial, u32* __restrict__ counters) {
+  constexpr int kTokens = 8 * MT;
+  constexpr int kRowBytes = 2 * kSegment;  // one token's 128 activations
+  constexpr int kStageBytes = kTokens * kRowBytes;
+  constexpr int kCopies = kStageBytes / 16 / kMmaThreads;  // 16-byte copies a thread a stage
+  extern __shared__ __align__(16) u32 smem[];
+  u32* lut = smem;
+  float* code2_s = reinterpret_cast<float*>(smem + 256 * 32);
+  const char* act = reinterpret_cast<const char*>(smem + 256 * 32 + 256);
+  const u32 act_s = shared_address(act);
+  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+  }
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % token_chunks;
+  const int tile0 = ((blockIdx.x / token_chunks) * kMmaWarps + warp) * RT;
+  const bool warp_valid = tile0 * 16 < N;
+  const int tok0 = chunk * kTokens;
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = shared_address(lut) + 4 * lane;
+  // This CTA's share of the segments (all of them when ksplit = 1); uniform over the CTA.
+  const int segments_all = (K + kSegment - 1) / kSegment;
+  const int share = (segments_all + ksplit - 1) / ksplit;
+  const int seg_begin = min(segments_all, (int)blockIdx.y * share);
+  const int segments = min(segments_all, seg_begin + share);  // one past this CTA's last
+
+  // Copies of one stage: copy r of this thread is chunk c = threadIdx.x + 128 r of the
+  // stage, token c / 16, elements 8 (c % 16) .. + 8 of the segment.
+  auto stage_load = [&](int seg) {
+    if (seg < segments) {
+      const u32 base = act_s + (u32)(seg % kTileStages) * kStageBytes;
+#pragma unroll
+      for (int r = 0; r < kCopies; ++r) {
+        const u32 c = threadIdx.x + kMmaThreads * r, tok = c >> 4, cc = c & 15;
+        const int k = seg * kSegment + 8 * (int)cc;
+        const bool ok = tok0 + (int)tok < M && k < K;  // K % 32 == 0: a chunk is wholly in or out
+        const u16* src = ok ? A + (i64)(tok0 + (int)tok) * K + k : A;
+        cp_async16(base + tok * kRowBytes + (tile_swizzle(cc, tok) << 4), src, ok ? 16u : 0u);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the wait count uniform
+  };
+
+  // Weight streams: [rt][0] row g, [rt][1] row g + 8 of tile rt (rows past N read row N - 1).
+  i64 row_start[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_start[rt][h] = (i64)min((tile0 + rt) * 16 + g + 8 * h, N - 1) * K;
+
+  // This lane's 16 packed bytes and scale of each stream for segment seg (zeros past K).
+  auto weights_load = [&](int seg, uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2]) {
+    const int k0 = seg * kSegment + 32 * t;
+    const bool ok = warp_valid && seg < segments && k0 < K;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (ok) {
+          const i64 e = row_start[rt][h] + k0;
+          w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h], q[rt][h]);
+        } else {
+          w[rt][h] = make_uint4(0, 0, 0, 0);
+          v[rt][h] = 0.0f;
+          q[rt][h] = 0;
+        }
+      }
+  };
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
+
+  // One segment: scales -> packed scale pairs, then 4 x (activation fragments of MT token
+  // tiles from the stage, 2 steps of RT x MT mma).
+  auto multiply = [&](int seg, const uint4 (&w)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2]) {
+    const bool valid = seg * kSegment + 32 * t < K;  // past K: zero scales and zero activations
+    u32 hs[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = valid ? q4::scale_decode<NESTED>(v[rt][h], q[rt][h], code2_s, off) : 0.0f;
+        hs[rt][h] = pack2<Fmt>(sc, sc);
+      }
+    const char* xs = act + (seg % kTileStages) * kStageBytes + g * kRowBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // the lane's activations k = 32t + 8i .. + 8: steps 2i, 2i + 1
+      uint4 x[MT];
+      const int at = tile_swizzle(4 * t + i, g) << 4;  // token 8j + g has g's parity
+#pragma unroll
+      for (int j = 0; j < MT; ++j) x[j] = *reinterpret_cast<const uint4*>(xs + 8 * j * kRowBytes + at);
+#pragma unroll
+      for (int ss = 0; ss < 2; ++ss) {
+        const int b = 2 * ss;  // bytes 2s, 2s+1 of the chunk (s = 2i + ss) are bytes b, b+1 of word i
+        u32 frag[RT][4];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          const u32 lo = q4::word_of(w[rt][0], i), hi = q4::word_of(w[rt][1], i);
+          frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
+          frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
+          frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
+          frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
+        }
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+          const u32 b0 = q4::word_of(x[j], b), b1 = q4::word_of(x[j], b + 1);
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
+        }
+      }
+    }
+  };
+
+  // Weights: a ring of kAhead segments' registers, loaded kAhead segments ahead. With one
+  // segment ahead (H100 runs 3 and 4 of NOTES_matmul_4bit.md) 32 tokens of 28672 x 8192 took
+  // 104 us, with the ring 90.5; at 64 tokens it changed nothing (128 -> 127 us), which is
+  // bound by the mma.sync issue rate instead. The loop is unrolled by kAhead so the ring is
+  // indexed with constants.
+  constexpr int kAhead = RT == 1 ? 5 : 4;
+  uint4 wr[kAhead][RT][2];
+  float vr[kAhead][RT][2];
+  u32 qr[kAhead][RT][2];
+#pragma unroll
+  for (int s = 0; s < kTileStages - 1; ++s) stage_load(seg_begin + s);
+#pragma unroll
+  for (int d = 0; d < kAhead; ++d) weights_load(seg_begin + d, wr[d], vr[d], qr[d]);
+  __syncthreads();  // the table and code2 are published (the stages by the barrier in the loop)
+
+  for (int seg0 = seg_begin; seg0 < segments; seg0 += kAhead) {
+#pragma unroll
+    for (int d = 0; d < kAhead; ++d) {
+      const int seg = seg0 + d;
+      if (seg >= segments) break;         // uniform over the CTA: every thread has the same count
+      cp_async_wait<kTileStages - 2>();   // this thread's copies of stage seg have landed
+      __syncthreads();                    // everyone's have; and everyone is done with stage seg - 1
+      stage_load(seg + kTileStages - 1);  // into the buffer of stage seg - 1
+      if (warp_valid) multiply(seg, wr[d], vr[d], qr[d]);
+      weights_load(seg + kAhead, wr[d], vr[d], qr[d]);
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  if (ksplit > 1) {  // uniform over the launch
+    constexpr int kFrag = RT * MT * 4;
+    const i64 ctas = gridDim.x;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kFrag * kMmaThreads) + threadIdx.x;
+    if (warp_valid) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) __stcg(mine + ((rt * MT + j) * 4 + i) * kMmaThreads, acc[rt][j][i]);
+    }
+    __threadfence();  // the partials are visible GPU-wide before this CTA is counted
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      last = atomicAdd(counters + blockIdx.x, 1u) == (u32)ksplit - 1;
+      if (last) counters[blockIdx.x] = 0;  // every split has counted: reset for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // (acquire) the other splits' partials are read after their count
+    if (!warp_valid) return;
+    const float* tile_part = partial + (i64)blockIdx.x * (kFrag * kMmaThreads) + threadIdx.x;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = ((rt * MT + j) * 4 + i) * kMmaThreads;
+          float sum = 0.0f;
+          for (int p = 0; p < ksplit; ++p)
+            sum += p == (int)blockIdx.y ? acc[rt][j][i] : __ldcg(tile_part + p * ctas * (kFrag * kMmaThreads) + r);
+          acc[rt][j][i] = sum;
+        }
+  }
+  if (!warp_valid) return;
+
+  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+        if (tok < M && row < N) {
+          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
+        }
+      }
+}

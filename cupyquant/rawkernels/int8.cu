@@ -25,11 +25,12 @@
 //   int8_col_absmax / int8_col_quant   thread = one column x a slab of rows (backward only)
 //   int8_compact_flags   one CTA: flags -> ascending idx, count (no host round trip)
 //   int8_vectorwise_dequant, int8_mm_dequant   elementwise (thread = column x row slab)
+//   int8_outlier_weights  thread = weight row: the outlier columns' 16-bit weights, once a call
 //   int8_gemm            tensor cores (mma.m16n8k32.s8), 128x128x64 CTA tile, 4-stage cp.async
 //                        pipeline, int32 or dequantized epilogue (+ outlier columns)
 //   int8_linear_gemv     M <= MT rows: each CTA quantizes A into shared memory itself, each
 //                        warp streams whole weight rows once with 16-byte loads and dp4a
-//   int8_row_quant_wide  CTA = one row (few rows); finds outlier columns in the same pass
+//   int8_row_quant_wide  CTA = one row; finds outlier columns in the same pass (medium-M path, GEMM)
 //   int8_linear_mmv      9 <= M <= 64: weight rows as mma's 16-row operand, activation codes
 //                        as its n8 operand, each weight byte read once; dequant epilogue
 #include "common.cuh"
@@ -297,50 +298,86 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 // int32 -> float dequantization (the epilogue of an unfused product)
 // ---------------------------------------------------------------------------------------
 
+// int8_outlier_weights<Fmt>
+//   CB, SCB    i8[N * K], float32[N]: the int8 weight and its row absmax
+//   idx, count the outlier columns (int8_compact_flags)
+//   W16        float32[kOutlierCache * N]: W16[j * N + n] = the 16-bit weight of (n, idx[j])
+//              (outlier_weight, widened), for j < min(*count, kOutlierCache)
+// grid ceil(N / 256); thread = one weight row n over the cached columns, loads issued
+// kOutlierBatch at a time. Run once a call, so int8_mm_dequant's row slabs read coalesced
+// float32 words (L2-resident: kOutlierCache * N * 4 bytes) instead of gathering one byte
+// of a weight row, a 32-byte DRAM sector, per slab and column.
+constexpr int kOutlierCache = 32;
+
+template <class Fmt>
+__global__ void __launch_bounds__(256)
+int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, const int* __restrict__ idx,
+                     const int* __restrict__ count, int K, float* __restrict__ W16, int N) {
+  constexpr int kBatch = 8;
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  if (n >= N) return;
+  const int cached = *count < kOutlierCache ? *count : kOutlierCache;
+  const float scb = SCB[n];
+  for (int j0 = 0; j0 < cached; j0 += kBatch) {
+    i8 w[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? CB[(i64)n * K + idx[j0 + q]] : (i8)0;
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q)
+      if (j0 + q < cached) W16[(i64)(j0 + q) * N + n] = outlier_weight<Fmt>(w[q], scb);
+  }
+}
+
 // int8_mm_dequant<OutFmt, BiasFmt, HAS_BIAS, SPARSE>
 //   acc        int32[rows * N]
 //   SCA        float32[rows], SCB float32[N]
 //   bias       BiasFmt::storage[N] (HAS_BIAS)
 //   A, CB, idx, count, K   SPARSE: activations (OutFmt), int8 weight (N x K) and outlier columns
+//   W16        SPARSE: float32[kOutlierCache * N] from int8_outlier_weights; columns past the
+//              cache are dequantized here from CB (same value, same order)
 //   out        OutFmt::storage[rows * N]
-// grid (ceil(N / 256), row slabs); thread = one output column over kRowsPerSlab rows, so
-// the outlier weight of (n, c_j) is computed once per slab, not once per row.
+// grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
+// (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
+// keep a thread at ~40 registers, so a memory-bound SM holds its full 2048 threads.
+constexpr int kDequantRows = 8;
+
 template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
 __global__ void __launch_bounds__(256)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
                 const typename BiasFmt::storage* __restrict__ bias, const typename OutFmt::storage* __restrict__ A,
                 const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
-                typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
+                const float* __restrict__ W16, typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
   const int outliers = SPARSE ? *count : 0;
-  for (i64 r0 = (i64)blockIdx.y * kRowsPerSlab; r0 < rows; r0 += (i64)gridDim.y * kRowsPerSlab) {
-    const int nr = (int)(r0 + kRowsPerSlab < rows ? kRowsPerSlab : rows - r0);
-    float o[kRowsPerSlab];
+  for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
+    const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
+    int a[kDequantRows];
 #pragma unroll
-    for (int i = 0; i < kRowsPerSlab; ++i) {
-      if (i < nr) {
-        const i64 r = r0 + i;
-        o[i] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(acc[r * N + n], SCA[r], scb, bias, n)));
-      }
-    }
+    for (int i = 0; i < kDequantRows; ++i) a[i] = i < nr ? acc[(r0 + i) * N + n] : 0;
+    float o[kDequantRows];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i)
+      o[i] = i < nr ? OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(a[i], SCA[r0 + i], scb,
+                                                                                            bias, n)))
+                    : 0.0f;
     if (SPARSE && outliers > 0) {
-      float s[kRowsPerSlab];
+      float s[kDequantRows];
 #pragma unroll
-      for (int i = 0; i < kRowsPerSlab; ++i) s[i] = 0.0f;
+      for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
       for (int j = 0; j < outliers; ++j) {
         const int c = idx[j];
-        const float w = outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
+        const float w = j < kOutlierCache ? W16[(i64)j * N + n] : outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
 #pragma unroll
-        for (int i = 0; i < kRowsPerSlab; ++i)
+        for (int i = 0; i < kDequantRows; ++i)
           if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + c]), w));
       }
 #pragma unroll
-      for (int i = 0; i < kRowsPerSlab; ++i) o[i] = __fadd_rn(o[i], s[i]);
+      for (int i = 0; i < kDequantRows; ++i) o[i] = __fadd_rn(o[i], s[i]);
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerSlab; ++i)
+    for (int i = 0; i < kDequantRows; ++i)
       if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(o[i]);
   }
 }
@@ -426,7 +463,8 @@ __device__ __forceinline__ void load_tile(u32 dst, const i8* __restrict__ src, i
 //   EPI = 0: out_i32 int32[M * N] = CA @ CB^T
 //   EPI = 1: out OutFmt::storage[M * N] = dequant (SCA float32[M], SCB float32[N], bias
 //            BiasFmt::storage[N] when HAS_BIAS), plus with SPARSE the outlier columns idx[0..*count)
-//            of A (OutFmt::storage[M * K], the unquantized activations)
+//            of A (OutFmt::storage[M * K], the unquantized activations); their codes in CA
+//            may be zero or as quantized (their int8 products are subtracted either way)
 // dynamic shared memory: kStages * kStageBytes; block 256; grid (ceil(M / 128), ceil(N / 128)).
 template <class OutFmt, int EPI, class BiasFmt, bool HAS_BIAS, bool SPARSE>
 __global__ void __launch_bounds__(kGemmThreads)
@@ -510,60 +548,49 @@ int8_gemm(const i8* __restrict__ CA, const i8* __restrict__ CB, int M, int N, in
           if (row < M && col < N) out_i32[(i64)row * N + col] = acc[i][j][r];
         }
   } else {
-    float o[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = m0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
-          const int col = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
-          const float sca = row < M ? SCA[row] : 0.0f;
-          const float scb = col < N ? SCB[col] : 0.0f;
-          const float v = dequant_value<BiasFmt, HAS_BIAS>(acc[i][j][r], sca, scb, bias, col < N ? col : 0);
-          o[i][j][r] = OutFmt::to_float(OutFmt::from_float(v));
-        }
+    // SPARSE: each outlier column's int8 product (CA[row, c] * CB[col, c]: 0 where the row
+    // quantization zeroed the column, the code as computed where int8_row_quant_wide left
+    // it) comes back out of the exact int32 sums, and its 16-bit product is summed apart.
+    float s[4][4][4];
+    int outliers = 0;
     if constexpr (SPARSE) {
-      const int outliers = *count;
-      if (outliers > 0) {
-        float s[4][4][4];
+      outliers = *count;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) s[i][j][r] = 0.0f;
+      for (int q = 0; q < outliers; ++q) {
+        const int c = idx[q];
+        float av[4][2], wv[4][2];
+        int cav[4][2], cbv[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = m0 + wm * 64 + i * 16 + g + h * 8;
+            av[i][h] = row < M ? OutFmt::to_float(A[(i64)row * K + c]) : 0.0f;
+            cav[i][h] = row < M ? (int)CA[(i64)row * K + c] : 0;
+          }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int col = n0 + wn * 32 + j * 8 + t * 2 + h;
+            const i8 b = col < N ? CB[(i64)col * K + c] : (i8)0;
+            cbv[j][h] = b;
+            wv[j][h] = col < N ? outlier_weight<OutFmt>(b, SCB[col]) : 0.0f;
+          }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) s[i][j][r] = 0.0f;
-        for (int q = 0; q < outliers; ++q) {
-          const int c = idx[q];
-          float av[4][2], wv[4][2];
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int row = m0 + wm * 64 + i * 16 + g + h * 8;
-              av[i][h] = row < M ? OutFmt::to_float(A[(i64)row * K + c]) : 0.0f;
+            for (int r = 0; r < 4; ++r) {
+              acc[i][j][r] -= cav[i][r >> 1] * cbv[j][r & 1];
+              s[i][j][r] = __fadd_rn(s[i][j][r], __fmul_rn(av[i][r >> 1], wv[j][r & 1]));
             }
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int col = n0 + wn * 32 + j * 8 + t * 2 + h;
-              wv[j][h] = col < N ? outlier_weight<OutFmt>(CB[(i64)col * K + c], SCB[col]) : 0.0f;
-            }
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-              for (int r = 0; r < 4; ++r) s[i][j][r] = __fadd_rn(s[i][j][r], __fmul_rn(av[i][r >> 1], wv[j][r & 1]));
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) o[i][j][r] = __fadd_rn(o[i][j][r], s[i][j][r]);
       }
     }
 #pragma unroll
@@ -574,7 +601,12 @@ int8_gemm(const i8* __restrict__ CA, const i8* __restrict__ CB, int M, int N, in
         for (int r = 0; r < 4; ++r) {
           const int row = m0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
           const int col = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
-          if (row < M && col < N) out[(i64)row * N + col] = OutFmt::from_float(o[i][j][r]);
+          if (row < M && col < N) {
+            float o = OutFmt::to_float(
+                OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(acc[i][j][r], SCA[row], SCB[col], bias, col)));
+            if (SPARSE && outliers > 0) o = __fadd_rn(o, s[i][j][r]);  // only then: -0 + 0 would be +0
+            out[(i64)row * N + col] = OutFmt::from_float(o);
+          }
         }
   }
 }
@@ -801,8 +833,8 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
 //   threshold  DETECT: values with |a| >= threshold stay out of the row absmax and set
 //              flags[k] = 1 (u8[K], zeroed by the caller; racing writers all write 1)
 //   CA         i8[rows * K] codes; DETECT leaves the outlier columns' codes as computed
-//              (not zeroed): int8_linear_mmv masks flagged columns itself, so quantizing a
-//              row never waits for the other rows' outlier search
+//              (not zeroed): int8_linear_mmv takes their products back out in its epilogue,
+//              so quantizing a row never waits for the other rows' outlier search
 //   SCA        float32[rows] row absmax
 // block 256 = one row, grid = rows: the medium-M path has too few rows for a warp a row
 // (int8_row_quant) to fill the GPU. Thread t handles the 8-element chunks 8t, 8t + 2048, ...;
@@ -891,9 +923,10 @@ __device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
 //   CA         i8[M * K] row codes of A, SCA float32[M] their row absmax (int8_row_quant_wide)
 //   CB         i8[N * K], SCB float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
 //   A, flags   SPARSE: activations Fmt::storage[M * K] and outlier columns u8[K] (0 / 1,
-//              16-byte aligned). Flagged columns are masked out of the int8 product (in the
-//              weight words: a byte of 0 / 1 times 0xff is its mask, no carries) and added
-//              in Fmt as int8_mm_dequant does, in ascending column order
+//              16-byte aligned). The main loop is threshold 0's: flagged columns' codes go
+//              through the tensor cores too; the epilogue subtracts their exact int32
+//              products (CA[m, c] * CB[n, c]) before dequantizing, and adds them in Fmt as
+//              int8_mm_dequant does, in ascending column order
 //   out        Fmt::storage[M * N]
 //   M <= MT (16, 32 or 64); K % 16 == 0; CA and CB 16-byte aligned.
 // dynamic smem (SPARSE): bitmap u32[ceil(K / 32)] | summary u32[ceil(K / 1024)] (as the gemv's)
@@ -947,14 +980,6 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
         asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
             : "=r"(wb[u].x), "=r"(wb[u].y), "=r"(wb[u].z), "=r"(wb[u].w)
             : "l"(wrow_b + k));
-      if constexpr (SPARSE) {
-        if (in) {
-          const uint4 f = *reinterpret_cast<const uint4*>(flags + k);
-          const uint4 keep = make_uint4(~(f.x * 0xffu), ~(f.y * 0xffu), ~(f.z * 0xffu), ~(f.w * 0xffu));
-          wa[u] = make_uint4(wa[u].x & keep.x, wa[u].y & keep.y, wa[u].z & keep.z, wa[u].w & keep.w);
-          wb[u] = make_uint4(wb[u].x & keep.x, wb[u].y & keep.y, wb[u].z & keep.z, wb[u].w & keep.w);
-        }
-      }
     }
 #pragma unroll
     for (int u = 0; u < kMmvUnroll; ++u) {
@@ -1017,20 +1042,18 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
   const int m0 = threadIdx.x >> 5;
   const float scb = SCB[n];
   constexpr int kPer = MT / 8;
-  float o[kPer];
+  int tot[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int m = m0 + 8 * i;
-    o[i] = m < M ? Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(total[m][nl], SCA[m], scb, bias, n)))
-                 : 0.0f;
-  }
+  for (int i = 0; i < kPer; ++i) tot[i] = m0 + 8 * i < M ? total[m0 + 8 * i][nl] : 0;
+  float s[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) s[i] = 0.0f;
   if (SPARSE && any) {
-    float s[kPer];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) s[i] = 0.0f;
     // Columns in ascending order, kOutlierBatch at a time so their loads overlap (fewer
-    // for MT = 64, whose kPer values a column would otherwise spill registers).
-    constexpr int kOutlierBatch = kPer <= 4 ? 8 : 4;
+    // for MT = 64, whose kPer values a column would otherwise spill registers). Each
+    // column's int8 product, CA[m, c] * CB[n, c] with the code int8_row_quant_wide left
+    // there, is taken back out of the exact int32 sum, and its 16-bit product summed.
+    constexpr int kOutlierBatch = kPer <= 4 ? 8 : 3;
     int cols[kOutlierBatch];
     int nc = 0;
     int sw = 0, wi = -1;
@@ -1054,30 +1077,42 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
         word &= word - 1;
       }
       if (nc == kOutlierBatch || (done && nc > 0)) {
-        float w[kOutlierBatch], av[kOutlierBatch][kPer];
+        i8 wq[kOutlierBatch];
+        float av[kOutlierBatch][kPer];
+        int cq[kOutlierBatch][kPer];
 #pragma unroll
         for (int q = 0; q < kOutlierBatch; ++q) {
           if (q < nc) {
-            w[q] = outlier_weight<Fmt>(CB[(i64)n * K + cols[q]], scb);
+            wq[q] = CB[(i64)n * K + cols[q]];
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
               const int m = m0 + 8 * i;
               av[q][i] = m < M ? Fmt::to_float(A[(i64)m * K + cols[q]]) : 0.0f;
+              cq[q][i] = m < M ? (int)CA[(i64)m * K + cols[q]] : 0;
             }
           }
         }
 #pragma unroll
         for (int q = 0; q < kOutlierBatch; ++q)
           if (q < nc) {
+            const float w = outlier_weight<Fmt>(wq[q], scb);
 #pragma unroll
-            for (int i = 0; i < kPer; ++i) s[i] = __fadd_rn(s[i], __fmul_rn(av[q][i], w[q]));
+            for (int i = 0; i < kPer; ++i) {
+              tot[i] -= cq[q][i] * (int)wq[q];
+              s[i] = __fadd_rn(s[i], __fmul_rn(av[q][i], w));
+            }
           }
         nc = 0;
       }
       if (done) break;
     }
+  }
+  float o[kPer];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) o[i] = __fadd_rn(o[i], s[i]);
+  for (int i = 0; i < kPer; ++i) {
+    const int m = m0 + 8 * i;
+    o[i] = m < M ? Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(tot[i], SCA[m], scb, bias, n))) : 0.0f;
+    if (SPARSE && any) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
   }
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {

@@ -517,7 +517,7 @@ def test_gpu_layer_matches_cpu(dtype, threshold, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 16])  # the gemv and the medium-M path
+@pytest.mark.parametrize("rows", [1, 16, 512])  # the gemv, the medium-M path and cuBLAS
 def test_gpu_layer_in_a_cuda_graph(rows):
     if not _cuda_available():
         pytest.skip("torch has no CUDA here")
