@@ -422,10 +422,8 @@ class FusedLaunch:
     a call writes only the activation, bias and output addresses into it and launches on
     the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
     per-call host cost is that one driver call. The prepared arguments assume a 16-byte
-    aligned, contiguous A of M x K values (check with :meth:`accepts`). A
-    ``gemm_4bit_tile_split`` launch owns one workspace (partial sums and arrival counters),
-    so its launches must be ordered (one stream, or streams synchronised with each other),
-    as with any buffer a kernel writes.
+    aligned, contiguous A of M x K values (check with :meth:`accepts`). Split-K launches,
+    which need a workspace a call, are never prepared (:func:`prepare_fused`).
     """
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
@@ -469,16 +467,16 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
     bias_stub = a_stub if has_bias else None
     if fmt != "float32" and K % 32 == 0 and packed.data.ptr % 16 == 0:
-        launch = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+        kernel, grid, block, args, smem = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+        if len(grid) > 1 and grid[1] > 1:
+            # gemm_4bit_tile_split (K split over grid.y) needs a workspace per launch: one kept
+            # here would be shared by concurrent streams and recorded into CUDA graphs that
+            # outlive it. The general path allocates it per call, in stream order.
+            return None
     else:
         aligned = K % 32 == 0 and packed.data.ptr % 16 == 0
         launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
-    kernel, grid, block, args, smem = launch
-    if len(grid) > 1 and grid[1] > 1 and cp.cuda.get_current_stream().is_capturing():
-        # A split-K launch keeps its workspace, whose counters must be zero before the first
-        # launch; under capture the zeroing memset would only be recorded into the graph.
-        # The general path (a workspace a call, zeroed in stream order) runs instead.
-        return None
+        kernel, grid, block, args, smem = launch
     return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
 
 

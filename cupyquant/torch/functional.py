@@ -187,6 +187,8 @@ class QuantState(_ArrayQuantState):
         # Keyed by the tensor's memory: the view aliases it, so in-place updates show;
         # and the cached view keeps that memory alive, so no other tensor can reuse the
         # address while the entry exists. Any field change of the state drops the cache.
+        if not t.is_contiguous():
+            return make(t)  # a contiguous copy: caching it would miss later in-place updates
         key = (t.data_ptr(), t.dtype, t.numel())
         cached = self._kernel_views.get(slot)
         if cached is not None and cached[0] == key:
@@ -198,7 +200,8 @@ class QuantState(_ArrayQuantState):
     def fused_launch(self, packed: Tensor, fmt: str, M: int, has_bias: bool, like: Tensor) -> Any:
         """The prepared fused-kernel launch for ``M`` rows of ``fmt`` (None where the fused
         kernels do not apply), built on first use and cached with the array views."""
-        key = ("launch", fmt, M, has_bias, packed.data_ptr())
+        nested_generation = self.state2._generation if self.state2 is not None else 0
+        key = ("launch", fmt, M, has_bias, packed.data_ptr(), nested_generation)
         cached = self._kernel_views.get(key)
         if cached is None:
             with kernel_context(like):
@@ -697,6 +700,8 @@ def check_matmul_operands(A: Tensor, B: Tensor, quant_state: QuantState, bias: T
     if A.dim() < 1 or A.shape[-1] != K:
         raise ValueError(f"A's last dimension must equal the weight's K = {K}, got A of shape {tuple(A.shape)}")
     _check_same_device(A, B, "A", "B")
+    if quant_state.absmax.device != B.device:
+        raise ValueError(f"quant_state is on {quant_state.absmax.device} but B is on {B.device}")
     if bias is not None:
         _check_tensor(bias, "bias")
         if bias.numel() != N or bias.dtype != A.dtype:

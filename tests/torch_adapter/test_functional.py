@@ -315,3 +315,28 @@ def test_blockwise_errors():
         F.dequantize_blockwise(q)
     with pytest.raises(ValueError, match="nested=True needs the quant_state"):
         F.dequantize_blockwise(q, absmax=torch.ones(1), nested=True)
+
+
+def test_a_strided_bias_is_read_at_every_call():
+    """A non-contiguous bias crosses as a copy: it must not be cached, or later in-place
+    updates of the bias would be missed."""
+    from cupyquant.torch import LinearNF4
+
+    layer = LinearNF4(64, 16, compute_dtype=torch.float32).cpu()
+    x = torch.randn(3, 64)
+    backing = torch.randn(32)
+    bias = backing[::2]
+    first = F.matmul_4bit(x, layer.weight, layer.weight.quant_state, bias=bias)
+    backing.add_(100.0)
+    second = F.matmul_4bit(x, layer.weight, layer.weight.quant_state, bias=bias)
+    torch.testing.assert_close(second - first, torch.full_like(first, 100.0))
+
+
+def test_matmul_4bit_refuses_a_state_on_another_device():
+    from cupyquant.torch import LinearNF4
+
+    layer = LinearNF4(64, 16).cpu()
+    state = layer.weight.quant_state
+    state.absmax = state.absmax.to("meta")
+    with pytest.raises(ValueError, match="quant_state is on meta but B is on cpu"):
+        F.matmul_4bit(torch.randn(2, 64), layer.weight, state)
