@@ -25,6 +25,7 @@ import math
 import statistics
 
 import torch
+from _graph_timing import GRAPH_CALLS, time_graph
 from torch import nn
 
 import cupyquant._gpu_int8 as g8
@@ -32,7 +33,6 @@ import cupyquant.int8 as cq8
 from cupyquant.torch import int8 as T
 
 ROTATION_BYTES = 400e6
-GRAPH_CALLS = 20
 SHAPES = [(4096, 4096), (28672, 8192)]  # (N, K): output x input features
 ROWS = [1, 16, 32, 64, 256, 512, 4096]
 OUTLIER_COLUMNS = 6
@@ -68,36 +68,6 @@ def _activations(m: int, k: int) -> torch.Tensor:
     cols = torch.randperm(k, generator=g)[:OUTLIER_COLUMNS].cuda()
     x[:, cols] *= 10
     return x
-
-
-def _time_graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
-    """Median us a call over replays of graphs of GRAPH_CALLS calls each (layers rotated)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for layer in layers[:3]:
-            layer(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for first in range(0, len(layers), GRAPH_CALLS):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(GRAPH_CALLS):
-                layers[(first + i) % len(layers)](x)
-        graphs.append(graph)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start.record()
-        for graph in graphs:
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (GRAPH_CALLS * len(graphs)))
-    del graphs
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def _time_eager(layers: list[nn.Module], x: torch.Tensor, repeats: int, calls: int = 100) -> float:
@@ -143,13 +113,13 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -
         for m in rows:
             x = _activations(m, k)
             with torch.no_grad():
-                fp16_us = _time_graph(fp16, x, repeats)
+                fp16_us = time_graph(fp16, x, repeats)
                 for backend in _backends(m):
                     cq8.set_int8_gemm_backend(backend)
                     base = None
                     for t in (0.0, 6.0):
                         eager = _time_eager(int8[t], x, max(3, repeats // 3))
-                        us = _time_graph(int8[t], x, repeats)
+                        us = time_graph(int8[t], x, repeats)
                         base = us if t == 0.0 else base
                         nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n
                         rel = f"{us / base:9.2f}" if t else f"{'':>9}"

@@ -21,12 +21,12 @@ import sys
 import time
 
 import torch
+from _graph_timing import time_graph
 from torch import nn
 
 import cupyquant.torch as cqt
 
 ROTATION_BYTES = 400e6
-GRAPH_CALLS = 20
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -63,35 +63,6 @@ def _eager(layers: list[nn.Module], x: torch.Tensor, calls: int, repeats: int) -
         device_us.append(start.elapsed_time(end) * 1e3 / calls)
         host_us.append((t1 - t0) * 1e6 / calls)
     return statistics.median(device_us), statistics.median(host_us)
-
-
-def _graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
-    """Median us a call over replays of a graph of GRAPH_CALLS calls (rotated layers)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for layer in layers[:GRAPH_CALLS]:
-            layer(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for first in range(0, len(layers), GRAPH_CALLS):
-        graph = torch.cuda.CUDAGraph()
-        group = [layers[(first + i) % len(layers)] for i in range(GRAPH_CALLS)]
-        with torch.cuda.graph(graph):
-            for layer in group:
-                layer(x)
-        graphs.append(graph)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start.record()
-        for graph in graphs:
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (GRAPH_CALLS * len(graphs)))
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m:>5} {name:<22} {q_us:>9.2f} {q_host:>8.2f} {weight_bytes / q_us / 1e3:>7.0f} "
                   f"{d_us:>9.2f} {q_us / d_us:>6.2f}")  # fmt: skip
         with torch.inference_mode():
-            q_us, d_us = _graph(quantized, x, args.repeats), _graph(dense, x, args.repeats)
+            q_us, d_us = time_graph(quantized, x, args.repeats), time_graph(dense, x, args.repeats)
         print(f"{m:>5} {'graph replay':<22} {q_us:>9.2f} {'':>8} {weight_bytes / q_us / 1e3:>7.0f} "
               f"{d_us:>9.2f} {q_us / d_us:>6.2f}")  # fmt: skip
     return 0

@@ -243,20 +243,13 @@ def _plan(reader: SafetensorsReader, options: QuantizeOptions) -> list[_Plan]:
 # ---------------------------------------------------------------------------------------
 # per-tensor quantization
 # ---------------------------------------------------------------------------------------
-def _to_float32(bits: Any, fmt: str, xp: Any) -> Any:
-    """float32 values of a flat storage array (bfloat16 bits widen exactly by a shift)."""
-    if fmt == "bfloat16":
-        return (bits.astype(xp.uint32) << 16).view(xp.float32)
-    return bits.astype(xp.float32, copy=False)
-
-
 def _relative_error(ref_bits: Any, ref_fmt: str, deq: Any, deq_fmt: str, xp: Any) -> float:
     """||W - deq|| / ||W|| summed in float64, a chunk at a time (0 when W is all zero)."""
     num = den = 0.0
     chunk = _ERROR_CHUNK["numpy" if xp is np else "cupy"]
     for start in range(0, ref_bits.size, chunk):
-        a = _to_float32(ref_bits[start : start + chunk], ref_fmt, xp).astype(xp.float64)
-        b = _to_float32(deq[start : start + chunk], deq_fmt, xp).astype(xp.float64)
+        a = ref.to_float32(ref_bits[start : start + chunk], ref_fmt).astype(xp.float64)
+        b = ref.to_float32(deq[start : start + chunk], deq_fmt).astype(xp.float64)
         num += float(((a - b) ** 2).sum())
         den += float((a * a).sum())
     if den == 0.0:
@@ -295,7 +288,7 @@ def _quantize_int8(bits: Any, fmt: str, spec: TensorSpec, xp: Any) -> tuple[list
     rows, k = spec.shape
     # Rounded to float16 first, as bitsandbytes' Int8Params (and cupyquant.torch's) does,
     # so the file holds the bytes those layers would.
-    half = _to_float32(bits, fmt, xp).astype(xp.float16)
+    half = ref.to_float32(bits, fmt).astype(xp.float16)
     ca, sca, _ = int8_vectorwise_quant_bits(half, "float16", rows, k, 0.0)
     deq = int8_vectorwise_dequant_bits(ca, sca, rows, k)
     error = _relative_error(bits, fmt, deq, "float32", xp)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _lut, codebooks
-from ._xp import cupy
+from ._xp import aligned, cupy, device_attribute
 from .rawkernels import get_function, register_expressions
 
 _FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
@@ -46,11 +46,9 @@ def device_table(name: str) -> Any:
     return _table_on(name, cupy().cuda.Device().id)
 
 
-@functools.cache
-def _resident_blocks(device_id: int, threads: int) -> int:
-    """Blocks that fill the device once: SMs x (2048 threads / threads per block)."""
-    sms = cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
-    return sms * max(1, 2048 // threads)
+def _resident_blocks(threads: int) -> int:
+    """Blocks that fill the current device once: SMs x (2048 threads / threads per block)."""
+    return device_attribute("MultiProcessorCount") * max(1, 2048 // threads)
 
 
 def code8_lookup(code: Any, is_default: bool) -> tuple[str, Any]:
@@ -63,11 +61,6 @@ def code8_lookup(code: Any, is_default: bool) -> tuple[str, Any]:
     if table is None:
         return "8bit_search", code
     return "8bit", cupy().asarray(table)
-
-
-def _aligned_input(a: Any, alignment: int) -> Any:
-    """``a``, or a fresh (256-byte aligned) copy when its address is not ``alignment``-aligned."""
-    return a if a.data.ptr % alignment == 0 else a.copy()
 
 
 def _grid(work_items: int, per_block: int) -> tuple[int]:
@@ -121,8 +114,8 @@ def quantize_blockwise(bits: Any, fmt: str, blocksize: int, quant: str, absmax: 
     kernel = get_function(_SOURCE, expr)
     threads = max(_THREADS, blocksize // _QUANT_VEC)
     chunks = -(-n // (threads * _QUANT_VEC))
-    grid = (min(chunks, _resident_blocks(cupy().cuda.Device().id, threads)),)
-    bits = _aligned_input(bits, 16)
+    grid = (min(chunks, _resident_blocks(threads)),)
+    bits = aligned(bits, 16)
     off = offset if has_offset else table
 
     def launch(target: Any) -> None:
@@ -138,7 +131,7 @@ def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scal
         return
     expr = f"dequantize_4bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
     kernel = get_function(_SOURCE, expr)
-    packed = _aligned_input(packed, 4)
+    packed = aligned(packed, 4)
     table = device_table(f"{quant_type}_values")
     grid = _grid(-(-n // _DEQUANT_VEC), _THREADS)
 
@@ -155,7 +148,7 @@ def dequantize_8bit(q: Any, code: Any, fmt: str, blocksize: int, scales: Scales,
         return
     expr = f"dequantize_8bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
     kernel = get_function(_SOURCE, expr)
-    q = _aligned_input(q, 8)
+    q = aligned(q, 8)
     grid = _grid(-(-n // _DEQUANT_VEC), _THREADS)
 
     def launch(target: Any) -> None:

@@ -8,13 +8,12 @@ C-contiguous CuPy array; float arrays hold their format's storage (bfloat16 as u
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
 from . import _cublas
-from ._xp import FLOAT_FORMATS, cupy
+from ._xp import FLOAT_FORMATS, aligned, cupy, device_attribute
 from .rawkernels import get_function, register_expressions
 
 _SOURCE = "int8.cu"
@@ -76,15 +75,9 @@ def _use_cublas(M: int, N: int, K: int) -> bool:
     return mode == "cublas" or (M >= CUBLAS_MIN_M and (_cublas.capturable() or not _capturing()))
 
 
-@functools.cache
-def _device_limits(device_id: int) -> tuple[int, int]:
-    """(multiprocessor count, opt-in dynamic shared memory per block) of a device."""
-    attrs = cupy().cuda.Device(device_id).attributes
-    return int(attrs["MultiProcessorCount"]), int(attrs.get("MaxSharedMemoryPerBlockOptin", _DEFAULT_SMEM))
-
-
 def _limits() -> tuple[int, int]:
-    return _device_limits(cupy().cuda.Device().id)
+    """(multiprocessor count, opt-in dynamic shared memory per block) of the current device."""
+    return device_attribute("MultiProcessorCount"), device_attribute("MaxSharedMemoryPerBlockOptin", _DEFAULT_SMEM)
 
 
 def _kernel(expr: str, smem: int = 0) -> Any:
@@ -93,11 +86,6 @@ def _kernel(expr: str, smem: int = 0) -> Any:
     if smem > _DEFAULT_SMEM and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
     return kernel
-
-
-def _aligned(a: Any, alignment: int) -> Any:
-    """``a``, or a fresh (256-byte aligned) copy when its address is not ``alignment``-aligned."""
-    return a if a.data.ptr % alignment == 0 else a.copy()
 
 
 def _slabs(rows: int) -> int:
@@ -248,7 +236,7 @@ def _gemm_operands(ca: Any, cb: Any, M: int, N: int, K: int) -> tuple[Any, Any, 
     Kp = -(-K // 16) * 16
     if Kp != K:
         return _pad_k(ca, M, K, Kp), _pad_k(cb, N, K, Kp), Kp
-    return _aligned(ca, 16), _aligned(cb, 16), K
+    return aligned(ca, 16), aligned(cb, 16), K
 
 
 def _cublas_usable(M: int, N: int, K: int) -> bool:
@@ -279,7 +267,7 @@ def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
     if M == 0 or N == 0:
         return
     if _use_cublas(M, N, K):
-        _cublas_int32(_aligned(ca, 16), _aligned(cb, 16), M, N, K, out)
+        _cublas_int32(aligned(ca, 16), aligned(cb, 16), M, N, K, out)
         return
     ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
     kernel = _kernel("int8_gemm<Float32, 0, Float32, false, false>", _GEMM_SMEM)
@@ -333,7 +321,7 @@ def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, ca: Any, sca: Any, cb:
     4096 x 4096 at M = 4096 took 223 us in four chunks against 162 in one call.)
     """
     cp = cupy()
-    cb = _aligned(cb, 16)
+    cb = aligned(cb, 16)
     acc = cp.empty(M * N, dtype=cp.int32)
     w16 = outlier_weights(cb, scb, sparse[0], sparse[1], N, K, fmt) if sparse is not None else None
     _cublas_int32(ca, cb, M, N, K, acc)
@@ -403,7 +391,7 @@ def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int
     expr = f"int8_linear_mmv<{s}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
     _kernel(expr, smem)(
         (_blocks(N, _MMV_ROWS),), (256,),
-        (ca, sca, _aligned(cb, 16), scb, bias if has_bias else scb, a_bits, flags, np.int32(M), np.int32(N),
+        (ca, sca, aligned(cb, 16), scb, bias if has_bias else scb, a_bits, flags, np.int32(M), np.int32(N),
          np.int32(K), out),
         shared_mem=smem,
     )  # fmt: skip
@@ -426,7 +414,7 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
     else:
         bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     if mt is not None:
-        cb = _aligned(cb, 16)
+        cb = aligned(cb, 16)
         smem = _gemv_smem(mt, K)
         expr = f"int8_linear_gemv<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
         sms, _ = _limits()

@@ -91,6 +91,25 @@ def bfloat16_dtype() -> np.dtype | None:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+@functools.cache
+def _device_attributes(device_id: int) -> dict[str, int]:
+    return dict(cupy().cuda.Device(device_id).attributes)
+
+
+def device_attribute(name: str, default: int | None = None) -> int:
+    """A CUDA attribute of the current CuPy device (e.g. "MultiProcessorCount"), cached."""
+    attrs = _device_attributes(cupy().cuda.Device().id)
+    if default is None:
+        return int(attrs[name])
+    return int(attrs.get(name, default))
+
+
+def aligned(a: Any, alignment: int) -> Any:
+    """``a``, or a fresh (256-byte aligned) copy when its address is not ``alignment``-aligned:
+    the kernels' vector loads need aligned addresses, and user views may not have them."""
+    return a if a.data.ptr % alignment == 0 else a.copy()
+
+
 def same_module(a: Any, b: Any, what_a: str, what_b: str) -> None:
     """Refuse mixing NumPy and CuPy arrays (or arrays on different GPUs)."""
     if is_cupy_array(a) != is_cupy_array(b):

@@ -205,9 +205,8 @@ def _as_float32_state(qs: QuantState) -> QuantState:
 # ---------------------------------------------------------------------------------------
 # CuPy paths
 # ---------------------------------------------------------------------------------------
-@functools.cache
-def _sm_count(device_id: int) -> int:
-    return int(_xp.cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+def _sm_count() -> int:
+    return _xp.device_attribute("MultiProcessorCount")
 
 
 def _scale_args(qs: QuantState) -> tuple[Any, ...]:
@@ -235,7 +234,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False)
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))
     row_tiles = -(-N // 16)
-    sms = _sm_count(_xp.cupy().cuda.Device().id)
+    sms = _sm_count()
     target = _WARPS_PER_SM_TARGET * sms
     if tiles <= 2 and not wide:
         if rt is None:
@@ -271,7 +270,7 @@ def _pick_tile(
     """
     row_tiles = -(-N // 16)
     if mt is None or rt is None:
-        d_mt, d_rt, d_ks = _tile_default(M, row_tiles, -(-K // _MMA_SEGMENT), _sm_count(_xp.cupy().cuda.Device().id))
+        d_mt, d_rt, d_ks = _tile_default(M, row_tiles, -(-K // _MMA_SEGMENT), _sm_count())
         mt = d_mt if mt is None else mt
         rt = d_rt if rt is None else rt
         ksplit = d_ks if ksplit is None else ksplit
