@@ -2,7 +2,10 @@
 
 - Tensor versions of the int8 ops (``int8_vectorwise_quant``, ``int8_vectorwise_dequant``,
   ``int8_double_quant``, ``int8_linear_matmul``, ``int8_mm_dequant``, ``int8_linear``),
-  working on zero-copy views of torch tensors (``_interop``), on the CPU too.
+  working on zero-copy views of torch tensors (``_interop``), on the CPU too; each is
+  also a ``torch.library`` custom op (``torch.ops.cupyquant.int8_*``) with a fake
+  implementation, so ``torch.compile(fullgraph=True)`` traces the layers and
+  :func:`matmul`'s forward and backward.
 - :class:`Int8Params`: a weight that quantizes itself row-wise to int8 on its move to a
   device. It owns its codes (``CB`` is its data) and scales (``SCB``).
 - :class:`MatmulLtState`, :func:`matmul` (``A @ B^T`` through int8 with its backward),
@@ -94,7 +97,65 @@ def _check_threshold(threshold: Any) -> float:
 
 # ---------------------------------------------------------------------------------------
 # tensor versions of the int8 ops
+#
+# Each op is a ``torch.library`` custom op (namespace ``cupyquant``) with a fake
+# implementation, so torch.compile(fullgraph=True) traces through it. The public
+# functions validate, then launch the kernels directly in eager mode and call the op
+# only while compiling (``torch.compiler.is_compiling()``, as the 4-bit ops do): a
+# custom op adds about 20 us of Python dispatch per call, the check about 50 ns, and
+# the kernels run are the same either way.
+#
+# Op results have shapes known before the kernels run: the outlier columns leave the
+# ops as a uint8[K] mask, turned into indices (a data-dependent size) by the callers.
+# The kernel helpers take the sizes and formats the public functions have worked out
+# while validating: recomputing them would cost about a microsecond per eager call.
 # ---------------------------------------------------------------------------------------
+def _row_quant(A: Tensor, bits: Any, fmt: str, rows: int, K: int, threshold: float) -> tuple[Tensor, Tensor, Any]:
+    """``(CA, SCA, flags)`` of A's flat storage ``bits``; flags is the core's uint8[K]
+    array, None when ``threshold == 0``. Unchecked; call inside ``kernel_context(A)``."""
+    ca = torch.empty(A.shape, dtype=torch.int8, device=A.device)
+    sca = torch.empty(rows, dtype=torch.float32, device=A.device)
+    _, _, flags = _i8.int8_vectorwise_quant_bits(bits, fmt, rows, K, threshold, _flat(ca), storage(sca))
+    return ca, sca, flags
+
+
+def _flag_mask(flags: Any, A: Tensor) -> Tensor:
+    """The core's outlier flags as a uint8[K] tensor, all zero when there are none (inside ``kernel_context(A)``)."""
+    if flags is None:
+        return torch.zeros(A.shape[-1], dtype=torch.uint8, device=A.device)
+    return to_tensor(flags, A.device)
+
+
+def _outlier_columns(flags: Any, device: torch.device) -> Tensor | None:
+    """int64 indices of the flagged columns (uint8[K] array from the core), or None."""
+    if flags is None:
+        return None
+    return torch.nonzero(to_tensor(flags, device)).reshape(-1)
+
+
+def _row_quant_fake(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rows = math.prod(A.shape[:-1])
+    return (
+        A.new_empty(A.shape, dtype=torch.int8),
+        A.new_empty(rows, dtype=torch.float32),
+        A.new_empty(A.shape[-1], dtype=torch.uint8),
+    )
+
+
+@torch.library.custom_op("cupyquant::int8_vectorwise_quant", mutates_args=())
+def _int8_vectorwise_quant_op(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(CA int8 A.shape, SCA float32[rows], outlier mask uint8[K])``."""
+    rows, K = _rows_k(A, "A")
+    with kernel_context(A):
+        ca, sca, flags = _row_quant(A, _flat(A), float_format(A), rows, K, threshold)
+        return ca, sca, _flag_mask(flags, A)
+
+
+@_int8_vectorwise_quant_op.register_fake
+def _(A, threshold):
+    return _row_quant_fake(A)
+
+
 def int8_vectorwise_quant(A: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
     """Row-wise int8 quantization (see ``cupyquant.int8.int8_vectorwise_quant``).
 
@@ -105,25 +166,39 @@ def int8_vectorwise_quant(A: Tensor, threshold: float = 0.0) -> tuple[Tensor, Te
 
     Returns:
         ``(CA int8 of A's shape, SCA float32 (rows,), outlier_cols int64 (n,) or None)``;
-        ``outlier_cols`` is None when ``threshold == 0`` (finding them waits for the GPU).
+        ``outlier_cols`` is None when ``threshold == 0`` (finding them waits for the GPU;
+        under torch.compile their count is a data-dependent size, which some torch
+        releases keep in the graph only with
+        ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``).
     """
     _check_tensor(A, "A")
     fmt = float_format(A)
     threshold = _check_threshold(threshold)
     rows, K = _rows_k(A, "A")
-    ca = torch.empty(A.shape, dtype=torch.int8, device=A.device)
-    sca = torch.empty(rows, dtype=torch.float32, device=A.device)
+    if torch.compiler.is_compiling():
+        ca, sca, mask = torch.ops.cupyquant.int8_vectorwise_quant(A, threshold)
+        return ca, sca, None if threshold == 0.0 else torch.nonzero(mask).reshape(-1)
     with kernel_context(A):
-        _, _, flags = _i8.int8_vectorwise_quant_bits(_flat(A), fmt, rows, K, threshold, _flat(ca), storage(sca))
-        cols = _outlier_columns(flags, A.device)
-    return ca, sca, cols
+        ca, sca, flags = _row_quant(A, _flat(A), fmt, rows, K, threshold)
+        return ca, sca, _outlier_columns(flags, A.device)
 
 
-def _outlier_columns(flags: Any, device: torch.device) -> Tensor | None:
-    """int64 indices of the flagged columns (uint8[K] array from the core), or None."""
-    if flags is None:
-        return None
-    return torch.nonzero(to_tensor(flags, device)).reshape(-1)
+def _vectorwise_dequant(A: Tensor, stats: Tensor, rows: int, K: int) -> Tensor:
+    out = torch.empty(A.shape, dtype=torch.float32, device=A.device)
+    with kernel_context(A):
+        _i8.int8_vectorwise_dequant_bits(_flat(A), _flat(stats), rows, K, _flat(out))
+    return out
+
+
+@torch.library.custom_op("cupyquant::int8_vectorwise_dequant", mutates_args=())
+def _int8_vectorwise_dequant_op(A: Tensor, stats: Tensor) -> Tensor:
+    """float32 of A's shape."""
+    return _vectorwise_dequant(A, stats, *_rows_k(A, "A"))
+
+
+@_int8_vectorwise_dequant_op.register_fake
+def _(A, stats):
+    return A.new_empty(A.shape, dtype=torch.float32)
 
 
 def int8_vectorwise_dequant(A: Tensor, stats: Tensor) -> Tensor:
@@ -136,10 +211,36 @@ def int8_vectorwise_dequant(A: Tensor, stats: Tensor) -> Tensor:
     rows, K = _rows_k(A, "A")
     if stats.numel() != rows:
         raise ValueError(f"stats must have {rows} elements (one per row of A), got {stats.numel()}")
-    out = torch.empty(A.shape, dtype=torch.float32, device=A.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.cupyquant.int8_vectorwise_dequant(A, stats)
+    return _vectorwise_dequant(A, stats, rows, K)
+
+
+def _double_quant(
+    A: Tensor, fmt: str, rows: int, K: int, threshold: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+    """``(CA, CAt, SCA, SCAt, flags)`` as :func:`_row_quant`. Call inside ``kernel_context(A)``."""
+    bits = _flat(A)
+    ca, sca, flags = _row_quant(A, bits, fmt, rows, K, threshold)
+    cat = torch.empty(A.shape, dtype=torch.int8, device=A.device)
+    scat = torch.empty(K, dtype=torch.float32, device=A.device)
+    _i8.int8_col_quant_bits(bits, fmt, rows, K, threshold, flags, _flat(cat), storage(scat))
+    return ca, cat, sca, scat, flags
+
+
+@torch.library.custom_op("cupyquant::int8_double_quant", mutates_args=())
+def _int8_double_quant_op(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(CA, CAt int8 A.shape, SCA float32[rows], SCAt float32[K], outlier mask uint8[K])``."""
+    rows, K = _rows_k(A, "A")
     with kernel_context(A):
-        _i8.int8_vectorwise_dequant_bits(_flat(A), _flat(stats), rows, K, _flat(out))
-    return out
+        ca, cat, sca, scat, flags = _double_quant(A, float_format(A), rows, K, threshold)
+        return ca, cat, sca, scat, _flag_mask(flags, A)
+
+
+@_int8_double_quant_op.register_fake
+def _(A, threshold):
+    ca, sca, mask = _row_quant_fake(A)
+    return ca, torch.empty_like(ca), sca, A.new_empty(A.shape[-1], dtype=torch.float32), mask
 
 
 def int8_double_quant(
@@ -154,7 +255,9 @@ def int8_double_quant(
 
     Returns ``(CA, CAt, SCA, SCAt, outlier_cols)``: CA and CAt int8 of A's shape (CAt is
     scaled per column, not transposed), SCA float32 (rows,), SCAt float32 (K,).
-    ``col_stats``, ``row_stats``, ``out_col``, ``out_row`` must be None.
+    ``col_stats``, ``row_stats``, ``out_col``, ``out_row`` must be None. Under
+    torch.compile the outlier columns are a data-dependent size, as in
+    :func:`int8_vectorwise_quant`.
     """
     for name, value in (("col_stats", col_stats), ("row_stats", row_stats), ("out_col", out_col),
                         ("out_row", out_row)):  # fmt: skip
@@ -166,16 +269,31 @@ def int8_double_quant(
     fmt = float_format(A)
     threshold = _check_threshold(threshold)
     rows, K = _rows_k(A, "A")
-    ca = torch.empty(A.shape, dtype=torch.int8, device=A.device)
-    cat = torch.empty(A.shape, dtype=torch.int8, device=A.device)
-    sca = torch.empty(rows, dtype=torch.float32, device=A.device)
-    scat = torch.empty(K, dtype=torch.float32, device=A.device)
+    if torch.compiler.is_compiling():
+        ca, cat, sca, scat, mask = torch.ops.cupyquant.int8_double_quant(A, threshold)
+        return ca, cat, sca, scat, None if threshold == 0.0 else torch.nonzero(mask).reshape(-1)
     with kernel_context(A):
-        bits = _flat(A)
-        _, _, flags = _i8.int8_vectorwise_quant_bits(bits, fmt, rows, K, threshold, _flat(ca), storage(sca))
-        _i8.int8_col_quant_bits(bits, fmt, rows, K, threshold, flags, _flat(cat), storage(scat))
-        cols = _outlier_columns(flags, A.device)
-    return ca, cat, sca, scat, cols
+        ca, cat, sca, scat, flags = _double_quant(A, fmt, rows, K, threshold)
+        return ca, cat, sca, scat, _outlier_columns(flags, A.device)
+
+
+def _linear_matmul_into(A: Tensor, B: Tensor, M: int, N: int, K: int, result: Tensor) -> Tensor:
+    with kernel_context(A):
+        _i8.int8_linear_matmul_bits(_flat(A), _flat(B), M, N, K, _flat(result))
+    return result
+
+
+@torch.library.custom_op("cupyquant::int8_linear_matmul", mutates_args=())
+def _int8_linear_matmul_op(A: Tensor, B: Tensor) -> Tensor:
+    """int32 ``A (..., K) @ B (N, K)^T``: (..., N)."""
+    M, K = _rows_k(A, "A")
+    N = int(B.shape[0])
+    return _linear_matmul_into(A, B, M, N, K, torch.empty((*A.shape[:-1], N), dtype=torch.int32, device=A.device))
+
+
+@_int8_linear_matmul_op.register_fake
+def _(A, B):
+    return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
 
 
 def int8_linear_matmul(A: Tensor, B: Tensor, out: Tensor | None = None, dtype: torch.dtype = torch.int32) -> Tensor:
@@ -197,10 +315,42 @@ def int8_linear_matmul(A: Tensor, B: Tensor, out: Tensor | None = None, dtype: t
         if tuple(out.shape) != shape or out.dtype != torch.int32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {shape} int32 tensor, got {tuple(out.shape)} of {out.dtype}")
         _check_same_device(A, out, "A", "out")
+    if torch.compiler.is_compiling():
+        result = torch.ops.cupyquant.int8_linear_matmul(A, B)
+        return result if out is None else out.copy_(result)
     result = out if out is not None else torch.empty(shape, dtype=torch.int32, device=A.device)
+    return _linear_matmul_into(A, B, M, N, K, result)
+
+
+def _bias_format(bias: Tensor | None) -> str | None:
+    return None if bias is None else float_format(bias, "bias")
+
+
+def _mm_dequant_into(
+    A: Tensor, row_stats: Tensor, col_stats: Tensor, M: int, N: int, fmt: str, bias: Tensor | None,
+    bias_fmt: str | None, result: Tensor,
+) -> Tensor:  # fmt: skip
     with kernel_context(A):
-        _i8.int8_linear_matmul_bits(_flat(A), _flat(B), M, N, K, _flat(result))
+        _i8.int8_mm_dequant_bits(
+            _flat(A), _flat(row_stats), _flat(col_stats), M, N, fmt,
+            None if bias is None else _flat(bias), bias_fmt, _flat(result),
+        )  # fmt: skip
     return result
+
+
+@torch.library.custom_op("cupyquant::int8_mm_dequant", mutates_args=())
+def _int8_mm_dequant_op(
+    A: Tensor, row_stats: Tensor, col_stats: Tensor, bias: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """The int32 product A dequantized to ``dtype``, A's shape."""
+    M, N = _rows_k(A, "A")
+    result = torch.empty(A.shape, dtype=dtype, device=A.device)
+    return _mm_dequant_into(A, row_stats, col_stats, M, N, format_of_dtype(dtype), bias, _bias_format(bias), result)
+
+
+@_int8_mm_dequant_op.register_fake
+def _(A, row_stats, col_stats, bias, dtype):
+    return A.new_empty(A.shape, dtype=dtype)
 
 
 def int8_mm_dequant(
@@ -247,13 +397,39 @@ def int8_mm_dequant(
         if bias.numel() != N:
             raise ValueError(f"bias must have {N} elements (one per column of A), got {bias.numel()}")
         _check_same_device(A, bias, "A", "bias")
+    if torch.compiler.is_compiling():
+        result = torch.ops.cupyquant.int8_mm_dequant(A, row_stats, col_stats, bias, dtype)
+        return result if out is None else out.copy_(result)
     result = out if out is not None else torch.empty(A.shape, dtype=dtype, device=A.device)
+    return _mm_dequant_into(A, row_stats, col_stats, M, N, fmt, bias, bias_fmt, result)
+
+
+def _linear_into(
+    A: Tensor, fmt: str, M: int, K: int, CB: Tensor, SCB: Tensor, N: int, bias: Tensor | None,
+    bias_fmt: str | None, threshold: float, result: Tensor,
+) -> Tensor:  # fmt: skip
     with kernel_context(A):
-        _i8.int8_mm_dequant_bits(
-            _flat(A), _flat(row_stats), _flat(col_stats), M, N, fmt,
-            None if bias is None else _flat(bias), bias_fmt, _flat(result),
+        _i8.int8_linear_bits(
+            _flat(A), fmt, M, K, _flat(CB), _flat(SCB), N,
+            None if bias is None else _flat(bias), bias_fmt, threshold, _flat(result),
         )  # fmt: skip
     return result
+
+
+# The whole LLM.int8 forward is one op: its outlier decomposition then never leaves the
+# kernels, so the traced graph holds no data-dependent shape.
+@torch.library.custom_op("cupyquant::int8_linear", mutates_args=())
+def _int8_linear_op(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """``A (..., K) @ W^T (+ bias)`` in A's dtype, W the (N, K) int8 rows CB with absmax SCB."""
+    M, K = _rows_k(A, "A")
+    N = int(CB.shape[0])
+    result = torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
+    return _linear_into(A, float_format(A), M, K, CB, SCB, N, bias, _bias_format(bias), threshold, result)
+
+
+@_int8_linear_op.register_fake
+def _(A, CB, SCB, bias, threshold):
+    return A.new_empty((*A.shape[:-1], CB.shape[0]))
 
 
 def int8_linear(
@@ -293,13 +469,11 @@ def int8_linear(
                 f"out must be a contiguous {shape} tensor of {A.dtype}, got {tuple(out.shape)} of {out.dtype}"
             )
         _check_same_device(A, out, "A", "out")
+    if torch.compiler.is_compiling():
+        result = torch.ops.cupyquant.int8_linear(A, CB, SCB, bias, threshold)
+        return result if out is None else out.copy_(result)
     result = out if out is not None else torch.empty(shape, dtype=A.dtype, device=A.device)
-    with kernel_context(A):
-        _i8.int8_linear_bits(
-            _flat(A), fmt, M, K, _flat(CB), _flat(SCB), N,
-            None if bias is None else _flat(bias), bias_fmt, threshold, _flat(result),
-        )  # fmt: skip
-    return result
+    return _linear_into(A, fmt, M, K, CB, SCB, N, bias, bias_fmt, threshold, result)
 
 
 def _col_quant(A2: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -310,6 +484,35 @@ def _col_quant(A2: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     with kernel_context(A2):
         _i8.int8_col_quant_bits(_flat(A2), float_format(A2), rows, K, threshold, None, _flat(cat), storage(scat))
     return cat, scat
+
+
+def _int8_weight_grad_kernels(G: Tensor, A2: Tensor, threshold: float, dtype: torch.dtype) -> Tensor:
+    """int8 weight gradient ``G^T @ A`` (N, K) of G (M, N) and A2 (M, K): both quantized
+    per column (over tokens), exact int32 product, dequantized to ``dtype``; A's outlier
+    columns added in 16-bit."""
+    cgt, scgt = _col_quant(G, 0.0)
+    cat, scat = _col_quant(A2, threshold)
+    acc = int8_linear_matmul(cgt.t().contiguous(), cat.t().contiguous())
+    grad_B = int8_mm_dequant(acc, scgt, scat, dtype=dtype)
+    if threshold > 0:
+        _, _, cols = int8_vectorwise_quant(A2, threshold)
+        if cols.numel():
+            grad_B[:, cols] += (G.t() @ A2[:, cols].to(G.dtype)).to(grad_B.dtype)
+    return grad_B
+
+
+# One op for the whole weight gradient, as for the forward: the outlier columns are
+# gathered by index inside it, so the traced backward keeps fixed shapes and computes
+# exactly what eager mode does.
+@torch.library.custom_op("cupyquant::int8_weight_grad", mutates_args=())
+def _int8_weight_grad_op(G: Tensor, A: Tensor, threshold: float, dtype: torch.dtype) -> Tensor:
+    """``G (M, N)^T @ A (M, K)`` through int8: (N, K) of ``dtype``."""
+    return _int8_weight_grad_kernels(G, A, threshold, dtype)
+
+
+@_int8_weight_grad_op.register_fake
+def _(G, A, threshold, dtype):
+    return G.new_empty((G.shape[1], A.shape[1]), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -625,19 +828,11 @@ def _backward(
 
 
 def _int8_weight_grad(ctx: Any, G: Tensor, A2: Tensor) -> Tensor:
-    """int8 weight gradient ``G^T @ A`` (N, K): both quantized per column (over tokens),
-    exact int32 product, dequantized; A's outlier columns added in 16-bit."""
-    threshold = ctx.threshold
-    cgt, scgt = _col_quant(G, 0.0)
-    cat, scat = _col_quant(A2, threshold)
-    acc = int8_linear_matmul(cgt.t().contiguous(), cat.t().contiguous())
-    out_dtype = ctx.B_dtype if ctx.B_dtype in (torch.float32, torch.float16, torch.bfloat16) else A2.dtype
-    grad_B = int8_mm_dequant(acc, scgt, scat, dtype=out_dtype)
-    if threshold > 0:
-        _, _, cols = int8_vectorwise_quant(A2, threshold)
-        if cols.numel():
-            grad_B[:, cols] += (G.t() @ A2[:, cols].to(G.dtype)).to(grad_B.dtype)
-    return grad_B
+    """int8 weight gradient ``G^T @ A`` (N, K) in the weight's float dtype (A's for int8 codes)."""
+    dtype = ctx.B_dtype if ctx.B_dtype in (torch.float32, torch.float16, torch.bfloat16) else A2.dtype
+    if torch.compiler.is_compiling():
+        return torch.ops.cupyquant.int8_weight_grad(G, A2, ctx.threshold, dtype)
+    return _int8_weight_grad_kernels(G, A2, ctx.threshold, dtype)
 
 
 def _float_weight_grad(ctx: Any, G: Tensor, A2: Tensor) -> Tensor:
