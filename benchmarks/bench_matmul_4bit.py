@@ -8,7 +8,7 @@ in the same process; and the bandwidth floor (those bytes at the measured device
 copy rate). Then the sweep that sets ``fused_max_m``: each fused kernel against
 dequantize + cuBLAS over M, and the eager (no graph) per-call time.
 
-    PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--json FILE] [--sass DIR]
+    PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--stage] [--json FILE] [--sass DIR]
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="table only, no sweeps")
     parser.add_argument("--tile", action="store_true", help="first the gemm_4bit_tile sweep (sets fused_max_m)")
     parser.add_argument("--split", action="store_true", help="after the table, the split-K sweep (narrow weights)")
+    parser.add_argument("--stage", action="store_true", help="first the gemm_4bit_stage sweep (up to 16 tokens)")
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
@@ -183,6 +184,8 @@ def main() -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth"] = bw
     print(f"GPU: {results['gpu']}   device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    if args.stage:
+        stage_sweep(results, stream, lambda: save(args.json, results))
     if args.tile:
         tile_sweep(results, stream, lambda: save(args.json, results))
     if not args.no_table:
@@ -261,6 +264,32 @@ def sweep(results: dict, stream, checkpoint) -> None:
                 deq = measure(ours_calls(w, M, "float32", "dequant"), stream)
                 results["gemv_sweep"].append(dict(N=N, K=K, fmt="float32", M=M, gemv_us=gemv, dequant_us=deq))
                 print(f"{N:>6}x{K:<6} {'float32':>8} {M:>5} {'':>8} {'':>8} {'':>8} {gemv:8.1f} {deq:8.1f}")
+        del w
+        cp.get_default_memory_pool().free_all_blocks()
+        checkpoint()
+
+
+STAGE_SWEEP_M = (1, 2, 4, 8, 16)
+
+
+def stage_sweep(results: dict, stream, checkpoint) -> None:
+    """gemm_4bit_stage in each instantiated configuration against
+    gemm_4bit_small (rt1, rt2) and the default dispatch ("mma"), fp16 activations, us per
+    call; the default's GB/s in brackets."""
+    print("\ngemm_4bit_stage vs gemm_4bit_small (us per call), NF4 bs64 nested, fp16")
+    results.setdefault("stage_sweep", [])
+    for N, K in SWEEP_SHAPES:
+        w = Weights(N, K)
+        for M in STAGE_SWEEP_M:
+            tiles = 1 if M <= 8 else 2
+            paths = ["mma", "mma-rt1", "mma-rt2"]
+            paths += [f"stage-{rt}x{st}c{c}" for mt, rt, st, c in mm._STAGE_CONFIGS if mt == tiles]
+            row = dict(N=N, K=K, M=M)
+            for p in paths:
+                row[p] = measure(ours_calls(w, M, "float16", p), stream)
+            results["stage_sweep"].append(row)
+            gbps = moved_bytes(w, M) / row["mma"] * 1e-3
+            print(f"{N:>6}x{K:<6} {M:>3}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths) + f"  [{gbps:.0f} GB/s]")
         del w
         cp.get_default_memory_pool().free_all_blocks()
         checkpoint()

@@ -79,6 +79,15 @@ _TILE_STAGES = 4
 _TILE_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2))
 # CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA.
 _GEMV_WARPS = 4
+# gemm_4bit_stage: (token tiles, row tiles a warp, weight stages a warp, segments a stage)
+# instantiated; a stage holds `chunk` segments of the warp's 16 * rt rows (1 KB * rt * chunk).
+_STAGE_CONFIGS = ((1, 2, 3, 2), (1, 2, 2, 4), (2, 2, 2, 4))
+# The default dispatch runs 1..8 tokens on gemm_4bit_stage (rt 2, 3 stages of 2 segments)
+# from this K: H100, run 7 of NOTES_matmul_4bit.md, 8192 x 28672 at 1 / 2 / 4 / 8 tokens
+# 56.0 / 58.4 / 60.4 / 63.7 us against 75.3-76.7 for gemm_4bit_small; on 28672 x 8192,
+# 11008 x 4096 and 4096 x 4096 gemm_4bit_small was as fast or faster (67.0 vs 66.2, 14.9
+# vs 16.2, 8.8 vs 9.6 at one token).
+_STAGE_MIN_K = 16384
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -252,6 +261,39 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False)
     return kernel, tiles, chunks, ksplit, groups * chunks
 
 
+def _stage_smem(rt: int, stages: int, chunk: int) -> int:
+    """Dynamic shared memory of ``gemm_4bit_stage``: byte table, code2, each warp's stages."""
+    return 4 * (256 * 32 + 256) + _MMA_WARPS * stages * rt * chunk * 1024
+
+
+def _pick_stage(
+    M: int, N: int, K: int, rt: int | None = None, stages: int | None = None, chunk: int | None = None
+) -> tuple[str, int, int, int]:
+    """(kernel expression prefix, ksplit, grid, shared bytes) of ``gemm_4bit_stage`` for up to
+    16 tokens. Defaults: rt 2; 3 stages of 2 segments for up to 8 tokens, 2 of 4 above. ``ksplit`` (warps of a CTA
+    sharing K) is the largest of 4, 2, 1 that keeps the grid in one wave, so every warp streams
+    from the start and none waits for a second wave."""
+    if M > 8 * _MMA_TOKEN_TILES[1]:
+        raise ValueError(f"gemm_4bit_stage takes up to 16 tokens a CTA, got M = {M}")
+    tiles = 1 if M <= 8 else 2
+    row_tiles = -(-N // 16)
+    sms = _sm_count()
+    rt = 2 if rt is None else rt
+    stages = (3 if tiles == 1 else 2) if stages is None else stages
+    chunk = (2 if tiles == 1 else 4) if chunk is None else chunk
+    if (tiles, rt, stages, chunk) not in _STAGE_CONFIGS:
+        raise ValueError(
+            f"gemm_4bit_stage has no (token tiles, row tiles, stages, chunk) = {(tiles, rt, stages, chunk)}"
+        )
+    smem = _stage_smem(rt, stages, chunk)
+    per_sm = max(1, _xp.device_attribute("MaxSharedMemoryPerMultiprocessor", 228 * 1024) // (smem + 1024))
+    warp_tiles = -(-row_tiles // rt)
+    segments = -(-K // _MMA_SEGMENT)
+    ksplit = next((ks for ks in (4, 2) if segments >= 8 * ks and -(-warp_tiles * ks // _MMA_WARPS) <= per_sm * sms), 1)
+    grid = -(-warp_tiles // (_MMA_WARPS // ksplit))
+    return f"gemm_4bit_stage<{{}}, {{}}, {tiles}, {rt}, {stages}, {chunk}>", ksplit, grid, smem
+
+
 def _tile_smem(mt: int) -> int:
     """Dynamic shared memory of ``gemm_4bit_tile`` with ``mt`` token tiles: the byte table
     (256 x 32 u32), code2 (256 floats) and the activation stages (8 * mt tokens x 256 bytes)."""
@@ -354,6 +396,16 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         kernel, chunks, ctas, ksplit, smem, frag = _pick_tile(M, N, K, mt, rt, ks)
         grid = (ctas, ksplit)
         tile_args = _split_workspace(ksplit, ctas, frag) if ksplit > 1 else ()
+    elif path.startswith("stage") or (path == "mma" and M <= 8 and K >= _STAGE_MIN_K):
+        # "stage" or "stage-<rt>x<stages>c<chunk>": gemm_4bit_stage
+        rt = stages = chunk = None
+        if path.startswith("stage-"):
+            shape, _, chunk_s = path[6:].partition("c")
+            rt, stages = (int(v) for v in shape.split("x"))
+            chunk = int(chunk_s)
+        kernel, ksplit, ctas, smem = _pick_stage(M, N, K, rt, stages, chunk)
+        chunks = 1
+        grid = (ctas,)
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
         kernel, _, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
@@ -485,13 +537,15 @@ def _aligned(K: int, *arrays: Any) -> bool:
 
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
     """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma" (the
-    tensor-core dispatch), "mma-rt1" / "mma-rt2" (row tiles a warp, up to 16 tokens),
+    tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
+    to 16 tokens),
+    "stage" / "stage-<rt>x<stages>c<chunk>" (``gemm_4bit_stage``, up to 16 tokens),
     "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>" (``gemm_4bit_tile``); None
     picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "mma" if fmt != "float32" and aligned else "gemv"
-    if path.startswith(("mma", "tile")):
+    if path.startswith(("mma", "tile", "stage")):
         if fmt == "float32" or not aligned:
             raise ValueError(
                 "the tensor-core kernels need fp16/bf16 activations, K % 32 == 0 and 16-byte aligned A and B"
@@ -531,6 +585,7 @@ def _kernel_expressions(source: str) -> list[str]:
     for f in _MMA_STRUCT.values():
         for n in nested:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}>" for mt in (1, 2) for rt in (1, 2)]
+            out += [f"gemm_4bit_stage<{f}, {n}, {mt}, {rt}, {st}, {c}>" for mt, rt, st, c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]
             out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_SPLIT_CONFIGS]

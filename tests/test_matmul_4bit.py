@@ -276,7 +276,12 @@ TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
 # too), and 33 segments (130 x 4128: shares 11/11/11, and 7 x 4 + 5 with the last segment
 # cut by K).
 SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLIT_CONFIGS, (3, 5), strict=True))
-EACH_PATH = [
+# gemm_4bit_stage forced: "stage-<rt>x<stages>c<chunk>", every instantiated configuration, at
+# the token counts of its token tiles (1 tile: up to 8 tokens, 2 tiles: 9..16).
+STAGE_PATHS = [
+    (f"stage-{rt}x{st}c{c}", M) for mt, rt, st, c in mm._STAGE_CONFIGS for M in ((1, 2, 5) if mt == 1 else (9, 16))
+]
+EACH_PATH = STAGE_PATHS + [
     (path, M)
     for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
     for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
@@ -509,3 +514,11 @@ def test_gpu_public_api(cp):
     assert rel_error(cp.asnumpy(out).reshape(-1), "float16", expected) < TOLERANCE["float16"]
     vec = cq.gemv_4bit(A[0, 0], packed, qs)
     assert vec.shape == (48,)
+
+
+@pytest.mark.gpu
+def test_gpu_stage_rejects_unbuilt_configurations(cp):
+    with pytest.raises(ValueError, match="gemm_4bit_stage takes up to 16 tokens"):
+        mm._pick_stage(17, 64, 256)
+    with pytest.raises(ValueError, match="no .token tiles, row tiles, stages, chunk."):
+        mm._pick_stage(4, 64, 256, rt=2, stages=3, chunk=4)

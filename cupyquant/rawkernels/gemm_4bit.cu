@@ -1,9 +1,11 @@
 // Fused 4-bit matrix product on tensor cores (mma.sync m16n8k16, float32 accumulators):
 // out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for fp16 / bf16 activations and few
 // tokens (1 .. 64 per CTA; more through token chunks), from bitsandbytes-packed NF4 / FP4.
-// Three kernels share the layouts below: gemm_4bit_mma (activation fragments from global
+// Four kernels share the layouts below: gemm_4bit_mma (activation fragments from global
 // memory, split-K for narrow weights), gemm_4bit_small (<= 16 tokens, RT row tiles a
-// warp) and gemm_4bit_tile (activations staged in shared memory for a CTA's 64 * RT rows).
+// warp), gemm_4bit_stage (gemm_4bit_small with the weights copied through shared memory in
+// long row runs, for long K) and gemm_4bit_tile (activations staged in shared memory for a
+// CTA's 64 * RT rows).
 //
 // Data layout
 //   A        u16[M, K]                fp16 or bf16 activations, row-major, 16-byte aligned
@@ -493,6 +495,230 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// gemm_4bit_stage<Fmt, NESTED, MT, RT, STAGES, CHUNK>: gemm_4bit_small's product (same k
+// permutation, table, fragments, thread mapping, in-CTA split-K and epilogue) with the
+// weights copied through shared memory, so that every global load reads long runs of a row.
+//   grid as gemm_4bit_small, block 128, dynamic shared memory
+//   4 * (256 * 32 + 256) + 4 * STAGES * RT * CHUNK * 1024 bytes (matmul_4bit._stage_smem).
+//
+// Why: in gemm_4bit_small a warp's 16-byte loads cover 8 rows x 64 bytes each, and DRAM
+// serves that pattern at ~2.0 TB/s on an H100 where runs of 256-512 bytes of a row reach
+// ~2.7 TB/s (NOTES_matmul_4bit.md run 6: the loads alone, 28672 x 8192, 60.8 against 44.2
+// us). It pays where K is long (8192 x 28672, 1..8 tokens: 56-64 against 75-77 us); where
+// it does not (28672 x 8192 and narrower K) the one-wave grid leaves ~7 warps an SM, too
+// few to hide the multiply's latencies, and gemm_4bit_small stays the default. Here each warp copies, with cp.async, a stage of CHUNK segments of its 16 * RT rows
+// (64 * CHUNK contiguous bytes a row; a copy instruction covers 8 / CHUNK rows), STAGES - 1 stages ahead
+// of the one it multiplies, and reads its fragments from the stage with one LDS.128 a row
+// and segment. The stages are private to the warp (no CTA barrier in the loop). Within a
+// row the 16-byte chunk c is stored at c ^ (4 * (row & 1)): the 8 lanes of a quarter warp
+// read two consecutive rows and hit 8 distinct bank groups.
+// Activations and scales stay in registers, two segments ahead.
+template <class Fmt, bool NESTED, int MT, int RT, int STAGES, int CHUNK>
+__global__ void __launch_bounds__(kMmaThreads)
+gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+                const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
+                int token_chunks) {
+  constexpr int kChunkSegments = CHUNK;  // 2 or 4
+  constexpr int kRowBytes = kChunkSegments * kSegment / 2;  // a row's bytes in one stage
+  constexpr int kStageBytes = 16 * RT * kRowBytes;
+  constexpr int kCopies = kStageBytes / (16 * 32);  // 16-byte copies a lane a stage
+  constexpr int kAhead = 2;                         // segments of activations and scales in registers
+  extern __shared__ __align__(16) u32 smem[];
+  u32* lut = smem;  // reused for the split-K sums at the end
+  float* code2_s = reinterpret_cast<float*>(smem + 256 * 32);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % token_chunks;
+  const int tile0 = ((blockIdx.x / token_chunks) * (kMmaWarps / ksplit) + warp / ksplit) * RT;
+  const int kpart = warp % ksplit;
+  const bool warp_valid = tile0 * 16 < N;
+  const int tok0 = chunk * 8 * MT;
+
+  const int segments = (K + kSegment - 1) / kSegment;
+  const int share = (segments + ksplit - 1) / ksplit;
+  const int seg_begin = kpart * share;
+  const int seg_end = warp_valid ? min(segments, seg_begin + share) : seg_begin;
+  const int stages_needed = (seg_end - seg_begin + kChunkSegments - 1) / kChunkSegments;
+
+  // This warp's stages. Copy r of a lane: stage row kRowsPerCopy * r + lane / kLanesPerRow
+  // (row parity: that of lane / kLanesPerRow), 16-byte chunk lane % kLanesPerRow of the row.
+  constexpr int kLanesPerRow = kRowBytes / 16;
+  constexpr int kRowsPerCopy = 32 / kLanesPerRow;
+  const char* stage_base = reinterpret_cast<const char*>(smem + 256 * 32 + 256) + warp * STAGES * kStageBytes;
+  const u32 stage_s = shared_address(stage_base);
+  const i64 row_bytes = K / 2;
+  const int copy_row = lane / kLanesPerRow, copy_byte = (lane % kLanesPerRow) * 16;
+  const u32 copy_dst = (u32)(copy_row * kRowBytes) + (u32)(((lane % kLanesPerRow) ^ ((copy_row & 1) << 2)) << 4);
+  auto stage_load = [&](int c) {  // stage c: segments seg_begin + 4c .. + 4 of the share
+    if (c < stages_needed) {
+      const int byte = (seg_begin + kChunkSegments * c) * (kSegment / 2) + copy_byte;
+      const u32 dst = stage_s + (u32)((c % STAGES) * kStageBytes) + copy_dst;
+#pragma unroll
+      for (int r = 0; r < kCopies; ++r) {
+        const int row = tile0 * 16 + kRowsPerCopy * r + copy_row;
+        const bool ok = row < N && byte < row_bytes;  // zeros past N and K (K % 32 == 0: whole chunks)
+        cp_async16(dst + (u32)(kRowsPerCopy * r * kRowBytes), ok ? packed + (i64)row * row_bytes + byte : packed,
+                   ok ? 16u : 0u);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the wait count uniform
+  };
+
+  // Activations and scales of one segment, in registers (zeros past the share or K).
+  struct Slot {
+    float v[RT][2];
+    u32 q[RT][2];
+    uint4 x[MT][4];
+  };
+  const u16* ap[MT];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) ap[j] = A + (i64)min(tok0 + 8 * j + g, M - 1) * K + 32 * t;
+  auto slot_load = [&](int seg, Slot& s) {
+    const int k0 = seg * kSegment;
+    const bool ok = seg < seg_end && k0 + 32 * t < K;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = min((tile0 + rt) * 16 + g + 8 * h, N - 1);
+        if (ok) {
+          q4::scale_fetch<NESTED>(((i64)row * K + k0 + 32 * t) >> block_shift, absmax, qabsmax, nested_absmax,
+                                  s.v[rt][h], s.q[rt][h]);
+        } else {
+          s.v[rt][h] = 0.0f;
+          s.q[rt][h] = 0;
+        }
+      }
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s.x[j][i] = ok ? q4::load_cached16(ap[j] + k0 + 8 * i) : make_uint4(0, 0, 0, 0);
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) stage_load(s);
+  Slot ring[kAhead];
+#pragma unroll
+  for (int d = 0; d < kAhead; ++d) slot_load(seg_begin + d, ring[d]);
+
+  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+  }
+  __syncthreads();
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = shared_address(lut) + 4 * lane;
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
+
+  // Segment sl of a stage: the lane's 16 bytes of rows g and g + 8 of each tile, then 8 mma steps.
+  auto multiply = [&](const char* stage, int sl, const Slot& s) {
+    const int at = ((4 * sl + t) ^ ((g & 1) << 2)) << 4;
+    uint4 w[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        w[rt][h] = *reinterpret_cast<const uint4*>(stage + (rt * 16 + 8 * h + g) * kRowBytes + at);
+    u32 hs[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = q4::scale_decode<NESTED>(s.v[rt][h], s.q[rt][h], code2_s, off);
+        hs[rt][h] = pack2<Fmt>(sc, sc);
+      }
+#pragma unroll
+    for (int st = 0; st < 8; ++st) {
+      const int b = 2 * (st & 1);  // bytes 2st, 2st+1 of the chunk are bytes b, b+1 of word st/2
+      u32 frag[RT][4];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const u32 lo = q4::word_of(w[rt][0], st >> 1), hi = q4::word_of(w[rt][1], st >> 1);
+        frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2st
+        frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2st
+        frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2st+1
+        frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2st+1
+      }
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const u32 b0 = q4::word_of(s.x[j][st >> 1], b), b1 = q4::word_of(s.x[j][st >> 1], b + 1);
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
+      }
+    }
+  };
+
+  for (int c = 0; c < stages_needed; ++c) {
+    cp_async_wait<STAGES - 2>();  // this lane's copies of stage c have landed
+    __syncwarp();                 // every lane's have; and every lane is done with stage c - 1
+    stage_load(c + STAGES - 1);   // into the buffer of stage c - 1
+    const char* stage = stage_base + (c % STAGES) * kStageBytes;
+#pragma unroll
+    for (int sl = 0; sl < kChunkSegments; ++sl) {
+      const int seg = seg_begin + kChunkSegments * c + sl;
+      if (seg >= seg_end) break;  // warp-uniform
+      multiply(stage, sl, ring[sl % kAhead]);
+      slot_load(seg + kAhead, ring[sl % kAhead]);
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  if (ksplit > 1) {  // uniform over the launch
+    __syncthreads();  // every warp is done with the table
+    float* red = reinterpret_cast<float*>(lut);  // [warp][rt][j][i][lane]: conflict-free
+    constexpr int kPerWarp = RT * MT * 4;
+    if (kpart != 0) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[(warp * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
+    }
+    __syncthreads();
+    if (kpart == 0) {
+      for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              acc[rt][j][i] += red[((warp + p) * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane];
+    }
+  }
+  if (kpart != 0 || !warp_valid) return;
+
+  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+        if (tok < M && row < N) {
+          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
+        }
+      }
 }
 
 // (The minimum of 2 CTAs an SM, which the registers allow anyway, only changes ptxas's
