@@ -11,7 +11,10 @@ once, below 512 the tensor-core GEMM, from 512 cuBLAS int32 GEMM + dequantizatio
 "mma": this package's tensor-core kernel with the fused dequantization). Activations carry
 six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
 
-    PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10]
+    PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10] [--rows 1,16,64]
+        [--no-eager] [--no-quant] [--pieces]
+
+``--pieces`` times the kernels of the cuBLAS path one by one (CuPy graph replays).
 
 Targets (H100, PERFORMANCE.md): 4096 x 4096 M=1 <= 9 us (graph); 28672 x 8192 M=1 <= 95 us;
 M=4096 faster than fp16 on both; threshold 6 <= 1.25x threshold 0 at every M; row-wise
@@ -99,7 +102,7 @@ def _backends(m: int) -> list[str]:
     return ["auto", "mma"]
 
 
-def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> None:
+def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int, eager_too: bool = True) -> None:
     print("\nLinear8bitLt forward (fp16 activations, no bias), us a call")
     header = (
         f"{'N x K':>13} {'M':>5} {'thr':>4} {'backend':>7} {'graph us':>9} {'eager us':>9} {'GB/s':>7} "
@@ -118,7 +121,7 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -
                     cq8.set_int8_gemm_backend(backend)
                     base = None
                     for t in (0.0, 6.0):
-                        eager = _time_eager(int8[t], x, max(3, repeats // 3))
+                        eager = _time_eager(int8[t], x, max(3, repeats // 3)) if eager_too else math.nan
                         us = time_graph(int8[t], x, repeats)
                         base = us if t == 0.0 else base
                         nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n
@@ -169,10 +172,70 @@ def bench_quant(repeats: int) -> None:
     print(f"  reference device copy of the fp16 input: {us:8.1f} us  {_gbps(2 * 2 * rows * k, us):7.0f} GB/s")
 
 
+def _time_cupy_graph(fn, repeats: int, calls: int = 20) -> float:
+    """Median microseconds of ``fn()`` from replays of a CuPy graph of ``calls`` calls."""
+    import cupy
+
+    for _ in range(calls):  # compile; fills the memory pool for the captured calls
+        fn()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        graph = stream.end_capture()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def _pieces(m: int, n: int, k: int) -> dict:
+    """The cuBLAS path's kernels at (M, N, K) as callables, on random operands."""
+    import cupy
+
+    a = cupy.from_dlpack(_activations(m, k).detach()).view(cupy.uint16).reshape(-1)
+    cb = cupy.random.randint(-127, 128, n * k, dtype=cupy.int8)
+    scb = cupy.random.uniform(0.5, 1.5, n).astype(cupy.float32)
+    ca = cupy.empty(m * k, dtype=cupy.int8)
+    sca = cupy.empty(m, dtype=cupy.float32)
+    acc = cupy.empty(m * n, dtype=cupy.int32)
+    out = cupy.empty(m * n, dtype=cupy.uint16)
+    flags = g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS)
+    sparse = (a, cb, k, *g8.outlier_weights(cb, scb, flags, a, ca, m, n, k, "float16"))
+    g8._cublas_int32(ca, cb, m, n, k, acc)
+    return {
+        "row_quant thr0": lambda: g8.row_quant(a, "float16", m, k, 0.0, ca, sca),
+        "row_quant_wide thr0": lambda: g8._row_quant_wide(a, "float16", m, k, 0.0, ca, sca, g8._NO_FLAGS),
+        "row_quant_wide thr6 + memset": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS),
+        "outlier_weights": lambda: g8.outlier_weights(cb, scb, flags, a, ca, m, n, k, "float16"),
+        "cuBLAS int32": lambda: g8._cublas_int32(ca, cb, m, n, k, acc),
+        "mm_dequant": lambda: g8.mm_dequant(acc, sca, scb, m, n, "float16", out),
+        "mm_dequant sparse": lambda: g8.mm_dequant(acc, sca, scb, m, n, "float16", out, sparse=sparse),
+    }
+
+
+def bench_pieces(repeats: int) -> None:
+    """The cuBLAS path's kernels one by one (graph replays; inputs stay in L2 where they fit)."""
+    print("\ncuBLAS path pieces (fp16, 6 outlier columns), us a call")
+    for m, n, k in [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]:
+        line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _pieces(m, n, k).items())
+        print(f"  M={m} N={n} K={k}: {line}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4096 x 4096 only, M in (1, 4096)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", help="comma-separated M values (default: all of ROWS)")
+    parser.add_argument("--no-eager", action="store_true", help="graph replays only")
+    parser.add_argument("--no-quant", action="store_true", help="skip the 8192 x 28672 quantization benchmark")
+    parser.add_argument("--pieces", action="store_true", help="also time the cuBLAS path's kernels one by one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -184,8 +247,13 @@ def main() -> None:
     print(f"CuPy {cupy.__version__}; graph replays of {GRAPH_CALLS} calls, weights rotated past {rotation}")
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = [1, 4096] if args.quick else ROWS
-    bench_linear(shapes, rows, args.repeats)
-    bench_quant(args.repeats)
+    if args.rows:
+        rows = [int(r) for r in args.rows.split(",")]
+    bench_linear(shapes, rows, args.repeats, eager_too=not args.no_eager)
+    if args.pieces:
+        bench_pieces(args.repeats)
+    if not args.no_quant:
+        bench_quant(args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ROWS_PER_SLAB = 32  # kRowsPerSlab in int8.cu
 _DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant walks a slab
 _OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights precomputes
+# int8_row_quant_wide's FLAGS (int8.cu): none, u8[K] flags (zeroed first), or each row's own
+# outlier bitmap u32[M * ceil(K / 32)] (every word written, so nothing to zero)
+_NO_FLAGS, _BYTE_FLAGS, _ROW_BITS = 0, 1, 2
 _MAX_GRID_Y = 65535
 
 # The small-M path (int8_linear_gemv) handles up to this many activation rows.
@@ -114,7 +117,11 @@ def _expressions() -> list[str]:
         s = _FMT_STRUCT[fmt]
         exprs += [f"int8_outlier_flags<{s}, {_bool(v)}>" for v in (False, True)]
         exprs += [f"int8_row_quant<{s}, {_bool(sp)}, {_bool(v)}>" for sp in (False, True) for v in (False, True)]
-        exprs += [f"int8_row_quant_wide<{s}, {_bool(d)}, {_bool(v)}>" for d in (False, True) for v in (False, True)]
+        exprs += [
+            f"int8_row_quant_wide<{s}, {f}, {_bool(v)}>"
+            for f in (_NO_FLAGS, _BYTE_FLAGS, _ROW_BITS)
+            for v in (False, True)
+        ]
         exprs += [f"int8_col_absmax<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs.append(f"int8_outlier_weights<{s}>")
@@ -204,9 +211,10 @@ def compact_flags(flags: Any) -> tuple[Any, Any]:
     cp = cupy()
     K = flags.size
     idx = cp.empty(max(K, 1), dtype=cp.int32)
-    count = cp.zeros(1, dtype=cp.int32)
-    if K:
-        _kernel("int8_compact_flags")((1,), (1024,), (flags, np.int32(K), idx, count))
+    if not K:
+        return idx, cp.zeros(1, dtype=cp.int32)
+    count = cp.empty(1, dtype=cp.int32)  # the kernel always writes it: no memset
+    _kernel("int8_compact_flags")((1,), (1024,), (flags, np.int32(K), idx, count))
     return idx, count
 
 
@@ -279,54 +287,70 @@ def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
     )  # fmt: skip
 
 
-def outlier_weights(cb: Any, scb: Any, idx: Any, count: Any, N: int, K: int, fmt: str) -> Any:
-    """float32[_OUTLIER_CACHE * N]: the 16-bit weights of the first (up to _OUTLIER_CACHE)
-    outlier columns, column-major by outlier (``[j * N + n]``), for :func:`mm_dequant`."""
-    w16 = cupy().empty(_OUTLIER_CACHE * max(N, 1), dtype=np.float32)
-    if N:
-        _kernel(f"int8_outlier_weights<{_FMT_STRUCT[fmt]}>")(
-            (_blocks(N, 256),), (256,), (cb, scb, idx, count, np.int32(K), w16, np.int32(N))
-        )
-    return w16
+def outlier_weights(cb: Any, scb: Any, flags: Any, a_bits: Any, ca: Any, M: int, N: int, K: int,
+                    fmt: str) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+    """The outlier columns of ``flags`` (uint8[K] of 0 / 1, 16-byte aligned, K % 16 == 0), for
+    :func:`mm_dequant`: ``(idx int32[K], count int32[1], w16, aout)``, the first ``count``
+    entries of ``idx`` the flagged columns in ascending order; ``w16`` float32[_OUTLIER_CACHE
+    * N] their 16-bit weights and ``aout`` float32[_OUTLIER_CACHE * M] the activations A
+    (fmt[M*K]) of the first (up to _OUTLIER_CACHE) columns, ``[j * N + n]`` / ``[j * M + m]``.
+    Also zeroes those columns of the codes ``ca`` (int8[M*K]). One launch, no memset: each
+    CTA lists the columns itself."""
+    cp = cupy()
+    idx = cp.empty(max(K, 1), dtype=cp.int32)
+    count = cp.empty(1, dtype=cp.int32)
+    w16 = cp.empty(_OUTLIER_CACHE * max(N, 1), dtype=cp.float32)
+    aout = cp.empty(_OUTLIER_CACHE * max(M, 1), dtype=cp.float32)
+    _kernel(f"int8_outlier_weights<{_FMT_STRUCT[fmt]}>")(
+        (_blocks(N, 256),), (256,),
+        (cb, scb, flags, np.int32(K), a_bits, ca, np.int32(M), idx, count, w16, aout, np.int32(N)),
+    )  # fmt: skip
+    return idx, count, w16, aout
 
 
 def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any = None,
-               bias_fmt: str | None = None, sparse: tuple[Any, Any, Any, Any, int] | None = None,
-               w16: Any = None) -> None:  # fmt: skip
+               bias_fmt: str | None = None, sparse: tuple[Any, ...] | None = None) -> None:  # fmt: skip
     """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
     column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
-    CB int8[N*K], idx, count, K) adds the outlier columns' 16-bit product; ``w16``: their
-    weights from :func:`outlier_weights` (computed here when None)."""
+    CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) adds the outlier
+    columns' 16-bit product (``acc`` computed with those columns of CA zeroed)."""
     if rows == 0 or N == 0:
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     expr = f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse is not None)}>"
-    a_bits, cb, idx, count, K = sparse if sparse is not None else (out, acc, acc, acc, 0)
-    if sparse is not None and w16 is None:
-        w16 = outlier_weights(cb, scb, idx, count, N, K, fmt)
+    if sparse is not None:
+        a_bits, cb, K, idx, count, w16, aout = sparse
+    else:
+        a_bits, cb, K, idx, count, w16, aout = out, acc, 0, acc, acc, sca, sca  # ignored pointers
     slabs = max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
     _kernel(expr)(
         (_blocks(N, 256), slabs), (256,),
-        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K),
-         w16 if w16 is not None else sca, out, np.int64(rows), np.int32(N)),
+        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K), w16, aout, out,
+         np.int64(rows), np.int32(N)),
     )  # fmt: skip
 
 
-def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, ca: Any, sca: Any, cb: Any, scb: Any, N: int, bias: Any,
-                   bias_fmt: str | None, sparse: tuple[Any, Any] | None, out: Any) -> None:  # fmt: skip
-    """cuBLAS int32 product, then int8_mm_dequant; ``sparse`` = (idx, count) of the outlier
-    columns, whose 16-bit weights int8_outlier_weights computes once for the whole call.
+def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any,
+                   bias_fmt: str | None, threshold: float, out: Any) -> None:  # fmt: skip
+    """int8_row_quant_wide (a CTA a row: 1.1-3x faster here than a warp a row, H100), cuBLAS
+    int32 product, then int8_mm_dequant. With threshold > 0 the row quantization also flags
+    the outlier columns, and int8_outlier_weights lists them, zeroes them in CA and gathers
+    their weights and activations once for the whole call.
 
     (Row chunks sized for the int32 product to stay in L2 measured slower on an H100:
     4096 x 4096 at M = 4096 took 223 us in four chunks against 162 in one call.)
     """
     cp = cupy()
     cb = aligned(cb, 16)
+    ca = cp.empty(M * K, dtype=cp.int8)
+    sca = cp.empty(M, dtype=cp.float32)
     acc = cp.empty(M * N, dtype=cp.int32)
-    w16 = outlier_weights(cb, scb, sparse[0], sparse[1], N, K, fmt) if sparse is not None else None
+    flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _BYTE_FLAGS)
+    extra = None
+    if flags is not None:
+        extra = (a_bits, cb, K, *outlier_weights(cb, scb, flags, a_bits, ca, M, N, K, fmt))
     _cublas_int32(ca, cb, M, N, K, acc)
-    extra = (a_bits, cb, sparse[0], sparse[1], K) if sparse is not None else None
-    mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, extra, w16)
+    mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, extra)
 
 
 def _gemv_tile(M: int, K: int) -> int | None:
@@ -342,58 +366,55 @@ def _gemv_smem(mt: int, K: int) -> int:
     return mt * K + 4 * words + 4 * -(-words // 32)
 
 
-_MMV_STATIC_SMEM = 33024  # int8_linear_mmv<..., 64>'s static shared memory (ptxas)
-
-
-def _mmv_smem(K: int) -> int:
-    """int8_linear_mmv's dynamic shared memory with outliers: bitmap and summary words."""
-    words = -(-K // 32)
-    return 4 * (words + -(-words // 32))
-
-
 def _mmv_tile(M: int, K: int) -> int | None:
     """The medium-M kernel's MT for M rows, or None when it does not apply (only the
     "auto" backend takes it, so "mma" and "cublas" still reach their GEMMs at these M)."""
     if _backend["gemm"] != "auto" or not GEMV_MAX_M < M <= MMV_MAX_M or K % 16:
         return None
-    if _MMV_STATIC_SMEM + _mmv_smem(K) > _limits()[1]:
-        return None
     return next(t for t in _MMV_TILES if t >= M)
 
 
-def _row_quant_wide(a_bits: Any, fmt: str, M: int, K: int, threshold: float, ca: Any, sca: Any) -> Any:
+def _row_quant_wide(a_bits: Any, fmt: str, M: int, K: int, threshold: float, ca: Any, sca: Any, flags: int) -> Any:
     """int8_row_quant_wide (a CTA a row) into ``ca`` / ``sca``, K % 16 == 0 and ``ca`` fresh.
-    With threshold > 0 it returns the outlier flags (uint8[K], found in the same pass) and
-    leaves the flagged columns' codes as quantized: the consumer subtracts their products."""
+    With threshold > 0 it finds the outlier columns in the same pass and returns them as
+    ``flags`` asks (_BYTE_FLAGS: uint8[K]; _ROW_BITS: uint32[M * ceil(K / 32)], each row's
+    bitmap), leaving their codes as quantized: the consumer subtracts their products."""
     cp = cupy()
-    sparse = threshold > 0
-    flags = cp.zeros(K, dtype=cp.uint8) if sparse else None
+    mode = flags if threshold > 0 else _NO_FLAGS
+    out = None
+    if mode == _BYTE_FLAGS:
+        out = cp.zeros(K, dtype=cp.uint8)
+    elif mode == _ROW_BITS:
+        out = cp.empty(M * -(-K // 32), dtype=cp.uint32)
     vec = a_bits.data.ptr % 16 == 0
-    _kernel(f"int8_row_quant_wide<{_FMT_STRUCT[fmt]}, {_bool(sparse)}, {_bool(vec)}>")(
-        (M,), (256,), (a_bits, np.float32(threshold), flags if sparse else ca, ca, sca, np.int32(K))
+    dummy = out if out is not None else ca  # stands in for the pointers the mode ignores
+    _kernel(f"int8_row_quant_wide<{_FMT_STRUCT[fmt]}, {mode}, {_bool(vec)}>")(
+        (M,), (256,), (a_bits, np.float32(threshold), dummy, dummy, ca, sca, np.int32(K))
     )
-    return flags
+    return out
 
 
 def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bfmt: str,
                 has_bias: bool, threshold: float, out: Any, mt: int) -> None:  # fmt: skip
-    """The medium-M forward: int8_row_quant_wide (finding the outlier columns in the same
-    pass), then int8_linear_mmv (masking them out of the int8 product, adding them in fmt)."""
+    """The medium-M forward: int8_row_quant_wide (the outlier columns found in the same pass:
+    each row's bitmap for MT = 16, no memset; byte flags for wider tiles), then
+    int8_linear_mmv (outlier columns' int8 products taken back out, their 16-bit products
+    added)."""
     cp = cupy()
     sparse = threshold > 0
+    if sparse:
+        a_bits = aligned(a_bits, 4)  # the epilogue gathers A as aligned 4-byte words
     ca = cp.empty(M * K, dtype=cp.int8)  # fresh: 256-byte aligned, rows 16-byte aligned (K % 16 == 0)
     sca = cp.empty(M, dtype=cp.float32)
-    flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca)
-    if flags is None:
-        flags = ca  # stands in for the pointer SPARSE = false ignores
-    s = _FMT_STRUCT[fmt]
-    smem = _mmv_smem(K) if sparse else 0
-    expr = f"int8_linear_mmv<{s}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
-    _kernel(expr, smem)(
+    mode = _ROW_BITS if mt == _MMV_TILES[0] else _BYTE_FLAGS  # int8_linear_mmv reads rowbits at MT = 16
+    found = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, mode)
+    rowbits = found if mode == _ROW_BITS and sparse else sca  # unused pointers stand in as sca
+    flags = found if mode == _BYTE_FLAGS and sparse else sca
+    expr = f"int8_linear_mmv<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
+    _kernel(expr)(
         (_blocks(N, _MMV_ROWS),), (256,),
-        (ca, sca, aligned(cb, 16), scb, bias if has_bias else scb, a_bits, flags, np.int32(M), np.int32(N),
+        (ca, sca, aligned(cb, 16), scb, bias if has_bias else scb, a_bits, rowbits, flags, np.int32(M), np.int32(N),
          np.int32(K), out),
-        shared_mem=smem,
     )  # fmt: skip
 
 
@@ -432,20 +453,19 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
         _linear_mmv(a_bits, fmt, M, K, cb, scb, N, bias, bfmt, has_bias, threshold, out, mmt)
         return
 
+    if _use_cublas(M, N, K):
+        _linear_cublas(a_bits, fmt, M, K, cb, scb, N, bias, bias_fmt, threshold, out)
+        return
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)
-    cublas = _use_cublas(M, N, K)
-    if sparse and not cublas and K % 16 == 0:
+    if sparse and K % 16 == 0:
         # The GEMM's epilogue takes the outlier columns' int8 products back out, so the
         # one-pass row quantization with outlier search serves (one kernel instead of two,
         # A read once instead of twice).
-        flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca)
+        flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _BYTE_FLAGS)
     else:
         flags = row_quant(a_bits, fmt, M, K, threshold, ca, sca)
     idx, count = compact_flags(flags) if sparse else (sca, sca)
-    if cublas:
-        _linear_cublas(a_bits, fmt, M, K, ca, sca, cb, scb, N, bias, bias_fmt, (idx, count) if sparse else None, out)
-        return
     ca, cb, Kp = _gemm_operands(ca, cb, M, N, K)
     if Kp != K and sparse:
         a_bits = _pad_k(a_bits, M, K, Kp)  # the epilogue indexes A with CB's padded stride

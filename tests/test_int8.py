@@ -724,3 +724,105 @@ def test_gpu_int8_linear_cublas_captures_in_a_cuda_graph(cp, monkeypatch, thresh
         stream.synchronize()
     assert calls == [(M, N, K)]
     np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), want.reshape(M, N).view(np.uint16))
+
+
+def _planted(rng: np.random.Generator, M: int, K: int, fmt: str, cols: int) -> np.ndarray:
+    """Normal activations with exactly ``cols`` outlier columns at threshold 6 (x 20, so
+    every planted column holds a value past 6; N(0, 1) values never reach it)."""
+    x = np.clip(rng.standard_normal((M, K)), -5, 5).astype(np.float32)
+    picked = rng.choice(K, size=cols, replace=False)
+    x[:, picked] *= 20.0
+    x[0, picked] = 7.0  # at least one value past the threshold in each planted column
+    return ref.from_float32(x, fmt) if fmt != "float32" else x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [1, 6, 16, 17, 32, 33, 48])
+@pytest.mark.parametrize(
+    "M,backend",
+    [(1, "auto"), (3, "auto"), (8, "auto"), (9, "auto"), (24, "auto"), (64, "auto"), (100, "auto"), (512, "auto"),
+     (512, "mma"), (520, "cublas")],
+    ids=str,
+)  # fmt: skip
+def test_gpu_int8_linear_outlier_column_counts(cp, cols, M, backend):
+    """Exactly ``cols`` outlier columns on every path ("auto": gemv, medium-M, GEMM, cuBLAS):
+    around the lists the kernels keep (the gemv's 32 columns a CTA, int8_linear_mmv's 16 a
+    round, int8_outlier_weights' 32 cached), with a bias and a K past one 1024-column word
+    group, A starting one element into its buffer."""
+    from cupyquant import _gpu_int8
+
+    rng = np.random.default_rng(cols * 1000 + M)
+    N, K = 136, 2064
+    a = _planted(rng, M, K, "float16", cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    bias = random_bits(rng, (N,), "float16", 0.1)
+    want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, bias, "float16", 6.0)
+    assert np.flatnonzero(ref8.quantize_rows(widen(a, "float16").reshape(M, K), 6.0)[2]).size == cols
+    I8.set_int8_gemm_backend(backend)
+    try:
+        got = I8.int8_linear_bits(_to_gpu(cp, a, True), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb),
+                                  N, cp.asarray(bias), "float16", 6.0)  # fmt: skip
+        if backend == "auto" and M <= _gpu_int8.GEMV_MAX_M:
+            assert _gpu_int8._gemv_tile(M, K) is not None
+    finally:
+        I8.set_int8_gemm_backend("auto")
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,K", [(1, 16), (5, 1040), (40, 2048), (3, 4112)], ids=str)
+def test_gpu_row_quant_wide_row_bitmaps(cp, fmt, M, K):
+    """int8_row_quant_wide's per-row outlier bitmaps (every word written, K % 32 == 16
+    included): bit i of word w of row m is |A[m, 32w + i]| >= threshold; the row absmax
+    and the codes of the other columns are the reference's, outlier codes left as computed."""
+    from cupyquant import _gpu_int8
+
+    rng = np.random.default_rng(M + K)
+    bits = with_outliers(rng, M, K, fmt, cols=5)
+    x = widen(bits, fmt).reshape(M, K)
+    ca = cp.empty(M * K, dtype=cp.int8)
+    sca = cp.empty(M, dtype=cp.float32)
+    g = cp.asarray(bits.reshape(-1))
+    rowbits = _gpu_int8._row_quant_wide(g, fmt, M, K, 3.0, ca, sca, _gpu_int8._ROW_BITS)
+    words = -(-K // 32)
+    big = np.zeros((M, words * 32), dtype=bool)
+    big[:, :K] = np.abs(x) >= 3.0
+    want_bits = np.packbits(big.reshape(M, words, 4, 8)[..., ::-1], axis=-1).reshape(M, words, 4)
+    want_bits = want_bits.astype(np.uint32) << (np.arange(4, dtype=np.uint32) * 8)
+    np.testing.assert_array_equal(cp.asnumpy(rowbits).reshape(M, words), want_bits.sum(axis=-1, dtype=np.uint32))
+    want_ca, want_sca, cols = ref8.quantize_rows(x, 3.0)
+    np.testing.assert_array_equal(cp.asnumpy(sca), want_sca)
+    keep = ~cols
+    np.testing.assert_array_equal(cp.asnumpy(ca).reshape(M, K)[:, keep], want_ca[:, keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [0, 5, 32, 40])
+def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
+    """int8_outlier_weights (cuBLAS path): every CTA lists the flagged columns itself; CTA 0
+    publishes idx / count; the first 32 columns' 16-bit weights ([j * N + n]) and
+    activations ([j * M + m]); every flagged column of CA zeroed, the rest untouched."""
+    from cupyquant import _gpu_int8
+
+    rng = np.random.default_rng(cols)
+    M, N, K = 37, 600, 4096
+    flags = np.zeros(K, np.uint8)
+    picked = np.sort(rng.choice(K, size=cols, replace=False))
+    flags[picked] = 1
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    a = random_bits(rng, (M, K), "bfloat16")
+    ca = rng.integers(-128, 128, (M, K), dtype=np.int8)
+    gca = cp.asarray(ca.reshape(-1))
+    idx, count, w16, aout = _gpu_int8.outlier_weights(
+        cp.asarray(cb.reshape(-1)), cp.asarray(scb), cp.asarray(flags), cp.asarray(a.reshape(-1)), gca, M, N, K,
+        "bfloat16",
+    )  # fmt: skip
+    assert int(count.get()[0]) == cols
+    np.testing.assert_array_equal(cp.asnumpy(idx)[:cols], picked)
+    cached = picked[:32]
+    want_w = ref8.outlier_weights(cb[:, cached], scb, "bfloat16")  # (N, C)
+    np.testing.assert_array_equal(cp.asnumpy(w16).reshape(32, N)[: cached.size], want_w.T)
+    np.testing.assert_array_equal(cp.asnumpy(aout).reshape(32, M)[: cached.size], widen(a, "bfloat16")[:, cached].T)
+    ca[:, picked] = 0
+    np.testing.assert_array_equal(cp.asnumpy(gca).reshape(M, K), ca)

@@ -8,6 +8,8 @@
 //   CB       i8[N * K]                int8 weight, one output feature per row
 //   SCB      float32[N]               row absmax of the weight
 //   flags    u8[K]                    1 where column k of A holds an outlier (|a| >= threshold)
+//   rowbits  u32[rows * ceil(K / 32)] each row's own outlier bitmap (medium-M path, M <= 16:
+//                                     every word written, no zeroing)
 //   idx      i32[K], count i32[1]     the flagged columns in ascending order, and how many
 //   out      OutFmt::storage[M * N]   or int32[M * N] for the raw product
 //
@@ -25,12 +27,15 @@
 //   int8_col_absmax / int8_col_quant   thread = one column x a slab of rows (backward only)
 //   int8_compact_flags   one CTA: flags -> ascending idx, count (no host round trip)
 //   int8_vectorwise_dequant, int8_mm_dequant   elementwise (thread = column x row slab)
-//   int8_outlier_weights  thread = weight row: the outlier columns' 16-bit weights, once a call
+//   int8_outlier_weights  lists the outlier columns (every CTA), zeroes them in CA, gathers
+//                        their activations; thread = weight row: their 16-bit weights, once
+//                        a call (cuBLAS path)
 //   int8_gemm            tensor cores (mma.m16n8k32.s8), 128x128x64 CTA tile, 4-stage cp.async
 //                        pipeline, int32 or dequantized epilogue (+ outlier columns)
 //   int8_linear_gemv     M <= MT rows: each CTA quantizes A into shared memory itself, each
 //                        warp streams whole weight rows once with 16-byte loads and dp4a
-//   int8_row_quant_wide  CTA = one row; finds outlier columns in the same pass (medium-M path, GEMM)
+//   int8_row_quant_wide  CTA = one row; finds outlier columns in the same pass (flags or
+//                        row bitmaps), leaving their codes for the consumer to subtract
 //   int8_linear_mmv      9 <= M <= 64: weight rows as mma's 16-row operand, activation codes
 //                        as its n8 operand, each weight byte read once; dequant epilogue
 #include "common.cuh"
@@ -90,13 +95,17 @@ __device__ __forceinline__ void load_row8(const typename Fmt::storage* __restric
   }
 }
 
-// The dequantized value of one int32 product, before rounding to the output format.
+// The dequantized value of one int32 product, before rounding to the output format;
+// `b` is the bias value (0 without one).
+__device__ __forceinline__ float dequant_with(int acc, float row_stat, float col_stat, float b) {
+  const float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), col_stat);
+  return __fmaf_rn(v, mm_dequant_scale(), b);
+}
+
 template <class BiasFmt, bool HAS_BIAS>
 __device__ __forceinline__ float dequant_value(int acc, float row_stat, float col_stat,
                                                const typename BiasFmt::storage* __restrict__ bias, i64 col) {
-  const float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), col_stat);
-  const float b = HAS_BIAS ? BiasFmt::to_float(bias[col]) : 0.0f;
-  return __fmaf_rn(v, mm_dequant_scale(), b);
+  return dequant_with(acc, row_stat, col_stat, HAS_BIAS ? BiasFmt::to_float(bias[col]) : 0.0f);
 }
 
 // A weight value of an outlier column in the activations' 16-bit format (widened back):
@@ -104,6 +113,31 @@ __device__ __forceinline__ float dequant_value(int acc, float row_stat, float co
 template <class Fmt>
 __device__ __forceinline__ float outlier_weight(i8 cb, float scb) {
   return Fmt::to_float(Fmt::from_float(__fmul_rn(__fmul_rn((float)cb, scb), dequant_scale())));
+}
+
+// Exclusive prefix sum of `v` over a CTA of kThreads threads, and the CTA's total in
+// `total`. Every thread must call it (it holds a __syncthreads); `scratch` (shared,
+// int[kThreads / 32]) may be reused after the caller's next __syncthreads.
+template <int kThreads>
+__device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int s = scratch[w];
+    before += w < warp ? s : 0;
+    total += s;
+  }
+  return before + incl - v;
 }
 
 }  // namespace
@@ -300,28 +334,69 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 
 // int8_outlier_weights<Fmt>
 //   CB, SCB    i8[N * K], float32[N]: the int8 weight and its row absmax
-//   idx, count the outlier columns (int8_compact_flags)
-//   W16        float32[kOutlierCache * N]: W16[j * N + n] = the 16-bit weight of (n, idx[j])
-//              (outlier_weight, widened), for j < min(*count, kOutlierCache)
-// grid ceil(N / 256); thread = one weight row n over the cached columns, loads issued
-// kOutlierBatch at a time. Run once a call, so int8_mm_dequant's row slabs read coalesced
-// float32 words (L2-resident: kOutlierCache * N * 4 bytes) instead of gathering one byte
-// of a weight row, a 32-byte DRAM sector, per slab and column.
+//   flags      u8[K], 0 / 1 (int8_row_quant_wide), 16-byte aligned, K % 16 == 0
+//   A, CA      Fmt::storage[M * K] activations and i8[M * K] their codes: the outlier
+//              columns of CA are zeroed here (rows split among the CTAs), so the int32
+//              product of CA is the reference's and needs no correction
+//   idx, count written by CTA 0: the flagged columns in ascending order (i32[K]) and how
+//              many there are (i32[1]), for int8_mm_dequant
+//   W16        float32[kOutlierCache * N]: [j * N + n] = the 16-bit weight of (n, j-th
+//              outlier column) (outlier_weight, widened), for j < min(count, kOutlierCache)
+//   Aout       float32[kOutlierCache * M]: [j * M + m] = A[m, j-th outlier column], widened
+// grid ceil(N / 256). Every CTA lists the flagged columns itself (K bytes from L2 and a
+// block scan: no compaction launch and no zeroed counter); thread = one weight row n over
+// the cached columns, loads issued kBatch at a time. Run once a call, so int8_mm_dequant's
+// row slabs read coalesced W16 words and uniform (L1-broadcast) Aout words instead of
+// gathering weight bytes (a 32-byte DRAM sector each) and activations per slab and column.
 constexpr int kOutlierCache = 32;
 
 template <class Fmt>
 __global__ void __launch_bounds__(256)
-int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, const int* __restrict__ idx,
-                     const int* __restrict__ count, int K, float* __restrict__ W16, int N) {
+int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, const u8* __restrict__ flags, int K,
+                     const typename Fmt::storage* __restrict__ A, i8* __restrict__ CA, int M, int* __restrict__ idx,
+                     int* __restrict__ count, float* __restrict__ W16, float* __restrict__ Aout, int N) {
   constexpr int kBatch = 8;
+  __shared__ int cols[kOutlierCache];
+  __shared__ int scan[8];
+  // Thread t owns the contiguous 16-column chunks [c0, c1), so ranks follow column order.
+  // Flags are 0 or 1 bytes: a word's popcount is its number of flagged columns.
+  const uint4* f = reinterpret_cast<const uint4*>(flags);
+  const int chunks = K >> 4, per = (chunks + 255) >> 8;
+  const int c0 = min((int)threadIdx.x * per, chunks), c1 = min(c0 + per, chunks);
+  int mine = 0;
+  for (int c = c0; c < c1; ++c) {
+    const uint4 v = f[c];
+    mine += __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
+  }
+  int outliers;
+  int r = block_exclusive_scan<256>(mine, scan, outliers);
+  for (int c = c0; c < c1 && mine > 0; ++c) {
+    const uint4 v = f[c];
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      for (u32 bits = w[i]; bits; bits &= bits - 1, ++r) {
+        const int col = c * 16 + i * 4 + ((__ffs((int)bits) - 1) >> 3);
+        if (r < kOutlierCache) cols[r] = col;
+        if (blockIdx.x == 0) idx[r] = col;
+        for (int m = blockIdx.x; m < M; m += gridDim.x) CA[(i64)m * K + col] = 0;  // this CTA's rows
+      }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *count = outliers;
+  __syncthreads();
+
+  const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
+  for (i64 e = (i64)blockIdx.x * 256 + threadIdx.x; e < (i64)cached * M; e += (i64)gridDim.x * 256) {
+    const int j = (int)(e / M), m = (int)(e - (i64)j * M);
+    Aout[e] = Fmt::to_float(A[(i64)m * K + cols[j]]);
+  }
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
-  const int cached = *count < kOutlierCache ? *count : kOutlierCache;
   const float scb = SCB[n];
   for (int j0 = 0; j0 < cached; j0 += kBatch) {
     i8 w[kBatch];
 #pragma unroll
-    for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? CB[(i64)n * K + idx[j0 + q]] : (i8)0;
+    for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? CB[(i64)n * K + cols[j0 + q]] : (i8)0;
 #pragma unroll
     for (int q = 0; q < kBatch; ++q)
       if (j0 + q < cached) W16[(i64)(j0 + q) * N + n] = outlier_weight<Fmt>(w[q], scb);
@@ -332,13 +407,18 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
 //   acc        int32[rows * N]
 //   SCA        float32[rows], SCB float32[N]
 //   bias       BiasFmt::storage[N] (HAS_BIAS)
-//   A, CB, idx, count, K   SPARSE: activations (OutFmt), int8 weight (N x K) and outlier columns
-//   W16        SPARSE: float32[kOutlierCache * N] from int8_outlier_weights; columns past the
-//              cache are dequantized here from CB (same value, same order)
+//   A, CB, idx, count, K   SPARSE: activations (OutFmt::storage[rows * K]), the int8 weight
+//              (N x K) and the outlier columns (int8_outlier_weights, which also zeroed
+//              them in the codes the product was computed from)
+//   W16, Aout  SPARSE: the first kOutlierCache columns' weights and activations
+//              (int8_outlier_weights); columns past them (rare) are read from CB and A
+//              (same values, same order)
 //   out        OutFmt::storage[rows * N]
 // grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
 // (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
-// keep a thread at ~40 registers, so a memory-bound SM holds its full 2048 threads.
+// keep a thread at ~40 registers, so a memory-bound SM holds its full 2048 threads. A
+// cached outlier column costs a coalesced W16 word (kBatch columns in flight) and
+// kDequantRows Aout words that every thread of the CTA reads (L1 broadcasts).
 constexpr int kDequantRows = 8;
 
 template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
@@ -346,11 +426,14 @@ __global__ void __launch_bounds__(256)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
                 const typename BiasFmt::storage* __restrict__ bias, const typename OutFmt::storage* __restrict__ A,
                 const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
-                const float* __restrict__ W16, typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
+                const float* __restrict__ W16, const float* __restrict__ Aout, typename OutFmt::storage* __restrict__ out,
+                i64 rows, int N) {
+  constexpr int kBatch = 8;
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
   const int outliers = SPARSE ? *count : 0;
+  const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
   for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
     const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
     int a[kDequantRows];
@@ -366,15 +449,28 @@ int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, cons
       float s[kDequantRows];
 #pragma unroll
       for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
-      for (int j = 0; j < outliers; ++j) {
+      for (int j0 = 0; j0 < cached; j0 += kBatch) {
+        float w[kBatch];
+#pragma unroll
+        for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? W16[(i64)(j0 + q) * N + n] : 0.0f;
+#pragma unroll
+        for (int q = 0; q < kBatch; ++q)
+          if (j0 + q < cached) {
+            const float* av = Aout + (i64)(j0 + q) * rows + r0;
+#pragma unroll
+            for (int i = 0; i < kDequantRows; ++i)
+              if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(av[i], w[q]));
+          }
+      }
+      for (int j = cached; j < outliers; ++j) {
         const int c = idx[j];
-        const float w = j < kOutlierCache ? W16[(i64)j * N + n] : outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
+        const float w = outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
 #pragma unroll
         for (int i = 0; i < kDequantRows; ++i)
           if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + c]), w));
       }
 #pragma unroll
-      for (int i = 0; i < kDequantRows; ++i) o[i] = __fadd_rn(o[i], s[i]);
+      for (int i = 0; i < kDequantRows; ++i) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
     }
 #pragma unroll
     for (int i = 0; i < kDequantRows; ++i)
@@ -618,6 +714,9 @@ int8_gemm(const i8* __restrict__ CA, const i8* __restrict__ CB, int M, int N, in
 // One batch of a warp's weight stream: chunks c0, c0 + 32, ... (kGemvUnroll of them) of row n,
 // zeros past the row or past N. Weights are read exactly once: keep them out of L1.
 constexpr int kGemvUnroll = 4;
+// Outlier columns the gemv's epilogue takes from a list made once per CTA, one per lane
+// (more than this, rare, take the per-word walk).
+constexpr int kGemvOutliers = 32;
 
 __device__ __forceinline__ void load_weight_batch(const i8* __restrict__ CB, int n, int N, int K, int c0,
                                                   uint4 (&w)[kGemvUnroll]) {
@@ -651,20 +750,26 @@ __host__ __device__ constexpr int gemv_words(int K) { return (K + 31) / 32; }
 // Prologue (whole CTA): thread t walks columns t, t + 256, ...: the row absmax of each of
 // the M rows (outliers left out) and, SPARSE, one ballot per warp turns its 32 columns'
 // outlier flags into one bitmap word. A summary word has bit w set when bitmap word w is
-// not zero, so the outlier sum below visits only words that hold outliers. Then A is
-// quantized into CA_s (outlier columns 0). Every CTA repeats this: A is M * K elements
-// (tiny next to the weight) and it saves a launch and a round trip through memory.
+// not zero. Then A is quantized into CA_s (outlier columns 0) while warp 0 lists the
+// outlier columns in ascending order and stores their activations. Every CTA repeats
+// this: A is M * K elements (tiny next to the weight) and it saves a launch and a round
+// trip through memory.
 //
 // Main loop (warp = one weight row n): lane reads 16-byte chunks lane, lane + 32, ... of
 // row n, the matching 16 codes of each activation row from shared memory, and accumulates
 // with dp4a. The weight stream is software-pipelined: while one batch of 4 chunks is
 // multiplied the next is in flight (the next row's first batch at a row's end), and the
-// very first batch is issued before the prologue, so DRAM latency hides behind it. Then a butterfly sum; the outlier columns' 16-bit
-// products are summed in ascending column order (each lane computes the product of one
-// column, lane 0's order is replayed through shuffles) so the result matches the NumPy
-// spec bit for bit; lane m writes out[m, n].
+// very first batch is issued before the prologue, so DRAM latency hides behind it.
+// (Prefetching the second batch into L2 as well measured slower on an H100, per lane or
+// as one bulk request a warp: benchmarks/NOTES_int8.md.) Then a butterfly sum; the outlier
+// columns' 16-bit products are summed in ascending column order (lane j: the listed column
+// j, whose weight byte it loads when the row starts; past the list, one word of the bitmap
+// at a time, one lane a column) through shuffles, so the result matches the NumPy spec bit
+// for bit; lane m writes out[m, n].
+// SPARSE at MT = 4 / 8 is held to the registers of 4 / 3 CTAs an SM (64 / 80, as before
+// the outlier list; a few bytes spill).
 template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, !SPARSE ? 0 : (MT == 8 ? 3 : (MT == 4 ? 4 : 0)))
 int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restrict__ CB, const float* __restrict__ SCB,
                  const typename BiasFmt::storage* __restrict__ bias, float threshold, int M, int N, int K,
                  typename Fmt::storage* __restrict__ out) {
@@ -677,6 +782,9 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
   const int summaries = (words + 31) / 32;
   __shared__ float red[kWarps][MT];
   __shared__ float row_absmax[MT], row_scale[MT];
+  __shared__ int ocols[SPARSE ? kGemvOutliers : 1];     // the first outlier columns, ascending
+  __shared__ float oa[MT][SPARSE ? kGemvOutliers : 1];  // A[m, ocols[j]]
+  __shared__ int ocount;                                // all outlier columns
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row_stride = gridDim.x * kWarps;
@@ -733,6 +841,39 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
   }
   any = __syncthreads_or(any);  // also publishes row_scale and summary
 
+  // ---- SPARSE: warp 0 lists the outlier columns (ascending; the first kGemvOutliers of
+  // them) and counts them all while the other warps start quantizing, then loads their
+  // activations, stored to oa after its share of the quantization
+  float av[MT];
+  if constexpr (SPARSE) {
+    if (any && warp == 0) {
+      int base = 0;
+      for (int sw = 0; sw < summaries; ++sw) {
+        const u32 sbits = summary[sw];  // warp-uniform
+        if (sbits == 0) continue;
+        const int wi = sw * 32 + lane;
+        u32 word = (sbits >> lane) & 1u ? bitmap[wi] : 0u;
+        const int c = __popc(word);
+        int incl = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(kFull, incl, o);
+          if (lane >= o) incl += y;
+        }
+        for (int pos = base + incl - c; word; word &= word - 1, ++pos)
+          if (pos < kGemvOutliers) ocols[pos] = wi * 32 + __ffs((int)word) - 1;
+        base += __shfl_sync(kFull, incl, 31);
+      }
+      if (lane == 0) ocount = base;
+      __syncwarp();
+      if (lane < base && lane < kGemvOutliers) {
+        const int c = ocols[lane];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) av[m] = m < M ? Fmt::to_float(A[(i64)m * K + c]) : 0.0f;
+      }
+    }
+  }
+
   // ---- quantize A into shared memory
   for (int k = tid; k < K; k += kThreads) {
     const bool zero = SPARSE && ((bitmap[k >> 5] >> (k & 31)) & 1u);
@@ -743,11 +884,23 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
       ca[m * K + k] = (i8)q;
     }
   }
+  if constexpr (SPARSE) {
+    if (any && warp == 0 && lane < ocount && lane < kGemvOutliers) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) oa[m][lane] = av[m];
+    }
+  }
   __syncthreads();
+
+  const int outliers = SPARSE && any ? ocount : 0;
+  const bool listed = outliers <= kGemvOutliers;                          // else the per-word walk
+  const bool mine = SPARSE && outliers > 0 && listed && lane < outliers;  // lane holds column `oc`
+  const int oc = mine ? ocols[lane] : 0;
 
   // ---- main loop: one weight row per warp
   const int chunks = K >> 4;
   for (; n < N; n += row_stride) {
+    const int ow = mine ? CB[(i64)n * K + oc] : 0;  // loaded now, needed at the row's end
     int acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0;
@@ -785,7 +938,15 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
     float s[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) s[m] = 0.0f;
-    if (SPARSE && any) {
+    if (SPARSE && outliers > 0 && listed) {
+      const float wq = mine ? outlier_weight<Fmt>((i8)ow, scb) : 0.0f;
+      float p[MT];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) p[m] = mine ? __fmul_rn(oa[m][lane], wq) : 0.0f;
+      for (int j = 0; j < outliers; ++j)  // ascending column order
+#pragma unroll
+        for (int m = 0; m < MT; ++m) s[m] = __fadd_rn(s[m], __shfl_sync(kFull, p[m], j));
+    } else if (SPARSE && outliers > 0) {
       for (int sw = 0; sw < summaries; ++sw) {
         u32 sbits = summary[sw];  // warp-uniform: loops and shuffles below see full warps
         while (sbits) {
@@ -816,7 +977,7 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
     for (int m = 0; m < MT; ++m) {
       if (m < M && lane == m) {
         float o = Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(acc[m], row_absmax[m], scb, bias, n)));
-        if (SPARSE && any) o = __fadd_rn(o, s[m]);
+        if (SPARSE && outliers > 0) o = __fadd_rn(o, s[m]);  // only then: -0 + 0 would be +0
         out[(i64)m * N + n] = Fmt::from_float(o);
       }
     }
@@ -828,38 +989,60 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
 // once through tensor cores
 // ---------------------------------------------------------------------------------------
 
-// int8_row_quant_wide<Fmt, DETECT, VEC>
+// Outlier flags int8_row_quant_wide writes (its FLAGS argument).
+constexpr int kNoFlags = 0;    // threshold 0: none
+constexpr int kByteFlags = 1;  // flags u8[K]: 1 where a column holds an outlier (zeroed by the caller;
+                               // racing writers all write 1)
+constexpr int kRowBits = 2;    // rowbits u32[rows * ceil(K / 32)]: each row's own outlier bitmap
+                               // (bit i of word w = column 32w + i), every word written: no zeroing
+
+// int8_row_quant_wide<Fmt, FLAGS, VEC>
 //   A          Fmt::storage[rows * K]
-//   threshold  DETECT: values with |a| >= threshold stay out of the row absmax and set
-//              flags[k] = 1 (u8[K], zeroed by the caller; racing writers all write 1)
-//   CA         i8[rows * K] codes; DETECT leaves the outlier columns' codes as computed
-//              (not zeroed): int8_linear_mmv takes their products back out in its epilogue,
-//              so quantizing a row never waits for the other rows' outlier search
+//   threshold  FLAGS != kNoFlags: values with |a| >= threshold stay out of the row absmax
+//              and are recorded in flags (kByteFlags) or rowbits (kRowBits)
+//   CA         i8[rows * K] codes; the outlier columns' codes are left as computed (not
+//              zeroed): the consumer takes their int8 products back out, so quantizing a
+//              row never waits for the other rows' outlier search
 //   SCA        float32[rows] row absmax
 // block 256 = one row, grid = rows: the medium-M path has too few rows for a warp a row
 // (int8_row_quant) to fill the GPU. Thread t handles the 8-element chunks 8t, 8t + 2048, ...;
-// pass 2 re-reads them (L1 hits). VEC: K % 8 == 0, A 16-byte and CA 8-byte aligned.
-template <class Fmt, bool DETECT, bool VEC>
+// pass 2 re-reads them (L1 hits). K % 16 == 0; VEC: A 16-byte and CA 8-byte aligned.
+template <class Fmt, int FLAGS, bool VEC>
 __global__ void __launch_bounds__(256)
 int8_row_quant_wide(const typename Fmt::storage* __restrict__ A, float threshold, u8* __restrict__ flags,
-                    i8* __restrict__ CA, float* __restrict__ SCA, int K) {
+                    u32* __restrict__ rowbits, i8* __restrict__ CA, float* __restrict__ SCA, int K) {
   __shared__ float red[8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const typename Fmt::storage* a = A + (i64)blockIdx.x * K;
+  const int words = (K + 31) >> 5;
   float m = 0.0f;
-  for (int k = threadIdx.x * 8; k < K; k += 2048) {
-    float v[8];
-    load_row8<Fmt, VEC>(a, k, K, v);
+  for (int k0 = 0; k0 < K; k0 += 2048) {  // uniform trip count: the bitmap shuffles see whole warps
+    const int k = k0 + threadIdx.x * 8;
+    u32 bits = 0;  // bit i: column k + i holds an outlier
+    if (k < K) {
+      float v[8];
+      load_row8<Fmt, VEC>(a, k, K, v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float x = fabsf(v[i]);
-      if constexpr (DETECT) {
-        if (x >= threshold) {  // padding 0 never counts (threshold > 0)
-          flags[k + i] = 1;
+      for (int i = 0; i < 8; ++i) {
+        float x = fabsf(v[i]);
+        if (FLAGS != kNoFlags && x >= threshold) {  // threshold > 0
+          bits |= 1u << i;
           x = 0.0f;
         }
+        m = fmaxf(m, x);  // fmaxf drops NaN
       }
-      m = fmaxf(m, x);  // fmaxf drops NaN
+      if constexpr (FLAGS == kByteFlags) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if ((bits >> i) & 1u) flags[k + i] = 1;
+      }
+    }
+    if constexpr (FLAGS == kRowBits) {
+      // Lanes 4q .. 4q + 3 hold the 32 columns of one word, the lowest in lane 4q.
+      u32 word = bits << (8 * (lane & 3));
+      word |= __shfl_xor_sync(kFull, word, 1);
+      word |= __shfl_xor_sync(kFull, word, 2);
+      if ((lane & 3) == 0 && k < K) rowbits[(i64)blockIdx.x * words + (k >> 5)] = word;
     }
   }
   m = warp_max(m);
@@ -904,6 +1087,26 @@ constexpr int kMmvRowGroups = 2;  // 16-row weight groups per CTA
 constexpr int kMmvKParts = 4;     // K split among the warps of a CTA (reduced in shared memory)
 constexpr int kMmvUnroll = 4;     // 64-byte spans whose weight loads a warp keeps in flight
 constexpr int kMmvRows = 16 * kMmvRowGroups;
+constexpr int kMmvOutliers = 16;  // outlier columns whose operands one epilogue round stages
+
+// The aligned 4-byte word holding element c of a row that starts 4-byte aligned: what a
+// 4-byte cp.async gathers for a byte or a 16-bit element; byte_in / value_in pick it out.
+template <class T>
+__device__ __forceinline__ const T* word_of(const T* row, int c) {
+  return row + (c & ~(int)(4 / sizeof(T) - 1));
+}
+__device__ __forceinline__ i8 byte_in(u32 word, int c) { return (i8)(word >> (8 * (c & 3))); }
+template <class Fmt>
+__device__ __forceinline__ float value_in(u32 word, int c) {
+  if constexpr (Fmt::kBytes == 4) {
+    return __uint_as_float(word);
+  } else {
+    return Fmt::to_float((u16)(word >> (16 * (c & 1))));
+  }
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(shared_address(dst)), "l"(src));
+}
 
 // 32 flags (u8, 0 or 1) from 16-byte aligned `f` as a bitmap word, bit i = column i; the
 // second half is past K when `two` is false (K % 16 == 0 keeps halves whole).
@@ -922,32 +1125,44 @@ __device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
 // int8_linear_mmv<Fmt, BiasFmt, HAS_BIAS, SPARSE, MT>
 //   CA         i8[M * K] row codes of A, SCA float32[M] their row absmax (int8_row_quant_wide)
 //   CB         i8[N * K], SCB float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
-//   A, flags   SPARSE: activations Fmt::storage[M * K] and outlier columns u8[K] (0 / 1,
-//              16-byte aligned). The main loop is threshold 0's: flagged columns' codes go
-//              through the tensor cores too; the epilogue subtracts their exact int32
-//              products (CA[m, c] * CB[n, c]) before dequantizing, and adds them in Fmt as
-//              int8_mm_dequant does, in ascending column order
+//   A          SPARSE: activations Fmt::storage[M * K] (4-byte aligned)
+//   rowbits    SPARSE, MT = 16: each row's outlier bitmap u32[M * ceil(K / 32)]
+//              (int8_row_quant_wide, kRowBits: no zeroing; at most 16 loads a word, one
+//              round trip)
+//   flags      SPARSE, MT >= 32: outlier columns u8[K] (kByteFlags, zeroed by the caller:
+//              OR-ing 32 or 64 rows' words took several round trips a CTA). The main
+//              loop is threshold 0's: outlier columns' codes go through the tensor cores
+//              too; the epilogue subtracts their exact int32 products (CA[m, c] * CB[n, c])
+//              before dequantizing, and adds them in Fmt as int8_mm_dequant does, in
+//              ascending column order
 //   out        Fmt::storage[M * N]
 //   M <= MT (16, 32 or 64); K % 16 == 0; CA and CB 16-byte aligned.
-// dynamic smem (SPARSE): bitmap u32[ceil(K / 32)] | summary u32[ceil(K / 1024)] (as the gemv's)
 // block 256 = 8 warps; warp w: weight rows n0 + 16 (w % 2) + [0, 16), K spans
 // w / 2, w / 2 + 4, ...; grid ceil(N / 32). The four K parts are summed in shared memory
 // (int32, exact), then all 256 threads run the epilogue: thread = one weight row (tid % 32)
 // x activation rows tid / 32, tid / 32 + 8, ... (stores of 32 consecutive n).
+//
+// SPARSE, before the main loop (its first weight loads already in flight): thread t makes
+// the bitmap words [t * per, (t + 1) * per) of the outlier columns, a block scan ranks
+// them in ascending order, and the operands of the first kMmvOutliers (the CTA's 32
+// weight bytes, M activations and M codes a column) are gathered into shared memory with
+// cp.async while the main loop runs. The epilogue then reads only shared memory; more
+// columns than that (rare) are handled in further rounds after the main loop.
+// SPARSE at MT = 16 is held to 80 registers (3 CTAs an SM, as threshold 0), which the
+// outlier search's 16 loads in flight would otherwise raise to 100.
 template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
-__global__ void __launch_bounds__(256, 2)
+__global__ void __launch_bounds__(256, SPARSE && MT == 16 ? 3 : 2)
 int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const i8* __restrict__ CB,
                 const float* __restrict__ SCB, const typename BiasFmt::storage* __restrict__ bias,
-                const typename Fmt::storage* __restrict__ A, const u8* __restrict__ flags, int M, int N, int K,
-                typename Fmt::storage* __restrict__ out) {
+                const typename Fmt::storage* __restrict__ A, const u32* __restrict__ rowbits,
+                const u8* __restrict__ flags, int M, int N, int K, typename Fmt::storage* __restrict__ out) {
   constexpr int kTiles = MT / 8;
+  constexpr int kStage = SPARSE ? kMmvOutliers : 1;
   __shared__ int part[kMmvKParts - 1][kMmvRowGroups][kTiles * 4][32];
   __shared__ int total[MT][kMmvRows + 1];  // +1: the transposed writes below spread over banks
-  extern __shared__ __align__(16) u32 mmv_smem[];
-  u32* bitmap = mmv_smem;
-  const int words = (K + 31) >> 5;
-  u32* summary = bitmap + words;
-  const int summaries = (words + 31) >> 5;
+  __shared__ int ocols[kStage];            // SPARSE: this round's outlier columns
+  __shared__ u32 ocb[kStage][kMmvRows], oa[kStage][MT], oca[kStage][MT];  // ... their operands' words
+  __shared__ int scan[8];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rg = warp % kMmvRowGroups, kp = warp / kMmvRowGroups;
@@ -964,8 +1179,9 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
     for (int r = 0; r < 4; ++r) acc[j][r] = 0;
 
   const int spans = (K + 63) >> 6;
-  for (int s0 = kp; s0 < spans; s0 += kMmvKParts * kMmvUnroll) {
-    uint4 wa[kMmvUnroll], wb[kMmvUnroll];
+  constexpr int kStride = kMmvKParts * kMmvUnroll;  // spans a warp moves on per batch
+  uint4 wa[kMmvUnroll], wb[kMmvUnroll];
+  auto load = [&](int s0) {  // the weight chunks of spans s0, s0 + kMmvKParts, ...; zeros past K
 #pragma unroll
     for (int u = 0; u < kMmvUnroll; ++u) {
       const int k = (s0 + u * kMmvKParts) * 64 + t * 16;
@@ -981,6 +1197,68 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
             : "=r"(wb[u].x), "=r"(wb[u].y), "=r"(wb[u].z), "=r"(wb[u].w)
             : "l"(wrow_b + k));
     }
+  };
+  load(kp);
+
+  // ---- SPARSE: rank the outlier columns (see above)
+  const int words = (K + 31) >> 5, per = (words + 255) >> 8;
+  const int w0 = min((int)threadIdx.x * per, words), w1 = min(w0 + per, words);
+  auto column_word = [&](int wi) -> u32 {  // the outlier bits of columns 32 wi .. 32 wi + 31
+    if constexpr (MT == 16) {
+      u32 bits = 0;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)  // all loads in flight together
+        if (m < M) bits |= rowbits[(i64)m * words + wi];
+      return bits;
+    } else {
+      return flag_word(flags + wi * 32, wi * 32 + 16 < K);
+    }
+  };
+  int mine = 0, first = 0, outliers = 0;  // this thread's outlier columns, the rank of its first, all
+  u32 kept = 0;                           // this thread's first word (its only one for K <= 8192)
+  auto rank = [&]() {
+    mine = 0;
+    for (int wi = w0; wi < w1; ++wi) {
+      const u32 bits = column_word(wi);
+      if (wi == w0) kept = bits;
+      mine += __popc(bits);
+    }
+    first = block_exclusive_scan<256>(mine, scan, outliers);
+  };
+  auto list = [&](int base) {  // ocols[r - base] = the column of rank r, r in [base, base + kMmvOutliers)
+    if (mine == 0 || first >= base + kMmvOutliers || first + mine <= base) return;
+    int r = first;
+    for (int wi = w0; wi < w1; ++wi) {
+      u32 bits = wi == w0 ? kept : column_word(wi);
+      for (; bits; bits &= bits - 1, ++r)
+        if (r >= base && r < base + kMmvOutliers) ocols[r - base] = wi * 32 + __ffs((int)bits) - 1;
+    }
+  };
+  auto gather = [&](int cnt) {  // cp.async the operands of ocols[0, cnt)
+    const int per_col = kMmvRows + 2 * M;
+    for (int e = threadIdx.x; e < cnt * per_col; e += 256) {
+      const int j = e / per_col, r = e - j * per_col, c = ocols[j];
+      if (r < kMmvRows) {
+        if (n0 + r < N) cp_async4(&ocb[j][r], word_of(CB + (i64)(n0 + r) * K, c));
+      } else if (r < kMmvRows + M) {
+        cp_async4(&oa[j][r - kMmvRows], word_of(A + (i64)(r - kMmvRows) * K, c));
+      } else {
+        cp_async4(&oca[j][r - kMmvRows - M], word_of(CA + (i64)(r - kMmvRows - M) * K, c));
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (SPARSE) {
+    rank();
+    if (outliers > 0) {  // uniform across the CTA
+      list(0);
+      __syncthreads();
+      gather(min(outliers, kMmvOutliers));
+    }
+  }
+
+  // ---- main loop: the batch in wa / wb, then the next one loaded
+  for (int s0 = kp; s0 < spans; s0 += kStride) {
 #pragma unroll
     for (int u = 0; u < kMmvUnroll; ++u) {
       if (s0 + u * kMmvKParts < spans) {  // warp-uniform: mma needs the whole warp
@@ -997,18 +1275,16 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
         }
       }
     }
+    load(s0 + kStride);
   }
+  if constexpr (SPARSE) cp_async_wait<0>();  // the gathered operands (published by the barrier below)
 
-  // ---- sum the K parts: parts 1..3 park their accumulators, part 0 adds them (exact).
-  // SPARSE: the outlier bitmap is built meanwhile.
+  // ---- sum the K parts: parts 1..3 park their accumulators, part 0 adds them (exact)
   if (kp > 0) {
 #pragma unroll
     for (int j = 0; j < kTiles; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) part[kp - 1][rg][j * 4 + r][lane] = acc[j][r];
-  }
-  if constexpr (SPARSE) {
-    for (int wi = threadIdx.x; wi < words; wi += 256) bitmap[wi] = flag_word(flags + wi * 32, wi * 32 + 16 < K);
   }
   __syncthreads();
   if (kp == 0) {
@@ -1024,23 +1300,14 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
         total[m][nl] = v;
       }
   }
-  int any = 0;
-  if constexpr (SPARSE) {
-    for (int sw = threadIdx.x; sw < summaries; sw += 256) {
-      u32 bits = 0;
-      for (int b = 0; b < 32 && sw * 32 + b < words; ++b) bits |= (bitmap[sw * 32 + b] != 0 ? 1u : 0u) << b;
-      summary[sw] = bits;
-      any |= bits != 0;
-    }
-  }
-  any = __syncthreads_or(any);  // also publishes total and summary
+  __syncthreads();
 
   // ---- epilogue: thread = weight row n (tid % 32) x activation rows tid / 32 + 8i
   const int nl = threadIdx.x & 31;
   const int n = n0 + nl;
-  if (n >= N) return;
+  const bool live = n < N;
   const int m0 = threadIdx.x >> 5;
-  const float scb = SCB[n];
+  const float scb = live ? SCB[n] : 0.0f;
   constexpr int kPer = MT / 8;
   int tot[kPer];
 #pragma unroll
@@ -1048,71 +1315,42 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
   float s[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) s[i] = 0.0f;
-  if (SPARSE && any) {
-    // Columns in ascending order, kOutlierBatch at a time so their loads overlap (fewer
-    // for MT = 64, whose kPer values a column would otherwise spill registers). Each
-    // column's int8 product, CA[m, c] * CB[n, c] with the code int8_row_quant_wide left
-    // there, is taken back out of the exact int32 sum, and its 16-bit product summed.
-    constexpr int kOutlierBatch = kPer <= 4 ? 8 : 3;
-    int cols[kOutlierBatch];
-    int nc = 0;
-    int sw = 0, wi = -1;
-    u32 sbits = 0, word = 0;
-    while (true) {
-      // next outlier column, or -1 when there is none (uniform across the CTA)
-      while (word == 0) {
-        while (sbits == 0 && sw < summaries) sbits = summary[sw++];
-        if (sbits == 0) break;
-        wi = (sw - 1) * 32 + __ffs((int)sbits) - 1;
-        sbits &= sbits - 1;
-        word = bitmap[wi];
+  if constexpr (SPARSE) {
+    for (int base = 0; base < outliers; base += kMmvOutliers) {  // uniform across the CTA
+      const int cnt = min(outliers - base, kMmvOutliers);
+      if (base > 0) {     // more outlier columns than one round stages (rare)
+        __syncthreads();  // the previous round's operands are used up
+        rank();           // (mine / first were not kept through the main loop)
+        list(base);
+        __syncthreads();
+        gather(cnt);
+        cp_async_wait<0>();
+        __syncthreads();
       }
-      const bool done = word == 0;
-      if (!done) {
-        const int c = wi * 32 + __ffs((int)word) - 1;
+      if (live) {
+        for (int j = 0; j < cnt; ++j) {  // ascending column order
+          const int c = ocols[j];
+          const i8 wq = byte_in(ocb[j][nl], c);
+          const float w = outlier_weight<Fmt>(wq, scb);
 #pragma unroll
-        for (int q = 0; q < kOutlierBatch; ++q)  // constant indices keep cols in registers
-          if (q == nc) cols[q] = c;
-        ++nc;
-        word &= word - 1;
-      }
-      if (nc == kOutlierBatch || (done && nc > 0)) {
-        i8 wq[kOutlierBatch];
-        float av[kOutlierBatch][kPer];
-        int cq[kOutlierBatch][kPer];
-#pragma unroll
-        for (int q = 0; q < kOutlierBatch; ++q) {
-          if (q < nc) {
-            wq[q] = CB[(i64)n * K + cols[q]];
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-              const int m = m0 + 8 * i;
-              av[q][i] = m < M ? Fmt::to_float(A[(i64)m * K + cols[q]]) : 0.0f;
-              cq[q][i] = m < M ? (int)CA[(i64)m * K + cols[q]] : 0;
+          for (int i = 0; i < kPer; ++i) {
+            const int m = m0 + 8 * i;
+            if (m < M) {
+              tot[i] -= (int)byte_in(oca[j][m], c) * wq;
+              s[i] = __fadd_rn(s[i], __fmul_rn(value_in<Fmt>(oa[j][m], c), w));
             }
           }
         }
-#pragma unroll
-        for (int q = 0; q < kOutlierBatch; ++q)
-          if (q < nc) {
-            const float w = outlier_weight<Fmt>(wq[q], scb);
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-              tot[i] -= cq[q][i] * (int)wq[q];
-              s[i] = __fadd_rn(s[i], __fmul_rn(av[q][i], w));
-            }
-          }
-        nc = 0;
       }
-      if (done) break;
     }
   }
+  if (!live) return;
   float o[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int m = m0 + 8 * i;
     o[i] = m < M ? Fmt::to_float(Fmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(tot[i], SCA[m], scb, bias, n))) : 0.0f;
-    if (SPARSE && any) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
+    if (SPARSE && outliers > 0) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
   }
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
