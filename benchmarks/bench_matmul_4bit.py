@@ -283,7 +283,7 @@ def stage_sweep(results: dict, stream, checkpoint) -> None:
         for M in STAGE_SWEEP_M:
             tiles = 1 if M <= 8 else 2
             paths = ["mma", "mma-rt1", "mma-rt2"]
-            paths += [f"stage-{rt}x{st}c{c}" for mt, rt, st, c in mm._STAGE_CONFIGS if mt == tiles]
+            paths += [f"stage-{rt}x{st}c{c}w{w}" for mt, rt, st, c, w in mm._STAGE_CONFIGS if mt == tiles]
             row = dict(N=N, K=K, M=M)
             for p in paths:
                 row[p] = measure(ours_calls(w, M, "float16", p), stream)

@@ -79,15 +79,18 @@ _TILE_STAGES = 4
 _TILE_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2))
 # CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA.
 _GEMV_WARPS = 4
-# gemm_4bit_stage: (token tiles, row tiles a warp, weight stages a warp, segments a stage)
-# instantiated; a stage holds `chunk` segments of the warp's 16 * rt rows (1 KB * rt * chunk).
-_STAGE_CONFIGS = ((1, 2, 3, 2), (1, 2, 2, 4), (2, 2, 2, 4))
-# The default dispatch runs 1..8 tokens on gemm_4bit_stage (rt 2, 3 stages of 2 segments)
-# from this K: H100, run 7 of NOTES_matmul_4bit.md, 8192 x 28672 at 1 / 2 / 4 / 8 tokens
-# 56.0 / 58.4 / 60.4 / 63.7 us against 75.3-76.7 for gemm_4bit_small; on 28672 x 8192,
-# 11008 x 4096 and 4096 x 4096 gemm_4bit_small was as fast or faster (67.0 vs 66.2, 14.9
-# vs 16.2, 8.8 vs 9.6 at one token).
-_STAGE_MIN_K = 16384
+# gemm_4bit_stage: (token tiles, row tiles a warp, weight stages a warp, segments a stage,
+# warps a CTA) instantiated; a stage holds `chunk` segments of the warp's 16 * rt rows
+# (1 KB * rt * chunk); the warps of a CTA share one byte table. The default (first entry)
+# runs 1..8 tokens where the weight has >= 3 row tiles an SM and K >= _STAGE_MIN_K: H100,
+# run 8 of NOTES_matmul_4bit.md, at 1 / 2 / 4 / 8 tokens 28672 x 8192 60.1 / 62.0 / 65.4 /
+# 70.1 us against 66.7 / 67.8 / 69.1 / 72.2 for gemm_4bit_small, 8192 x 28672 57.9 / 59.7 /
+# 61.7 / 64.6 against 76.0 / 75.9 / 75.9 / 76.9; at K = 4096 gemm_4bit_small stays faster
+# (11008 x 4096: 15.0 against 18.6 us at one token). Up to 16 tokens (2 token tiles) the
+# stage kernels lost everywhere (28672 x 8192: 98.4-101.4 against 86.3) and are not built.
+_STAGE_CONFIGS = ((1, 2, 2, 2, 8), (1, 2, 3, 2, 4))
+_STAGE_MIN_K = 8192
+_STAGE_MIN_ROW_TILES_PER_SM = 3
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -261,37 +264,38 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False)
     return kernel, tiles, chunks, ksplit, groups * chunks
 
 
-def _stage_smem(rt: int, stages: int, chunk: int) -> int:
+def _stage_smem(rt: int, stages: int, chunk: int, warps: int) -> int:
     """Dynamic shared memory of ``gemm_4bit_stage``: byte table, code2, each warp's stages."""
-    return 4 * (256 * 32 + 256) + _MMA_WARPS * stages * rt * chunk * 1024
+    return 4 * (256 * 32 + 256) + warps * stages * rt * chunk * 1024
 
 
-def _pick_stage(
-    M: int, N: int, K: int, rt: int | None = None, stages: int | None = None, chunk: int | None = None
-) -> tuple[str, int, int, int]:
-    """(kernel expression prefix, ksplit, grid, shared bytes) of ``gemm_4bit_stage`` for up to
-    16 tokens. Defaults: rt 2; 3 stages of 2 segments for up to 8 tokens, 2 of 4 above. ``ksplit`` (warps of a CTA
-    sharing K) is the largest of 4, 2, 1 that keeps the grid in one wave, so every warp streams
-    from the start and none waits for a second wave."""
-    if M > 8 * _MMA_TOKEN_TILES[1]:
-        raise ValueError(f"gemm_4bit_stage takes up to 16 tokens a CTA, got M = {M}")
-    tiles = 1 if M <= 8 else 2
-    row_tiles = -(-N // 16)
-    sms = _sm_count()
-    rt = 2 if rt is None else rt
-    stages = (3 if tiles == 1 else 2) if stages is None else stages
-    chunk = (2 if tiles == 1 else 4) if chunk is None else chunk
-    if (tiles, rt, stages, chunk) not in _STAGE_CONFIGS:
-        raise ValueError(
-            f"gemm_4bit_stage has no (token tiles, row tiles, stages, chunk) = {(tiles, rt, stages, chunk)}"
-        )
-    smem = _stage_smem(rt, stages, chunk)
-    per_sm = max(1, _xp.device_attribute("MaxSharedMemoryPerMultiprocessor", 228 * 1024) // (smem + 1024))
-    warp_tiles = -(-row_tiles // rt)
+def _stage_config(M: int, forced: str | None = None) -> tuple[int, int, int, int, int]:
+    """(token tiles, rt, stages, chunk, warps) of ``gemm_4bit_stage`` for up to 8 tokens:
+    ``forced`` "<rt>x<stages>c<chunk>w<warps>" or the default."""
+    if M > 8:
+        raise ValueError(f"gemm_4bit_stage takes up to 8 tokens, got M = {M}")
+    if forced is None:
+        return _STAGE_CONFIGS[0]
+    shape, _, rest = forced.partition("c")
+    chunk, _, warps = rest.partition("w")
+    config = (1, *(int(v) for v in shape.split("x")), int(chunk), int(warps))
+    if config not in _STAGE_CONFIGS:
+        raise ValueError(f"gemm_4bit_stage has no (token tiles, row tiles, stages, chunk, warps) = {config}")
+    return config
+
+
+def _stage_grid(config: tuple[int, int, int, int, int], N: int, K: int, per_sm: int) -> tuple[int, int]:
+    """(ksplit, grid) of ``gemm_4bit_stage``. The weight's rows form groups of rt row tiles,
+    each multiplied by ``ksplit`` warps sharing its K; ``ksplit`` is the largest of 4, 2, 1
+    for which every group fits in one wave of ``per_sm`` CTAs an SM (no warp waits for a
+    second wave), and the grid takes as many CTAs as there are groups or slots, the kernel
+    dealing the groups out across them so that busy warps are spread evenly over the SMs."""
+    _, rt, _, _, warps = config
+    groups = -(-((N + 15) // 16) // rt)
     segments = -(-K // _MMA_SEGMENT)
-    ksplit = next((ks for ks in (4, 2) if segments >= 8 * ks and -(-warp_tiles * ks // _MMA_WARPS) <= per_sm * sms), 1)
-    grid = -(-warp_tiles // (_MMA_WARPS // ksplit))
-    return f"gemm_4bit_stage<{{}}, {{}}, {tiles}, {rt}, {stages}, {chunk}>", ksplit, grid, smem
+    slots = per_sm * _sm_count()
+    ksplit = next((ks for ks in (4, 2) if segments >= 8 * ks and groups <= slots * (warps // ks)), 1)
+    return ksplit, max(min(slots, groups), -(-groups // (warps // ksplit)))
 
 
 def _tile_smem(mt: int) -> int:
@@ -396,16 +400,20 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         kernel, chunks, ctas, ksplit, smem, frag = _pick_tile(M, N, K, mt, rt, ks)
         grid = (ctas, ksplit)
         tile_args = _split_workspace(ksplit, ctas, frag) if ksplit > 1 else ()
-    elif path.startswith("stage") or (path == "mma" and M <= 8 and K >= _STAGE_MIN_K):
-        # "stage" or "stage-<rt>x<stages>c<chunk>": gemm_4bit_stage
-        rt = stages = chunk = None
-        if path.startswith("stage-"):
-            shape, _, chunk_s = path[6:].partition("c")
-            rt, stages = (int(v) for v in shape.split("x"))
-            chunk = int(chunk_s)
-        kernel, ksplit, ctas, smem = _pick_stage(M, N, K, rt, stages, chunk)
-        chunks = 1
-        grid = (ctas,)
+    elif path.startswith("stage") or (
+        path == "mma" and M <= 8 and K >= _STAGE_MIN_K and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
+    ):
+        # "stage" or "stage-<rt>x<stages>c<chunk>w<warps>": gemm_4bit_stage
+        config = _stage_config(M, path[6:] if path.startswith("stage-") else None)
+        tiles, rt, stages, chunk, warps = config
+        smem = _stage_smem(rt, stages, chunk, warps)
+        kernel = get_function("gemm_4bit.cu", f"gemm_4bit_stage<{_MMA_STRUCT[fmt]}, {str(qs.nested).lower()}, "
+                              f"{tiles}, {rt}, {stages}, {chunk}, {warps}>")  # fmt: skip
+        _allow_smem(kernel, smem)
+        per_sm = _xp.cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 32 * warps, smem)
+        ksplit, ctas = _stage_grid(config, N, K, max(1, per_sm))
+        return kernel, (ctas,), (32 * warps,), _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits,
+                                                         ksplit, 1), smem  # fmt: skip
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
         kernel, _, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
@@ -413,13 +421,18 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
     if smem:
         _allow_smem(kernel, smem)
+    args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
+    return kernel, grid, (32 * _MMA_WARPS,), args, smem
+
+
+def _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *extra) -> tuple[Any, ...]:
+    """The argument list every tensor-core kernel takes (A, bias and out at 0, 8 and 9)."""
     has_bias = bias_bits is not None
-    args = (
+    return (
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-        np.int32(ksplit), np.int32(chunks), *tile_args,
+        np.int32(ksplit), np.int32(chunks), *extra,
     )  # fmt: skip
-    return kernel, grid, (32 * _MMA_WARPS,), args, smem
 
 
 def _split_workspace(ksplit: int, ctas: int, frag: int) -> tuple[Any, Any]:
@@ -539,7 +552,7 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
     to 16 tokens),
-    "stage" / "stage-<rt>x<stages>c<chunk>" (``gemm_4bit_stage``, up to 16 tokens),
+    "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up to 8 tokens),
     "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>" (``gemm_4bit_tile``); None
     picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)
@@ -585,7 +598,7 @@ def _kernel_expressions(source: str) -> list[str]:
     for f in _MMA_STRUCT.values():
         for n in nested:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}>" for mt in (1, 2) for rt in (1, 2)]
-            out += [f"gemm_4bit_stage<{f}, {n}, {mt}, {rt}, {st}, {c}>" for mt, rt, st, c in _STAGE_CONFIGS]
+            out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]
             out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_SPLIT_CONFIGS]

@@ -276,11 +276,8 @@ TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
 # too), and 33 segments (130 x 4128: shares 11/11/11, and 7 x 4 + 5 with the last segment
 # cut by K).
 SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLIT_CONFIGS, (3, 5), strict=True))
-# gemm_4bit_stage forced: "stage-<rt>x<stages>c<chunk>", every instantiated configuration, at
-# the token counts of its token tiles (1 tile: up to 8 tokens, 2 tiles: 9..16).
-STAGE_PATHS = [
-    (f"stage-{rt}x{st}c{c}", M) for mt, rt, st, c in mm._STAGE_CONFIGS for M in ((1, 2, 5) if mt == 1 else (9, 16))
-]
+# gemm_4bit_stage forced: "stage-<rt>x<stages>c<chunk>w<warps>", every instantiated configuration.
+STAGE_PATHS = [(f"stage-{rt}x{st}c{c}w{w}", M) for _, rt, st, c, w in mm._STAGE_CONFIGS for M in (1, 2, 5, 8)]
 EACH_PATH = STAGE_PATHS + [
     (path, M)
     for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
@@ -518,7 +515,19 @@ def test_gpu_public_api(cp):
 
 @pytest.mark.gpu
 def test_gpu_stage_rejects_unbuilt_configurations(cp):
-    with pytest.raises(ValueError, match="gemm_4bit_stage takes up to 16 tokens"):
-        mm._pick_stage(17, 64, 256)
-    with pytest.raises(ValueError, match="no .token tiles, row tiles, stages, chunk."):
-        mm._pick_stage(4, 64, 256, rt=2, stages=3, chunk=4)
+    with pytest.raises(ValueError, match="gemm_4bit_stage takes up to 8 tokens"):
+        mm._stage_config(9)
+    with pytest.raises(ValueError, match="no .token tiles, row tiles, stages, chunk, warps."):
+        mm._stage_config(4, "2x3c4w4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", sorted({p for p, _ in STAGE_PATHS}))
+@pytest.mark.parametrize("M", (1, 5))
+def test_gpu_stage_many_groups_per_cta(cp, path, M):
+    # More row groups than CTA slots of one wave: each CTA deals itself several groups
+    # (b, b + gridDim.x, ...); N is not a multiple of a group's rows.
+    N, K = 20008, 256
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
+    out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)
+    assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]

@@ -497,26 +497,28 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// gemm_4bit_stage<Fmt, NESTED, MT, RT, STAGES, CHUNK>: gemm_4bit_small's product (same k
-// permutation, table, fragments, thread mapping, in-CTA split-K and epilogue) with the
-// weights copied through shared memory, so that every global load reads long runs of a row.
-//   grid as gemm_4bit_small, block 128, dynamic shared memory
-//   4 * (256 * 32 + 256) + 4 * STAGES * RT * CHUNK * 1024 bytes (matmul_4bit._stage_smem).
+// gemm_4bit_stage<Fmt, NESTED, MT, RT, STAGES, CHUNK, WARPS>: gemm_4bit_small's product
+// (same k permutation, table, fragments, thread mapping, in-CTA split-K and epilogue) with
+// the weights copied through shared memory, so that every global load reads long runs of a
+// row, and WARPS warps sharing one byte table.
+//   grid (G * token_chunks) with G * WARPS / ksplit >= ceil(N / (16 * RT)), block 32 * WARPS,
+//   dynamic shared memory 4 * (256 * 32 + 256) + WARPS * STAGES * RT * CHUNK * 1024 bytes
+//   (matmul_4bit._stage_smem); ksplit in {1, 2, 4}.
 //
 // Why: in gemm_4bit_small a warp's 16-byte loads cover 8 rows x 64 bytes each, and DRAM
 // serves that pattern at ~2.0 TB/s on an H100 where runs of 256-512 bytes of a row reach
 // ~2.7 TB/s (NOTES_matmul_4bit.md run 6: the loads alone, 28672 x 8192, 60.8 against 44.2
-// us). It pays where K is long (8192 x 28672, 1..8 tokens: 56-64 against 75-77 us); where
-// it does not (28672 x 8192 and narrower K) the one-wave grid leaves ~7 warps an SM, too
-// few to hide the multiply's latencies, and gemm_4bit_small stays the default. Here each warp copies, with cp.async, a stage of CHUNK segments of its 16 * RT rows
-// (64 * CHUNK contiguous bytes a row; a copy instruction covers 8 / CHUNK rows), STAGES - 1 stages ahead
-// of the one it multiplies, and reads its fragments from the stage with one LDS.128 a row
-// and segment. The stages are private to the warp (no CTA barrier in the loop). Within a
-// row the 16-byte chunk c is stored at c ^ (4 * (row & 1)): the 8 lanes of a quarter warp
-// read two consecutive rows and hit 8 distinct bank groups.
-// Activations and scales stay in registers, two segments ahead.
-template <class Fmt, bool NESTED, int MT, int RT, int STAGES, int CHUNK>
-__global__ void __launch_bounds__(kMmaThreads)
+// us). Here each warp copies, with cp.async, a stage of CHUNK segments of its 16 * RT rows
+// (64 * CHUNK contiguous bytes a row; a copy instruction covers 8 / CHUNK rows), STAGES - 1
+// stages ahead of the one it multiplies, and reads its fragments from the stage with one
+// LDS.128 a row and segment. The stages are private to the warp (no CTA barrier in the
+// loop). Within a row the 16-byte chunk c is stored at c ^ (4 * (row & 1)): the 8 lanes of
+// a quarter warp read two consecutive rows and hit 8 distinct bank groups. Activations and
+// scales stay in registers, two segments ahead. The stages cost shared memory, so with 4
+// warps a CTA only ~7 warps an SM fit in one wave, too few to hide the multiply's latencies
+// (28672 x 8192, one token: 64.7 us); 8 warps sharing the 33 KB table give ~14 (60.1 us).
+template <class Fmt, bool NESTED, int MT, int RT, int STAGES, int CHUNK, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
@@ -534,7 +536,9 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % token_chunks;
-  const int tile0 = ((blockIdx.x / token_chunks) * (kMmaWarps / ksplit) + warp / ksplit) * RT;
+  // Tile group (RT row tiles, ksplit warps) w / ksplit of CTA b is group b + gridDim.x * (w / ksplit):
+  // consecutive groups go to different CTAs, so a grid of one wave spreads them evenly over the SMs.
+  const int tile0 = (blockIdx.x / token_chunks + gridDim.x / token_chunks * (warp / ksplit)) * RT;
   const int kpart = warp % ksplit;
   const bool warp_valid = tile0 * 16 < N;
   const int tok0 = chunk * 8 * MT;
@@ -606,13 +610,13 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
   for (int d = 0; d < kAhead; ++d) slot_load(seg_begin + d, ring[d]);
 
-  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
+  for (int i = threadIdx.x; i < 256 * 8; i += 32 * WARPS) {
     const int b = i >> 3;
     const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
   if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
+    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) code2_s[i] = __ldg(code2 + i);
   }
   __syncthreads();
   const float off = NESTED ? __ldg(offset) : 0.0f;
