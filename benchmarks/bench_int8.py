@@ -14,7 +14,7 @@ six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
     PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10] [--rows 1,16,64]
         [--no-eager] [--no-quant] [--pieces]
 
-``--pieces`` times the kernels of the cuBLAS path one by one (CuPy graph replays).
+``--pieces`` times the kernels of the cuBLAS and medium-M paths one by one (CuPy graph replays).
 
 Targets (H100, PERFORMANCE.md): 4096 x 4096 M=1 <= 9 us (graph); 28672 x 8192 M=1 <= 95 us;
 M=4096 faster than fp16 on both; threshold 6 <= 1.25x threshold 0 at every M; row-wise
@@ -24,6 +24,7 @@ quantization of 8192 x 28672 fp16 >= 2300 GB/s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 
@@ -220,12 +221,48 @@ def _pieces(m: int, n: int, k: int) -> dict:
     }
 
 
+def _mmv_pieces(m: int, n: int, k: int) -> dict:
+    """The medium-M path's two kernels at (M, N, K), threshold 0 and 6, as callables; the
+    weight rotated among copies past ~400 MB as in the layer timings."""
+    import cupy
+
+    a = cupy.from_dlpack(_activations(m, k).detach()).view(cupy.uint16).reshape(-1)
+    copies = _weights(n, k, 1)
+    cbs = [cupy.random.randint(-127, 128, n * k, dtype=cupy.int8) for _ in range(copies)]
+    scb = cupy.random.uniform(0.5, 1.5, n).astype(cupy.float32)
+    out = cupy.empty(m * n, dtype=cupy.uint16)
+    mt = g8._mmv_tile(m, k)
+    turn = itertools.count()
+
+    def product(t: float):
+        quant = g8._mmv_quant(a, "float16", m, k, t, mt)
+        return lambda: g8._mmv_product(
+            a, "float16", m, k, cbs[next(turn) % copies], scb, n, None, "Float16", False, t > 0, out, mt, quant
+        )
+
+    memset = " + memset" if mt > g8._MMV_TILES[0] else ""  # byte flags above MT = 16
+    return {
+        "quant thr0": lambda: g8._mmv_quant(a, "float16", m, k, 0.0, mt),
+        f"quant thr6{memset}": lambda: g8._mmv_quant(a, "float16", m, k, 6.0, mt),
+        "mmv thr0": product(0.0),
+        "mmv thr6": product(6.0),
+    }
+
+
 def bench_pieces(repeats: int) -> None:
-    """The cuBLAS path's kernels one by one (graph replays; inputs stay in L2 where they fit)."""
+    """The cuBLAS and medium-M paths' kernels one by one (graph replays; activations stay in
+    L2 where they fit; the medium-M weight is rotated)."""
+    import cupy
+
     print("\ncuBLAS path pieces (fp16, 6 outlier columns), us a call")
     for m, n, k in [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]:
         line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _pieces(m, n, k).items())
         print(f"  M={m} N={n} K={k}: {line}")
+    print("\nmedium-M path pieces (fp16, 6 outlier columns), us a call")
+    for m, n, k in [(16, 4096, 4096), (64, 4096, 4096), (64, 28672, 8192)]:
+        line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _mmv_pieces(m, n, k).items())
+        print(f"  M={m} N={n} K={k}: {line}")
+        cupy.get_default_memory_pool().free_all_blocks()  # the weight copies of this shape
 
 
 def main() -> None:
@@ -235,7 +272,7 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated M values (default: all of ROWS)")
     parser.add_argument("--no-eager", action="store_true", help="graph replays only")
     parser.add_argument("--no-quant", action="store_true", help="skip the 8192 x 28672 quantization benchmark")
-    parser.add_argument("--pieces", action="store_true", help="also time the cuBLAS path's kernels one by one")
+    parser.add_argument("--pieces", action="store_true", help="also time the cuBLAS / medium-M kernels one by one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")

@@ -20,7 +20,8 @@ _SOURCE = "int8.cu"
 _FMT_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ROWS_PER_SLAB = 32  # kRowsPerSlab in int8.cu
-_DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant walks a slab
+_DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant walks a slab (and
+# the padding of outlier_weights' aout rows)
 _OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights precomputes
 # int8_row_quant_wide's FLAGS (int8.cu): none, u8[K] flags (zeroed first), or each row's own
 # outlier bitmap u32[M * ceil(K / 32)] (every word written, so nothing to zero)
@@ -292,17 +293,21 @@ def outlier_weights(cb: Any, scb: Any, flags: Any, a_bits: Any, ca: Any, M: int,
     """The outlier columns of ``flags`` (uint8[K] of 0 / 1, 16-byte aligned, K % 16 == 0), for
     :func:`mm_dequant`: ``(idx int32[K], count int32[1], w16, aout)``, the first ``count``
     entries of ``idx`` the flagged columns in ascending order; ``w16`` float32[_OUTLIER_CACHE
-    * N] their 16-bit weights and ``aout`` float32[_OUTLIER_CACHE * M] the activations A
-    (fmt[M*K]) of the first (up to _OUTLIER_CACHE) columns, ``[j * N + n]`` / ``[j * M + m]``.
-    Also zeroes those columns of the codes ``ca`` (int8[M*K]). One launch, no memset: each
-    CTA lists the columns itself."""
+    * N] their 16-bit weights and ``aout`` float32[_OUTLIER_CACHE * Mp] the activations A
+    (fmt[M*K]) of the first (up to _OUTLIER_CACHE) columns, ``[j * N + n]`` / ``[j * Mp + m]``
+    with Mp = M rounded up to _DEQUANT_ROWS (rows M..Mp-1 zero). Also zeroes those columns of
+    the codes ``ca`` (int8[M*K]). One launch, no memset: each CTA lists the columns itself."""
     cp = cupy()
     idx = cp.empty(max(K, 1), dtype=cp.int32)
     count = cp.empty(1, dtype=cp.int32)
     w16 = cp.empty(_OUTLIER_CACHE * max(N, 1), dtype=cp.float32)
-    aout = cp.empty(_OUTLIER_CACHE * max(M, 1), dtype=cp.float32)
+    mp = -(-max(M, 1) // _DEQUANT_ROWS) * _DEQUANT_ROWS
+    aout = cp.empty(_OUTLIER_CACHE * mp, dtype=cp.float32)
+    # A thread a weight row, and at least a thread a (column, row) pair of ~8 outlier
+    # columns for copying A to aout and zeroing CA (up to two CTAs an SM).
+    grid = max(_blocks(N, 256), min(_blocks(8 * M, 256), 2 * _limits()[0]))
     _kernel(f"int8_outlier_weights<{_FMT_STRUCT[fmt]}>")(
-        (_blocks(N, 256),), (256,),
+        (grid,), (256,),
         (cb, scb, flags, np.int32(K), a_bits, ca, np.int32(M), idx, count, w16, aout, np.int32(N)),
     )  # fmt: skip
     return idx, count, w16, aout
@@ -400,16 +405,30 @@ def _linear_mmv(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int
     each row's bitmap for MT = 16, no memset; byte flags for wider tiles), then
     int8_linear_mmv (outlier columns' int8 products taken back out, their 16-bit products
     added)."""
-    cp = cupy()
-    sparse = threshold > 0
-    if sparse:
+    if threshold > 0:
         a_bits = aligned(a_bits, 4)  # the epilogue gathers A as aligned 4-byte words
+    quant = _mmv_quant(a_bits, fmt, M, K, threshold, mt)
+    _mmv_product(a_bits, fmt, M, K, cb, scb, N, bias, bfmt, has_bias, threshold > 0, out, mt, quant)
+
+
+def _mmv_quant(a_bits: Any, fmt: str, M: int, K: int, threshold: float, mt: int) -> tuple[Any, Any, Any, Any]:
+    """The medium-M path's row quantization: ``(ca, sca, rowbits, flags)``, the outlier
+    columns as int8_linear_mmv reads them at MT = ``mt`` (sca standing in for the unused)."""
+    cp = cupy()
     ca = cp.empty(M * K, dtype=cp.int8)  # fresh: 256-byte aligned, rows 16-byte aligned (K % 16 == 0)
     sca = cp.empty(M, dtype=cp.float32)
     mode = _ROW_BITS if mt == _MMV_TILES[0] else _BYTE_FLAGS  # int8_linear_mmv reads rowbits at MT = 16
     found = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, mode)
-    rowbits = found if mode == _ROW_BITS and sparse else sca  # unused pointers stand in as sca
+    sparse = threshold > 0
+    rowbits = found if mode == _ROW_BITS and sparse else sca
     flags = found if mode == _BYTE_FLAGS and sparse else sca
+    return ca, sca, rowbits, flags
+
+
+def _mmv_product(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any, bfmt: str,
+                 has_bias: bool, sparse: bool, out: Any, mt: int, quant: tuple[Any, ...]) -> None:  # fmt: skip
+    """int8_linear_mmv on :func:`_mmv_quant`'s output (A 4-byte aligned when ``sparse``)."""
+    ca, sca, rowbits, flags = quant
     expr = f"int8_linear_mmv<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
     _kernel(expr)(
         (_blocks(N, _MMV_ROWS),), (256,),

@@ -802,7 +802,9 @@ def test_gpu_row_quant_wide_row_bitmaps(cp, fmt, M, K):
 def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
     """int8_outlier_weights (cuBLAS path): every CTA lists the flagged columns itself; CTA 0
     publishes idx / count; the first 32 columns' 16-bit weights ([j * N + n]) and
-    activations ([j * M + m]); every flagged column of CA zeroed, the rest untouched."""
+    activations ([j * Mp + m], Mp = M rounded up to 8, the padding rows zero); every flagged
+    column of CA zeroed (cached columns by the whole grid, the rest serially), the rest
+    untouched."""
     from cupyquant import _gpu_int8
 
     rng = np.random.default_rng(cols)
@@ -823,6 +825,30 @@ def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
     cached = picked[:32]
     want_w = ref8.outlier_weights(cb[:, cached], scb, "bfloat16")  # (N, C)
     np.testing.assert_array_equal(cp.asnumpy(w16).reshape(32, N)[: cached.size], want_w.T)
-    np.testing.assert_array_equal(cp.asnumpy(aout).reshape(32, M)[: cached.size], widen(a, "bfloat16")[:, cached].T)
+    mp = -(-M // 8) * 8
+    got_a = cp.asnumpy(aout).reshape(32, mp)[: cached.size]
+    np.testing.assert_array_equal(got_a[:, :M], widen(a, "bfloat16")[:, cached].T)
+    np.testing.assert_array_equal(got_a[:, M:], 0)
     ca[:, picked] = 0
     np.testing.assert_array_equal(cp.asnumpy(gca).reshape(M, K), ca)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [6, 40])
+@pytest.mark.parametrize("M", [517, 1001])
+def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, cols, M):
+    """The cuBLAS path with outliers at M % 8 != 0: int8_outlier_weights on a grid wider than
+    N / 256 (a thread a (column, row) pair zeroing CA), int8_mm_dequant's last slab reading
+    the zero padding of Aout with float4 loads; 40 columns: past the 32 cached ones."""
+    rng = np.random.default_rng(cols + M)
+    N, K = 136, 1024
+    a = _planted(rng, M, K, "float16", cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0)
+    I8.set_int8_gemm_backend("cublas")
+    try:
+        got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
+                                  None, 6.0)  # fmt: skip
+    finally:
+        I8.set_int8_gemm_backend("auto")
+    np.testing.assert_array_equal(cp.asnumpy(got), want)

@@ -336,19 +336,25 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 //   CB, SCB    i8[N * K], float32[N]: the int8 weight and its row absmax
 //   flags      u8[K], 0 / 1 (int8_row_quant_wide), 16-byte aligned, K % 16 == 0
 //   A, CA      Fmt::storage[M * K] activations and i8[M * K] their codes: the outlier
-//              columns of CA are zeroed here (rows split among the CTAs), so the int32
-//              product of CA is the reference's and needs no correction
+//              columns of CA are zeroed here, so the int32 product of CA is the
+//              reference's and needs no correction
 //   idx, count written by CTA 0: the flagged columns in ascending order (i32[K]) and how
 //              many there are (i32[1]), for int8_mm_dequant
 //   W16        float32[kOutlierCache * N]: [j * N + n] = the 16-bit weight of (n, j-th
 //              outlier column) (outlier_weight, widened), for j < min(count, kOutlierCache)
-//   Aout       float32[kOutlierCache * M]: [j * M + m] = A[m, j-th outlier column], widened
-// grid ceil(N / 256). Every CTA lists the flagged columns itself (K bytes from L2 and a
-// block scan: no compaction launch and no zeroed counter); thread = one weight row n over
+//   Aout       float32[kOutlierCache * Mp], Mp = M rounded up to kDequantRows: [j * Mp + m] =
+//              A[m, j-th outlier column] widened, 0 for m in [M, Mp) (whole float4 pairs
+//              for int8_mm_dequant's row slabs)
+// grid >= ceil(N / 256). Every CTA lists the flagged columns itself (K bytes from L2 and a
+// block scan: no compaction launch and no zeroed counter). Then the (cached column, row)
+// pairs are spread over all threads of the grid, rows fastest: each copies A to Aout
+// (coalesced) and zeroes CA (the listing thread zeroing every row of its columns, serially,
+// took 15.9 us at 4096 x 4096, M = 4096 on an H100). Last, thread = one weight row n over
 // the cached columns, loads issued kBatch at a time. Run once a call, so int8_mm_dequant's
 // row slabs read coalesced W16 words and uniform (L1-broadcast) Aout words instead of
 // gathering weight bytes (a 32-byte DRAM sector each) and activations per slab and column.
 constexpr int kOutlierCache = 32;
+constexpr int kDequantRows = 8;  // int8_mm_dequant's rows a slab, and the padding of Aout's rows
 
 template <class Fmt>
 __global__ void __launch_bounds__(256)
@@ -377,18 +383,28 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
     for (int i = 0; i < 4; ++i)
       for (u32 bits = w[i]; bits; bits &= bits - 1, ++r) {
         const int col = c * 16 + i * 4 + ((__ffs((int)bits) - 1) >> 3);
-        if (r < kOutlierCache) cols[r] = col;
         if (blockIdx.x == 0) idx[r] = col;
-        for (int m = blockIdx.x; m < M; m += gridDim.x) CA[(i64)m * K + col] = 0;  // this CTA's rows
+        if (r < kOutlierCache) {
+          cols[r] = col;
+        } else {  // past the cache (rare): this CTA's rows, serially
+          for (int m = blockIdx.x; m < M; m += gridDim.x) CA[(i64)m * K + col] = 0;
+        }
       }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *count = outliers;
   __syncthreads();
 
   const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
-  for (i64 e = (i64)blockIdx.x * 256 + threadIdx.x; e < (i64)cached * M; e += (i64)gridDim.x * 256) {
-    const int j = (int)(e / M), m = (int)(e - (i64)j * M);
-    Aout[e] = Fmt::to_float(A[(i64)m * K + cols[j]]);
+  const int Mp = (M + kDequantRows - 1) / kDequantRows * kDequantRows;
+  for (i64 e = (i64)blockIdx.x * 256 + threadIdx.x; e < (i64)cached * Mp; e += (i64)gridDim.x * 256) {
+    const int j = (int)(e / Mp), m = (int)(e - (i64)j * Mp);
+    float v = 0.0f;
+    if (m < M) {
+      const i64 at = (i64)m * K + cols[j];
+      v = Fmt::to_float(A[at]);
+      CA[at] = 0;
+    }
+    Aout[e] = v;
   }
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
@@ -411,16 +427,16 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
 //              (N x K) and the outlier columns (int8_outlier_weights, which also zeroed
 //              them in the codes the product was computed from)
 //   W16, Aout  SPARSE: the first kOutlierCache columns' weights and activations
-//              (int8_outlier_weights); columns past them (rare) are read from CB and A
-//              (same values, same order)
+//              (int8_outlier_weights; Aout's rows padded to kDequantRows); columns past
+//              them (rare) are read from CB and A (same values, same order)
 //   out        OutFmt::storage[rows * N]
 // grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
 // (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
-// keep a thread at ~40 registers, so a memory-bound SM holds its full 2048 threads. A
-// cached outlier column costs a coalesced W16 word (kBatch columns in flight) and
-// kDequantRows Aout words that every thread of the CTA reads (L1 broadcasts).
-constexpr int kDequantRows = 8;
-
+// keep a dense thread at ~40 registers, so a memory-bound SM holds its full 2048 threads.
+// A cached outlier column costs a coalesced W16 word and two float4 Aout loads that every
+// thread of the CTA makes alike (L1 broadcasts), kBatch columns in flight: eight scalar
+// Aout loads a column made the sparse kernel issue-bound (2.4x the dense one at 4096 x
+// 4096, M = 4096 on an H100).
 template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
 __global__ void __launch_bounds__(256)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
@@ -428,12 +444,13 @@ int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, cons
                 const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
                 const float* __restrict__ W16, const float* __restrict__ Aout, typename OutFmt::storage* __restrict__ out,
                 i64 rows, int N) {
-  constexpr int kBatch = 8;
+  constexpr int kBatch = 2;  // 4 raised the sparse kernel to 91 registers (2 CTAs an SM)
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
   const int outliers = SPARSE ? *count : 0;
   const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
+  const i64 Mp = (rows + kDequantRows - 1) / kDequantRows * kDequantRows;  // Aout's row stride
   for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
     const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
     int a[kDequantRows];
@@ -451,15 +468,24 @@ int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, cons
       for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
       for (int j0 = 0; j0 < cached; j0 += kBatch) {
         float w[kBatch];
+        float4 lo[kBatch], hi[kBatch];  // Aout rows r0 .. r0 + 7 (16-byte aligned: Mp, r0 % 8 == 0)
 #pragma unroll
-        for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? W16[(i64)(j0 + q) * N + n] : 0.0f;
+        for (int q = 0; q < kBatch; ++q) {
+          w[q] = 0.0f;
+          lo[q] = hi[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (j0 + q < cached) {
+            const float4* av = reinterpret_cast<const float4*>(Aout + (j0 + q) * Mp + r0);
+            w[q] = W16[(i64)(j0 + q) * N + n];
+            lo[q] = av[0];
+            hi[q] = av[1];
+          }
+        }
 #pragma unroll
         for (int q = 0; q < kBatch; ++q)
           if (j0 + q < cached) {
-            const float* av = Aout + (i64)(j0 + q) * rows + r0;
+            const float av[kDequantRows] = {lo[q].x, lo[q].y, lo[q].z, lo[q].w, hi[q].x, hi[q].y, hi[q].z, hi[q].w};
 #pragma unroll
-            for (int i = 0; i < kDequantRows; ++i)
-              if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(av[i], w[q]));
+            for (int i = 0; i < kDequantRows; ++i) s[i] = __fadd_rn(s[i], __fmul_rn(av[i], w[q]));  // rows >= nr unused
           }
       }
       for (int j = cached; j < outliers; ++j) {
@@ -1148,6 +1174,9 @@ __device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
 // weight bytes, M activations and M codes a column) are gathered into shared memory with
 // cp.async while the main loop runs. The epilogue then reads only shared memory; more
 // columns than that (rare) are handled in further rounds after the main loop.
+// (Recomputing the codes from the activations and SCA instead of gathering them, 40%
+// fewer gathers at MT = 64, measured slower on an H100: 4096 x 4096, M = 64, 29.3 against
+// 26.9 us; benchmarks/NOTES_int8.md, round 5.)
 // SPARSE at MT = 16 is held to 80 registers (3 CTAs an SM, as threshold 0), which the
 // outlier search's 16 loads in flight would otherwise raise to 100.
 template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
