@@ -327,6 +327,15 @@ def _pick_tile(
     return f"{name}<{{}}, {{}}, {mt}, {rt}>", chunks, ctas, ksplit, _tile_smem(mt), 4 * mt * rt
 
 
+def _tile_ctas(row_groups: int, chunks: int, per_sm: int) -> int:
+    """CTAs of an unsplit ``gemm_4bit_tile`` launch: one CTA group a 4 ``row_groups`` (rt row
+    tiles each, one a warp) or, where one wave of ``per_sm`` CTAs an SM holds more, as many
+    CTA groups as that wave has (at most one a row group); times the token chunks. The kernel
+    deals the row groups out over the CTA groups. H100 run 10 of NOTES_matmul_4bit.md."""
+    wave = per_sm * _sm_count() // chunks
+    return max(-(-row_groups // _MMA_WARPS), min(wave, row_groups)) * chunks
+
+
 # gemm_4bit_tile_split: K is split only where even one row tile a warp leaves SMs without
 # a CTA, and each split keeps at least _TILE_MIN_SHARE 128-element segments; the splits
 # fill up to _TILE_CTAS_PER_SM CTAs an SM (registers and shared memory allow 2 resident).
@@ -398,8 +407,17 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             mt, rt = (int(v) for v in shape.split("x"))
             ks = int(forced) if forced else None
         kernel, chunks, ctas, ksplit, smem, frag = _pick_tile(M, N, K, mt, rt, ks)
-        grid = (ctas, ksplit)
-        tile_args = _split_workspace(ksplit, ctas, frag) if ksplit > 1 else ()
+        if ksplit > 1:
+            grid = (ctas, ksplit)
+            tile_args = _split_workspace(ksplit, ctas, frag)
+        else:  # gemm_4bit_tile deals its row groups out over up to one wave of CTAs
+            row_groups = -(-((N + 15) // 16) // int(kernel.rstrip(">").split(",")[-1]))
+            kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
+            _allow_smem(kernel, smem)
+            per_sm = _xp.cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 128, smem)
+            grid = (_tile_ctas(row_groups, chunks, max(1, per_sm)),)
+            args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, 1, chunks)
+            return kernel, grid, (32 * _MMA_WARPS,), args, smem
     elif path.startswith("stage") or (
         path == "mma" and M <= 8 and K >= _STAGE_MIN_K and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
     ):

@@ -531,3 +531,15 @@ def test_gpu_stage_many_groups_per_cta(cp, path, M):
     a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
     out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)
     assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("M", (40, 70))
+def test_gpu_tile_many_groups_per_cta(cp, path, M):
+    # More CTA groups than a quarter of the row groups: the tile kernel deals the row groups
+    # out (group b + G * warp), with several token chunks and a ragged last row group.
+    N, K = 20008, 256
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
+    out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)
+    assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]

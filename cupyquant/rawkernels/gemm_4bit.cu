@@ -471,7 +471,10 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 //
 // Thread mapping: blockIdx.x = group * token_chunks + chunk (the CTAs that read the same
 // weights for different 8*MT-token chunks run side by side and share them through L2).
-// Warp w owns the RT consecutive 16-row tiles RT * (4 * group + w) + rt, over all of K.
+// With G = gridDim.x / token_chunks CTA groups, warp w owns the RT consecutive 16-row tiles
+// RT * (group + G * w) + rt, over all of K: the launcher takes G up to one wave of CTAs, so
+// the weight's row groups are dealt out evenly (28672 x 8192 at 64 tokens: 264 CTAs with 6-7
+// busy warps each, not 224 with 4, 92 SMs holding two and 40 one).
 // Lane (g, t) holds rows g and g + 8 of each tile, as in gemm_4bit_small (same k
 // permutation, table and fragment layout); its weights for the next kAhead - 1 segments
 // (4 for RT = 1, 3 for RT = 2) are in flight in registers while a segment is multiplied.
@@ -756,7 +759,9 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % token_chunks;
-  const int tile0 = ((blockIdx.x / token_chunks) * kMmaWarps + warp) * RT;
+  // Row group (RT tiles) of warp w in CTA group b: b + (gridDim.x / token_chunks) * w, so a grid
+  // of more CTA groups than a quarter of the row groups spreads the busy warps evenly.
+  const int tile0 = (blockIdx.x / token_chunks + (int)(gridDim.x / token_chunks) * warp) * RT;
   const bool warp_valid = tile0 * 16 < N;
   const int tok0 = chunk * kTokens;
   const float off = NESTED ? __ldg(offset) : 0.0f;
