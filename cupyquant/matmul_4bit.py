@@ -87,8 +87,9 @@ _GEMV_WARPS = 4
 # 70.1 us against 66.7 / 67.8 / 69.1 / 72.2 for gemm_4bit_small, 8192 x 28672 57.9 / 59.7 /
 # 61.7 / 64.6 against 76.0 / 75.9 / 75.9 / 76.9; at K = 4096 gemm_4bit_small stays faster
 # (11008 x 4096: 15.0 against 18.6 us at one token). Up to 16 tokens (2 token tiles) the
-# stage kernels lost everywhere (28672 x 8192: 98.4-101.4 against 86.3) and are not built.
-_STAGE_CONFIGS = ((1, 2, 2, 2, 8), (1, 2, 3, 2, 4))
+# stage kernels lost everywhere (28672 x 8192: 98.4-101.4 against 86.3) and are not built;
+# nor is the 4-warp, 3-stage configuration (as fast at 8192 x 28672, slower at 28672 x 8192).
+_STAGE_CONFIGS = ((1, 2, 2, 2, 8),)
 _STAGE_MIN_K = 8192
 _STAGE_MIN_ROW_TILES_PER_SM = 3
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency

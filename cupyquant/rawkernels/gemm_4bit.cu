@@ -520,8 +520,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // scales stay in registers, two segments ahead. The stages cost shared memory, so with 4
 // warps a CTA only ~7 warps an SM fit in one wave, too few to hide the multiply's latencies
 // (28672 x 8192, one token: 64.7 us); 8 warps sharing the 33 KB table give ~14 (60.1 us).
+// (__launch_bounds__: at most 128 registers, 16 warps an SM; without it the 8-warp
+// configuration took 149 registers and fit one CTA an SM.)
 template <class Fmt, bool NESTED, int MT, int RT, int STAGES, int CHUNK, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
 gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
@@ -561,16 +563,27 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const i64 row_bytes = K / 2;
   const int copy_row = lane / kLanesPerRow, copy_byte = (lane % kLanesPerRow) * 16;
   const u32 copy_dst = (u32)(copy_row * kRowBytes) + (u32)(((lane % kLanesPerRow) ^ ((copy_row & 1) << 2)) << 4);
-  auto stage_load = [&](int c) {  // stage c: segments seg_begin + 4c .. + 4 of the share
+  // Copy 0's source at the share's first byte; copy r is kRowsPerCopy * r rows further.
+  const u8* copy_src = packed + (i64)(tile0 * 16 + copy_row) * row_bytes + seg_begin * (kSegment / 2) + copy_byte;
+  const bool rows_in = (tile0 + RT) * 16 <= N;  // every row of the group exists (warp-uniform)
+  auto stage_load = [&](int c) {  // stage c: segments seg_begin + CHUNK c .. + CHUNK of the share
     if (c < stages_needed) {
-      const int byte = (seg_begin + kChunkSegments * c) * (kSegment / 2) + copy_byte;
+      const int offset = kChunkSegments * c * (kSegment / 2);  // from the share's first byte
       const u32 dst = stage_s + (u32)((c % STAGES) * kStageBytes) + copy_dst;
+      if (rows_in && seg_begin * (kSegment / 2) + offset + kRowBytes <= row_bytes) {  // no bound to check
+        const u8* src = copy_src + offset;
+        const i64 stride = kRowsPerCopy * row_bytes;
 #pragma unroll
-      for (int r = 0; r < kCopies; ++r) {
-        const int row = tile0 * 16 + kRowsPerCopy * r + copy_row;
-        const bool ok = row < N && byte < row_bytes;  // zeros past N and K (K % 32 == 0: whole chunks)
-        cp_async16(dst + (u32)(kRowsPerCopy * r * kRowBytes), ok ? packed + (i64)row * row_bytes + byte : packed,
-                   ok ? 16u : 0u);
+        for (int r = 0; r < kCopies; ++r) cp_async16(dst + (u32)(kRowsPerCopy * r * kRowBytes), src + r * stride, 16u);
+      } else {
+        const int byte = seg_begin * (kSegment / 2) + offset + copy_byte;
+#pragma unroll
+        for (int r = 0; r < kCopies; ++r) {
+          const int row = tile0 * 16 + kRowsPerCopy * r + copy_row;
+          const bool ok = row < N && byte < row_bytes;  // zeros past N and K (K % 32 == 0: whole chunks)
+          cp_async16(dst + (u32)(kRowsPerCopy * r * kRowBytes), ok ? packed + (i64)row * row_bytes + byte : packed,
+                     ok ? 16u : 0u);
+        }
       }
     }
     cp_async_commit();  // an empty group past the end keeps the wait count uniform
@@ -585,6 +598,11 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u16* ap[MT];
 #pragma unroll
   for (int j = 0; j < MT; ++j) ap[j] = A + (i64)min(tok0 + 8 * j + g, M - 1) * K + 32 * t;
+  i64 scale_e[RT][2];  // flat index of the lane's first element of each stream, at segment 0
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scale_e[rt][h] = (i64)min((tile0 + rt) * 16 + g + 8 * h, N - 1) * K + 32 * t;
   auto slot_load = [&](int seg, Slot& s) {
     const int k0 = seg * kSegment;
     const bool ok = seg < seg_end && k0 + 32 * t < K;
@@ -592,10 +610,9 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = min((tile0 + rt) * 16 + g + 8 * h, N - 1);
         if (ok) {
-          q4::scale_fetch<NESTED>(((i64)row * K + k0 + 32 * t) >> block_shift, absmax, qabsmax, nested_absmax,
-                                  s.v[rt][h], s.q[rt][h]);
+          q4::scale_fetch<NESTED>((scale_e[rt][h] + k0) >> block_shift, absmax, qabsmax, nested_absmax, s.v[rt][h],
+                                  s.q[rt][h]);
         } else {
           s.v[rt][h] = 0.0f;
           s.q[rt][h] = 0;
