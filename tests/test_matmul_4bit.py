@@ -521,24 +521,18 @@ def test_gpu_stage_rejects_unbuilt_configurations(cp):
         mm._stage_config(4, "2x3c4w4")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("path", sorted({p for p, _ in STAGE_PATHS}))
-@pytest.mark.parametrize("M", (1, 5))
-def test_gpu_stage_many_groups_per_cta(cp, path, M):
-    # More row groups than CTA slots of one wave: each CTA deals itself several groups
-    # (b, b + gridDim.x, ...); N is not a multiple of a group's rows.
-    N, K = 20008, 256
-    a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
-    out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)
-    assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
+# Kernels that deal row groups out over a one-wave grid, at token counts they take.
+DEALT_PATHS = [(p, M) for p in sorted({p for p, _ in STAGE_PATHS}) for M in (1, 5)] + [
+    (p, M) for p in TILE_PATHS for M in (40, 70)
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", TILE_PATHS)
-@pytest.mark.parametrize("M", (40, 70))
-def test_gpu_tile_many_groups_per_cta(cp, path, M):
-    # More CTA groups than a quarter of the row groups: the tile kernel deals the row groups
-    # out (group b + G * warp), with several token chunks and a ragged last row group.
+@pytest.mark.parametrize(("path", "M"), DEALT_PATHS, ids=[f"{p}-M{m}" for p, m in DEALT_PATHS])
+def test_gpu_many_row_groups_per_cta(cp, path, M):
+    # More row groups than one wave's warps (gemm_4bit_stage) or than a quarter of the CTA
+    # groups (gemm_4bit_tile): each CTA takes groups b, b + G, ...; N is not a multiple of a
+    # group's rows.
     N, K = 20008, 256
     a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
     out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)

@@ -117,6 +117,91 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b
   }
 }
 
+// The A fragments of mma step s (0..7) of a segment for RT row tiles: bytes 2s and 2s + 1
+// of the lane's chunks of rows g and g + 8 (w), looked up in the lane's replica of the byte
+// table and multiplied by the rows' packed scales (hs).
+template <class Fmt, int RT>
+__device__ __forceinline__ void weight_frags(u32 (&frag)[RT][4], const uint4 (&w)[RT][2], const u32 (&hs)[RT][2], int s,
+                                             u32 lut_lane) {
+  const int b = 2 * (s & 1);  // bytes 2s, 2s+1 of the chunk are bytes b, b+1 of word s/2
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const u32 lo = q4::word_of(w[rt][0], s >> 1), hi = q4::word_of(w[rt][1], s >> 1);
+    frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
+    frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
+    frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
+    frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
+  }
+}
+
+// One segment of RT row tiles and MT token tiles: the lane's 16 packed bytes of rows g and
+// g + 8 of each tile (w), their scales as packed pairs (hs) and its 64 bytes of activations
+// of each token tile (x) through the 8 mma steps of the k permutation above.
+template <class Fmt, int RT, int MT>
+__device__ __forceinline__ void mma_segment(float (&acc)[RT][MT][4], const uint4 (&w)[RT][2], const u32 (&hs)[RT][2],
+                                            const uint4 (&x)[MT][4], u32 lut_lane) {
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const int b = 2 * (s & 1);  // step s: activation words b, b + 1 of x[j][s / 2]
+    u32 frag[RT][4];
+    weight_frags<Fmt>(frag, w, hs, s, lut_lane);
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      const u32 b0 = q4::word_of(x[j][s >> 1], b), b1 = q4::word_of(x[j][s >> 1], b + 1);
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
+    }
+  }
+}
+
+// Split-K inside a CTA: warps kpart = 1 .. ksplit - 1 of a group hand their accumulators to
+// its warp kpart = 0 through `red` (the byte table's shared memory: every warp is done with
+// it after the first barrier). Every thread of the CTA calls it when ksplit > 1 (barriers).
+template <int RT, int MT>
+__device__ __forceinline__ void cta_ksplit_sum(float (&acc)[RT][MT][4], float* red, int warp, int lane, int kpart,
+                                               int ksplit) {
+  constexpr int kPerWarp = RT * MT * 4;  // red: [warp][rt][j][i][lane], conflict-free
+  __syncthreads();
+  if (kpart != 0) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
+  }
+  __syncthreads();
+  if (kpart == 0) {
+    for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[rt][j][i] += red[((warp + p) * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane];
+  }
+}
+
+// The C fragments of row tiles tile0 .. tile0 + RT - 1 and token tiles from tok0, plus the
+// bias, rounded once: acc[rt][j][0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+template <class Fmt, int RT, int MT>
+__device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int tile0, int tok0, int g, int t, int M,
+                                            int N, const u16* __restrict__ bias, int has_bias, u16* __restrict__ out) {
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+        if (tok < M && row < N) {
+          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
+        }
+      }
+}
+
 }  // namespace
 
 // gemm_4bit_mma<Fmt, NESTED, MT>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16); MT n8 token tiles per CTA.
@@ -336,25 +421,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         x[j][i] = valid ? q4::load_cached16(ap[j] + d * kSegment + 8 * i) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      const int b = 2 * (s & 1);  // bytes 2s, 2s+1 of the chunk are bytes b, b+1 of word s/2
-      u32 frag[RT][4];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        const u32 lo = q4::word_of(w[rt][0], s >> 1), hi = q4::word_of(w[rt][1], s >> 1);
-        frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
-        frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
-        frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
-        frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
-      }
-#pragma unroll
-      for (int j = 0; j < MT; ++j) {
-        const u32 b0 = q4::word_of(x[j][s >> 1], b), b1 = q4::word_of(x[j][s >> 1], b + 1);
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
-      }
-    }
+    mma_segment<Fmt>(acc, w, hs, x, lut_lane);
   };
 
   auto advance = [&](int count) {
@@ -410,46 +477,9 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     advance(1);
   }
 
-  if (ksplit > 1) {  // uniform over the launch
-    __syncthreads();  // every warp is done with the table
-    float* red = reinterpret_cast<float*>(lut);  // [warp][rt][j][i][lane]: conflict-free
-    constexpr int kPerWarp = RT * MT * 4;
-    if (kpart != 0) {
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[(warp * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
-    }
-    __syncthreads();
-    if (kpart == 0) {
-      for (int p = 1; p < ksplit; ++p)
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int j = 0; j < MT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              acc[rt][j][i] += red[((warp + p) * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane];
-    }
-  }
+  if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
   if (kpart != 0 || !warp_valid) return;
-
-  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-        if (tok < M && row < N) {
-          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
-        }
-      }
+  store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
 // gemm_4bit_tile<Fmt, NESTED, MT, RT>: the same product for up to 8 * MT tokens a CTA (M up
@@ -667,25 +697,7 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         const float sc = q4::scale_decode<NESTED>(s.v[rt][h], s.q[rt][h], code2_s, off);
         hs[rt][h] = pack2<Fmt>(sc, sc);
       }
-#pragma unroll
-    for (int st = 0; st < 8; ++st) {
-      const int b = 2 * (st & 1);  // bytes 2st, 2st+1 of the chunk are bytes b, b+1 of word st/2
-      u32 frag[RT][4];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        const u32 lo = q4::word_of(w[rt][0], st >> 1), hi = q4::word_of(w[rt][1], st >> 1);
-        frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2st
-        frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2st
-        frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2st+1
-        frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2st+1
-      }
-#pragma unroll
-      for (int j = 0; j < MT; ++j) {
-        const u32 b0 = q4::word_of(s.x[j][st >> 1], b), b1 = q4::word_of(s.x[j][st >> 1], b + 1);
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) mma16816<Fmt>(acc[rt][j], frag[rt], b0, b1);
-      }
-    }
+    mma_segment<Fmt>(acc, w, hs, s.x, lut_lane);
   };
 
   for (int c = 0; c < stages_needed; ++c) {
@@ -703,46 +715,9 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
-  if (ksplit > 1) {  // uniform over the launch
-    __syncthreads();  // every warp is done with the table
-    float* red = reinterpret_cast<float*>(lut);  // [warp][rt][j][i][lane]: conflict-free
-    constexpr int kPerWarp = RT * MT * 4;
-    if (kpart != 0) {
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[(warp * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
-    }
-    __syncthreads();
-    if (kpart == 0) {
-      for (int p = 1; p < ksplit; ++p)
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int j = 0; j < MT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              acc[rt][j][i] += red[((warp + p) * kPerWarp + (rt * MT + j) * 4 + i) * 32 + lane];
-    }
-  }
+  if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
   if (kpart != 0 || !warp_valid) return;
-
-  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-        if (tok < M && row < N) {
-          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
-        }
-      }
+  store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
 // (The minimum of 2 CTAs an SM, which the registers allow anyway, only changes ptxas's
@@ -858,16 +833,9 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       for (int j = 0; j < MT; ++j) x[j] = *reinterpret_cast<const uint4*>(xs + 8 * j * kRowBytes + at);
 #pragma unroll
       for (int ss = 0; ss < 2; ++ss) {
-        const int b = 2 * ss;  // bytes 2s, 2s+1 of the chunk (s = 2i + ss) are bytes b, b+1 of word i
+        const int b = 2 * ss;  // step s = 2i + ss: activation words b, b + 1 of x[j]
         u32 frag[RT][4];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-          const u32 lo = q4::word_of(w[rt][0], i), hi = q4::word_of(w[rt][1], i);
-          frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
-          frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
-          frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
-          frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
-        }
+        weight_frags<Fmt>(frag, w, hs, 2 * i + ss, lut_lane);
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
           const u32 b0 = q4::word_of(x[j], b), b1 = q4::word_of(x[j], b + 1);
@@ -908,20 +876,7 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
   if (!warp_valid) return;
 
-  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-        if (tok < M && row < N) {
-          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
-        }
-      }
+  store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
 // gemm_4bit_tile_split<Fmt, NESTED, MT, RT>: gemm_4bit_tile with K split across CTAs, for
@@ -1059,16 +1014,9 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
       for (int j = 0; j < MT; ++j) x[j] = *reinterpret_cast<const uint4*>(xs + 8 * j * kRowBytes + at);
 #pragma unroll
       for (int ss = 0; ss < 2; ++ss) {
-        const int b = 2 * ss;  // bytes 2s, 2s+1 of the chunk (s = 2i + ss) are bytes b, b+1 of word i
+        const int b = 2 * ss;  // step s = 2i + ss: activation words b, b + 1 of x[j]
         u32 frag[RT][4];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-          const u32 lo = q4::word_of(w[rt][0], i), hi = q4::word_of(w[rt][1], i);
-          frag[rt][0] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b)), hs[rt][0]);      // row g,     byte 2s
-          frag[rt][1] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b)), hs[rt][1]);      // row g + 8, byte 2s
-          frag[rt][2] = mul2<Fmt>(lut_at(lut_lane, byte_of(lo, b + 1)), hs[rt][0]);  // row g,     byte 2s+1
-          frag[rt][3] = mul2<Fmt>(lut_at(lut_lane, byte_of(hi, b + 1)), hs[rt][1]);  // row g + 8, byte 2s+1
-        }
+        weight_frags<Fmt>(frag, w, hs, 2 * i + ss, lut_lane);
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
           const u32 b0 = q4::word_of(x[j], b), b1 = q4::word_of(x[j], b + 1);
@@ -1147,18 +1095,5 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
   }
   if (!warp_valid) return;
 
-  // C fragment of tile rt, token tile j: [0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-        if (tok < M && row < N) {
-          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
-        }
-      }
+  store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
