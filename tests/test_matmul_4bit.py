@@ -426,15 +426,20 @@ def test_gpu_graph_capture_split(cp, monkeypatch, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("M", "N"), ((1, 300), (16, 300), (32, 300), (40, 8232), (128, 8232)))
+@pytest.mark.parametrize(
+    ("M", "N", "K"), ((1, 300, 640), (16, 300, 640), (32, 300, 640), (40, 8232, 640), (128, 8232, 640), (5, 6400, 8192))
+)
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
-def test_gpu_prepared_launch(cp, M, N, bias):
+def test_gpu_prepared_launch(cp, M, N, K, bias):
     # prepare_fused's launch (the torch adapter's eager path): every tensor-core kernel, the
-    # dynamic shared memory of gemm_4bit_tile included.
-    fmt, K = "float16", 640
+    # dynamic shared memory and 256-thread blocks of gemm_4bit_stage (6400 x 8192) included.
+    fmt = "float16"
     assert M <= mm.fused_max_m(fmt, N, K)
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=21, bias=bias)
     ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    if K >= mm._STAGE_MIN_K:
+        kernel = mm._mma_launch(ga, fmt, M, N, K, gp, gqs, gb, cp.empty(M * N, dtype=np.float16))[0]
+        assert "gemm_4bit_stage" in kernel.name
     launch = mm.prepare_fused(fmt, M, gp, gqs, bias)
     assert launch is not None and launch.accepts(ga.data.ptr)
     out = cp.full(M * N, np.nan, dtype=np.float16)
