@@ -24,9 +24,16 @@ _DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant w
 # the padding of outlier_weights' aout rows)
 _OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights precomputes
 # int8_row_quant_wide's FLAGS (int8.cu): none, u8[K] flags (zeroed first), or each row's own
-# outlier bitmap u32[M * ceil(K / 32)] (every word written, so nothing to zero)
+# outlier bitmap u32[M * _rowbits_stride(K)] (every word written, so nothing to zero)
 _NO_FLAGS, _BYTE_FLAGS, _ROW_BITS = 0, 1, 2
 _MAX_GRID_Y = 65535
+
+
+def _rowbits_stride(K: int) -> int:
+    """Words a row of int8_row_quant_wide's bitmaps takes (rowbits_stride in int8.cu):
+    ceil(K / 32) rounded up to 4, so a row is whole 16-byte loads."""
+    return -(-K // 128) * 4
+
 
 # The small-M path (int8_linear_gemv) handles up to this many activation rows.
 GEMV_MAX_M = 8
@@ -291,18 +298,20 @@ def gemm_int32(ca: Any, cb: Any, M: int, N: int, K: int, out: Any) -> None:
 def outlier_weights(cb: Any, scb: Any, flags: Any, a_bits: Any, ca: Any, M: int, N: int, K: int,
                     fmt: str) -> tuple[Any, Any, Any, Any]:  # fmt: skip
     """The outlier columns of ``flags`` (uint8[K] of 0 / 1, 16-byte aligned, K % 16 == 0), for
-    :func:`mm_dequant`: ``(idx int32[K], count int32[1], w16, aout)``, the first ``count``
-    entries of ``idx`` the flagged columns in ascending order; ``w16`` float32[_OUTLIER_CACHE
-    * N] their 16-bit weights and ``aout`` float32[_OUTLIER_CACHE * Mp] the activations A
-    (fmt[M*K]) of the first (up to _OUTLIER_CACHE) columns, ``[j * N + n]`` / ``[j * Mp + m]``
-    with Mp = M rounded up to _DEQUANT_ROWS (rows M..Mp-1 zero). Also zeroes those columns of
-    the codes ``ca`` (int8[M*K]). One launch, no memset: each CTA lists the columns itself."""
+    :func:`mm_dequant`: ``(idx int32[K], count int32[1], wout, aout)``, the first ``count``
+    entries of ``idx`` the flagged columns in ascending order; for the first (up to
+    _OUTLIER_CACHE) columns, in ``fmt``'s storage: ``wout`` [_OUTLIER_CACHE * N] their 16-bit
+    weights, B = 16 / itemsize columns a 16-byte group, ``[((j // B) * N + n) * B + j % B]``,
+    and ``aout`` [_OUTLIER_CACHE * Mp] the activations A (fmt[M*K]), ``[j * Mp + m]`` with Mp
+    = M rounded up to _DEQUANT_ROWS (rows M..Mp-1 zero). Also zeroes those columns of the
+    codes ``ca`` (int8[M*K]). One launch, no memset: each CTA lists the columns itself."""
     cp = cupy()
     idx = cp.empty(max(K, 1), dtype=cp.int32)
     count = cp.empty(1, dtype=cp.int32)
-    w16 = cp.empty(_OUTLIER_CACHE * max(N, 1), dtype=cp.float32)
+    storage = cp.float32 if fmt == "float32" else cp.uint16
+    w16 = cp.empty(_OUTLIER_CACHE * max(N, 1), dtype=storage)
     mp = -(-max(M, 1) // _DEQUANT_ROWS) * _DEQUANT_ROWS
-    aout = cp.empty(_OUTLIER_CACHE * mp, dtype=cp.float32)
+    aout = cp.empty(_OUTLIER_CACHE * mp, dtype=storage)
     # A thread a weight row, and at least a thread a (column, row) pair of ~8 outlier
     # columns for copying A to aout and zeroing CA (up to two CTAs an SM).
     grid = max(_blocks(N, 256), min(_blocks(8 * M, 256), 2 * _limits()[0]))
@@ -319,6 +328,7 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
     column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
     CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) adds the outlier
     columns' 16-bit product (``acc`` computed with those columns of CA zeroed)."""
+    # (wout / aout are fmt's storage; without ``sparse`` they stand in unused)
     if rows == 0 or N == 0:
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
@@ -326,7 +336,7 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
     if sparse is not None:
         a_bits, cb, K, idx, count, w16, aout = sparse
     else:
-        a_bits, cb, K, idx, count, w16, aout = out, acc, 0, acc, acc, sca, sca  # ignored pointers
+        a_bits, cb, K, idx, count, w16, aout = out, acc, 0, acc, acc, out, out  # ignored pointers
     slabs = max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
     _kernel(expr)(
         (_blocks(N, 256), slabs), (256,),
@@ -382,15 +392,16 @@ def _mmv_tile(M: int, K: int) -> int | None:
 def _row_quant_wide(a_bits: Any, fmt: str, M: int, K: int, threshold: float, ca: Any, sca: Any, flags: int) -> Any:
     """int8_row_quant_wide (a CTA a row) into ``ca`` / ``sca``, K % 16 == 0 and ``ca`` fresh.
     With threshold > 0 it finds the outlier columns in the same pass and returns them as
-    ``flags`` asks (_BYTE_FLAGS: uint8[K]; _ROW_BITS: uint32[M * ceil(K / 32)], each row's
-    bitmap), leaving their codes as quantized: the consumer subtracts their products."""
+    ``flags`` asks (_BYTE_FLAGS: uint8[K]; _ROW_BITS: uint32[M * _rowbits_stride(K)], each
+    row's bitmap, the padding words zero), leaving their codes as quantized: the consumer
+    subtracts their products."""
     cp = cupy()
     mode = flags if threshold > 0 else _NO_FLAGS
     out = None
     if mode == _BYTE_FLAGS:
         out = cp.zeros(K, dtype=cp.uint8)
     elif mode == _ROW_BITS:
-        out = cp.empty(M * -(-K // 32), dtype=cp.uint32)
+        out = cp.empty(M * _rowbits_stride(K), dtype=cp.uint32)
     vec = a_bits.data.ptr % 16 == 0
     dummy = out if out is not None else ca  # stands in for the pointers the mode ignores
     _kernel(f"int8_row_quant_wide<{_FMT_STRUCT[fmt]}, {mode}, {_bool(vec)}>")(

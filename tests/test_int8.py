@@ -774,8 +774,9 @@ def test_gpu_int8_linear_outlier_column_counts(cp, cols, M, backend):
 @pytest.mark.parametrize("M,K", [(1, 16), (5, 1040), (40, 2048), (3, 4112)], ids=str)
 def test_gpu_row_quant_wide_row_bitmaps(cp, fmt, M, K):
     """int8_row_quant_wide's per-row outlier bitmaps (every word written, K % 32 == 16
-    included): bit i of word w of row m is |A[m, 32w + i]| >= threshold; the row absmax
-    and the codes of the other columns are the reference's, outlier codes left as computed."""
+    included, rows padded to a multiple of 4 words with zeros): bit i of word w of row m is
+    |A[m, 32w + i]| >= threshold; the row absmax and the codes of the other columns are the
+    reference's, outlier codes left as computed."""
     from cupyquant import _gpu_int8
 
     rng = np.random.default_rng(M + K)
@@ -784,13 +785,18 @@ def test_gpu_row_quant_wide_row_bitmaps(cp, fmt, M, K):
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)
     g = cp.asarray(bits.reshape(-1))
+    stride = _gpu_int8._rowbits_stride(K)
+    cp.get_default_memory_pool().malloc(M * stride * 4).memset(0xFF, M * stride * 4)  # freed dirty, reused below
     rowbits = _gpu_int8._row_quant_wide(g, fmt, M, K, 3.0, ca, sca, _gpu_int8._ROW_BITS)
+    assert rowbits.size == M * stride and stride % 4 == 0
     words = -(-K // 32)
     big = np.zeros((M, words * 32), dtype=bool)
     big[:, :K] = np.abs(x) >= 3.0
     want_bits = np.packbits(big.reshape(M, words, 4, 8)[..., ::-1], axis=-1).reshape(M, words, 4)
     want_bits = want_bits.astype(np.uint32) << (np.arange(4, dtype=np.uint32) * 8)
-    np.testing.assert_array_equal(cp.asnumpy(rowbits).reshape(M, words), want_bits.sum(axis=-1, dtype=np.uint32))
+    got = cp.asnumpy(rowbits).reshape(M, stride)
+    np.testing.assert_array_equal(got[:, :words], want_bits.sum(axis=-1, dtype=np.uint32))
+    np.testing.assert_array_equal(got[:, words:], 0)
     want_ca, want_sca, cols = ref8.quantize_rows(x, 3.0)
     np.testing.assert_array_equal(cp.asnumpy(sca), want_sca)
     keep = ~cols
@@ -801,7 +807,8 @@ def test_gpu_row_quant_wide_row_bitmaps(cp, fmt, M, K):
 @pytest.mark.parametrize("cols", [0, 5, 32, 40])
 def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
     """int8_outlier_weights (cuBLAS path): every CTA lists the flagged columns itself; CTA 0
-    publishes idx / count; the first 32 columns' 16-bit weights ([j * N + n]) and
+    publishes idx / count; the first 32 columns' 16-bit weights (bfloat16 bits, 8 columns a
+    16-byte group: [((j // 8) * N + n) * 8 + j % 8], zeros past the listed columns) and
     activations ([j * Mp + m], Mp = M rounded up to 8, the padding rows zero); every flagged
     column of CA zeroed (cached columns by the whole grid, the rest serially), the rest
     untouched."""
@@ -824,10 +831,13 @@ def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
     np.testing.assert_array_equal(cp.asnumpy(idx)[:cols], picked)
     cached = picked[:32]
     want_w = ref8.outlier_weights(cb[:, cached], scb, "bfloat16")  # (N, C)
-    np.testing.assert_array_equal(cp.asnumpy(w16).reshape(32, N)[: cached.size], want_w.T)
+    got_w = cp.asnumpy(w16).reshape(4, N, 8).transpose(0, 2, 1).reshape(32, N)  # [j, n]
+    np.testing.assert_array_equal(widen(got_w[: cached.size], "bfloat16"), want_w.T)
+    if cached.size % 8:  # the rest of the last group
+        np.testing.assert_array_equal(got_w[cached.size : -(-cached.size // 8) * 8], 0)
     mp = -(-M // 8) * 8
     got_a = cp.asnumpy(aout).reshape(32, mp)[: cached.size]
-    np.testing.assert_array_equal(got_a[:, :M], widen(a, "bfloat16")[:, cached].T)
+    np.testing.assert_array_equal(got_a[:, :M], a[:, cached].T)
     np.testing.assert_array_equal(got_a[:, M:], 0)
     ca[:, picked] = 0
     np.testing.assert_array_equal(cp.asnumpy(gca).reshape(M, K), ca)
@@ -849,6 +859,50 @@ def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, cols, M):
     try:
         got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
                                   None, 6.0)  # fmt: skip
+    finally:
+        I8.set_int8_gemm_backend("auto")
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [2064, 6160, 12304, 20496, 33296])
+@pytest.mark.parametrize("M", [12, 16, 24, 64])
+def test_gpu_mmv_outlier_search_every_split(cp, M, K):
+    """The medium-M path's outlier search: at MT = 16 (M = 12, 16) over each row's bitmap in
+    128-column groups, every number of threads a group (8, 4, 2, 1; K = 33296: more groups
+    than threads); at MT = 32 / 64 (M = 24, 64) over the byte flags' 32-column words, one to
+    five a thread. Outlier columns at group and word edges and in the last group."""
+    rng = np.random.default_rng(M * 7 + K)
+    N = 40
+    x = np.clip(rng.standard_normal((M, K)), -5, 5).astype(np.float32)
+    picked = np.array([0, 127, 128, K // 2, K - 129, K - 1])
+    x[:, picked] *= 20.0
+    x[0, picked] = 7.0
+    a = ref.from_float32(x, "float16").reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0)
+    got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
+                              None, 6.0)  # fmt: skip
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cols", [3, 4, 5, 8, 9, 31])
+def test_gpu_cublas_path_outlier_batches(cp, fmt, cols):
+    """int8_mm_dequant's cached outlier columns in 16-byte batches (8 columns of a 16-bit
+    format, 4 of float32), the first loaded with the int32 products: column counts around
+    the batch edges, every activation format, a bias."""
+    rng = np.random.default_rng(cols)
+    M, N, K = 520, 72, 1024
+    a = _planted(rng, M, K, fmt, cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    bias = random_bits(rng, (N,), fmt, 0.1)
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
+    I8.set_int8_gemm_backend("cublas")
+    try:
+        got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                                  cp.asarray(bias), fmt, 6.0)  # fmt: skip
     finally:
         I8.set_int8_gemm_backend("auto")
     np.testing.assert_array_equal(cp.asnumpy(got), want)

@@ -8,8 +8,9 @@
 //   CB       i8[N * K]                int8 weight, one output feature per row
 //   SCB      float32[N]               row absmax of the weight
 //   flags    u8[K]                    1 where column k of A holds an outlier (|a| >= threshold)
-//   rowbits  u32[rows * ceil(K / 32)] each row's own outlier bitmap (medium-M path, M <= 16:
-//                                     every word written, no zeroing)
+//   rowbits  u32[rows * stride]       each row's own outlier bitmap, the stride ceil(K / 32)
+//                                     rounded up to 4 (medium-M path, MT = 16: every word
+//                                     written, no zeroing)
 //   idx      i32[K], count i32[1]     the flagged columns in ascending order, and how many
 //   out      OutFmt::storage[M * N]   or int32[M * N] for the raw product
 //
@@ -108,11 +109,26 @@ __device__ __forceinline__ float dequant_value(int acc, float row_stat, float co
   return dequant_with(acc, row_stat, col_stat, HAS_BIAS ? BiasFmt::to_float(bias[col]) : 0.0f);
 }
 
-// A weight value of an outlier column in the activations' 16-bit format (widened back):
-// bitsandbytes dequantizes those weight columns and casts them to A's dtype before addmm.
+// A weight value of an outlier column in the activations' 16-bit format: bitsandbytes
+// dequantizes those weight columns and casts them to A's dtype before addmm.
+template <class Fmt>
+__device__ __forceinline__ typename Fmt::storage outlier_weight_bits(i8 cb, float scb) {
+  return Fmt::from_float(__fmul_rn(__fmul_rn((float)cb, scb), dequant_scale()));
+}
 template <class Fmt>
 __device__ __forceinline__ float outlier_weight(i8 cb, float scb) {
-  return Fmt::to_float(Fmt::from_float(__fmul_rn(__fmul_rn((float)cb, scb), dequant_scale())));
+  return Fmt::to_float(outlier_weight_bits<Fmt>(cb, scb));
+}
+
+// Element e of 16 bytes of Fmt::storage (e < 16 / Fmt::kBytes, known after unrolling), widened.
+template <class Fmt>
+__device__ __forceinline__ float element_of(const uint4& v, int e) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (Fmt::kBytes == 4) {
+    return __uint_as_float(w[e]);
+  } else {
+    return Fmt::to_float((u16)(w[e >> 1] >> (16 * (e & 1))));  // little endian: even element low
+  }
 }
 
 // Exclusive prefix sum of `v` over a CTA of kThreads threads, and the CTA's total in
@@ -340,19 +356,21 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 //              reference's and needs no correction
 //   idx, count written by CTA 0: the flagged columns in ascending order (i32[K]) and how
 //              many there are (i32[1]), for int8_mm_dequant
-//   W16        float32[kOutlierCache * N]: [j * N + n] = the 16-bit weight of (n, j-th
-//              outlier column) (outlier_weight, widened), for j < min(count, kOutlierCache)
-//   Aout       float32[kOutlierCache * Mp], Mp = M rounded up to kDequantRows: [j * Mp + m] =
-//              A[m, j-th outlier column] widened, 0 for m in [M, Mp) (whole float4 pairs
-//              for int8_mm_dequant's row slabs)
+//   Wout       Fmt::storage[kOutlierCache * N]: the 16-bit weights (outlier_weight_bits) of
+//              the first min(count, kOutlierCache) columns in groups of B = 16 / Fmt::kBytes
+//              columns, [((j / B) * N + n) * B + j % B]: one 16-byte load holds B columns
+//              of a weight row, consecutive rows contiguous (zeros past the cached columns)
+//   Aout       Fmt::storage[kOutlierCache * Mp], Mp = M rounded up to kDequantRows:
+//              [j * Mp + m] = A[m, j-th outlier column], 0 for m in [M, Mp): a column's
+//              kDequantRows slab rows are whole 16-byte loads
 // grid >= ceil(N / 256). Every CTA lists the flagged columns itself (K bytes from L2 and a
 // block scan: no compaction launch and no zeroed counter). Then the (cached column, row)
 // pairs are spread over all threads of the grid, rows fastest: each copies A to Aout
 // (coalesced) and zeroes CA (the listing thread zeroing every row of its columns, serially,
 // took 15.9 us at 4096 x 4096, M = 4096 on an H100). Last, thread = one weight row n over
-// the cached columns, loads issued kBatch at a time. Run once a call, so int8_mm_dequant's
-// row slabs read coalesced W16 words and uniform (L1-broadcast) Aout words instead of
-// gathering weight bytes (a 32-byte DRAM sector each) and activations per slab and column.
+// the cached columns, B at a time. Run once a call, so int8_mm_dequant's row slabs read
+// coalesced Wout words and uniform (L1-broadcast) Aout words instead of gathering weight
+// bytes (a 32-byte DRAM sector each) and activations per slab and column.
 constexpr int kOutlierCache = 32;
 constexpr int kDequantRows = 8;  // int8_mm_dequant's rows a slab, and the padding of Aout's rows
 
@@ -360,8 +378,11 @@ template <class Fmt>
 __global__ void __launch_bounds__(256)
 int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, const u8* __restrict__ flags, int K,
                      const typename Fmt::storage* __restrict__ A, i8* __restrict__ CA, int M, int* __restrict__ idx,
-                     int* __restrict__ count, float* __restrict__ W16, float* __restrict__ Aout, int N) {
-  constexpr int kBatch = 8;
+                     int* __restrict__ count, typename Fmt::storage* __restrict__ Wout,
+                     typename Fmt::storage* __restrict__ Aout, int N) {
+  using St = typename Fmt::storage;
+  constexpr int kB = 16 / Fmt::kBytes;  // columns a 16-byte Wout load holds
+  static_assert(kOutlierCache % kB == 0, "Wout groups tile the cache");
   __shared__ int cols[kOutlierCache];
   __shared__ int scan[8];
   // Thread t owns the contiguous 16-column chunks [c0, c1), so ranks follow column order.
@@ -398,10 +419,10 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
   const int Mp = (M + kDequantRows - 1) / kDequantRows * kDequantRows;
   for (i64 e = (i64)blockIdx.x * 256 + threadIdx.x; e < (i64)cached * Mp; e += (i64)gridDim.x * 256) {
     const int j = (int)(e / Mp), m = (int)(e - (i64)j * Mp);
-    float v = 0.0f;
+    St v = 0;  // +0.0 in every format
     if (m < M) {
       const i64 at = (i64)m * K + cols[j];
-      v = Fmt::to_float(A[at]);
+      v = A[at];
       CA[at] = 0;
     }
     Aout[e] = v;
@@ -409,13 +430,23 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
-  for (int j0 = 0; j0 < cached; j0 += kBatch) {
-    i8 w[kBatch];
+  for (int j0 = 0; j0 < cached; j0 += kB) {
+    i8 w[kB];
 #pragma unroll
-    for (int q = 0; q < kBatch; ++q) w[q] = j0 + q < cached ? CB[(i64)n * K + cols[j0 + q]] : (i8)0;
+    for (int q = 0; q < kB; ++q) w[q] = j0 + q < cached ? CB[(i64)n * K + cols[j0 + q]] : (i8)0;
+    u32 word[4];
+    if constexpr (Fmt::kBytes == 4) {
 #pragma unroll
-    for (int q = 0; q < kBatch; ++q)
-      if (j0 + q < cached) W16[(i64)(j0 + q) * N + n] = outlier_weight<Fmt>(w[q], scb);
+      for (int q = 0; q < 4; ++q) word[q] = __float_as_uint(j0 + q < cached ? outlier_weight_bits<Fmt>(w[q], scb) : 0.0f);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const u32 lo = j0 + 2 * q < cached ? outlier_weight_bits<Fmt>(w[2 * q], scb) : 0u;
+        const u32 hi = j0 + 2 * q + 1 < cached ? outlier_weight_bits<Fmt>(w[2 * q + 1], scb) : 0u;
+        word[q] = lo | (hi << 16);
+      }
+    }
+    *reinterpret_cast<uint4*>(Wout + ((i64)(j0 / kB) * N + n) * kB) = make_uint4(word[0], word[1], word[2], word[3]);
   }
 }
 
@@ -426,25 +457,28 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
 //   A, CB, idx, count, K   SPARSE: activations (OutFmt::storage[rows * K]), the int8 weight
 //              (N x K) and the outlier columns (int8_outlier_weights, which also zeroed
 //              them in the codes the product was computed from)
-//   W16, Aout  SPARSE: the first kOutlierCache columns' weights and activations
-//              (int8_outlier_weights; Aout's rows padded to kDequantRows); columns past
-//              them (rare) are read from CB and A (same values, same order)
+//   Wout, Aout SPARSE: the first kOutlierCache columns' 16-bit weights and activations
+//              (int8_outlier_weights' layouts); columns past them (rare) are read from CB
+//              and A (same values, same order)
 //   out        OutFmt::storage[rows * N]
 // grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
 // (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
-// keep a dense thread at ~40 registers, so a memory-bound SM holds its full 2048 threads.
-// A cached outlier column costs a coalesced W16 word and two float4 Aout loads that every
-// thread of the CTA makes alike (L1 broadcasts), kBatch columns in flight: eight scalar
-// Aout loads a column made the sparse kernel issue-bound (2.4x the dense one at 4096 x
-// 4096, M = 4096 on an H100).
+// keep a dense thread at ~40 registers, so a memory-bound SM holds many threads.
+// SPARSE: a batch of B = 16 / OutFmt::kBytes cached columns is one coalesced 16-byte Wout
+// load and B uniform 16-byte Aout loads a row slab (L1 broadcasts), and the first batch is
+// loaded together with the slab's int32 products, so a slab costs one round trip at up to
+// B outlier columns. (Loading the outlier operands only after the products, two float
+// columns a batch, kept the slab's DRAM loads idle through three more L2 round trips: the
+// sparse kernel took 2x the dense one at 4096 x 4096, M = 4096 on an H100.)
 template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, SPARSE ? 4 : 0)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
                 const typename BiasFmt::storage* __restrict__ bias, const typename OutFmt::storage* __restrict__ A,
                 const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
-                const float* __restrict__ W16, const float* __restrict__ Aout, typename OutFmt::storage* __restrict__ out,
-                i64 rows, int N) {
-  constexpr int kBatch = 2;  // 4 raised the sparse kernel to 91 registers (2 CTAs an SM)
+                const typename OutFmt::storage* __restrict__ Wout, const typename OutFmt::storage* __restrict__ Aout,
+                typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
+  constexpr int kB = 16 / OutFmt::kBytes;                    // cached columns a batch
+  constexpr int kAVec = kDequantRows * OutFmt::kBytes / 16;  // 16-byte loads a column's slab rows take
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
@@ -453,6 +487,17 @@ int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, cons
   const i64 Mp = (rows + kDequantRows - 1) / kDequantRows * kDequantRows;  // Aout's row stride
   for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
     const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
+    uint4 wv, av[kB][kAVec];  // a batch's weights (this row n) and activations (rows r0 .. r0 + 7)
+    auto fetch = [&](int j0) {
+      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+      wv = j0 < cached ? *reinterpret_cast<const uint4*>(Wout + ((i64)(j0 / kB) * N + n) * kB) : zero;
+#pragma unroll
+      for (int q = 0; q < kB; ++q)
+#pragma unroll
+        for (int v = 0; v < kAVec; ++v)  // 16-byte aligned: Mp, r0 % 8 == 0
+          av[q][v] = j0 + q < cached ? reinterpret_cast<const uint4*>(Aout + (j0 + q) * Mp + r0)[v] : zero;
+    };
+    if (SPARSE) fetch(0);  // in flight with the products below
     int a[kDequantRows];
 #pragma unroll
     for (int i = 0; i < kDequantRows; ++i) a[i] = i < nr ? acc[(r0 + i) * N + n] : 0;
@@ -466,26 +511,15 @@ int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, cons
       float s[kDequantRows];
 #pragma unroll
       for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
-      for (int j0 = 0; j0 < cached; j0 += kBatch) {
-        float w[kBatch];
-        float4 lo[kBatch], hi[kBatch];  // Aout rows r0 .. r0 + 7 (16-byte aligned: Mp, r0 % 8 == 0)
+      for (int j0 = 0; j0 < cached; j0 += kB) {
+        if (j0 > 0) fetch(j0);  // more than one batch of columns (rare)
 #pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-          w[q] = 0.0f;
-          lo[q] = hi[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int q = 0; q < kB; ++q)
           if (j0 + q < cached) {
-            const float4* av = reinterpret_cast<const float4*>(Aout + (j0 + q) * Mp + r0);
-            w[q] = W16[(i64)(j0 + q) * N + n];
-            lo[q] = av[0];
-            hi[q] = av[1];
-          }
-        }
+            const float w = element_of<OutFmt>(wv, q);
 #pragma unroll
-        for (int q = 0; q < kBatch; ++q)
-          if (j0 + q < cached) {
-            const float av[kDequantRows] = {lo[q].x, lo[q].y, lo[q].z, lo[q].w, hi[q].x, hi[q].y, hi[q].z, hi[q].w};
-#pragma unroll
-            for (int i = 0; i < kDequantRows; ++i) s[i] = __fadd_rn(s[i], __fmul_rn(av[i], w[q]));  // rows >= nr unused
+            for (int i = 0; i < kDequantRows; ++i)  // rows >= nr unused
+              s[i] = __fadd_rn(s[i], __fmul_rn(element_of<OutFmt>(av[q][i / kB], i % kB), w));
           }
       }
       for (int j = cached; j < outliers; ++j) {
@@ -1019,8 +1053,13 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
 constexpr int kNoFlags = 0;    // threshold 0: none
 constexpr int kByteFlags = 1;  // flags u8[K]: 1 where a column holds an outlier (zeroed by the caller;
                                // racing writers all write 1)
-constexpr int kRowBits = 2;    // rowbits u32[rows * ceil(K / 32)]: each row's own outlier bitmap
-                               // (bit i of word w = column 32w + i), every word written: no zeroing
+constexpr int kRowBits = 2;    // rowbits u32[rows * rowbits_stride(K)]: each row's own outlier bitmap
+                               // (bit i of word w = column 32w + i), every word written (the padding
+                               // words 0): no zeroing
+
+// Words a row of rowbits takes: ceil(K / 32) rounded up to 4, so that a row's words are
+// whole 16-byte loads for int8_linear_mmv.
+__device__ __forceinline__ int rowbits_stride(int K) { return (((K + 31) >> 5) + 3) & ~3; }
 
 // int8_row_quant_wide<Fmt, FLAGS, VEC>
 //   A          Fmt::storage[rows * K]
@@ -1040,7 +1079,7 @@ int8_row_quant_wide(const typename Fmt::storage* __restrict__ A, float threshold
   __shared__ float red[8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const typename Fmt::storage* a = A + (i64)blockIdx.x * K;
-  const int words = (K + 31) >> 5;
+  const int words = (K + 31) >> 5, stride = rowbits_stride(K);
   float m = 0.0f;
   for (int k0 = 0; k0 < K; k0 += 2048) {  // uniform trip count: the bitmap shuffles see whole warps
     const int k = k0 + threadIdx.x * 8;
@@ -1068,9 +1107,10 @@ int8_row_quant_wide(const typename Fmt::storage* __restrict__ A, float threshold
       u32 word = bits << (8 * (lane & 3));
       word |= __shfl_xor_sync(kFull, word, 1);
       word |= __shfl_xor_sync(kFull, word, 2);
-      if ((lane & 3) == 0 && k < K) rowbits[(i64)blockIdx.x * words + (k >> 5)] = word;
+      if ((lane & 3) == 0 && k < K) rowbits[(i64)blockIdx.x * stride + (k >> 5)] = word;
     }
   }
+  if (FLAGS == kRowBits && (int)threadIdx.x < stride - words) rowbits[(i64)blockIdx.x * stride + words + threadIdx.x] = 0;
   m = warp_max(m);
   if (lane == 0) red[warp] = m;
   __syncthreads();
@@ -1148,19 +1188,27 @@ __device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
   return bits;
 }
 
+// 16 bytes of CA through the read-only path. Written out for the SPARSE kernel, whose
+// cp.async gathers (inline asm reading CA) keep the compiler from proving CA read-only:
+// its main-loop loads were plain LDGs where threshold 0's are LDG.CONSTANT.
+__device__ __forceinline__ uint4 load_nc16(const i8* p) {
+  uint4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 // int8_linear_mmv<Fmt, BiasFmt, HAS_BIAS, SPARSE, MT>
 //   CA         i8[M * K] row codes of A, SCA float32[M] their row absmax (int8_row_quant_wide)
 //   CB         i8[N * K], SCB float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
 //   A          SPARSE: activations Fmt::storage[M * K] (4-byte aligned)
-//   rowbits    SPARSE, MT = 16: each row's outlier bitmap u32[M * ceil(K / 32)]
-//              (int8_row_quant_wide, kRowBits: no zeroing; at most 16 loads a word, one
-//              round trip)
+//   rowbits    SPARSE, MT = 16: each row's outlier bitmap u32[M * rowbits_stride(K)]
+//              (int8_row_quant_wide, kRowBits: no zeroing, so no memset node before it)
 //   flags      SPARSE, MT >= 32: outlier columns u8[K] (kByteFlags, zeroed by the caller:
-//              OR-ing 32 or 64 rows' words took several round trips a CTA). The main
-//              loop is threshold 0's: outlier columns' codes go through the tensor cores
-//              too; the epilogue subtracts their exact int32 products (CA[m, c] * CB[n, c])
-//              before dequantizing, and adds them in Fmt as int8_mm_dequant does, in
-//              ascending column order
+//              OR-ing 32 or 64 rows' bitmaps took a thread up to four rounds of loads).
+//              The main loop is threshold 0's: outlier columns' codes go through the
+//              tensor cores too; the epilogue subtracts their exact int32 products
+//              (CA[m, c] * CB[n, c]) before dequantizing, and adds them in Fmt as
+//              int8_mm_dequant does, in ascending column order
 //   out        Fmt::storage[M * N]
 //   M <= MT (16, 32 or 64); K % 16 == 0; CA and CB 16-byte aligned.
 // block 256 = 8 warps; warp w: weight rows n0 + 16 (w % 2) + [0, 16), K spans
@@ -1168,17 +1216,21 @@ __device__ __forceinline__ u32 flag_word(const u8* __restrict__ f, bool two) {
 // (int32, exact), then all 256 threads run the epilogue: thread = one weight row (tid % 32)
 // x activation rows tid / 32, tid / 32 + 8, ... (stores of 32 consecutive n).
 //
-// SPARSE, before the main loop (its first weight loads already in flight): thread t makes
-// the bitmap words [t * per, (t + 1) * per) of the outlier columns, a block scan ranks
-// them in ascending order, and the operands of the first kMmvOutliers (the CTA's 32
+// SPARSE, before the main loop (its first weight loads already in flight): each thread
+// makes the outlier bits of its units of columns. MT = 16: 128-column groups of the row
+// bitmaps (16-byte loads); tpg = 8, 4, 2 or 1 threads share a group (as many as 256
+// threads allow), each OR-ing every tpg-th row, then shuffles combine them: one round of
+// loads covers M <= 16 (2-4 rows a thread at K <= 8192). MT >= 32: 32-column words of the
+// byte flags, thread t the words [t * per, (t + 1) * per) (row bitmaps there took up to
+// four rounds: +13 us at 28672 x 8192, M = 64; benchmarks/NOTES_int8.md, round 6). A block
+// scan ranks the columns in ascending order, and the operands of the first kMmvOutliers (the CTA's 32
 // weight bytes, M activations and M codes a column) are gathered into shared memory with
 // cp.async while the main loop runs. The epilogue then reads only shared memory; more
 // columns than that (rare) are handled in further rounds after the main loop.
 // (Recomputing the codes from the activations and SCA instead of gathering them, 40%
 // fewer gathers at MT = 64, measured slower on an H100: 4096 x 4096, M = 64, 29.3 against
 // 26.9 us; benchmarks/NOTES_int8.md, round 5.)
-// SPARSE at MT = 16 is held to 80 registers (3 CTAs an SM, as threshold 0), which the
-// outlier search's 16 loads in flight would otherwise raise to 100.
+// SPARSE at MT = 16 is held to 80 registers (3 CTAs an SM, as threshold 0).
 template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
 __global__ void __launch_bounds__(256, SPARSE && MT == 16 ? 3 : 2)
 int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const i8* __restrict__ CB,
@@ -1229,38 +1281,55 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
   };
   load(kp);
 
-  // ---- SPARSE: rank the outlier columns (see above)
-  const int words = (K + 31) >> 5, per = (words + 255) >> 8;
-  const int w0 = min((int)threadIdx.x * per, words), w1 = min(w0 + per, words);
-  auto column_word = [&](int wi) -> u32 {  // the outlier bits of columns 32 wi .. 32 wi + 31
-    if constexpr (MT == 16) {
-      u32 bits = 0;
-#pragma unroll
-      for (int m = 0; m < MT; ++m)  // all loads in flight together
-        if (m < M) bits |= rowbits[(i64)m * words + wi];
-      return bits;
+  // ---- SPARSE: rank the outlier columns (see above). A thread's units are u0, u0 + ustep,
+  // ... below units, each kUnitCols columns as 4 words (a flag word fills only .x).
+  constexpr bool kGroups = MT == 16;
+  constexpr int kUnitCols = kGroups ? 128 : 32;
+  const int words = (K + 31) >> 5, groups = rowbits_stride(K) >> 2;
+  const int tpg = !kGroups ? 1 : groups <= 32 ? 8 : groups <= 64 ? 4 : groups <= 128 ? 2 : 1;  // threads a group
+  const int sub = threadIdx.x & (tpg - 1);  // lane sub == 0 of a group owns its columns
+  const int per = (words + 255) >> 8;
+  const int u0 = kGroups ? (int)threadIdx.x / tpg : min((int)threadIdx.x * per, words);
+  const int ustep = kGroups ? 256 / tpg : 1, units = kGroups ? groups : min(u0 + per, words);
+  auto unit_bits = [&](int ui) -> uint4 {  // the outlier bits of columns kUnitCols * ui + [0, kUnitCols)
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if constexpr (kGroups) {
+      if (ui < groups) {
+#pragma unroll 4
+        for (int m = sub; m < M; m += tpg) {
+          const uint4 r = *reinterpret_cast<const uint4*>(rowbits + (i64)m * (4 * groups) + 4 * ui);
+          v = make_uint4(v.x | r.x, v.y | r.y, v.z | r.z, v.w | r.w);
+        }
+      }
+      // The group's tpg threads are consecutive lanes of one warp; with tpg > 1 a thread has
+      // one group (u0), so these run in every lane; only tpg = 1 (K > 16384) has more.
+      for (int o = 1; o < tpg; o <<= 1)
+        v = make_uint4(v.x | __shfl_xor_sync(kFull, v.x, o), v.y | __shfl_xor_sync(kFull, v.y, o),
+                       v.z | __shfl_xor_sync(kFull, v.z, o), v.w | __shfl_xor_sync(kFull, v.w, o));
     } else {
-      return flag_word(flags + wi * 32, wi * 32 + 16 < K);
+      v.x = flag_word(flags + ui * 32, ui * 32 + 16 < K);
     }
+    return v;
   };
+  auto popc4 = [](uint4 v) { return __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w); };
   int mine = 0, first = 0, outliers = 0;  // this thread's outlier columns, the rank of its first, all
-  u32 kept = 0;                           // this thread's first word (its only one for K <= 8192)
+  uint4 kept = make_uint4(0u, 0u, 0u, 0u);  // unit u0's bits (its only one for K <= 8192)
   auto rank = [&]() {
-    mine = 0;
-    for (int wi = w0; wi < w1; ++wi) {
-      const u32 bits = column_word(wi);
-      if (wi == w0) kept = bits;
-      mine += __popc(bits);
-    }
+    if (kGroups || u0 < units) kept = unit_bits(u0);  // groups: every lane, for the shuffles
+    mine = sub == 0 ? popc4(kept) : 0;
+    for (int ui = u0 + ustep; ui < units; ui += ustep) mine += popc4(unit_bits(ui));
     first = block_exclusive_scan<256>(mine, scan, outliers);
   };
   auto list = [&](int base) {  // ocols[r - base] = the column of rank r, r in [base, base + kMmvOutliers)
     if (mine == 0 || first >= base + kMmvOutliers || first + mine <= base) return;
     int r = first;
-    for (int wi = w0; wi < w1; ++wi) {
-      u32 bits = wi == w0 ? kept : column_word(wi);
-      for (; bits; bits &= bits - 1, ++r)
-        if (r >= base && r < base + kMmvOutliers) ocols[r - base] = wi * 32 + __ffs((int)bits) - 1;
+    for (int ui = u0; ui < units; ui += ustep) {
+      const uint4 v = ui == u0 ? kept : unit_bits(ui);
+      const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        for (u32 bits = w[q]; bits; bits &= bits - 1, ++r)
+          if (r >= base && r < base + kMmvOutliers) ocols[r - base] = ui * kUnitCols + q * 32 + __ffs((int)bits) - 1;
     }
   };
   auto gather = [&](int cnt) {  // cp.async the operands of ocols[0, cnt)
@@ -1298,7 +1367,10 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
         for (int j = 0; j < kTiles; ++j) {
           const int m = j * 8 + g;
           uint4 x = make_uint4(0u, 0u, 0u, 0u);
-          if (m < M && k < K) x = *reinterpret_cast<const uint4*>(CA + (i64)m * K + k);  // L1: shared by row groups
+          if (m < M && k < K) {  // L1: shared by row groups
+            const i8* p = CA + (i64)m * K + k;
+            x = SPARSE ? load_nc16(p) : *reinterpret_cast<const uint4*>(p);  // (threshold 0's code as it was)
+          }
           mma_s8(acc[j], a_lo, x.x, x.y);
           mma_s8(acc[j], a_hi, x.z, x.w);
         }
