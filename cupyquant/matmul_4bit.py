@@ -299,6 +299,14 @@ def _stage_grid(config: tuple[int, int, int, int, int], N: int, K: int, per_sm: 
     return ksplit, max(min(slots, groups), -(-groups // (warps // ksplit)))
 
 
+@functools.cache
+def _blocks_per_sm(function: int, threads: int, smem: int) -> int:
+    """CTAs of ``threads`` threads and ``smem`` dynamic shared bytes that one SM holds at once
+    for the compiled kernel ``function`` (a CUfunction of the current device), at least 1.
+    Cached: the grids of the dealing kernels depend on it, and a call asks the driver."""
+    return max(1, _xp.cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function, threads, smem))
+
+
 def _tile_smem(mt: int) -> int:
     """Dynamic shared memory of ``gemm_4bit_tile`` with ``mt`` token tiles: the byte table
     (256 x 32 u32), code2 (256 floats) and the activation stages (8 * mt tokens x 256 bytes)."""
@@ -387,12 +395,14 @@ def _allow_smem(kernel: Any, nbytes: int) -> None:
 def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma"):
     """(kernel, grid, block, args, shared bytes) of the tensor-core kernels.
 
-    ``path``: "mma" (the default dispatch: ``gemm_4bit_small`` up to 16 tokens, above that
+    ``path``: "mma" (the default dispatch: ``gemm_4bit_stage`` up to 8 tokens on wide
+    weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
     ``gemm_4bit_tile`` / ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else
-    ``gemm_4bit_mma``), "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles
-    a warp), "mma-wide" (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default
-    rule), "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split
-    across ksplit CTAs).
+    ``gemm_4bit_mma``), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
+    "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-wide"
+    (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default rule),
+    "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split across
+    ksplit CTAs).
 
     A ``gemm_4bit_tile_split`` launch also carries its workspace (float32 partial sums and
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
@@ -417,8 +427,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             row_groups = -(-((N + 15) // 16) // int(kernel.rstrip(">").split(",")[-1]))
             kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
             _allow_smem(kernel, smem)
-            per_sm = _xp.cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 128, smem)
-            grid = (_tile_ctas(row_groups, chunks, max(1, per_sm)),)
+            grid = (_tile_ctas(row_groups, chunks, _blocks_per_sm(kernel.kernel.ptr, 32 * _MMA_WARPS, smem)),)
             args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, 1, chunks)
             return kernel, grid, (32 * _MMA_WARPS,), args, smem
     elif path.startswith("stage") or (
@@ -431,8 +440,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         kernel = get_function("gemm_4bit.cu", f"gemm_4bit_stage<{_MMA_STRUCT[fmt]}, {str(qs.nested).lower()}, "
                               f"{tiles}, {rt}, {stages}, {chunk}, {warps}>")  # fmt: skip
         _allow_smem(kernel, smem)
-        per_sm = _xp.cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 32 * warps, smem)
-        ksplit, ctas = _stage_grid(config, N, K, max(1, per_sm))
+        ksplit, ctas = _stage_grid(config, N, K, _blocks_per_sm(kernel.kernel.ptr, 32 * warps, smem))
         return kernel, (ctas,), (32 * warps,), _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits,
                                                          ksplit, 1), smem  # fmt: skip
     else:
@@ -572,10 +580,9 @@ def _aligned(K: int, *arrays: Any) -> bool:
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
     """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
-    to 16 tokens),
-    "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up to 8 tokens),
-    "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>" (``gemm_4bit_tile``); None
-    picks the best that applies."""
+    to 16 tokens), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
+    to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
+    (``gemm_4bit_tile``); None picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "mma" if fmt != "float32" and aligned else "gemv"
