@@ -348,8 +348,7 @@ def split_sweep(results: dict, stream, checkpoint) -> None:
                 skip = p == "mma-wide" and M > 64
                 row[p] = float("nan") if skip else measure(ours_calls(w, M, "float16", p), stream)
             row["fp16"] = time_torch(torch_calls(t_copies, M, K))
-            kernel, _, ctas, ks, _, _ = mm._pick_tile(M, N, K)
-            mt, rt = kernel.rstrip(">").split(", ")[2:]
+            _, _, ctas, ks, _, mt, rt = mm._pick_tile(M, N, K)
             row["default"] = f"{mt}x{rt} ctas {ctas} k{ks}"
             results["split_sweep"].append(row)
             print(f"{N:>6}x{K:<6} {M:>5} " + " ".join(f"{row[p]:10.1f}" for p in SPLIT_SWEEP_PATHS) +

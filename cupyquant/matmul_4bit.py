@@ -315,9 +315,9 @@ def _tile_smem(mt: int) -> int:
 
 def _pick_tile(
     M: int, N: int, K: int, mt: int | None = None, rt: int | None = None, ksplit: int | None = None
-) -> tuple[str, int, int, int, int, int]:
-    """(kernel expression prefix, token chunks, CTAs a split, ksplit, shared bytes, float32
-    accumulators a thread) of ``gemm_4bit_tile`` (ksplit 1) or ``gemm_4bit_tile_split``.
+) -> tuple[str, int, int, int, int, int, int]:
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit, shared bytes, mt, rt)
+    of ``gemm_4bit_tile`` (ksplit 1) or ``gemm_4bit_tile_split``.
 
     ``mt`` token tiles (8 tokens each) a CTA, ``rt`` 16-row tiles a warp (so 64 * rt weight
     rows a CTA), ``ksplit`` CTAs sharing K (grid.y). All None: :func:`_tile_default`; a
@@ -333,7 +333,7 @@ def _pick_tile(
     chunks = -(-M // (8 * mt))
     ctas = -(-row_tiles // (_MMA_WARPS * rt)) * chunks
     name = "gemm_4bit_tile_split" if ksplit > 1 else "gemm_4bit_tile"
-    return f"{name}<{{}}, {{}}, {mt}, {rt}>", chunks, ctas, ksplit, _tile_smem(mt), 4 * mt * rt
+    return f"{name}<{{}}, {{}}, {mt}, {rt}>", chunks, ctas, ksplit, _tile_smem(mt), mt, rt
 
 
 def _tile_ctas(row_groups: int, chunks: int, per_sm: int) -> int:
@@ -419,12 +419,12 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             shape, _, forced = path[5:].partition("k")
             mt, rt = (int(v) for v in shape.split("x"))
             ks = int(forced) if forced else None
-        kernel, chunks, ctas, ksplit, smem, frag = _pick_tile(M, N, K, mt, rt, ks)
+        kernel, chunks, ctas, ksplit, smem, mt, rt = _pick_tile(M, N, K, mt, rt, ks)
         if ksplit > 1:
             grid = (ctas, ksplit)
-            tile_args = _split_workspace(ksplit, ctas, frag)
+            tile_args = _split_workspace(ksplit, ctas, 4 * mt * rt)  # float32 accumulators a thread
         else:  # gemm_4bit_tile deals its row groups out over up to one wave of CTAs
-            row_groups = -(-((N + 15) // 16) // int(kernel.rstrip(">").split(",")[-1]))
+            row_groups = -(-((N + 15) // 16) // rt)
             kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
             _allow_smem(kernel, smem)
             grid = (_tile_ctas(row_groups, chunks, _blocks_per_sm(kernel.kernel.ptr, 32 * _MMA_WARPS, smem)),)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .. import int8 as _i8
 from ._interop import float_format, format_of_dtype, kernel_context, storage, to_tensor
+from .parameters import QuantizingMoves
 
 __all__ = [
     "Int8Params",
@@ -525,7 +526,7 @@ def _quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return ca, sca
 
 
-class Int8Params(torch.nn.Parameter):
+class Int8Params(QuantizingMoves, torch.nn.Parameter):
     """An int8 weight with per-row scales (bitsandbytes' ``Int8Params``).
 
     While ``has_fp16_weights`` is False, the first move to a cpu/cuda device
@@ -629,26 +630,8 @@ class Int8Params(torch.nn.Parameter):
             return self._quantize(device)
         return self._copy_with(super().to(device=device, dtype=dtype, non_blocking=non_blocking))
 
-    def cuda(self, device: int | torch.device | str | None = None, non_blocking: bool = False) -> Int8Params:
-        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
-
-    def cpu(self) -> Int8Params:
-        return self.to(device="cpu")
-
-    def _same_unless_float(self, convert: Callable[[], Tensor]) -> Tensor:
-        return self if self.data.dtype == torch.int8 else convert()
-
-    def half(self) -> Tensor:
-        """float16 of float data; the int8 codes unchanged."""
-        return self._same_unless_float(super().half)
-
-    def bfloat16(self) -> Tensor:
-        """bfloat16 of float data; the int8 codes unchanged."""
-        return self._same_unless_float(super().bfloat16)
-
-    def float(self) -> Tensor:
-        """float32 of float data; the int8 codes unchanged."""
-        return self._same_unless_float(super().float)
+    def _holds_codes(self) -> bool:
+        return self.data.dtype == torch.int8
 
     # -- copies and pickling --------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> Int8Params:

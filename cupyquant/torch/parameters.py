@@ -25,7 +25,40 @@ def _check_settings(blocksize: int, quant_type: str, quant_storage: torch.dtype)
     F.check_choice("quant_storage", quant_storage, F.QUANT_STORAGE_DTYPES)
 
 
-class Params4bit(torch.nn.Parameter):
+class QuantizingMoves:
+    """``cuda`` / ``cpu`` / ``half`` / ``bfloat16`` / ``float`` of a parameter that quantizes
+    itself on its first move (:class:`Params4bit`, ``Int8Params``): the moves go through the
+    subclass's ``to``, and the float conversions leave quantized codes as they are. Mix in
+    before ``torch.nn.Parameter``; the subclass says when it holds codes (``_holds_codes``)."""
+
+    def _holds_codes(self) -> bool:
+        raise NotImplementedError
+
+    def cuda(self, device: int | torch.device | str | None = None, non_blocking: bool = False) -> Tensor:
+        """``.to(device or "cuda")``: quantizes float data there on the first move."""
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def cpu(self) -> Tensor:
+        """``.to("cpu")``: quantizes float data there on the first move."""
+        return self.to(device="cpu")
+
+    def _same_unless_float(self, convert: Any) -> Tensor:
+        return self if self._holds_codes() else convert()
+
+    def half(self) -> Tensor:
+        """float16 of float data; quantized codes unchanged."""
+        return self._same_unless_float(super().half)
+
+    def bfloat16(self) -> Tensor:
+        """bfloat16 of float data; quantized codes unchanged."""
+        return self._same_unless_float(super().bfloat16)
+
+    def float(self) -> Tensor:
+        """float32 of float data; quantized codes unchanged."""
+        return self._same_unless_float(super().float)
+
+
+class Params4bit(QuantizingMoves, torch.nn.Parameter):
     """A frozen weight stored as packed 4-bit codes plus a QuantState (bitsandbytes' ``Params4bit``).
 
     Until quantized it holds the float weight; the first ``.to(device)``, ``.cuda()`` or
@@ -192,28 +225,8 @@ class Params4bit(torch.nn.Parameter):
             self.quant_state.to(device)
         return self._copy_with(super().to(device=device, non_blocking=non_blocking))
 
-    def cuda(self, device: int | torch.device | str | None = None, non_blocking: bool = False) -> Params4bit:
-        """``.to(device or "cuda")``: quantizes float data there on the first move."""
-        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
-
-    def cpu(self) -> Params4bit:
-        """``.to("cpu")``: quantizes float data there on the first move."""
-        return self.to(device="cpu")
-
-    def _same_unless_float(self, convert: Any) -> Tensor:
-        return self if self.bnb_quantized else convert()
-
-    def half(self) -> Tensor:
-        """float16 data before quantization; the packed codes unchanged after."""
-        return self._same_unless_float(super().half)
-
-    def bfloat16(self) -> Tensor:
-        """bfloat16 data before quantization; the packed codes unchanged after."""
-        return self._same_unless_float(super().bfloat16)
-
-    def float(self) -> Tensor:
-        """float32 data before quantization; the packed codes unchanged after."""
-        return self._same_unless_float(super().float)
+    def _holds_codes(self) -> bool:
+        return self.bnb_quantized
 
     def double(self) -> Tensor:
         """float64 data before quantization; the packed codes unchanged after."""
