@@ -6,10 +6,12 @@ replays of a CUDA graph of 20 calls (median of repeats), with layers rotated amo
 that together exceed ~400 MB so the 50 MB L2 does not hold the weights; eager times (100
 back-to-back calls) too; every backend is captured, cuBLAS included (ctypes cublasGemmEx).
 GB/s counts the weight, activation and output bytes of a call. M > 8 rows are run with
-the int8 GEMM backends ("auto": up to M = 64 the medium-M kernel that streams the weights
-once, below 512 the tensor-core GEMM, from 512 cuBLAS int32 GEMM + dequantization kernel;
-"mma": this package's tensor-core kernel with the fused dequantization). Activations carry
-six outlier columns (x10), so threshold 6.0 runs the decomposition for real.
+the int8 GEMM backends ("auto": up to M = 16 the medium-M kernel that streams the weights
+once, from 17 cuBLAS int32 GEMM + dequantization kernel; "mmv": the medium-M kernel up to
+64 rows; "flags": the cuBLAS path's many-row outlier form; "mma": this package's
+tensor-core kernel with the fused dequantization).
+Activations carry six outlier columns (x10), so threshold 6.0 runs the decomposition for
+real.
 
     PYTHONPATH=. python3 benchmarks/bench_int8.py [--quick] [--repeats 10] [--rows 1,16,64]
         [--no-eager] [--no-quant] [--pieces]
@@ -94,13 +96,27 @@ def _gbps(nbytes: float, us: float) -> float:
 
 def _backends(m: int) -> list[str]:
     """Backends timed at M rows: the gemv alone up to 8 ("mma" names it there); "auto" (the
-    medium-M kernel up to 64, the tensor-core GEMM below 512, cuBLAS from 512) next to the
-    tensor-core GEMM."""
+    medium-M kernel up to 16 rows, cuBLAS from 17) next to the tensor-core GEMM ("mma"); at
+    17..64 rows "auto" next to "flags" (its threshold-6 form for many rows: byte flags and
+    int8_outlier_weights) and "mmv" ("auto" with the medium-M kernel instead of cuBLAS)."""
     if m <= 8:
         return ["mma"]
-    if 64 < m < g8.CUBLAS_MIN_M:
-        return ["auto"]  # the tensor-core GEMM, as "mma"
+    if m <= 16:
+        return ["auto", "mma"]
+    if m <= g8.MMV_MAX_M:
+        return ["auto", "flags", "mmv"]
     return ["auto", "mma"]
+
+
+_AUTO = {"CUBLAS_MIN_M": g8.CUBLAS_MIN_M, "_ROWBITS_MAX_M": g8._ROWBITS_MAX_M}
+
+
+def _set_backend(name: str) -> None:
+    """cupyquant's int8 GEMM backend, or "auto" with one choice changed ("mmv": cuBLAS only
+    above MMV_MAX_M rows; "flags": the many-row outlier form at every M)."""
+    g8.CUBLAS_MIN_M = g8.MMV_MAX_M + 1 if name == "mmv" else _AUTO["CUBLAS_MIN_M"]
+    g8._ROWBITS_MAX_M = 0 if name == "flags" else _AUTO["_ROWBITS_MAX_M"]
+    cq8.set_int8_gemm_backend("auto" if name in ("mmv", "flags") else name)
 
 
 def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int, eager_too: bool = True) -> None:
@@ -119,7 +135,7 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int, e
             with torch.no_grad():
                 fp16_us = time_graph(fp16, x, repeats)
                 for backend in _backends(m):
-                    cq8.set_int8_gemm_backend(backend)
+                    _set_backend(backend)
                     base = None
                     for t in (0.0, 6.0):
                         eager = _time_eager(int8[t], x, max(3, repeats // 3)) if eager_too else math.nan
@@ -131,7 +147,7 @@ def bench_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int, e
                             f"{n:>6} x {k:<5} {m:>5} {t:>4.0f} {backend:>7} {us:>9.1f} {eager:>9.1f} "
                             f"{_gbps(nbytes, us):>7.0f} {fp16_us:>8.1f} {us / fp16_us:>7.2f} {rel}"
                         )
-            cq8.set_int8_gemm_backend("auto")
+            _set_backend("auto")
         del fp16, int8
         torch.cuda.empty_cache()
 
@@ -207,17 +223,32 @@ def _pieces(m: int, n: int, k: int) -> dict:
     sca = cupy.empty(m, dtype=cupy.float32)
     acc = cupy.empty(m * n, dtype=cupy.int32)
     out = cupy.empty(m * n, dtype=cupy.uint16)
+    rowbits = g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._ROW_BITS)
     flags = g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS)
     sparse = (a, cb, k, *g8.outlier_weights(cb, scb, flags, a, ca, m, n, k, "float16"))
     g8._cublas_int32(ca, cb, m, n, k, acc)
+    few_rows = {}
+    if m <= g8._ROWBITS_MAX_M:
+        few_rows = {
+            "row_quant_wide thr6 rowbits": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._ROW_BITS),
+            "mm_dequant_rowbits": lambda: g8.mm_dequant_rowbits(
+                acc, sca, scb, m, n, "float16", out, None, None, a, ca, cb, rowbits, k
+            ),
+        }
     return {
+        **few_rows,
         "row_quant thr0": lambda: g8.row_quant(a, "float16", m, k, 0.0, ca, sca),
         "row_quant_wide thr0": lambda: g8._row_quant_wide(a, "float16", m, k, 0.0, ca, sca, g8._NO_FLAGS),
         "row_quant_wide thr6 + memset": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS),
         "outlier_weights": lambda: g8.outlier_weights(cb, scb, flags, a, ca, m, n, k, "float16"),
         "cuBLAS int32": lambda: g8._cublas_int32(ca, cb, m, n, k, acc),
         "mm_dequant": lambda: g8.mm_dequant(acc, sca, scb, m, n, "float16", out),
-        "mm_dequant sparse": lambda: g8.mm_dequant(acc, sca, scb, m, n, "float16", out, sparse=sparse),
+        **{
+            f"mm_dequant_outliers cpt={c}": (
+                lambda c=c: g8.mm_dequant(acc, sca, scb, m, n, "float16", out, sparse=sparse, columns_per_thread=c)
+            )
+            for c in g8._DEQUANT_COLUMN_CHOICES
+        },
     }
 
 
@@ -255,7 +286,9 @@ def bench_pieces(repeats: int) -> None:
     import cupy
 
     print("\ncuBLAS path pieces (fp16, 6 outlier columns), us a call")
-    for m, n, k in [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]:
+    shapes = [(32, 4096, 4096), (64, 4096, 4096), (64, 28672, 8192)]
+    shapes += [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]
+    for m, n, k in shapes:
         line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _pieces(m, n, k).items())
         print(f"  M={m} N={n} K={k}: {line}")
     print("\nmedium-M path pieces (fp16, 6 outlier columns), us a call")

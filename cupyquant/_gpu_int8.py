@@ -27,6 +27,25 @@ _OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_we
 # outlier bitmap u32[M * _rowbits_stride(K)] (every word written, so nothing to zero)
 _NO_FLAGS, _BYTE_FLAGS, _ROW_BITS = 0, 1, 2
 _MAX_GRID_Y = 65535
+# Columns a thread of int8_mm_dequant_outliers takes (the cuBLAS path with outlier columns;
+# H100: 4 the fastest of 1, 2, 4 at M = 512 and 4096 on both benchmark shapes).
+_DEQUANT_COLUMNS = 4
+_DEQUANT_COLUMN_CHOICES = (1, 2, 4)
+# The cuBLAS path with outliers lists the outlier columns in its dequantization kernel
+# (int8_mm_dequant_rowbits) up to this many rows, and while its CTAs together read at most
+# _ROWBITS_MAX_READS bytes of row bitmaps (each CTA reads all of them). H100, graph
+# replays, threshold 6 (benchmarks/NOTES_int8.md, round 7): 4096 x 4096 at M = 24 / 32 / 64
+# 18.9 / 18.8 / 19.4 us against 23.1 / 23.2 / 23.6 with int8_outlier_weights; 28672 x 8192
+# 111.3 / 119.9 / 133.5 against 112.8 / 114.2 / 116.1 (8.3 / 14.7 / 58.7 MB of bitmap reads).
+_ROWBITS_MAX_M = 64
+_ROWBITS_MAX_READS = 8 << 20
+_ROWBITS_MAX_SMEM = 32 * 1024  # its OR of the bitmaps (dynamic), under 48 KB with its static arrays
+
+
+def _rowbits_listing(M: int, N: int, K: int) -> bool:
+    """Whether the cuBLAS path with outliers takes int8_mm_dequant_rowbits at (M, N, K)."""
+    reads = _blocks(N, 256) * _blocks(M, _DEQUANT_ROWS) * M * 4 * _rowbits_stride(K)
+    return M <= _ROWBITS_MAX_M and reads <= _ROWBITS_MAX_READS and 4 * _rowbits_stride(K) <= _ROWBITS_MAX_SMEM
 
 
 def _rowbits_stride(K: int) -> int:
@@ -41,9 +60,9 @@ _GEMV_TILES = (1, 2, 4, 8)
 _GEMV_CTAS_PER_SM = 8  # 256-thread CTAs: 8 fill an SM's 2048 threads
 # The medium-M path (int8_linear_mmv: row quantization, then the weights streamed once
 # through tensor cores with the activations as the narrow operand) handles M up to this
-# under the "auto" backend; MT is the smallest of _MMV_TILES that holds M. H100, 4096 x
-# 4096 at M = 16 / 64: 14.5 / 18.6 us against 41.1 / 41.9 for the fused GEMM
-# (benchmarks/NOTES_int8.md).
+# under the "auto" backend where cuBLAS does not take them (see CUBLAS_MIN_M); MT is the
+# smallest of _MMV_TILES that holds M. H100, 4096 x 4096 at M = 16 / 64: 14.5 / 18.6 us
+# against 41.1 / 41.9 for the fused GEMM (benchmarks/NOTES_int8.md).
 MMV_MAX_M = 64
 _MMV_TILES = (16, 32, 64)
 _MMV_ROWS = 32  # kMmvRows in int8.cu: weight rows per CTA
@@ -52,10 +71,13 @@ _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel may use without opti
 
 GEMM_BACKENDS = ("auto", "mma", "cublas")
 _backend = {"gemm": "auto"}
-# "auto" switches to cuBLAS from this many rows (H100, benchmarks/bench_int8.py: at M = 512
-# cuBLAS + dequant took 296 us against 520 for the fused kernel at 28672 x 8192, and 1,885
-# against 3,820 at M = 4096; at M = 64 the two were within 10%), also while capturing.
-CUBLAS_MIN_M = 512
+# "auto" takes cuBLAS (int32 product, then the dequantization kernel) from this many rows,
+# also while capturing: the first M it serves (_cublas_usable). H100, graph replays
+# (benchmarks/NOTES_int8.md, round 7): at M = 32 / 64 cuBLAS took 14.4 / 14.6 us against
+# 16.0 / 18.5 for int8_linear_mmv at 4096 x 4096 and 102.9 / 103.9 against 119.2 / 135.6 at
+# 28672 x 8192 (threshold 6: 22.6 / 22.9 against 21.5 / 27.1, and 114.5 / 116.9 against
+# 126.9 / 167.6); at M = 512 39.6 against 49.2 for the fused GEMM at 4096 x 4096.
+CUBLAS_MIN_M = 17
 
 
 def set_gemm_backend(name: str) -> None:
@@ -134,11 +156,13 @@ def _expressions() -> list[str]:
         exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs.append(f"int8_outlier_weights<{s}>")
         for bs, hb in _bias_variants(fmt):
+            exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}>")
             for sp in (False, True):
-                exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}, {_bool(sp)}>")
                 exprs.append(f"int8_gemm<{s}, 1, {bs}, {_bool(hb)}, {_bool(sp)}>")
                 exprs += [f"int8_linear_gemv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _GEMV_TILES]
                 exprs += [f"int8_linear_mmv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _MMV_TILES]
+            exprs += [f"int8_mm_dequant_outliers<{s}, {bs}, {_bool(hb)}, {c}>" for c in _DEQUANT_COLUMN_CHOICES]
+            exprs.append(f"int8_mm_dequant_rowbits<{s}, {bs}, {_bool(hb)}>")
     return exprs
 
 
@@ -322,35 +346,66 @@ def outlier_weights(cb: Any, scb: Any, flags: Any, a_bits: Any, ca: Any, M: int,
     return idx, count, w16, aout
 
 
+def _dequant_columns(acc: Any, out: Any, N: int, wanted: int) -> int:
+    """Columns a thread of int8_mm_dequant_outliers takes: ``wanted``, or fewer where N or
+    the alignment of ``acc`` / ``out`` does not allow its vector loads and stores."""
+    cpt = wanted
+    while cpt > 1 and (N % cpt or acc.data.ptr % (4 * cpt) or out.data.ptr % (out.itemsize * cpt)):
+        cpt //= 2
+    return cpt
+
+
 def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any = None,
-               bias_fmt: str | None = None, sparse: tuple[Any, ...] | None = None) -> None:  # fmt: skip
+               bias_fmt: str | None = None, sparse: tuple[Any, ...] | None = None,
+               columns_per_thread: int | None = None) -> None:  # fmt: skip
     """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
     column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
     CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) adds the outlier
-    columns' 16-bit product (``acc`` computed with those columns of CA zeroed)."""
-    # (wout / aout are fmt's storage; without ``sparse`` they stand in unused)
+    columns' 16-bit product (``acc`` computed with those columns of CA zeroed), in
+    int8_mm_dequant_outliers with ``columns_per_thread`` (1, 2 or 4, default
+    _DEQUANT_COLUMNS; fewer where N or the alignment does not allow it)."""
     if rows == 0 or N == 0:
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
-    expr = f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse is not None)}>"
-    if sparse is not None:
-        a_bits, cb, K, idx, count, w16, aout = sparse
-    else:
-        a_bits, cb, K, idx, count, w16, aout = out, acc, 0, acc, acc, out, out  # ignored pointers
+    bias = bias if has_bias else scb  # stands in unused
     slabs = max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
-    _kernel(expr)(
-        (_blocks(N, 256), slabs), (256,),
-        (acc, sca, scb, bias if has_bias else scb, a_bits, cb, idx, count, np.int32(K), w16, aout, out,
-         np.int64(rows), np.int32(N)),
+    if sparse is None:
+        _kernel(f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}>")(
+            (_blocks(N, 256), slabs), (256,), (acc, sca, scb, bias, out, np.int64(rows), np.int32(N))
+        )
+        return
+    cpt = _dequant_columns(acc, out, N, _DEQUANT_COLUMNS if columns_per_thread is None else columns_per_thread)
+    a_bits, cb, K, idx, count, w16, aout = sparse
+    _kernel(f"int8_mm_dequant_outliers<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {cpt}>")(
+        (_blocks(N, 256 * cpt), slabs), (256,),
+        (acc, sca, scb, bias, a_bits, cb, idx, count, np.int32(K), w16, aout, out, np.int64(rows), np.int32(N)),
+    )  # fmt: skip
+
+
+def mm_dequant_rowbits(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any,
+                       bias_fmt: str | None, a_bits: Any, ca: Any, cb: Any, rowbits: Any, K: int) -> None:  # fmt: skip
+    """int8_mm_dequant_rowbits: ``out`` (fmt[rows*N]) from ``acc`` = CA @ CB^T computed with
+    the outlier columns' codes still in ``ca``, the columns being those set in any row of
+    ``rowbits`` (int8_row_quant_wide's _ROW_BITS): their int8 products are taken back out and
+    their 16-bit products (A fmt[rows*K], CB int8[N*K]) added, as mm_dequant's ``sparse``."""
+    bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
+    smem = 4 * _rowbits_stride(K)
+    _kernel(f"int8_mm_dequant_rowbits<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}>", smem)(
+        (_blocks(N, 256), max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))), (256,),
+        (acc, sca, scb, bias if has_bias else scb, a_bits, ca, cb, rowbits, np.int32(K), out, np.int64(rows),
+         np.int32(N)),
+        shared_mem=smem,
     )  # fmt: skip
 
 
 def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any,
                    bias_fmt: str | None, threshold: float, out: Any) -> None:  # fmt: skip
     """int8_row_quant_wide (a CTA a row: 1.1-3x faster here than a warp a row, H100), cuBLAS
-    int32 product, then int8_mm_dequant. With threshold > 0 the row quantization also flags
-    the outlier columns, and int8_outlier_weights lists them, zeroes them in CA and gathers
-    their weights and activations once for the whole call.
+    int32 product, then int8_mm_dequant. With threshold > 0 the row quantization also finds
+    the outlier columns: for few rows (_rowbits_listing) as each row's bitmap, which
+    int8_mm_dequant_rowbits reads itself (three launches, as threshold 0); else as byte
+    flags, and int8_outlier_weights lists them, zeroes them in CA and gathers their weights
+    and activations once for the whole call, for int8_mm_dequant_outliers.
 
     (Row chunks sized for the int32 product to stay in L2 measured slower on an H100:
     4096 x 4096 at M = 4096 took 223 us in four chunks against 162 in one call.)
@@ -360,6 +415,11 @@ def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: 
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)
     acc = cp.empty(M * N, dtype=cp.int32)
+    if threshold > 0 and _rowbits_listing(M, N, K):
+        rowbits = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _ROW_BITS)
+        _cublas_int32(ca, cb, M, N, K, acc)
+        mm_dequant_rowbits(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, a_bits, ca, cb, rowbits, K)
+        return
     flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _BYTE_FLAGS)
     extra = None
     if flags is not None:
@@ -478,13 +538,13 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
         )  # fmt: skip
         return
 
+    if _use_cublas(M, N, K):
+        _linear_cublas(a_bits, fmt, M, K, cb, scb, N, bias, bias_fmt, threshold, out)
+        return
+
     mmt = _mmv_tile(M, K)
     if mmt is not None:
         _linear_mmv(a_bits, fmt, M, K, cb, scb, N, bias, bfmt, has_bias, threshold, out, mmt)
-        return
-
-    if _use_cublas(M, N, K):
-        _linear_cublas(a_bits, fmt, M, K, cb, scb, N, bias, bias_fmt, threshold, out)
         return
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)

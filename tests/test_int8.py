@@ -567,6 +567,15 @@ def test_gpu_int8_linear(cp, backend, fmt, threshold, bias_fmt, M, N, K):
     np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
+@pytest.fixture
+def mmv_path(monkeypatch):
+    """The "auto" backend without cuBLAS below 65 rows: the medium-M kernel serves 9..64 rows (it
+    does where cuBLAS is not usable: N % 8 != 0, or no capturable cuBLAS)."""
+    from cupyquant import _gpu_int8
+
+    monkeypatch.setattr(_gpu_int8, "CUBLAS_MIN_M", _gpu_int8.MMV_MAX_M + 1)
+
+
 MMV_SHAPES = [
     (9, 130, 512),  # MT = 16; N not a multiple of the CTA's 32 weight rows
     (16, 8, 1040),  # fewer weight rows than one 16-row group; K % 64 == 16, K % 32 == 16
@@ -581,7 +590,7 @@ MMV_SHAPES = [
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
 @pytest.mark.parametrize("bias_fmt", [None, "same", "float32"])
 @pytest.mark.parametrize("M,N,K", MMV_SHAPES, ids=str)
-def test_gpu_int8_linear_medium_m(cp, fmt, threshold, bias_fmt, M, N, K):
+def test_gpu_int8_linear_medium_m(cp, mmv_path, fmt, threshold, bias_fmt, M, N, K):
     """The "auto" backend's medium-M path (int8_row_quant_wide + int8_linear_mmv)."""
     from cupyquant import _gpu_int8
 
@@ -655,7 +664,7 @@ CAPTURE_CASES = [(1, 4096, 512, 9), (16, 2048, 256, 26), (48, 2048, 256, 58)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
 @pytest.mark.parametrize(("M", "K", "N", "seed"), CAPTURE_CASES, ids=[f"M{c[0]}" for c in CAPTURE_CASES])
-def test_gpu_int8_linear_captures_in_a_cuda_graph(cp, threshold, M, K, N, seed):
+def test_gpu_int8_linear_captures_in_a_cuda_graph(cp, mmv_path, threshold, M, K, N, seed):
     rng = np.random.default_rng(seed)
     a = cp.asarray(with_outliers(rng, M, K, "float16"))
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
@@ -721,17 +730,21 @@ def _planted(rng: np.random.Generator, M: int, K: int, fmt: str, cols: int) -> n
 @pytest.mark.parametrize("cols", [1, 6, 16, 17, 32, 33, 48])
 @pytest.mark.parametrize(
     "M,backend",
-    [(1, "auto"), (3, "auto"), (8, "auto"), (9, "auto"), (24, "auto"), (64, "auto"), (100, "auto"), (512, "auto"),
-     (512, "mma"), (520, "cublas")],
+    [(1, "auto"), (3, "auto"), (8, "auto"), (9, "auto"), (24, "auto"), (64, "auto"), (24, "mmv"), (64, "mmv"),
+     (100, "mma"), (512, "auto"), (512, "mma"), (520, "cublas")],
     ids=str,
 )  # fmt: skip
-def test_gpu_int8_linear_outlier_column_counts(cp, cols, M, backend):
-    """Exactly ``cols`` outlier columns on every path ("auto": gemv, medium-M, GEMM, cuBLAS):
-    around the lists the kernels keep (the gemv's 32 columns a CTA, int8_linear_mmv's 16 a
-    round, int8_outlier_weights' 32 cached), with a bias and a K past one 1024-column word
-    group, A starting one element into its buffer."""
+def test_gpu_int8_linear_outlier_column_counts(cp, monkeypatch, cols, M, backend):
+    """Exactly ``cols`` outlier columns on every path ("auto": gemv, medium-M, cuBLAS; "mmv":
+    "auto" with the medium-M kernel up to 64 rows; the fused GEMM): around the lists the
+    kernels keep (the gemv's 32 columns a CTA, int8_linear_mmv's 16 a round,
+    int8_outlier_weights' 32 cached), with a bias and a K past one 1024-column word group, A
+    starting one element into its buffer."""
     from cupyquant import _gpu_int8
 
+    if backend == "mmv":
+        monkeypatch.setattr(_gpu_int8, "CUBLAS_MIN_M", _gpu_int8.MMV_MAX_M + 1)
+        backend = "auto"
     rng = np.random.default_rng(cols * 1000 + M)
     N, K = 136, 2064
     a = _planted(rng, M, K, "float16", cols).reshape(-1)
@@ -829,7 +842,7 @@ def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
 @pytest.mark.parametrize("M", [517, 1001])
 def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, cols, M):
     """The cuBLAS path with outliers at M % 8 != 0: int8_outlier_weights on a grid wider than
-    N / 256 (a thread a (column, row) pair zeroing CA), int8_mm_dequant's last slab reading
+    N / 256 (a thread a (column, row) pair zeroing CA), int8_mm_dequant_outliers' last slab reading
     the zero padding of Aout with float4 loads; 40 columns: past the 32 cached ones."""
     rng = np.random.default_rng(cols + M)
     N, K = 136, 1024
@@ -848,7 +861,7 @@ def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, cols, M):
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [2064, 6160, 12304, 20496, 33296])
 @pytest.mark.parametrize("M", [12, 16, 24, 64])
-def test_gpu_mmv_outlier_search_every_split(cp, M, K):
+def test_gpu_mmv_outlier_search_every_split(cp, mmv_path, M, K):
     """The medium-M path's outlier search: at MT = 16 (M = 12, 16) over each row's bitmap in
     128-column groups, every number of threads a group (8, 4, 2, 1; K = 33296: more groups
     than threads); at MT = 32 / 64 (M = 24, 64) over the byte flags' 32-column words, one to
@@ -871,7 +884,7 @@ def test_gpu_mmv_outlier_search_every_split(cp, M, K):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cols", [3, 4, 5, 8, 9, 31])
 def test_gpu_cublas_path_outlier_batches(cp, fmt, cols):
-    """int8_mm_dequant's cached outlier columns in 16-byte batches (8 columns of a 16-bit
+    """int8_mm_dequant_outliers' cached outlier columns in 16-byte batches (8 columns of a 16-bit
     format, 4 of float32), the first loaded with the int32 products: column counts around
     the batch edges, every activation format, a bias."""
     rng = np.random.default_rng(cols)
@@ -887,3 +900,88 @@ def test_gpu_cublas_path_outlier_batches(cp, fmt, cols):
     finally:
         I8.set_int8_gemm_backend("auto")
     np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("columns", [1, 2, 4])
+@pytest.mark.parametrize("N,cols", [(1032, 5), (1032, 40), (1544, 9)], ids=str)
+def test_gpu_cublas_path_dequant_columns_a_thread(cp, monkeypatch, fmt, columns, N, cols):
+    """int8_mm_dequant_outliers with 1, 2 and 4 columns a thread, more than one CTA of
+    columns and a partial last one; 40 outlier columns pass the 32 cached ones; a bias;
+    M % 8 != 0."""
+    from cupyquant import _gpu_int8
+
+    monkeypatch.setattr(_gpu_int8, "_DEQUANT_COLUMNS", columns)
+    rng = np.random.default_rng(N + cols)
+    M, K = 523, 1024
+    a = _planted(rng, M, K, fmt, cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    bias = random_bits(rng, (N,), fmt, 0.1)
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
+    I8.set_int8_gemm_backend("cublas")
+    try:
+        got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                                  cp.asarray(bias), fmt, 6.0)  # fmt: skip
+    finally:
+        I8.set_int8_gemm_backend("auto")
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+def test_dequant_columns_fall_back_where_n_or_alignment_forbid():
+    """int8_mm_dequant_outliers' columns a thread: the wanted count only where N and the
+    addresses of the products and the output allow its vector accesses."""
+    from types import SimpleNamespace
+
+    from cupyquant._gpu_int8 import _dequant_columns
+
+    def buf(ptr: int, itemsize: int) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(ptr=ptr), itemsize=itemsize)
+
+    acc, out = buf(4096, 4), buf(4096, 2)
+    assert _dequant_columns(acc, out, 1024, 4) == 4
+    assert _dequant_columns(acc, out, 1030, 4) == 2
+    assert _dequant_columns(acc, out, 1029, 4) == 1
+    assert _dequant_columns(buf(4104, 4), out, 1024, 4) == 2  # products 8-byte aligned only
+    assert _dequant_columns(acc, buf(4098, 2), 1024, 4) == 1  # output 2-byte aligned only
+    assert _dequant_columns(acc, buf(4100, 4), 1024, 4) == 1  # float32 output 4-byte aligned only
+    assert _dequant_columns(acc, buf(4104, 4), 1024, 4) == 2
+    assert _dequant_columns(acc, out, 1024, 1) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cols", [0, 7, 33])
+@pytest.mark.parametrize("M,K", [(17, 4112), (40, 1040), (64, 2048)], ids=str)
+def test_gpu_cublas_path_row_bitmaps(cp, monkeypatch, fmt, cols, M, K):
+    """The cuBLAS path with outliers at few rows: each row's bitmap (no memset, no
+    int8_outlier_weights), the columns listed in int8_mm_dequant_rowbits by every CTA, their
+    int8 products taken back out of cuBLAS' result; K % 128 != 0 (a partial last group),
+    more than 32 columns (the bitmap walk), none, a bias, N past one CTA."""
+    from cupyquant import _gpu_int8
+
+    calls = []
+    real = _gpu_int8.mm_dequant_rowbits
+    monkeypatch.setattr(_gpu_int8, "mm_dequant_rowbits", lambda *args: calls.append(args[3]) or real(*args))
+    rng = np.random.default_rng(M + K + cols)
+    N = 264
+    a = _planted(rng, M, K, fmt, cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    bias = random_bits(rng, (N,), fmt, 0.1)
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
+    got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                              cp.asarray(bias), fmt, 6.0)  # fmt: skip
+    assert calls == [M]
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+def test_rowbits_listing_only_for_few_rows_and_small_bitmap_reads():
+    """The cuBLAS path lists outlier columns in its dequantization kernel only where every
+    CTA reading all rows' bitmaps stays cheap (measured: benchmarks/NOTES_int8.md, round 7)."""
+    from cupyquant._gpu_int8 import _rowbits_listing
+
+    assert _rowbits_listing(64, 4096, 4096)  # 4.2 MB of bitmap reads
+    assert _rowbits_listing(24, 28672, 8192)  # 8.3 MB
+    assert not _rowbits_listing(32, 28672, 8192)  # 14.7 MB
+    assert not _rowbits_listing(65, 4096, 4096)  # more rows than the kernel is meant for
+    assert not _rowbits_listing(17, 256, 300_000)  # the OR of the bitmaps past its shared memory

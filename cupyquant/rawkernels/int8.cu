@@ -28,6 +28,8 @@
 //   int8_col_absmax / int8_col_quant   thread = one column x a slab of rows (backward only)
 //   int8_compact_flags   one CTA: flags -> ascending idx, count (no host round trip)
 //   int8_vectorwise_dequant, int8_mm_dequant   elementwise (thread = column x row slab)
+//   int8_mm_dequant_outliers  int8_mm_dequant plus the outlier columns' 16-bit products
+//                        (thread = 1, 2 or 4 columns x row slab)
 //   int8_outlier_weights  lists the outlier columns (every CTA), zeroes them in CA, gathers
 //                        their activations; thread = weight row: their 16-bit weights, once
 //                        a call (cuBLAS path)
@@ -355,7 +357,7 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 //              columns of CA are zeroed here, so the int32 product of CA is the
 //              reference's and needs no correction
 //   idx, count written by CTA 0: the flagged columns in ascending order (i32[K]) and how
-//              many there are (i32[1]), for int8_mm_dequant
+//              many there are (i32[1]), for int8_mm_dequant_outliers
 //   Wout       Fmt::storage[kOutlierCache * N]: the 16-bit weights (outlier_weight_bits) of
 //              the first min(count, kOutlierCache) columns in groups of B = 16 / Fmt::kBytes
 //              columns, [((j / B) * N + n) * B + j % B]: one 16-byte load holds B columns
@@ -368,11 +370,11 @@ int8_vectorwise_dequant(const i8* __restrict__ CA, const float* __restrict__ SCA
 // pairs are spread over all threads of the grid, rows fastest: each copies A to Aout
 // (coalesced) and zeroes CA (the listing thread zeroing every row of its columns, serially,
 // took 15.9 us at 4096 x 4096, M = 4096 on an H100). Last, thread = one weight row n over
-// the cached columns, B at a time. Run once a call, so int8_mm_dequant's row slabs read
+// the cached columns, B at a time. Run once a call, so int8_mm_dequant_outliers' row slabs read
 // coalesced Wout words and uniform (L1-broadcast) Aout words instead of gathering weight
 // bytes (a 32-byte DRAM sector each) and activations per slab and column.
 constexpr int kOutlierCache = 32;
-constexpr int kDequantRows = 8;  // int8_mm_dequant's rows a slab, and the padding of Aout's rows
+constexpr int kDequantRows = 8;  // the dequantization kernels' rows a slab, and the padding of Aout's rows
 
 template <class Fmt>
 __global__ void __launch_bounds__(256)
@@ -450,91 +452,163 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
   }
 }
 
-// int8_mm_dequant<OutFmt, BiasFmt, HAS_BIAS, SPARSE>
+// int8_mm_dequant<OutFmt, BiasFmt, HAS_BIAS>
 //   acc        int32[rows * N]
 //   SCA        float32[rows], SCB float32[N]
 //   bias       BiasFmt::storage[N] (HAS_BIAS)
-//   A, CB, idx, count, K   SPARSE: activations (OutFmt::storage[rows * K]), the int8 weight
-//              (N x K) and the outlier columns (int8_outlier_weights, which also zeroed
-//              them in the codes the product was computed from)
-//   Wout, Aout SPARSE: the first kOutlierCache columns' 16-bit weights and activations
-//              (int8_outlier_weights' layouts); columns past them (rare) are read from CB
-//              and A (same values, same order)
 //   out        OutFmt::storage[rows * N]
 // grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
 // (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
-// keep a dense thread at ~40 registers, so a memory-bound SM holds many threads.
-// SPARSE: a batch of B = 16 / OutFmt::kBytes cached columns is one coalesced 16-byte Wout
-// load and B uniform 16-byte Aout loads a row slab (L1 broadcasts), and the first batch is
-// loaded together with the slab's int32 products, so a slab costs one round trip at up to
-// B outlier columns. (Loading the outlier operands only after the products, two float
-// columns a batch, kept the slab's DRAM loads idle through three more L2 round trips: the
-// sparse kernel took 2x the dense one at 4096 x 4096, M = 4096 on an H100.)
-template <class OutFmt, class BiasFmt, bool HAS_BIAS, bool SPARSE>
-__global__ void __launch_bounds__(256, SPARSE ? 4 : 0)
+// keep a thread at ~40 registers, so a memory-bound SM holds many threads.
+template <class OutFmt, class BiasFmt, bool HAS_BIAS>
+__global__ void __launch_bounds__(256)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
-                const typename BiasFmt::storage* __restrict__ bias, const typename OutFmt::storage* __restrict__ A,
-                const i8* __restrict__ CB, const int* __restrict__ idx, const int* __restrict__ count, int K,
-                const typename OutFmt::storage* __restrict__ Wout, const typename OutFmt::storage* __restrict__ Aout,
-                typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
-  constexpr int kB = 16 / OutFmt::kBytes;                    // cached columns a batch
-  constexpr int kAVec = kDequantRows * OutFmt::kBytes / 16;  // 16-byte loads a column's slab rows take
+                const typename BiasFmt::storage* __restrict__ bias, typename OutFmt::storage* __restrict__ out, i64 rows,
+                int N) {
   const int n = blockIdx.x * 256 + threadIdx.x;
   if (n >= N) return;
   const float scb = SCB[n];
-  const int outliers = SPARSE ? *count : 0;
+  for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
+    const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
+    int a[kDequantRows];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i) a[i] = i < nr ? acc[(r0 + i) * N + n] : 0;
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i)
+      if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(a[i], SCA[r0 + i], scb, bias, n));
+  }
+}
+
+// CPT consecutive elements of T as one aligned access (8 or 16 bytes: one vector load or store).
+template <class T, int CPT>
+struct alignas(sizeof(T) * CPT) Pack {
+  T v[CPT];
+};
+
+// int8_mm_dequant_outliers<OutFmt, BiasFmt, HAS_BIAS, CPT>: int8_mm_dequant plus the outlier
+// columns' 16-bit products (the cuBLAS path with outliers)
+//   acc, SCA, SCB, bias, out, rows, N   as int8_mm_dequant
+//   A, CB, idx, count, K   activations (OutFmt::storage[rows * K]), the int8 weight (N x K)
+//              and the outlier columns (int8_outlier_weights, which also zeroed them in
+//              the codes the product was computed from)
+//   Wout, Aout the first kOutlierCache columns' 16-bit weights and activations
+//              (int8_outlier_weights' layouts); columns past them (rare) are read from CB
+//              and A (same values, same order)
+// thread = CPT consecutive columns n0 .. n0 + CPT - 1 over kDequantRows rows a slab; CTA =
+// 256 * CPT columns. CPT > 1 needs N % CPT == 0, acc aligned to 4 * CPT bytes and out to
+// OutFmt::kBytes * CPT (the launcher checks): a row's products are one vector load and its
+// outputs one vector store.
+// A slab's activations of the cached columns (kDequantRows x up to kOutlierCache) are
+// widened to float once a CTA into shared memory, while the products' loads are in flight;
+// each column is then two LDS.128 broadcasts a thread, shared by its CPT columns. The first
+// batch of weights (B = 16 / OutFmt::kBytes columns, one 16-byte load a column n) is
+// loaded with the products. H100, 4096 x 4096, M = 4096: 39.7 us at CPT = 4, 40.9 at 2,
+// 58.0 at 1, against 66.7 for one column a thread widening its own activations and 36.1
+// for int8_mm_dequant (benchmarks/NOTES_int8.md, round 7).
+template <class OutFmt, class BiasFmt, bool HAS_BIAS, int CPT>
+__global__ void __launch_bounds__(256, CPT == 4 ? 2 : (CPT == 2 ? 3 : 4))
+int8_mm_dequant_outliers(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
+                         const typename BiasFmt::storage* __restrict__ bias,
+                         const typename OutFmt::storage* __restrict__ A, const i8* __restrict__ CB,
+                         const int* __restrict__ idx, const int* __restrict__ count, int K,
+                         const typename OutFmt::storage* __restrict__ Wout,
+                         const typename OutFmt::storage* __restrict__ Aout, typename OutFmt::storage* __restrict__ out,
+                         i64 rows, int N) {
+  using St = typename OutFmt::storage;
+  constexpr int kB = 16 / OutFmt::kBytes;  // cached columns a 16-byte Wout load holds
+  static_assert(kDequantRows == 8, "a column's slab activations are two float4");
+  __shared__ float4 a_s[kOutlierCache][2];  // [j][half]: rows 4 * half .. 4 * half + 3 of cached column j
+  const int n0 = (blockIdx.x * 256 + threadIdx.x) * CPT;
+  const bool live = n0 < N;  // all CPT columns (N % CPT == 0); dead threads still fill a_s
+  float scb[CPT];
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) scb[c] = live ? SCB[n0 + c] : 0.0f;
+  const int outliers = *count;
   const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
   const i64 Mp = (rows + kDequantRows - 1) / kDequantRows * kDequantRows;  // Aout's row stride
   for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += (i64)gridDim.y * kDequantRows) {
     const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
-    uint4 wv, av[kB][kAVec];  // a batch's weights (this row n) and activations (rows r0 .. r0 + 7)
-    auto fetch = [&](int j0) {
-      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-      wv = j0 < cached ? *reinterpret_cast<const uint4*>(Wout + ((i64)(j0 / kB) * N + n) * kB) : zero;
+    // The products and the first batch of weights first: their round trip covers the rest.
+    Pack<int, CPT> a[kDequantRows];
 #pragma unroll
-      for (int q = 0; q < kB; ++q)
+    for (int i = 0; i < kDequantRows; ++i) {
+      if (live && i < nr) {
+        a[i] = *reinterpret_cast<const Pack<int, CPT>*>(acc + (r0 + i) * N + n0);
+      } else {
 #pragma unroll
-        for (int v = 0; v < kAVec; ++v)  // 16-byte aligned: Mp, r0 % 8 == 0
-          av[q][v] = j0 + q < cached ? reinterpret_cast<const uint4*>(Aout + (j0 + q) * Mp + r0)[v] : zero;
+        for (int c = 0; c < CPT; ++c) a[i].v[c] = 0;
+      }
+    }
+    uint4 wv[CPT];
+    auto fetch_weights = [&](int j0) {  // cached columns j0 .. j0 + kB - 1 of this thread's rows
+#pragma unroll
+      for (int c = 0; c < CPT; ++c)
+        wv[c] = live && j0 < cached ? *reinterpret_cast<const uint4*>(Wout + ((i64)(j0 / kB) * N + n0 + c) * kB)
+                                    : make_uint4(0u, 0u, 0u, 0u);
     };
-    if (SPARSE) fetch(0);  // in flight with the products below
-    int a[kDequantRows];
+    fetch_weights(0);
+    if (r0 != (i64)blockIdx.y * kDequantRows) __syncthreads();  // the last slab's a_s reads are done
+    for (int e = threadIdx.x; e < cached * kDequantRows; e += 256) {
+      const int j = e / kDequantRows, i = e % kDequantRows;  // Aout rows past `rows` are zeros
+      reinterpret_cast<float*>(a_s[j])[i] = OutFmt::to_float(Aout[j * Mp + r0 + i]);
+    }
+    __syncthreads();
+
+    float o[kDequantRows][CPT];
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) a[i] = i < nr ? acc[(r0 + i) * N + n] : 0;
-    float o[kDequantRows];
+    for (int i = 0; i < kDequantRows; ++i) {
+      const float sca = i < nr ? SCA[r0 + i] : 0.0f;
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i)
-      o[i] = i < nr ? OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(a[i], SCA[r0 + i], scb,
-                                                                                            bias, n)))
-                    : 0.0f;
-    if (SPARSE && outliers > 0) {
-      float s[kDequantRows];
+      for (int c = 0; c < CPT; ++c)
+        o[i][c] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(a[i].v[c], sca, scb[c], bias,
+                                                                                       live ? n0 + c : 0)));
+    }
+    if (outliers > 0) {  // uniform across the CTA
+      float s[kDequantRows][CPT];
 #pragma unroll
-      for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
+      for (int i = 0; i < kDequantRows; ++i)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) s[i][c] = 0.0f;
       for (int j0 = 0; j0 < cached; j0 += kB) {
-        if (j0 > 0) fetch(j0);  // more than one batch of columns (rare)
+        if (j0 > 0) fetch_weights(j0);  // more than one batch of columns (rare)
 #pragma unroll
         for (int q = 0; q < kB; ++q)
           if (j0 + q < cached) {
-            const float w = element_of<OutFmt>(wv, q);
+            const float4 lo = a_s[j0 + q][0], hi = a_s[j0 + q][1];
+            const float x[kDequantRows] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-            for (int i = 0; i < kDequantRows; ++i)  // rows >= nr unused
-              s[i] = __fadd_rn(s[i], __fmul_rn(element_of<OutFmt>(av[q][i / kB], i % kB), w));
+            for (int c = 0; c < CPT; ++c) {
+              const float w = element_of<OutFmt>(wv[c], q);
+#pragma unroll
+              for (int i = 0; i < kDequantRows; ++i) s[i][c] = __fadd_rn(s[i][c], __fmul_rn(x[i], w));
+            }
           }
       }
-      for (int j = cached; j < outliers; ++j) {
-        const int c = idx[j];
-        const float w = outlier_weight<OutFmt>(CB[(i64)n * K + c], scb);
+      for (int j = cached; j < outliers; ++j) {  // past the cache (rare): from CB and A
+        const int col = idx[j];
 #pragma unroll
-        for (int i = 0; i < kDequantRows; ++i)
-          if (i < nr) s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + c]), w));
+        for (int c = 0; c < CPT; ++c) {
+          const float w = live ? outlier_weight<OutFmt>(CB[(i64)(n0 + c) * K + col], scb[c]) : 0.0f;
+#pragma unroll
+          for (int i = 0; i < kDequantRows; ++i)
+            if (i < nr) s[i][c] = __fadd_rn(s[i][c], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + col]), w));
+        }
       }
 #pragma unroll
-      for (int i = 0; i < kDequantRows; ++i) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
-    }
+      for (int i = 0; i < kDequantRows; ++i)
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i)
-      if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(o[i]);
+        for (int c = 0; c < CPT; ++c) o[i][c] = __fadd_rn(o[i][c], s[i][c]);  // only then: -0 + 0 would be +0
+    }
+    if (live) {
+#pragma unroll
+      for (int i = 0; i < kDequantRows; ++i)
+        if (i < nr) {
+          Pack<St, CPT> v;
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) v.v[c] = OutFmt::from_float(o[i][c]);
+          *reinterpret_cast<Pack<St, CPT>*>(out + (r0 + i) * N + n0) = v;
+        }
+    }
   }
 }
 
@@ -1457,5 +1531,174 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
   for (int i = 0; i < kPer; ++i) {
     const int m = m0 + 8 * i;
     if (m < M) out[(i64)m * N + n] = Fmt::from_float(o[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cuBLAS path with outlier columns at few rows
+// ---------------------------------------------------------------------------------------
+
+// int8_mm_dequant_rowbits<OutFmt, BiasFmt, HAS_BIAS>
+//   acc        int32[rows * N] = CA @ CB^T with the outlier columns' codes still in CA
+//   SCA, SCB, bias, out, rows, N   as int8_mm_dequant
+//   A, CA      activations OutFmt::storage[rows * K] and their codes i8[rows * K]
+//   CB         i8[N * K]
+//   rowbits    u32[rows * rowbits_stride(K)], each row's outlier bitmap (int8_row_quant_wide,
+//              kRowBits: no zeroing, so no memset node and no int8_outlier_weights launch)
+// dynamic smem: u32[rowbits_stride(K)], the outlier columns of all rows
+// grid (ceil(N / 256), row slabs); thread = one column n over kDequantRows rows a slab.
+// Every CTA ORs all rows' bitmaps (16-byte loads spread over the CTA, shared atomics only
+// for non-zero words) and ranks the columns with a block scan, keeping the first
+// kOutlierCache in ascending order. A slab stages those columns' activations (widened) and
+// codes in shared memory; each thread gathers its weight row's bytes of them. Then
+// tot = acc - sum_j CA[m, c_j] * CB[n, c_j] (exact int32: the reference's product with the
+// outlier columns zeroed), and int8_mm_dequant_outliers' arithmetic in the same order, so
+// results are bit-equal. Columns past the cache (rare): each thread walks the bitmap.
+// Meant for few rows: every CTA reads all rows' bitmaps and every slab gathers its weight
+// bytes again (int8_outlier_weights does both once a call for the many-row case).
+template <class OutFmt, class BiasFmt, bool HAS_BIAS>
+__global__ void __launch_bounds__(256)
+int8_mm_dequant_rowbits(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
+                        const typename BiasFmt::storage* __restrict__ bias,
+                        const typename OutFmt::storage* __restrict__ A, const i8* __restrict__ CA,
+                        const i8* __restrict__ CB, const u32* __restrict__ rowbits, int K,
+                        typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
+  constexpr int kBatch = 8;  // bitmap loads a thread has in flight, and weight bytes gathered a round
+  extern __shared__ __align__(16) u32 any_bits[];
+  __shared__ int cols[kOutlierCache];
+  __shared__ float a_s[kOutlierCache][kDequantRows];
+  __shared__ int ca_s[kOutlierCache][kDequantRows];
+  __shared__ int scan[8];
+  const int stride = rowbits_stride(K), groups = stride >> 2;
+  const int n = blockIdx.x * 256 + threadIdx.x;
+  const bool live = n < N;
+  const i8* wrow = CB + (i64)(live ? n : 0) * K;
+  const float scb = live ? SCB[n] : 0.0f;
+
+  // The first slab's products first: their round trip covers the listing below.
+  int a[kDequantRows];
+#pragma unroll
+  for (int i = 0; i < kDequantRows; ++i) {
+    const i64 m = (i64)blockIdx.y * kDequantRows + i;
+    a[i] = live && m < rows ? acc[m * N + n] : 0;
+  }
+
+  // ---- the outlier columns of all rows, ranked in ascending order
+  for (int w = threadIdx.x; w < stride; w += 256) any_bits[w] = 0u;
+  __syncthreads();
+  const i64 units = rows * groups;  // (row, 128-column group) pairs
+  // A thread ORs its units in registers while their group stays the same (always, where
+  // groups divides 256) and publishes a group's words with shared atomics: one atomic a
+  // non-zero word a thread, not one a row (the same few words from every row serialize).
+  uint4 run = make_uint4(0u, 0u, 0u, 0u);
+  int run_g = (int)(threadIdx.x % groups);
+  auto publish = [&]() {
+    if (run.x) atomicOr(&any_bits[4 * run_g], run.x);
+    if (run.y) atomicOr(&any_bits[4 * run_g + 1], run.y);
+    if (run.z) atomicOr(&any_bits[4 * run_g + 2], run.z);
+    if (run.w) atomicOr(&any_bits[4 * run_g + 3], run.w);
+    run = make_uint4(0u, 0u, 0u, 0u);
+  };
+  for (i64 e0 = threadIdx.x; e0 < units; e0 += 256 * kBatch) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const i64 e = e0 + b * 256;
+      v[b] = e < units ? reinterpret_cast<const uint4*>(rowbits)[e] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int g = (int)((e0 + b * 256) % groups);
+      if (g != run_g) {
+        publish();
+        run_g = g;
+      }
+      run = make_uint4(run.x | v[b].x, run.y | v[b].y, run.z | v[b].z, run.w | v[b].w);
+    }
+  }
+  publish();
+  __syncthreads();
+  const int per = (stride + 255) >> 8;  // thread t: words [t * per, (t + 1) * per)
+  const int w0 = min((int)threadIdx.x * per, stride), w1 = min(w0 + per, stride);
+  int mine = 0;
+  for (int w = w0; w < w1; ++w) mine += __popc(any_bits[w]);
+  int outliers;
+  int r = block_exclusive_scan<256>(mine, scan, outliers);
+  for (int w = w0; w < w1 && r < kOutlierCache; ++w)
+    for (u32 bits = any_bits[w]; bits && r < kOutlierCache; bits &= bits - 1, ++r) cols[r] = w * 32 + __ffs((int)bits) - 1;
+  const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
+
+  const i64 slab_step = (i64)gridDim.y * kDequantRows;
+  for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += slab_step) {
+    __syncthreads();  // cols listed; the last slab's a_s / ca_s reads done
+    const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
+    for (int e = threadIdx.x; e < cached * kDequantRows; e += 256) {
+      const int j = e / kDequantRows, i = e % kDequantRows;
+      const bool in = i < nr;
+      const i64 at = (r0 + i) * K + cols[j];
+      a_s[j][i] = in ? OutFmt::to_float(A[at]) : 0.0f;
+      ca_s[j][i] = in ? (int)CA[at] : 0;
+    }
+    int wq[kBatch];  // this row's weight bytes of cached columns j0 .. j0 + kBatch - 1
+    auto gather = [&](int j0) {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) wq[b] = j0 + b < cached ? (int)wrow[cols[j0 + b]] : 0;
+    };
+    gather(0);
+    __syncthreads();
+
+    int tot[kDequantRows];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i) tot[i] = a[i];
+    float s[kDequantRows];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
+    for (int j0 = 0; j0 < cached; j0 += kBatch) {
+      if (j0 > 0) gather(j0);  // more than one round of columns (rare)
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (j0 + b < cached) {
+          const float w = outlier_weight<OutFmt>((i8)wq[b], scb);
+#pragma unroll
+          for (int i = 0; i < kDequantRows; ++i) {
+            tot[i] -= ca_s[j0 + b][i] * wq[b];
+            s[i] = __fadd_rn(s[i], __fmul_rn(a_s[j0 + b][i], w));
+          }
+        }
+    }
+    if (outliers > kOutlierCache) {  // past the cache (rare): walk the bitmap, ranks >= kOutlierCache
+      int rank = 0;
+      for (int w = 0; w < stride; ++w)
+        for (u32 bits = any_bits[w]; bits; bits &= bits - 1, ++rank) {
+          if (rank < kOutlierCache) continue;
+          const int c = w * 32 + __ffs((int)bits) - 1;
+          const int wb = wrow[c];
+          const float w16 = outlier_weight<OutFmt>((i8)wb, scb);
+#pragma unroll
+          for (int i = 0; i < kDequantRows; ++i)
+            if (i < nr) {
+              const i64 at = (r0 + i) * K + c;
+              tot[i] -= (int)CA[at] * wb;
+              s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[at]), w16));
+            }
+        }
+    }
+    float o[kDequantRows];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i) {
+      const float sca = i < nr ? SCA[r0 + i] : 0.0f;
+      o[i] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(tot[i], sca, scb, bias, live ? n : 0)));
+      if (outliers > 0) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
+    }
+    if (live) {
+#pragma unroll
+      for (int i = 0; i < kDequantRows; ++i)
+        if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(o[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i) {  // the next slab's products
+      const i64 m = r0 + slab_step + i;
+      a[i] = live && m < rows ? acc[m * N + n] : 0;
+    }
   }
 }
