@@ -374,7 +374,10 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
             (_blocks(N, 256), slabs), (256,), (acc, sca, scb, bias, out, np.int64(rows), np.int32(N))
         )
         return
-    cpt = _dequant_columns(acc, out, N, _DEQUANT_COLUMNS if columns_per_thread is None else columns_per_thread)
+    wanted = _DEQUANT_COLUMNS if columns_per_thread is None else columns_per_thread
+    if wanted not in _DEQUANT_COLUMN_CHOICES:
+        raise ValueError(f"columns_per_thread must be one of {_DEQUANT_COLUMN_CHOICES}, got {wanted}")
+    cpt = _dequant_columns(acc, out, N, wanted)
     a_bits, cb, K, idx, count, w16, aout = sparse
     _kernel(f"int8_mm_dequant_outliers<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {cpt}>")(
         (_blocks(N, 256 * cpt), slabs), (256,),
