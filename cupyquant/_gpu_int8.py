@@ -125,6 +125,12 @@ def _slabs(rows: int) -> int:
     return max(1, min(_MAX_GRID_Y, -(-rows // _ROWS_PER_SLAB)))
 
 
+def _dequant_slabs(rows: int) -> int:
+    """Grid rows of the dequantization kernels: a slab of _DEQUANT_ROWS rows each (slabs
+    past the grid limit are walked grid-strided)."""
+    return max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
+
+
 def _blocks(n: int, per_block: int) -> int:
     return max(1, -(-n // per_block))
 
@@ -368,7 +374,7 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     bias = bias if has_bias else scb  # stands in unused
-    slabs = max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
+    slabs = _dequant_slabs(rows)
     if sparse is None:
         _kernel(f"int8_mm_dequant<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}>")(
             (_blocks(N, 256), slabs), (256,), (acc, sca, scb, bias, out, np.int64(rows), np.int32(N))
@@ -394,7 +400,7 @@ def mm_dequant_rowbits(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     smem = 4 * _rowbits_stride(K)
     _kernel(f"int8_mm_dequant_rowbits<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}>", smem)(
-        (_blocks(N, 256), max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))), (256,),
+        (_blocks(N, 256), _dequant_slabs(rows)), (256,),
         (acc, sca, scb, bias if has_bias else scb, a_bits, ca, cb, rowbits, np.int32(K), out, np.int64(rows),
          np.int32(N)),
         shared_mem=smem,

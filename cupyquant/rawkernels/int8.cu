@@ -459,7 +459,7 @@ int8_outlier_weights(const i8* __restrict__ CB, const float* __restrict__ SCB, c
 //   out        OutFmt::storage[rows * N]
 // grid (ceil(N / 256), row slabs); thread = one output column over kDequantRows rows a slab
 // (consecutive threads on consecutive columns: coalesced), slabs grid-strided. Eight rows
-// keep a thread at ~40 registers, so a memory-bound SM holds many threads.
+// keep a thread at 32 registers, so a memory-bound SM holds many threads.
 template <class OutFmt, class BiasFmt, bool HAS_BIAS>
 __global__ void __launch_bounds__(256)
 int8_mm_dequant(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
