@@ -95,27 +95,34 @@ def _gbps(nbytes: float, us: float) -> float:
 
 
 def _backends(m: int) -> list[str]:
-    """Backends timed at M rows: the gemv alone up to 8 ("mma" names it there); "auto" (the
-    medium-M kernel up to 16 rows, cuBLAS from 17) next to the tensor-core GEMM ("mma"); at
-    17..64 rows "auto" next to "flags" (its threshold-6 form for many rows: byte flags and
-    int8_outlier_weights) and "mmv" ("auto" with the medium-M kernel instead of cuBLAS)."""
-    if m <= 8:
-        return ["mma"]
+    """Backends timed at M rows: "auto" (the gemv up to GEMV_AUTO_MAX_M rows, the medium-M
+    kernel up to 16, cuBLAS from 17); up to 8 rows next to the gemv ("mma" names it there)
+    and "mmv" (the medium-M kernel), at 9..16 next to the tensor-core GEMM ("mma"); from 17
+    rows next to "flags" (its threshold-6 form for many rows: byte flags and
+    int8_outlier_weights), at 17..64 also "mmv" (the medium-M kernel instead of cuBLAS)."""
+    if m <= g8.GEMV_MAX_M:
+        return ["auto", "mma", "mmv"]
     if m <= 16:
         return ["auto", "mma"]
     if m <= g8.MMV_MAX_M:
         return ["auto", "flags", "mmv"]
-    return ["auto", "mma"]
+    return ["auto", "flags", "mma"]
 
 
-_AUTO = {"CUBLAS_MIN_M": g8.CUBLAS_MIN_M, "_ROWBITS_MAX_M": g8._ROWBITS_MAX_M}
+_AUTO = {
+    "CUBLAS_MIN_M": g8.CUBLAS_MIN_M,
+    "_GATHER_MAX_READS": g8._GATHER_MAX_READS,
+    "GEMV_AUTO_MAX_M": g8.GEMV_AUTO_MAX_M,
+}
 
 
 def _set_backend(name: str) -> None:
-    """cupyquant's int8 GEMM backend, or "auto" with one choice changed ("mmv": cuBLAS only
-    above MMV_MAX_M rows; "flags": the many-row outlier form at every M)."""
+    """cupyquant's int8 GEMM backend, or "auto" with one choice changed ("mmv": the medium-M
+    kernel at every M up to MMV_MAX_M, no gemv, no cuBLAS; "flags": the many-row outlier
+    form at every M)."""
     g8.CUBLAS_MIN_M = g8.MMV_MAX_M + 1 if name == "mmv" else _AUTO["CUBLAS_MIN_M"]
-    g8._ROWBITS_MAX_M = 0 if name == "flags" else _AUTO["_ROWBITS_MAX_M"]
+    g8.GEMV_AUTO_MAX_M = 0 if name == "mmv" else _AUTO["GEMV_AUTO_MAX_M"]
+    g8._GATHER_MAX_READS = 0 if name == "flags" else _AUTO["_GATHER_MAX_READS"]
     cq8.set_int8_gemm_backend("auto" if name in ("mmv", "flags") else name)
 
 
@@ -212,6 +219,15 @@ def _time_cupy_graph(fn, repeats: int, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def _with_gather_threads(threads: int, fn) -> None:
+    """``fn()`` with int8_outlier_gather's CTAs of ``threads`` (256 or 1024) threads."""
+    g8._GATHER_WIDE_M, kept = (1 << 30 if threads == 256 else 0), g8._GATHER_WIDE_M
+    try:
+        fn()
+    finally:
+        g8._GATHER_WIDE_M = kept
+
+
 def _pieces(m: int, n: int, k: int) -> dict:
     """The cuBLAS path's kernels at (M, N, K) as callables, on random operands."""
     import cupy
@@ -227,16 +243,26 @@ def _pieces(m: int, n: int, k: int) -> dict:
     flags = g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS)
     sparse = (a, cb, k, *g8.outlier_weights(cb, scb, flags, a, ca, m, n, k, "float16"))
     g8._cublas_int32(ca, cb, m, n, k, acc)
-    few_rows = {}
-    if m <= g8._ROWBITS_MAX_M:
-        few_rows = {
-            "row_quant_wide thr6 rowbits": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._ROW_BITS),
-            "mm_dequant_rowbits": lambda: g8.mm_dequant_rowbits(
-                acc, sca, scb, m, n, "float16", out, None, None, a, ca, cb, rowbits, k
-            ),
-        }
+    found = g8.outlier_gather_arrays(m, n, k, "float16")
+    g8.outlier_gather(rowbits, cb, scb, a, ca, m, n, k, "float16", found)
+    gathered = (a, cb, k, ca, *found)
+    gather_pieces = {
+        "row_quant_wide thr6 rowbits": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._ROW_BITS),
+        **{
+            f"outlier_gather {t}": lambda t=t: _with_gather_threads(
+                t, lambda: g8.outlier_gather(rowbits, cb, scb, a, ca, m, n, k, "float16", found)
+            )
+            for t in (256, 1024)
+        },
+        **{
+            f"mm_dequant_outliers subtract cpt={c}": (
+                lambda c=c: g8.mm_dequant(acc, sca, scb, m, n, "float16", out, sparse=gathered, columns_per_thread=c)
+            )
+            for c in g8._SUBTRACT_COLUMN_CHOICES
+        },
+    }
     return {
-        **few_rows,
+        **gather_pieces,
         "row_quant thr0": lambda: g8.row_quant(a, "float16", m, k, 0.0, ca, sca),
         "row_quant_wide thr0": lambda: g8._row_quant_wide(a, "float16", m, k, 0.0, ca, sca, g8._NO_FLAGS),
         "row_quant_wide thr6 + memset": lambda: g8._row_quant_wide(a, "float16", m, k, 6.0, ca, sca, g8._BYTE_FLAGS),
@@ -286,7 +312,7 @@ def bench_pieces(repeats: int) -> None:
     import cupy
 
     print("\ncuBLAS path pieces (fp16, 6 outlier columns), us a call")
-    shapes = [(32, 4096, 4096), (64, 4096, 4096), (64, 28672, 8192)]
+    shapes = [(32, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096), (64, 28672, 8192)]
     shapes += [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]
     for m, n, k in shapes:
         line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _pieces(m, n, k).items())

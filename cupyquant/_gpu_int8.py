@@ -31,21 +31,39 @@ _MAX_GRID_Y = 65535
 # H100: 4 the fastest of 1, 2, 4 at M = 512 and 4096 on both benchmark shapes).
 _DEQUANT_COLUMNS = 4
 _DEQUANT_COLUMN_CHOICES = (1, 2, 4)
-# The cuBLAS path with outliers lists the outlier columns in its dequantization kernel
-# (int8_mm_dequant_rowbits) up to this many rows, and while its CTAs together read at most
-# _ROWBITS_MAX_READS bytes of row bitmaps (each CTA reads all of them). H100, graph
-# replays, threshold 6 (benchmarks/NOTES_int8.md, round 7): 4096 x 4096 at M = 24 / 32 / 64
-# 18.9 / 18.8 / 19.4 us against 23.1 / 23.2 / 23.6 with int8_outlier_weights; 28672 x 8192
-# 111.3 / 119.9 / 133.5 against 112.8 / 114.2 / 116.1 (8.3 / 14.7 / 58.7 MB of bitmap reads).
-_ROWBITS_MAX_M = 64
-_ROWBITS_MAX_READS = 8 << 20
-_ROWBITS_MAX_SMEM = 32 * 1024  # its OR of the bitmaps (dynamic), under 48 KB with its static arrays
+# The cuBLAS path with outliers at few rows: the row quantization writes each row's bitmap,
+# cuBLAS multiplies the codes with the outlier columns still in, and int8_outlier_gather
+# lists the columns and gathers their operands on a forked branch beside cuBLAS (every CTA
+# reads all rows' bitmaps); the dequantization takes their int8 products back out. Used up
+# to _GATHER_MAX_M rows while the gather's bitmap reads stay within _GATHER_MAX_READS, with
+# CTAs of 256 threads up to _GATHER_WIDE_M rows and 1024 above (fewer SMs taken from
+# cuBLAS). H100 / H200 graph replays, threshold 6 (benchmarks/NOTES_int8.md, round 8).
+_GATHER_MAX_M = 256
+_GATHER_MAX_READS = 4 << 20
+_GATHER_WIDE_M = 64
+_GATHER_MAX_SMEM = 32 * 1024  # its OR of the bitmaps (dynamic), under 48 KB with its static arrays
+# Columns a thread of the dequantization that takes the products back out (4 measured
+# slower: its registers).
+_SUBTRACT_COLUMN_CHOICES = (1, 2)
 
 
-def _rowbits_listing(M: int, N: int, K: int) -> bool:
-    """Whether the cuBLAS path with outliers takes int8_mm_dequant_rowbits at (M, N, K)."""
-    reads = _blocks(N, 256) * _blocks(M, _DEQUANT_ROWS) * M * 4 * _rowbits_stride(K)
-    return M <= _ROWBITS_MAX_M and reads <= _ROWBITS_MAX_READS and 4 * _rowbits_stride(K) <= _ROWBITS_MAX_SMEM
+def _gather_threads(M: int) -> int:
+    """Threads a CTA of int8_outlier_gather for M rows."""
+    return 256 if M <= _GATHER_WIDE_M else 1024
+
+
+def _gather_listing(M: int, N: int, K: int) -> bool:
+    """Whether the cuBLAS path with outliers lists the columns on a forked branch
+    (int8_outlier_gather) at (M, N, K)."""
+    if M > _GATHER_MAX_M or 4 * _rowbits_stride(K) > _GATHER_MAX_SMEM:
+        return False
+    return _blocks(N, _gather_threads(M)) * M * 4 * _rowbits_stride(K) <= _GATHER_MAX_READS
+
+
+def _gather_columns(M: int, N: int) -> int:
+    """Columns a thread of the dequantization after int8_outlier_gather: 2 where that still
+    gives every SM a CTA, else 1."""
+    return 2 if _blocks(N, 512) * _dequant_slabs(M) >= _limits()[0] else 1
 
 
 def _rowbits_stride(K: int) -> int:
@@ -54,10 +72,20 @@ def _rowbits_stride(K: int) -> int:
     return -(-K // 128) * 4
 
 
-# The small-M path (int8_linear_gemv) handles up to this many activation rows.
+# The small-M path (int8_linear_gemv) handles up to this many activation rows; under the
+# "auto" backend up to GEMV_AUTO_MAX_M, the medium-M kernel above. H100 graph replays
+# (benchmarks/NOTES_int8.md, round 8), 4096 x 4096 at M = 6 / 8: 14.1 / 14.2 us (threshold
+# 6: 16.8 / 17.0) against 15.5 / 16.9 (20.1 / 21.8) for the gemv; at M = 3 / 4 the gemv
+# 11.2 / 11.9 (13.0 / 13.9) against 14.0 / 14.1 (16.4 / 16.4).
 GEMV_MAX_M = 8
+GEMV_AUTO_MAX_M = 4
 _GEMV_TILES = (1, 2, 4, 8)
-_GEMV_CTAS_PER_SM = 8  # 256-thread CTAs: 8 fill an SM's 2048 threads
+# CTAs an SM the gemv's grid is capped at (weight rows grid-strided over its warps), by MT.
+# Every CTA quantizes A itself; from MT = 4 that prologue issues as many instructions as
+# the weight stream, so fewer CTAs with more rows a warp amortize it. H100, 4096 x 4096 at
+# M = 4: 11.9 / 13.9 us (threshold 0 / 6) at 2 CTAs an SM against 12.0 / 15.5 at 4 (the
+# register limit); at M = 1, 8.6 / 9.7 at 4 against 8.9 / 10.4 at 2.
+_GEMV_CTAS_PER_SM = {1: 8, 2: 8, 4: 2, 8: 2}
 # The medium-M path (int8_linear_mmv: row quantization, then the weights streamed once
 # through tensor cores with the activations as the narrow operand) handles M up to this
 # under the "auto" backend where cuBLAS does not take them (see CUBLAS_MIN_M); MT is the
@@ -160,15 +188,15 @@ def _expressions() -> list[str]:
         ]
         exprs += [f"int8_col_absmax<{s}, {_bool(sp)}>" for sp in (False, True)]
         exprs += [f"int8_col_quant<{s}, {_bool(sp)}>" for sp in (False, True)]
-        exprs.append(f"int8_outlier_weights<{s}>")
+        exprs += [f"int8_outlier_weights<{s}>"] + [f"int8_outlier_gather<{s}, {t}>" for t in (256, 1024)]
         for bs, hb in _bias_variants(fmt):
             exprs.append(f"int8_mm_dequant<{s}, {bs}, {_bool(hb)}>")
             for sp in (False, True):
                 exprs.append(f"int8_gemm<{s}, 1, {bs}, {_bool(hb)}, {_bool(sp)}>")
                 exprs += [f"int8_linear_gemv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _GEMV_TILES]
                 exprs += [f"int8_linear_mmv<{s}, {bs}, {_bool(hb)}, {_bool(sp)}, {mt}>" for mt in _MMV_TILES]
-            exprs += [f"int8_mm_dequant_outliers<{s}, {bs}, {_bool(hb)}, {c}>" for c in _DEQUANT_COLUMN_CHOICES]
-            exprs.append(f"int8_mm_dequant_rowbits<{s}, {bs}, {_bool(hb)}>")
+            exprs += [f"int8_mm_dequant_outliers<{s}, {bs}, {_bool(hb)}, {c}, false>" for c in _DEQUANT_COLUMN_CHOICES]
+            exprs += [f"int8_mm_dequant_outliers<{s}, {bs}, {_bool(hb)}, {c}, true>" for c in _SUBTRACT_COLUMN_CHOICES]
     return exprs
 
 
@@ -365,11 +393,12 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
                bias_fmt: str | None = None, sparse: tuple[Any, ...] | None = None,
                columns_per_thread: int | None = None) -> None:  # fmt: skip
     """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
-    column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` = (A bits of fmt,
-    CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) adds the outlier
-    columns' 16-bit product (``acc`` computed with those columns of CA zeroed), in
-    int8_mm_dequant_outliers with ``columns_per_thread`` (1, 2 or 4, default
-    _DEQUANT_COLUMNS; fewer where N or the alignment does not allow it)."""
+    column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` adds the outlier
+    columns' 16-bit products, in int8_mm_dequant_outliers with ``columns_per_thread`` (1, 2 or
+    4, default _DEQUANT_COLUMNS; fewer where N or the alignment does not allow it). It is (A
+    bits of fmt, CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) for an
+    ``acc`` computed with those columns of CA zeroed, or (A, CB, K, CA int8[rows*K], then
+    :func:`outlier_gather_arrays`' six, filled) for an ``acc`` that still holds their int8 products."""
     if rows == 0 or N == 0:
         return
     bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
@@ -380,41 +409,98 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
             (_blocks(N, 256), slabs), (256,), (acc, sca, scb, bias, out, np.int64(rows), np.int32(N))
         )
         return
+    subtract = len(sparse) == 10
     wanted = _DEQUANT_COLUMNS if columns_per_thread is None else columns_per_thread
-    if wanted not in _DEQUANT_COLUMN_CHOICES:
-        raise ValueError(f"columns_per_thread must be one of {_DEQUANT_COLUMN_CHOICES}, got {wanted}")
+    allowed = _SUBTRACT_COLUMN_CHOICES if subtract else _DEQUANT_COLUMN_CHOICES
+    if wanted not in allowed:
+        raise ValueError(f"columns_per_thread must be one of {allowed} here, got {wanted}")
     cpt = _dequant_columns(acc, out, N, wanted)
-    a_bits, cb, K, idx, count, w16, aout = sparse
-    _kernel(f"int8_mm_dequant_outliers<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {cpt}>")(
+    if subtract:
+        a_bits, cb, K, ca, idx, count, w16, wq, aout, caout = sparse
+    else:
+        a_bits, cb, K, idx, count, w16, aout = sparse
+        ca = wq = caout = cb  # stand in unused
+    _kernel(f"int8_mm_dequant_outliers<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {cpt}, {_bool(subtract)}>")(
         (_blocks(N, 256 * cpt), slabs), (256,),
-        (acc, sca, scb, bias, a_bits, cb, idx, count, np.int32(K), w16, aout, out, np.int64(rows), np.int32(N)),
+        (acc, sca, scb, bias, a_bits, cb, idx, count, np.int32(K), w16, aout, ca, wq, caout, out, np.int64(rows),
+         np.int32(N)),
     )  # fmt: skip
 
 
-def mm_dequant_rowbits(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: Any, bias: Any,
-                       bias_fmt: str | None, a_bits: Any, ca: Any, cb: Any, rowbits: Any, K: int) -> None:  # fmt: skip
-    """int8_mm_dequant_rowbits: ``out`` (fmt[rows*N]) from ``acc`` = CA @ CB^T computed with
-    the outlier columns' codes still in ``ca``, the columns being those set in any row of
-    ``rowbits`` (int8_row_quant_wide's _ROW_BITS): their int8 products are taken back out and
-    their 16-bit products (A fmt[rows*K], CB int8[N*K]) added, as mm_dequant's ``sparse``."""
-    bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
+def outlier_gather_arrays(M: int, N: int, K: int, fmt: str) -> tuple[Any, ...]:
+    """Fresh outputs of :func:`outlier_gather`: ``(idx int32[K], count int32[1], wout, wq,
+    aout, caout)``, :func:`outlier_weights`' first four and, for the first _OUTLIER_CACHE
+    columns, ``wq`` int8[_OUTLIER_CACHE * N] their weight codes (``[((j // 16) * N + n) * 16
+    + j % 16]``) and ``caout`` int8[_OUTLIER_CACHE * Mp] their activation codes (``[j * Mp +
+    m]``), in mm_dequant's ``sparse`` order."""
+    cp = cupy()
+    storage = cp.float32 if fmt == "float32" else cp.uint16
+    mp = -(-max(M, 1) // _DEQUANT_ROWS) * _DEQUANT_ROWS
+    cache_n = _OUTLIER_CACHE * max(N, 1)
+    return (
+        cp.empty(max(K, 1), dtype=cp.int32),
+        cp.empty(1, dtype=cp.int32),
+        cp.empty(cache_n, dtype=storage),
+        cp.empty(cache_n, dtype=cp.int8),
+        cp.empty(_OUTLIER_CACHE * mp, dtype=storage),
+        cp.empty(_OUTLIER_CACHE * mp, dtype=cp.int8),
+    )
+
+
+def outlier_gather(rowbits: Any, cb: Any, scb: Any, a_bits: Any, ca: Any, M: int, N: int, K: int, fmt: str,
+                   found: tuple[Any, ...]) -> None:  # fmt: skip
+    """int8_outlier_gather into ``found`` (:func:`outlier_gather_arrays`): the outlier
+    columns set in any row of ``rowbits`` (int8_row_quant_wide's _ROW_BITS of A's M rows)
+    and their operands from ``cb`` / ``scb`` / ``a_bits`` / ``ca``. It writes nothing the
+    product of ``ca`` reads, so it may run on a stream beside that product."""
+    idx, count, wout, wq, aout, caout = found
     smem = 4 * _rowbits_stride(K)
-    _kernel(f"int8_mm_dequant_rowbits<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}>", smem)(
-        (_blocks(N, 256), _dequant_slabs(rows)), (256,),
-        (acc, sca, scb, bias if has_bias else scb, a_bits, ca, cb, rowbits, np.int32(K), out, np.int64(rows),
-         np.int32(N)),
+    threads = _gather_threads(M)
+    _kernel(f"int8_outlier_gather<{_FMT_STRUCT[fmt]}, {threads}>", smem)(
+        (_blocks(N, threads),), (threads,),
+        (rowbits, np.int32(K), cb, scb, a_bits, ca, np.int32(M), np.int32(N), idx, count, wout, wq, aout, caout),
         shared_mem=smem,
     )  # fmt: skip
+
+
+_branches: dict[int, tuple[Any, Any, Any]] = {}  # device id -> (side stream, fork event, join event)
+
+
+def _fork() -> Any:
+    """A side stream of the current device that waits for the current stream's work so far
+    (captured as a forked branch while the current stream is captured into a graph)."""
+    cp = cupy()
+    device = cp.cuda.Device().id
+    if device not in _branches:
+        _branches[device] = (
+            cp.cuda.Stream(non_blocking=True),
+            cp.cuda.Event(disable_timing=True),
+            cp.cuda.Event(disable_timing=True),
+        )
+    side, forked, _ = _branches[device]
+    forked.record(cp.cuda.get_current_stream())
+    side.wait_event(forked)
+    return side
+
+
+def _join(side: Any) -> None:
+    """Make the current stream wait for ``side``'s work (:func:`_fork`'s branch joins back)."""
+    cp = cupy()
+    joined = _branches[cp.cuda.Device().id][2]
+    joined.record(side)
+    cp.cuda.get_current_stream().wait_event(joined)
 
 
 def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bias: Any,
                    bias_fmt: str | None, threshold: float, out: Any) -> None:  # fmt: skip
     """int8_row_quant_wide (a CTA a row: 1.1-3x faster here than a warp a row, H100), cuBLAS
     int32 product, then int8_mm_dequant. With threshold > 0 the row quantization also finds
-    the outlier columns: for few rows (_rowbits_listing) as each row's bitmap, which
-    int8_mm_dequant_rowbits reads itself (three launches, as threshold 0); else as byte
-    flags, and int8_outlier_weights lists them, zeroes them in CA and gathers their weights
-    and activations once for the whole call, for int8_mm_dequant_outliers.
+    the outlier columns: for few rows (_gather_listing) as each row's bitmap, which
+    int8_outlier_gather lists on a forked branch while cuBLAS multiplies the codes with
+    those columns still in (the critical path keeps the three launches of threshold 0);
+    else as byte flags, and int8_outlier_weights lists them, zeroes them in CA and gathers
+    their weights and activations once for the whole call. int8_mm_dequant_outliers adds
+    their 16-bit products (taking their int8 products back out first, after the gather).
 
     (Row chunks sized for the int32 product to stay in L2 measured slower on an H100:
     4096 x 4096 at M = 4096 took 223 us in four chunks against 162 in one call.)
@@ -424,10 +510,15 @@ def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: 
     ca = cp.empty(M * K, dtype=cp.int8)
     sca = cp.empty(M, dtype=cp.float32)
     acc = cp.empty(M * N, dtype=cp.int32)
-    if threshold > 0 and _rowbits_listing(M, N, K):
+    if threshold > 0 and _gather_listing(M, N, K):
+        found = outlier_gather_arrays(M, N, K, fmt)
         rowbits = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _ROW_BITS)
+        side = _fork()
+        with side:
+            outlier_gather(rowbits, cb, scb, a_bits, ca, M, N, K, fmt, found)
         _cublas_int32(ca, cb, M, N, K, acc)
-        mm_dequant_rowbits(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, a_bits, ca, cb, rowbits, K)
+        _join(side)
+        mm_dequant(acc, sca, scb, M, N, fmt, out, bias, bias_fmt, (a_bits, cb, K, ca, *found), _gather_columns(M, N))
         return
     flags = _row_quant_wide(a_bits, fmt, M, K, threshold, ca, sca, _BYTE_FLAGS)
     extra = None
@@ -439,7 +530,7 @@ def _linear_cublas(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: 
 
 def _gemv_tile(M: int, K: int) -> int | None:
     """The gemv's MT for M rows, or None when M or its shared memory is too large."""
-    if M > GEMV_MAX_M or K % 16:
+    if M > (GEMV_AUTO_MAX_M if _backend["gemm"] == "auto" else GEMV_MAX_M) or K % 16:
         return None
     mt = next(t for t in _GEMV_TILES if t >= M)
     return mt if _gemv_smem(mt, K) <= _limits()[1] else None
@@ -453,7 +544,7 @@ def _gemv_smem(mt: int, K: int) -> int:
 def _mmv_tile(M: int, K: int) -> int | None:
     """The medium-M kernel's MT for M rows, or None when it does not apply (only the
     "auto" backend takes it, so "mma" and "cublas" still reach their GEMMs at these M)."""
-    if _backend["gemm"] != "auto" or not GEMV_MAX_M < M <= MMV_MAX_M or K % 16:
+    if _backend["gemm"] != "auto" or not GEMV_AUTO_MAX_M < M <= MMV_MAX_M or K % 16:
         return None
     return next(t for t in _MMV_TILES if t >= M)
 
@@ -535,10 +626,11 @@ def linear(a_bits: Any, fmt: str, M: int, K: int, cb: Any, scb: Any, N: int, bia
         bias, bfmt, has_bias = _bias_args(fmt, bias, bias_fmt)
     if mt is not None:
         cb = aligned(cb, 16)
+        a_bits = aligned(a_bits, 16)  # its prologue reads A in 16-byte chunks
         smem = _gemv_smem(mt, K)
         expr = f"int8_linear_gemv<{_FMT_STRUCT[fmt]}, {bfmt}, {_bool(has_bias)}, {_bool(sparse)}, {mt}>"
         sms, _ = _limits()
-        grid = max(1, min(_blocks(N, 8), _GEMV_CTAS_PER_SM * sms))
+        grid = max(1, min(_blocks(N, 8), _GEMV_CTAS_PER_SM[mt] * sms))
         _kernel(expr, smem)(
             (grid,), (256,),
             (a_bits, cb, scb, bias if has_bias else scb, np.float32(threshold), np.int32(M), np.int32(N), np.int32(K),

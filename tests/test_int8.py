@@ -540,7 +540,8 @@ LINEAR_SHAPES = [
     (1, 1, 16),  # tiny gemv
     (1, 257, 4096),  # gemv, M = 1
     (3, 64, 1040),  # gemv, K past one summary word (1024 columns)
-    (8, 96, 8192),  # gemv MT = 8 beyond 48 KB of shared memory (opt-in)
+    (8, 96, 8192),  # gemv MT = 8 beyond 48 KB of shared memory (opt-in; "mma" / "cublas" backends)
+    (4, 2300, 512),  # gemv MT = 4: more weight rows than its capped grid has warps
     (2, 33, 40),  # K % 16 != 0: the padded GEMM path
     (9, 130, 512),  # smallest GEMM M
     (64, 200, 768),
@@ -576,7 +577,24 @@ def mmv_path(monkeypatch):
     monkeypatch.setattr(_gpu_int8, "CUBLAS_MIN_M", _gpu_int8.MMV_MAX_M + 1)
 
 
+@pytest.fixture(params=["gather", "flags"])
+def outlier_listing(request, monkeypatch):
+    """The cuBLAS path's two forms with outliers: "gather" (each row's bitmap, the columns
+    listed by int8_outlier_gather on a forked branch beside cuBLAS, their int8 products taken
+    back out) where its bitmap reads allow it, and "flags" (byte flags; int8_outlier_weights
+    zeroes the columns in CA before cuBLAS) everywhere else."""
+    from cupyquant import _gpu_int8
+
+    if request.param == "flags":
+        monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_READS", 0)
+    else:
+        monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_M", 1 << 30)
+    return request.param
+
+
 MMV_SHAPES = [
+    (5, 72, 1024),  # MT = 16 with 11 rows of padding (the gemv's rows under "auto" stop at 4)
+    (8, 40, 2064),
     (9, 130, 512),  # MT = 16; N not a multiple of the CTA's 32 weight rows
     (16, 8, 1040),  # fewer weight rows than one 16-row group; K % 64 == 16, K % 32 == 16
     (32, 96, 2064),  # MT = 32
@@ -626,6 +644,23 @@ def test_gpu_int8_linear_medium_m_outlier_counts_and_misaligned_a(cp, cols):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,K", [(1, 4096), (3, 1040), (8, 2064)], ids=str)
+def test_gpu_int8_linear_gemv_misaligned_a(cp, fmt, M, K):
+    """The gemv reads A in 16-byte chunks: A starting one element into its buffer is copied
+    first, with the same results; K % 32 == 16 (the last bitmap word half full)."""
+    rng = np.random.default_rng(M + K)
+    N = 72
+    a = with_outliers(rng, M, K, fmt).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    for threshold in (0.0, 3.0):
+        want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, None, None, threshold)
+        got = I8.int8_linear_bits(_to_gpu(cp, a, True), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                                  None, None, threshold)  # fmt: skip
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cols", [12, 40])
 def test_gpu_int8_linear_many_outlier_columns(cp, backend, cols):
     """More outlier columns than the GEMM epilogue batches (8) and than int8_outlier_weights
@@ -644,8 +679,8 @@ def test_gpu_int8_linear_many_outlier_columns(cp, backend, cols):
 def test_gpu_medium_m_path_is_auto_only(cp):
     from cupyquant import _gpu_int8
 
-    assert _gpu_int8._mmv_tile(8, 4096) is None  # the gemv's
-    assert _gpu_int8._mmv_tile(9, 4096) == 16
+    assert _gpu_int8._mmv_tile(_gpu_int8.GEMV_AUTO_MAX_M, 4096) is None  # the gemv's
+    assert _gpu_int8._mmv_tile(_gpu_int8.GEMV_AUTO_MAX_M + 1, 4096) == 16
     assert _gpu_int8._mmv_tile(64, 4096) == 64
     assert _gpu_int8._mmv_tile(65, 4096) is None
     assert _gpu_int8._mmv_tile(16, 40) is None  # K % 16 != 0: the padded GEMM
@@ -756,7 +791,7 @@ def test_gpu_int8_linear_outlier_column_counts(cp, monkeypatch, cols, M, backend
     try:
         got = I8.int8_linear_bits(_to_gpu(cp, a, True), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb),
                                   N, cp.asarray(bias), "float16", 6.0)  # fmt: skip
-        if backend == "auto" and M <= _gpu_int8.GEMV_MAX_M:
+        if backend == "auto" and M <= _gpu_int8.GEMV_AUTO_MAX_M:
             assert _gpu_int8._gemv_tile(M, K) is not None
     finally:
         I8.set_int8_gemm_backend("auto")
@@ -840,10 +875,11 @@ def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cols", [6, 40])
 @pytest.mark.parametrize("M", [517, 1001])
-def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, cols, M):
+def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, outlier_listing, cols, M):
     """The cuBLAS path with outliers at M % 8 != 0: int8_outlier_weights on a grid wider than
-    N / 256 (a thread a (column, row) pair zeroing CA), int8_mm_dequant_outliers' last slab reading
-    the zero padding of Aout with float4 loads; 40 columns: past the 32 cached ones."""
+    N / 256 (a thread a (column, row) pair zeroing CA), int8_outlier_gather's (column, row)
+    pairs grid-strided, int8_mm_dequant_outliers' last slab reading the zero padding of Aout
+    (and CAout) with vector loads; 40 columns: past the 32 cached ones."""
     rng = np.random.default_rng(cols + M)
     N, K = 136, 1024
     a = _planted(rng, M, K, "float16", cols).reshape(-1)
@@ -883,10 +919,10 @@ def test_gpu_mmv_outlier_search_every_split(cp, mmv_path, M, K):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cols", [3, 4, 5, 8, 9, 31])
-def test_gpu_cublas_path_outlier_batches(cp, fmt, cols):
+def test_gpu_cublas_path_outlier_batches(cp, outlier_listing, fmt, cols):
     """int8_mm_dequant_outliers' cached outlier columns in 16-byte batches (8 columns of a 16-bit
-    format, 4 of float32), the first loaded with the int32 products: column counts around
-    the batch edges, every activation format, a bias."""
+    format, 4 of float32; weight codes 16 a batch), the first loaded with the int32 products:
+    column counts around the batch edges, every activation format, a bias."""
     rng = np.random.default_rng(cols)
     M, N, K = 520, 72, 1024
     a = _planted(rng, M, K, fmt, cols).reshape(-1)
@@ -904,15 +940,20 @@ def test_gpu_cublas_path_outlier_batches(cp, fmt, cols):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("columns", [1, 2, 4])
+@pytest.mark.parametrize("listing,columns", [("flags", 1), ("flags", 2), ("flags", 4), ("gather", 1), ("gather", 2)])
 @pytest.mark.parametrize("N,cols", [(1032, 5), (1032, 40), (1544, 9)], ids=str)
-def test_gpu_cublas_path_dequant_columns_a_thread(cp, monkeypatch, fmt, columns, N, cols):
-    """int8_mm_dequant_outliers with 1, 2 and 4 columns a thread, more than one CTA of
-    columns and a partial last one; 40 outlier columns pass the 32 cached ones; a bias;
-    M % 8 != 0."""
+def test_gpu_cublas_path_dequant_columns_a_thread(cp, monkeypatch, fmt, listing, columns, N, cols):
+    """int8_mm_dequant_outliers with 1, 2 and 4 columns a thread (1 and 2 where it takes the
+    int8 products back out), more than one CTA of columns and a partial last one; 40 outlier
+    columns pass the 32 cached ones; a bias; M % 8 != 0."""
     from cupyquant import _gpu_int8
 
-    monkeypatch.setattr(_gpu_int8, "_DEQUANT_COLUMNS", columns)
+    if listing == "flags":
+        monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_READS", 0)
+        monkeypatch.setattr(_gpu_int8, "_DEQUANT_COLUMNS", columns)
+    else:
+        monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_M", 1 << 30)
+        monkeypatch.setattr(_gpu_int8, "_gather_columns", lambda M, N: columns)
     rng = np.random.default_rng(N + cols)
     M, K = 523, 1024
     a = _planted(rng, M, K, fmt, cols).reshape(-1)
@@ -950,19 +991,22 @@ def test_dequant_columns_fall_back_where_n_or_alignment_forbid():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("threads", [256, 1024])
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("cols", [0, 7, 33])
+@pytest.mark.parametrize("cols", [0, 7, 17, 33])
 @pytest.mark.parametrize("M,K", [(17, 4112), (40, 1040), (64, 2048)], ids=str)
-def test_gpu_cublas_path_row_bitmaps(cp, monkeypatch, fmt, cols, M, K):
-    """The cuBLAS path with outliers at few rows: each row's bitmap (no memset, no
-    int8_outlier_weights), the columns listed in int8_mm_dequant_rowbits by every CTA, their
-    int8 products taken back out of cuBLAS' result; K % 128 != 0 (a partial last group),
-    more than 32 columns (the bitmap walk), none, a bias, N past one CTA."""
+def test_gpu_cublas_path_row_bitmaps(cp, monkeypatch, threads, fmt, cols, M, K):
+    """The cuBLAS path with outliers at few rows: each row's bitmap (no memset), cuBLAS on
+    the codes with the outlier columns still in, and their int8 products taken back out,
+    the columns listed by int8_outlier_gather on a forked branch (CTAs of 256 or 1024
+    threads); K % 128 != 0 (a partial last group), 17 columns (two batches of weight codes),
+    more than 32 (past the cache), none, a bias, N past one CTA."""
     from cupyquant import _gpu_int8
 
     calls = []
-    real = _gpu_int8.mm_dequant_rowbits
-    monkeypatch.setattr(_gpu_int8, "mm_dequant_rowbits", lambda *args: calls.append(args[3]) or real(*args))
+    real = _gpu_int8.outlier_gather
+    monkeypatch.setattr(_gpu_int8, "outlier_gather", lambda *args: calls.append(M) or real(*args))
+    monkeypatch.setattr(_gpu_int8, "_GATHER_WIDE_M", 1 << 30 if threads == 256 else 0)
     rng = np.random.default_rng(M + K + cols)
     N = 264
     a = _planted(rng, M, K, fmt, cols).reshape(-1)
@@ -975,13 +1019,55 @@ def test_gpu_cublas_path_row_bitmaps(cp, monkeypatch, fmt, cols, M, K):
     np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
-def test_rowbits_listing_only_for_few_rows_and_small_bitmap_reads():
-    """The cuBLAS path lists outlier columns in its dequantization kernel only where every
-    CTA reading all rows' bitmaps stays cheap (measured: benchmarks/NOTES_int8.md, round 7)."""
-    from cupyquant._gpu_int8 import _rowbits_listing
+@pytest.mark.gpu
+def test_gpu_cublas_path_forked_branch_in_a_graph(cp, monkeypatch):
+    """The outlier listing's forked branch captures into a CUDA graph and joins back: replays
+    give the eager result, also after the activations change between replays."""
+    from cupyquant import _gpu_int8
 
-    assert _rowbits_listing(64, 4096, 4096)  # 4.2 MB of bitmap reads
-    assert _rowbits_listing(24, 28672, 8192)  # 8.3 MB
-    assert not _rowbits_listing(32, 28672, 8192)  # 14.7 MB
-    assert not _rowbits_listing(65, 4096, 4096)  # more rows than the kernel is meant for
-    assert not _rowbits_listing(17, 256, 300_000)  # the OR of the bitmaps past its shared memory
+    calls = []
+    real = _gpu_int8.outlier_gather
+    monkeypatch.setattr(_gpu_int8, "outlier_gather", lambda *args: calls.append(1) or real(*args))
+    rng = np.random.default_rng(5)
+    M, N, K = 32, 512, 1024
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    gcb, gscb = cp.asarray(cb.reshape(-1)), cp.asarray(scb)
+    inputs = [_planted(rng, M, K, "float16", cols).reshape(-1) for cols in (3, 9)]
+    ga = cp.asarray(inputs[0])
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        I8.int8_linear_bits(ga, "float16", M, K, gcb, gscb, N, None, None, 6.0)  # compile outside the capture
+        stream.begin_capture()
+        got = I8.int8_linear_bits(ga, "float16", M, K, gcb, gscb, N, None, None, 6.0)
+        graph = stream.end_capture()
+        assert calls == [1, 1]
+        for a in inputs:
+            ga[...] = cp.asarray(a)
+            graph.launch(stream)
+            stream.synchronize()
+            want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0)
+            np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+def test_gather_listing_where_its_bitmap_reads_stay_small():
+    """int8_outlier_gather's CTAs each read all rows' bitmaps: the forked listing serves
+    where those reads stay small, the byte flags (int8_outlier_weights) elsewhere."""
+    from cupyquant._gpu_int8 import _gather_listing
+
+    assert _gather_listing(17, 4096, 4096)
+    assert _gather_listing(256, 4096, 4096)  # 4 CTAs of 1024 threads: 512 KB of bitmaps
+    assert not _gather_listing(257, 4096, 4096)  # more rows than it serves
+    assert _gather_listing(32, 28672, 8192)  # 112 CTAs x 32 KB = 3.5 MiB
+    assert not _gather_listing(64, 28672, 8192)  # 7 MiB
+    assert not _gather_listing(17, 256, 300_000)  # the OR of the bitmaps past its shared memory
+
+
+def test_gather_dequant_columns_keep_a_cta_an_sm(monkeypatch):
+    """The dequantization after int8_outlier_gather takes 2 columns a thread only where that
+    still gives every SM a CTA (132 SMs)."""
+    from cupyquant import _gpu_int8
+
+    monkeypatch.setattr(_gpu_int8, "_limits", lambda: (132, 232448))
+    assert _gpu_int8._gather_columns(64, 4096) == 1  # 8 x 8 CTAs at 2
+    assert _gpu_int8._gather_columns(256, 4096) == 2  # 8 x 32
+    assert _gpu_int8._gather_columns(64, 28672) == 2  # 56 x 8

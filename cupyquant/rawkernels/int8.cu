@@ -9,8 +9,8 @@
 //   SCB      float32[N]               row absmax of the weight
 //   flags    u8[K]                    1 where column k of A holds an outlier (|a| >= threshold)
 //   rowbits  u32[rows * stride]       each row's own outlier bitmap, the stride ceil(K / 32)
-//                                     rounded up to 4 (medium-M path, MT = 16: every word
-//                                     written, no zeroing)
+//                                     rounded up to 4 (medium-M path at MT = 16 and the
+//                                     cuBLAS path at few rows: every word written, no zeroing)
 //   idx      i32[K], count i32[1]     the flagged columns in ascending order, and how many
 //   out      OutFmt::storage[M * N]   or int32[M * N] for the raw product
 //
@@ -29,7 +29,10 @@
 //   int8_compact_flags   one CTA: flags -> ascending idx, count (no host round trip)
 //   int8_vectorwise_dequant, int8_mm_dequant   elementwise (thread = column x row slab)
 //   int8_mm_dequant_outliers  int8_mm_dequant plus the outlier columns' 16-bit products
-//                        (thread = 1, 2 or 4 columns x row slab)
+//                        (thread = 1, 2 or 4 columns x row slab), taking their int8
+//                        products back out of the int32 ones first where asked
+//   int8_outlier_gather  lists the outlier columns from the row bitmaps (every CTA) and
+//                        gathers their operands; runs beside cuBLAS (cuBLAS path, few rows)
 //   int8_outlier_weights  lists the outlier columns (every CTA), zeroes them in CA, gathers
 //                        their activations; thread = weight row: their 16-bit weights, once
 //                        a call (cuBLAS path)
@@ -485,15 +488,27 @@ struct alignas(sizeof(T) * CPT) Pack {
   T v[CPT];
 };
 
-// int8_mm_dequant_outliers<OutFmt, BiasFmt, HAS_BIAS, CPT>: int8_mm_dequant plus the outlier
-// columns' 16-bit products (the cuBLAS path with outliers)
+// The byte of 16 int8 codes `v` at index e (e < 16), sign-extended. Selects, not an indexed
+// array: e is not always known at compile time, and an array would go to local memory.
+__device__ __forceinline__ int code_of(const uint4& v, int e) {
+  const int q = e >> 2;
+  const u32 w = q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
+  return (int)(i8)(w >> (8 * (e & 3)));
+}
+
+// int8_mm_dequant_outliers<OutFmt, BiasFmt, HAS_BIAS, CPT, SUBTRACT>: int8_mm_dequant plus
+// the outlier columns' 16-bit products (the cuBLAS path with outlier columns)
 //   acc, SCA, SCB, bias, out, rows, N   as int8_mm_dequant
 //   A, CB, idx, count, K   activations (OutFmt::storage[rows * K]), the int8 weight (N x K)
-//              and the outlier columns (int8_outlier_weights, which also zeroed them in
-//              the codes the product was computed from)
+//              and the outlier columns (int8_outlier_weights, or int8_outlier_gather)
 //   Wout, Aout the first kOutlierCache columns' 16-bit weights and activations
 //              (int8_outlier_weights' layouts); columns past them (rare) are read from CB
 //              and A (same values, same order)
+//   SUBTRACT   false: acc was computed with the outlier columns zeroed in CA
+//              (int8_outlier_weights). true: acc still holds their int8 products, which are
+//              taken back out exactly (int32) before the dequantization, from the cached
+//              columns' codes CAout (i8 [j * Mp + m]) and weight codes Wq (i8 [((j / 16) * N
+//              + n) * 16 + j % 16], int8_outlier_gather), and past the cache from CA and CB
 // thread = CPT consecutive columns n0 .. n0 + CPT - 1 over kDequantRows rows a slab; CTA =
 // 256 * CPT columns. CPT > 1 needs N % CPT == 0, acc aligned to 4 * CPT bytes and out to
 // OutFmt::kBytes * CPT (the launcher checks): a row's products are one vector load and its
@@ -505,19 +520,23 @@ struct alignas(sizeof(T) * CPT) Pack {
 // loaded with the products. H100, 4096 x 4096, M = 4096: 39.7 us at CPT = 4, 40.9 at 2,
 // 58.0 at 1, against 66.7 for one column a thread widening its own activations and 36.1
 // for int8_mm_dequant (benchmarks/NOTES_int8.md, round 7).
-template <class OutFmt, class BiasFmt, bool HAS_BIAS, int CPT>
-__global__ void __launch_bounds__(256, CPT == 4 ? 2 : (CPT == 2 ? 3 : 4))
+// SUBTRACT keeps the products live through the column loop: fewer CTAs an SM for its registers.
+template <class OutFmt, class BiasFmt, bool HAS_BIAS, int CPT, bool SUBTRACT>
+__global__ void __launch_bounds__(256, CPT == 4 ? (SUBTRACT ? 1 : 2) : (CPT == 2 ? (SUBTRACT ? 2 : 3) : 4))
 int8_mm_dequant_outliers(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
                          const typename BiasFmt::storage* __restrict__ bias,
                          const typename OutFmt::storage* __restrict__ A, const i8* __restrict__ CB,
                          const int* __restrict__ idx, const int* __restrict__ count, int K,
                          const typename OutFmt::storage* __restrict__ Wout,
-                         const typename OutFmt::storage* __restrict__ Aout, typename OutFmt::storage* __restrict__ out,
-                         i64 rows, int N) {
+                         const typename OutFmt::storage* __restrict__ Aout, const i8* __restrict__ CA,
+                         const i8* __restrict__ Wq, const i8* __restrict__ CAout,
+                         typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
   using St = typename OutFmt::storage;
   constexpr int kB = 16 / OutFmt::kBytes;  // cached columns a 16-byte Wout load holds
   static_assert(kDequantRows == 8, "a column's slab activations are two float4");
+  static_assert(kOutlierCache % 16 == 0 && 16 % kB == 0, "Wq and Wout groups tile the cache");
   __shared__ float4 a_s[kOutlierCache][2];  // [j][half]: rows 4 * half .. 4 * half + 3 of cached column j
+  __shared__ int4 ca_s[SUBTRACT ? kOutlierCache : 1][2];  // their codes, the same way
   const int n0 = (blockIdx.x * 256 + threadIdx.x) * CPT;
   const bool live = n0 < N;  // all CPT columns (N % CPT == 0); dead threads still fill a_s
   float scb[CPT];
@@ -546,31 +565,44 @@ int8_mm_dequant_outliers(const int* __restrict__ acc, const float* __restrict__ 
         wv[c] = live && j0 < cached ? *reinterpret_cast<const uint4*>(Wout + ((i64)(j0 / kB) * N + n0 + c) * kB)
                                     : make_uint4(0u, 0u, 0u, 0u);
     };
+    uint4 qv[SUBTRACT ? CPT : 1];
+    auto fetch_codes = [&](int j0) {  // SUBTRACT: weight codes of cached columns j0 .. j0 + 15
+#pragma unroll
+      for (int c = 0; c < (SUBTRACT ? CPT : 0); ++c)
+        qv[c] = live && j0 < cached ? *reinterpret_cast<const uint4*>(Wq + ((i64)(j0 / 16) * N + n0 + c) * 16)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+    };
     fetch_weights(0);
+    fetch_codes(0);
     if (r0 != (i64)blockIdx.y * kDequantRows) __syncthreads();  // the last slab's a_s reads are done
     for (int e = threadIdx.x; e < cached * kDequantRows; e += 256) {
       const int j = e / kDequantRows, i = e % kDequantRows;  // Aout rows past `rows` are zeros
       reinterpret_cast<float*>(a_s[j])[i] = OutFmt::to_float(Aout[j * Mp + r0 + i]);
+      if constexpr (SUBTRACT) reinterpret_cast<int*>(ca_s[j])[i] = CAout[j * Mp + r0 + i];
     }
     __syncthreads();
 
     float o[kDequantRows][CPT];
+    auto dequantize = [&]() {
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) {
-      const float sca = i < nr ? SCA[r0 + i] : 0.0f;
+      for (int i = 0; i < kDequantRows; ++i) {
+        const float sca = i < nr ? SCA[r0 + i] : 0.0f;
 #pragma unroll
-      for (int c = 0; c < CPT; ++c)
-        o[i][c] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(a[i].v[c], sca, scb[c], bias,
-                                                                                       live ? n0 + c : 0)));
-    }
+        for (int c = 0; c < CPT; ++c)
+          o[i][c] = OutFmt::to_float(OutFmt::from_float(
+              dequant_value<BiasFmt, HAS_BIAS>(a[i].v[c], sca, scb[c], bias, live ? n0 + c : 0)));
+      }
+    };
+    if constexpr (!SUBTRACT) dequantize();  // the products' registers free early
+    float s[kDequantRows][CPT];
+#pragma unroll
+    for (int i = 0; i < kDequantRows; ++i)
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) s[i][c] = 0.0f;
     if (outliers > 0) {  // uniform across the CTA
-      float s[kDequantRows][CPT];
-#pragma unroll
-      for (int i = 0; i < kDequantRows; ++i)
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) s[i][c] = 0.0f;
       for (int j0 = 0; j0 < cached; j0 += kB) {
         if (j0 > 0) fetch_weights(j0);  // more than one batch of columns (rare)
+        if (j0 > 0 && j0 % 16 == 0) fetch_codes(j0);
 #pragma unroll
         for (int q = 0; q < kB; ++q)
           if (j0 + q < cached) {
@@ -582,18 +614,35 @@ int8_mm_dequant_outliers(const int* __restrict__ acc, const float* __restrict__ 
 #pragma unroll
               for (int i = 0; i < kDequantRows; ++i) s[i][c] = __fadd_rn(s[i][c], __fmul_rn(x[i], w));
             }
+            if constexpr (SUBTRACT) {
+              const int4 clo = ca_s[j0 + q][0], chi = ca_s[j0 + q][1];
+              const int ca[kDequantRows] = {clo.x, clo.y, clo.z, clo.w, chi.x, chi.y, chi.z, chi.w};
+#pragma unroll
+              for (int c = 0; c < CPT; ++c) {
+                const int wb = code_of(qv[c], (j0 + q) % 16);
+#pragma unroll
+                for (int i = 0; i < kDequantRows; ++i) a[i].v[c] -= ca[i] * wb;
+              }
+            }
           }
       }
-      for (int j = cached; j < outliers; ++j) {  // past the cache (rare): from CB and A
+      for (int j = cached; j < outliers; ++j) {  // past the cache (rare): from CB, A (and CA)
         const int col = idx[j];
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
-          const float w = live ? outlier_weight<OutFmt>(CB[(i64)(n0 + c) * K + col], scb[c]) : 0.0f;
+          const int wb = live ? (int)CB[(i64)(n0 + c) * K + col] : 0;
+          const float w = outlier_weight<OutFmt>((i8)wb, scb[c]);
 #pragma unroll
           for (int i = 0; i < kDequantRows; ++i)
-            if (i < nr) s[i][c] = __fadd_rn(s[i][c], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + col]), w));
+            if (i < nr) {
+              s[i][c] = __fadd_rn(s[i][c], __fmul_rn(OutFmt::to_float(A[(r0 + i) * K + col]), w));
+              if constexpr (SUBTRACT) a[i].v[c] -= (int)CA[(r0 + i) * K + col] * wb;
+            }
         }
       }
+    }
+    if constexpr (SUBTRACT) dequantize();
+    if (outliers > 0) {
 #pragma unroll
       for (int i = 0; i < kDequantRows; ++i)
 #pragma unroll
@@ -873,7 +922,7 @@ __device__ __forceinline__ void load_weight_batch(const i8* __restrict__ CB, int
 __host__ __device__ constexpr int gemv_words(int K) { return (K + 31) / 32; }
 
 // int8_linear_gemv<Fmt, BiasFmt, HAS_BIAS, SPARSE, MT>
-//   A          Fmt::storage[M * K], M <= MT <= 8 activation rows
+//   A          Fmt::storage[M * K], M <= MT <= 8 activation rows, 16-byte aligned
 //   CB         i8[N * K], K % 16 == 0, 16-byte aligned (rows are read as uint4)
 //   SCB        float32[N]; bias BiasFmt::storage[N] (HAS_BIAS)
 //   threshold  SPARSE: outlier columns are those holding |a| >= threshold
@@ -881,13 +930,17 @@ __host__ __device__ constexpr int gemv_words(int K) { return (K + 31) / 32; }
 // dynamic smem: CA_s i8[MT * K] | bitmap u32[ceil(K/32)] | summary u32[ceil(K/1024)]
 // block 256 (8 warps); grid = min(ceil(N / 8), a few CTAs per SM), rows n grid-strided.
 //
-// Prologue (whole CTA): thread t walks columns t, t + 256, ...: the row absmax of each of
-// the M rows (outliers left out) and, SPARSE, one ballot per warp turns its 32 columns'
-// outlier flags into one bitmap word. A summary word has bit w set when bitmap word w is
-// not zero. Then A is quantized into CA_s (outlier columns 0) while warp 0 lists the
-// outlier columns in ascending order and stores their activations. Every CTA repeats
-// this: A is M * K elements (tiny next to the weight) and it saves a launch and a round
-// trip through memory.
+// Prologue (whole CTA): thread t walks the 8-column chunks 8t, 8t + 2048, ... (one 16-byte
+// load a row and chunk, A 16-byte aligned): the row absmax of each of the M rows (outliers
+// left out) and, SPARSE, the chunk's outlier bits, four lanes' of which make a bitmap word.
+// A summary word has bit w set when bitmap word w is not zero. SPARSE: a block scan of the
+// bitmap words' popcounts ranks the outlier columns in ascending order, and every thread
+// lists its own (the first kGemvOutliers) with their activations: no serial listing for
+// the other warps to wait on at the barrier (H200, 4096 x 4096: threshold 6 at M = 2 took
+// 12.0 us under the profiler with warp 0 listing alone, against 9.7 at threshold 0, most
+// of the difference barrier stalls). Then A is quantized into CA_s (outlier columns 0).
+// Every CTA repeats this: A is M * K elements (tiny next to the weight) and it saves a
+// launch and a round trip through memory.
 //
 // Main loop (warp = one weight row n): lane reads 16-byte chunks lane, lane + 32, ... of
 // row n, the matching 16 codes of each activation row from shared memory, and accumulates
@@ -918,7 +971,7 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
   __shared__ float row_absmax[MT], row_scale[MT];
   __shared__ int ocols[SPARSE ? kGemvOutliers : 1];     // the first outlier columns, ascending
   __shared__ float oa[MT][SPARSE ? kGemvOutliers : 1];  // A[m, ocols[j]]
-  __shared__ int ocount;                                // all outlier columns
+  __shared__ int scan[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row_stride = gridDim.x * kWarps;
@@ -930,24 +983,35 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
   float amax[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) amax[m] = 0.0f;
-  for (int k0 = 0; k0 < K; k0 += kThreads) {  // uniform trip count: ballots see full warps
-    const int k = k0 + tid;
-    bool flag = false;
+  for (int k0 = 0; k0 < K; k0 += 8 * kThreads) {  // uniform trip count: the shuffles see whole warps
+    const int k = k0 + 8 * tid;
+    u32 bits = 0;  // bit i: column k + i holds an outlier in some row
+    if (k < K) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < M && k < K) {
-        float x = fabsf(Fmt::to_float(A[(i64)m * K + k]));
-        if constexpr (SPARSE) {
-          const bool big = x >= threshold;
-          flag |= big;
-          x = big ? 0.0f : x;
+      for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+          float v[8];
+          load_row8<Fmt, true>(A + (i64)m * K, k, K, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            float x = fabsf(v[i]);
+            if constexpr (SPARSE) {
+              if (x >= threshold) {
+                bits |= 1u << i;
+                x = 0.0f;
+              }
+            }
+            amax[m] = fmaxf(amax[m], x);  // fmaxf drops NaN
+          }
         }
-        amax[m] = fmaxf(amax[m], x);
       }
     }
     if constexpr (SPARSE) {
-      const u32 word = __ballot_sync(kFull, flag);
-      if (lane == 0 && k0 + warp * 32 < K) bitmap[(k0 + warp * 32) >> 5] = word;
+      // Lanes 4q .. 4q + 3 hold the 32 columns of one bitmap word, the lowest in lane 4q.
+      u32 word = bits << (8 * (lane & 3));
+      word |= __shfl_xor_sync(kFull, word, 1);
+      word |= __shfl_xor_sync(kFull, word, 2);
+      if ((lane & 3) == 0 && k < K) bitmap[k >> 5] = word;
     }
   }
 #pragma unroll
@@ -963,70 +1027,49 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
     row_absmax[tid] = rmax;
     row_scale[tid] = int8_scale(rmax);
   }
-  int any = 0;
+  int outliers = 0;  // SPARSE: all outlier columns
   if constexpr (SPARSE) {
     for (int w0 = 0; w0 < words; w0 += kThreads) {
       const int wi = w0 + tid;
-      const bool nz = wi < words && bitmap[wi] != 0;
-      any |= nz;
-      const u32 s = __ballot_sync(kFull, nz);
+      const u32 s = __ballot_sync(kFull, wi < words && bitmap[wi] != 0);
       if (lane == 0 && w0 + warp * 32 < words) summary[(w0 + warp * 32) >> 5] = s;
     }
-  }
-  any = __syncthreads_or(any);  // also publishes row_scale and summary
-
-  // ---- SPARSE: warp 0 lists the outlier columns (ascending; the first kGemvOutliers of
-  // them) and counts them all while the other warps start quantizing, then loads their
-  // activations, stored to oa after its share of the quantization
-  float av[MT];
-  if constexpr (SPARSE) {
-    if (any && warp == 0) {
-      int base = 0;
-      for (int sw = 0; sw < summaries; ++sw) {
-        const u32 sbits = summary[sw];  // warp-uniform
-        if (sbits == 0) continue;
-        const int wi = sw * 32 + lane;
-        u32 word = (sbits >> lane) & 1u ? bitmap[wi] : 0u;
-        const int c = __popc(word);
-        int incl = c;
+    // ---- rank the outlier columns (a block scan over each thread's contiguous bitmap
+    // words, so ranks follow column order) and list the first kGemvOutliers with their
+    // activations, all threads at once (the scan's barrier also publishes row_scale)
+    const int per = (words + kThreads - 1) / kThreads;
+    const int w0 = min(tid * per, words), w1 = min(w0 + per, words);
+    int mine = 0;
+    for (int w = w0; w < w1; ++w) mine += __popc(bitmap[w]);
+    int r = block_exclusive_scan<kThreads>(mine, scan, outliers);
+    for (int w = w0; w < w1 && r < kGemvOutliers; ++w)
+      for (u32 bits = bitmap[w]; bits && r < kGemvOutliers; bits &= bits - 1, ++r) {
+        const int c = w * 32 + __ffs((int)bits) - 1;
+        ocols[r] = c;
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(kFull, incl, o);
-          if (lane >= o) incl += y;
-        }
-        for (int pos = base + incl - c; word; word &= word - 1, ++pos)
-          if (pos < kGemvOutliers) ocols[pos] = wi * 32 + __ffs((int)word) - 1;
-        base += __shfl_sync(kFull, incl, 31);
+        for (int m = 0; m < MT; ++m) oa[m][r] = m < M ? Fmt::to_float(A[(i64)m * K + c]) : 0.0f;
       }
-      if (lane == 0) ocount = base;
-      __syncwarp();
-      if (lane < base && lane < kGemvOutliers) {
-        const int c = ocols[lane];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) av[m] = m < M ? Fmt::to_float(A[(i64)m * K + c]) : 0.0f;
-      }
-    }
+  } else {
+    __syncthreads();  // publishes row_scale
   }
 
-  // ---- quantize A into shared memory
-  for (int k = tid; k < K; k += kThreads) {
-    const bool zero = SPARSE && ((bitmap[k >> 5] >> (k & 31)) & 1u);
+  // ---- quantize A into shared memory (the rows re-read from L1), 8 codes a store
+  for (int k = 8 * tid; k < K; k += 8 * kThreads) {
+    const u32 zero = SPARSE ? (bitmap[k >> 5] >> (k & 31)) & 0xffu : 0u;  // outlier columns: code 0
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      int q = 0;
-      if (m < M && !zero) q = quantize_int8(Fmt::to_float(A[(i64)m * K + k]), row_scale[m]);
-      ca[m * K + k] = (i8)q;
-    }
-  }
-  if constexpr (SPARSE) {
-    if (any && warp == 0 && lane < ocount && lane < kGemvOutliers) {
+      int q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (m < M) {
+        float v[8];
+        load_row8<Fmt, true>(A + (i64)m * K, k, K, v);
 #pragma unroll
-      for (int m = 0; m < MT; ++m) oa[m][lane] = av[m];
+        for (int i = 0; i < 8; ++i) q[i] = (zero >> i) & 1u ? 0 : quantize_int8(v[i], row_scale[m]);
+      }
+      *reinterpret_cast<uint2*>(ca + m * K + k) = make_uint2(pack4(q[0], q[1], q[2], q[3]), pack4(q[4], q[5], q[6], q[7]));
     }
   }
-  __syncthreads();
+  __syncthreads();  // codes, ocols and oa complete
 
-  const int outliers = SPARSE && any ? ocount : 0;
   const bool listed = outliers <= kGemvOutliers;                          // else the per-word walk
   const bool mine = SPARSE && outliers > 0 && listed && lane < outliers;  // lane holds column `oc`
   const int oc = mine ? ocols[lane] : 0;
@@ -1535,61 +1578,26 @@ int8_linear_mmv(const i8* __restrict__ CA, const float* __restrict__ SCA, const 
 }
 
 // ---------------------------------------------------------------------------------------
-// The cuBLAS path with outlier columns at few rows
+// The cuBLAS path with outlier columns at few rows: the columns listed beside the product
 // ---------------------------------------------------------------------------------------
 
-// int8_mm_dequant_rowbits<OutFmt, BiasFmt, HAS_BIAS>
-//   acc        int32[rows * N] = CA @ CB^T with the outlier columns' codes still in CA
-//   SCA, SCB, bias, out, rows, N   as int8_mm_dequant
-//   A, CA      activations OutFmt::storage[rows * K] and their codes i8[rows * K]
-//   CB         i8[N * K]
-//   rowbits    u32[rows * rowbits_stride(K)], each row's outlier bitmap (int8_row_quant_wide,
-//              kRowBits: no zeroing, so no memset node and no int8_outlier_weights launch)
-// dynamic smem: u32[rowbits_stride(K)], the outlier columns of all rows
-// grid (ceil(N / 256), row slabs); thread = one column n over kDequantRows rows a slab.
-// Every CTA ORs all rows' bitmaps (16-byte loads spread over the CTA, shared atomics only
-// for non-zero words) and ranks the columns with a block scan, keeping the first
-// kOutlierCache in ascending order. A slab stages those columns' activations (widened) and
-// codes in shared memory; each thread gathers its weight row's bytes of them. Then
-// tot = acc - sum_j CA[m, c_j] * CB[n, c_j] (exact int32: the reference's product with the
-// outlier columns zeroed), and int8_mm_dequant_outliers' arithmetic in the same order, so
-// results are bit-equal. Columns past the cache (rare): each thread walks the bitmap.
-// Meant for few rows: every CTA reads all rows' bitmaps and every slab gathers its weight
-// bytes again (int8_outlier_weights does both once a call for the many-row case).
-template <class OutFmt, class BiasFmt, bool HAS_BIAS>
-__global__ void __launch_bounds__(256)
-int8_mm_dequant_rowbits(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
-                        const typename BiasFmt::storage* __restrict__ bias,
-                        const typename OutFmt::storage* __restrict__ A, const i8* __restrict__ CA,
-                        const i8* __restrict__ CB, const u32* __restrict__ rowbits, int K,
-                        typename OutFmt::storage* __restrict__ out, i64 rows, int N) {
-  constexpr int kBatch = 8;  // bitmap loads a thread has in flight, and weight bytes gathered a round
-  extern __shared__ __align__(16) u32 any_bits[];
-  __shared__ int cols[kOutlierCache];
-  __shared__ float a_s[kOutlierCache][kDequantRows];
-  __shared__ int ca_s[kOutlierCache][kDequantRows];
-  __shared__ int scan[8];
-  const int stride = rowbits_stride(K), groups = stride >> 2;
-  const int n = blockIdx.x * 256 + threadIdx.x;
-  const bool live = n < N;
-  const i8* wrow = CB + (i64)(live ? n : 0) * K;
-  const float scb = live ? SCB[n] : 0.0f;
-
-  // The first slab's products first: their round trip covers the listing below.
-  int a[kDequantRows];
-#pragma unroll
-  for (int i = 0; i < kDequantRows; ++i) {
-    const i64 m = (i64)blockIdx.y * kDequantRows + i;
-    a[i] = live && m < rows ? acc[m * N + n] : 0;
-  }
-
-  // ---- the outlier columns of all rows, ranked in ascending order
-  for (int w = threadIdx.x; w < stride; w += 256) any_bits[w] = 0u;
+// The outlier columns of all `rows` row bitmaps (u32[rows * stride], 16-byte aligned rows):
+// their OR in any_bits (shared u32[stride]) and the first kOutlierCache of them in ascending
+// order in cols (shared); `idx` (global, or nullptr) gets every one of them in that order.
+// Returns how many there are. Every thread of the kThreads-thread CTA calls it (it holds
+// __syncthreads); cols and idx are complete for the caller after its next __syncthreads.
+// The OR: 16-byte loads spread over the CTA, kBatch in flight a thread; a thread ORs its
+// loads in registers while their 128-column group stays the same (always, where the groups
+// divide 256) and publishes a group's words with shared atomics, one a non-zero word: not
+// one a row (the same few words from every row would serialize). The rank: a block scan.
+template <int kThreads>
+__device__ __forceinline__ int list_row_bitmaps(const u32* __restrict__ rowbits, i64 rows, int stride,
+                                                u32* any_bits, int* cols, int* scan, int* __restrict__ idx) {
+  constexpr int kBatch = 8;
+  const int groups = stride >> 2;
+  for (int w = threadIdx.x; w < stride; w += kThreads) any_bits[w] = 0u;
   __syncthreads();
   const i64 units = rows * groups;  // (row, 128-column group) pairs
-  // A thread ORs its units in registers while their group stays the same (always, where
-  // groups divides 256) and publishes a group's words with shared atomics: one atomic a
-  // non-zero word a thread, not one a row (the same few words from every row serialize).
   uint4 run = make_uint4(0u, 0u, 0u, 0u);
   int run_g = (int)(threadIdx.x % groups);
   auto publish = [&]() {
@@ -1599,16 +1607,16 @@ int8_mm_dequant_rowbits(const int* __restrict__ acc, const float* __restrict__ S
     if (run.w) atomicOr(&any_bits[4 * run_g + 3], run.w);
     run = make_uint4(0u, 0u, 0u, 0u);
   };
-  for (i64 e0 = threadIdx.x; e0 < units; e0 += 256 * kBatch) {
+  for (i64 e0 = threadIdx.x; e0 < units; e0 += kThreads * kBatch) {
     uint4 v[kBatch];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const i64 e = e0 + b * 256;
+      const i64 e = e0 + b * kThreads;
       v[b] = e < units ? reinterpret_cast<const uint4*>(rowbits)[e] : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int g = (int)((e0 + b * 256) % groups);
+      const int g = (int)((e0 + b * kThreads) % groups);
       if (g != run_g) {
         publish();
         run_g = g;
@@ -1618,87 +1626,98 @@ int8_mm_dequant_rowbits(const int* __restrict__ acc, const float* __restrict__ S
   }
   publish();
   __syncthreads();
-  const int per = (stride + 255) >> 8;  // thread t: words [t * per, (t + 1) * per)
+  const int per = (stride + kThreads - 1) / kThreads;  // thread t: words [t * per, (t + 1) * per)
   const int w0 = min((int)threadIdx.x * per, stride), w1 = min(w0 + per, stride);
   int mine = 0;
   for (int w = w0; w < w1; ++w) mine += __popc(any_bits[w]);
   int outliers;
-  int r = block_exclusive_scan<256>(mine, scan, outliers);
-  for (int w = w0; w < w1 && r < kOutlierCache; ++w)
-    for (u32 bits = any_bits[w]; bits && r < kOutlierCache; bits &= bits - 1, ++r) cols[r] = w * 32 + __ffs((int)bits) - 1;
+  int r = block_exclusive_scan<kThreads>(mine, scan, outliers);
+  const int last = idx != nullptr ? outliers : kOutlierCache;  // ranks to write
+  for (int w = w0; w < w1 && r < last; ++w)
+    for (u32 bits = any_bits[w]; bits && r < last; bits &= bits - 1, ++r) {
+      const int col = w * 32 + __ffs((int)bits) - 1;
+      if (r < kOutlierCache) cols[r] = col;
+      if (idx != nullptr) idx[r] = col;
+    }
+  return outliers;
+}
+
+// int8_outlier_gather<Fmt>: the outlier columns of the row bitmaps and their operands, for
+// int8_mm_dequant_outliers<..., SUBTRACT = true>. It reads only what the row quantization
+// wrote, so it runs on a forked branch of the stream while cuBLAS multiplies the codes
+// (with the outlier columns still in them): off the critical path.
+//   rowbits    u32[M * rowbits_stride(K)]: int8_row_quant_wide's kRowBits
+//   CB, SCB    i8[N * K], float32[N]
+//   A, CA      Fmt::storage[M * K] and i8[M * K]
+//   idx, count written by CTA 0: the columns in ascending order (i32[K]), how many (i32[1])
+//   Wout, Aout int8_outlier_weights' layouts (16-bit weights and activations of the first
+//              kOutlierCache columns)
+//   Wq         i8[kOutlierCache * N]: [((j / 16) * N + n) * 16 + j % 16] = CB[n, c_j], a
+//              16-byte load a weight row and 16 columns
+//   CAout      i8[kOutlierCache * Mp]: [j * Mp + m] = CA[m, c_j], 0 for m in [M, Mp)
+// dynamic smem: u32[rowbits_stride(K)]. block kThreads, grid ceil(N / kThreads): every CTA
+// lists the columns itself (reading all bitmap rows: the launcher bounds those reads), the
+// (cached column, row) pairs are spread over the grid, and thread = weight row n gathers
+// its row's bytes.
+template <class Fmt, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+int8_outlier_gather(const u32* __restrict__ rowbits, int K, const i8* __restrict__ CB, const float* __restrict__ SCB,
+                    const typename Fmt::storage* __restrict__ A, const i8* __restrict__ CA, int M, int N,
+                    int* __restrict__ idx, int* __restrict__ count, typename Fmt::storage* __restrict__ Wout,
+                    i8* __restrict__ Wq, typename Fmt::storage* __restrict__ Aout, i8* __restrict__ CAout) {
+  using St = typename Fmt::storage;
+  constexpr int kB = 16 / Fmt::kBytes;  // columns a 16-byte Wout store holds
+  extern __shared__ __align__(16) u32 any_bits[];
+  __shared__ int cols[kOutlierCache];
+  __shared__ int scan[kThreads / 32];
+  const int outliers = list_row_bitmaps<kThreads>(rowbits, M, rowbits_stride(K), any_bits, cols, scan,
+                                                  blockIdx.x == 0 ? idx : nullptr);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *count = outliers;
+  __syncthreads();  // cols listed
+
   const int cached = outliers < kOutlierCache ? outliers : kOutlierCache;
-
-  const i64 slab_step = (i64)gridDim.y * kDequantRows;
-  for (i64 r0 = (i64)blockIdx.y * kDequantRows; r0 < rows; r0 += slab_step) {
-    __syncthreads();  // cols listed; the last slab's a_s / ca_s reads done
-    const int nr = (int)(r0 + kDequantRows < rows ? kDequantRows : rows - r0);
-    for (int e = threadIdx.x; e < cached * kDequantRows; e += 256) {
-      const int j = e / kDequantRows, i = e % kDequantRows;
-      const bool in = i < nr;
-      const i64 at = (r0 + i) * K + cols[j];
-      a_s[j][i] = in ? OutFmt::to_float(A[at]) : 0.0f;
-      ca_s[j][i] = in ? (int)CA[at] : 0;
+  const int Mp = (M + kDequantRows - 1) / kDequantRows * kDequantRows;
+  for (i64 e = (i64)blockIdx.x * kThreads + threadIdx.x; e < (i64)cached * Mp; e += (i64)gridDim.x * kThreads) {
+    const int j = (int)(e / Mp), m = (int)(e - (i64)j * Mp);
+    St v = 0;  // +0.0 in every format
+    i8 q = 0;
+    if (m < M) {
+      const i64 at = (i64)m * K + cols[j];
+      v = A[at];
+      q = CA[at];
     }
-    int wq[kBatch];  // this row's weight bytes of cached columns j0 .. j0 + kBatch - 1
-    auto gather = [&](int j0) {
+    Aout[e] = v;
+    CAout[e] = q;
+  }
+  const int n = blockIdx.x * kThreads + threadIdx.x;
+  if (n >= N) return;
+  const float scb = SCB[n];
+  const i8* wrow = CB + (i64)n * K;
+  for (int j0 = 0; j0 < cached; j0 += 16) {
+    i8 w[16];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) wq[b] = j0 + b < cached ? (int)wrow[cols[j0 + b]] : 0;
-    };
-    gather(0);
-    __syncthreads();
-
-    int tot[kDequantRows];
+    for (int q = 0; q < 16; ++q) w[q] = j0 + q < cached ? wrow[cols[j0 + q]] : (i8)0;
+    u32 code[4];
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) tot[i] = a[i];
-    float s[kDequantRows];
+    for (int q = 0; q < 4; ++q) code[q] = pack4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
+    *reinterpret_cast<uint4*>(Wq + ((i64)(j0 / 16) * N + n) * 16) = make_uint4(code[0], code[1], code[2], code[3]);
 #pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) s[i] = 0.0f;
-    for (int j0 = 0; j0 < cached; j0 += kBatch) {
-      if (j0 > 0) gather(j0);  // more than one round of columns (rare)
+    for (int g = 0; g < 16; g += kB) {
+      if (j0 + g >= cached) continue;  // (not break: the loop stays unrolled, w in registers)
+      u32 word[4];
+      if constexpr (Fmt::kBytes == 4) {
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b)
-        if (j0 + b < cached) {
-          const float w = outlier_weight<OutFmt>((i8)wq[b], scb);
+        for (int q = 0; q < 4; ++q)
+          word[q] = __float_as_uint(j0 + g + q < cached ? outlier_weight_bits<Fmt>(w[g + q], scb) : 0.0f);
+      } else {
 #pragma unroll
-          for (int i = 0; i < kDequantRows; ++i) {
-            tot[i] -= ca_s[j0 + b][i] * wq[b];
-            s[i] = __fadd_rn(s[i], __fmul_rn(a_s[j0 + b][i], w));
-          }
+        for (int q = 0; q < 4; ++q) {
+          const u32 lo = j0 + g + 2 * q < cached ? outlier_weight_bits<Fmt>(w[g + 2 * q], scb) : 0u;
+          const u32 hi = j0 + g + 2 * q + 1 < cached ? outlier_weight_bits<Fmt>(w[g + 2 * q + 1], scb) : 0u;
+          word[q] = lo | (hi << 16);
         }
-    }
-    if (outliers > kOutlierCache) {  // past the cache (rare): walk the bitmap, ranks >= kOutlierCache
-      int rank = 0;
-      for (int w = 0; w < stride; ++w)
-        for (u32 bits = any_bits[w]; bits; bits &= bits - 1, ++rank) {
-          if (rank < kOutlierCache) continue;
-          const int c = w * 32 + __ffs((int)bits) - 1;
-          const int wb = wrow[c];
-          const float w16 = outlier_weight<OutFmt>((i8)wb, scb);
-#pragma unroll
-          for (int i = 0; i < kDequantRows; ++i)
-            if (i < nr) {
-              const i64 at = (r0 + i) * K + c;
-              tot[i] -= (int)CA[at] * wb;
-              s[i] = __fadd_rn(s[i], __fmul_rn(OutFmt::to_float(A[at]), w16));
-            }
-        }
-    }
-    float o[kDequantRows];
-#pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) {
-      const float sca = i < nr ? SCA[r0 + i] : 0.0f;
-      o[i] = OutFmt::to_float(OutFmt::from_float(dequant_value<BiasFmt, HAS_BIAS>(tot[i], sca, scb, bias, live ? n : 0)));
-      if (outliers > 0) o[i] = __fadd_rn(o[i], s[i]);  // only then: -0 + 0 would be +0
-    }
-    if (live) {
-#pragma unroll
-      for (int i = 0; i < kDequantRows; ++i)
-        if (i < nr) out[(r0 + i) * N + n] = OutFmt::from_float(o[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < kDequantRows; ++i) {  // the next slab's products
-      const i64 m = r0 + slab_step + i;
-      a[i] = live && m < rows ? acc[m * N + n] : 0;
+      }
+      *reinterpret_cast<uint4*>(Wout + ((i64)((j0 + g) / kB) * N + n) * kB) = make_uint4(word[0], word[1], word[2], word[3]);
     }
   }
 }
