@@ -8,6 +8,7 @@ C-contiguous CuPy array; float arrays hold their format's storage (bfloat16 as u
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ROWS_PER_SLAB = 32  # kRowsPerSlab in int8.cu
 _DEQUANT_ROWS = 8  # kDequantRows in int8.cu: rows a thread of int8_mm_dequant walks a slab (and
 # the padding of outlier_weights' aout rows)
-_OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights precomputes
+_OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_weights / _gather precompute
 # int8_row_quant_wide's FLAGS (int8.cu): none, u8[K] flags (zeroed first), or each row's own
 # outlier bitmap u32[M * _rowbits_stride(K)] (every word written, so nothing to zero)
 _NO_FLAGS, _BYTE_FLAGS, _ROW_BITS = 0, 1, 2
@@ -83,8 +84,9 @@ _GEMV_TILES = (1, 2, 4, 8)
 # CTAs an SM the gemv's grid is capped at (weight rows grid-strided over its warps), by MT.
 # Every CTA quantizes A itself; from MT = 4 that prologue issues as many instructions as
 # the weight stream, so fewer CTAs with more rows a warp amortize it. H100, 4096 x 4096 at
-# M = 4: 11.9 / 13.9 us (threshold 0 / 6) at 2 CTAs an SM against 12.0 / 15.5 at 4 (the
-# register limit); at M = 1, 8.6 / 9.7 at 4 against 8.9 / 10.4 at 2.
+# M = 4: 11.9 / 13.9 us (threshold 0 / 6) capped at 2 CTAs an SM against 12.0 / 15.5 capped
+# at 8 (4 resident, the register limit); at M = 1, 8.6 / 9.7 capped at 8 against 8.9 / 10.4
+# at 2.
 _GEMV_CTAS_PER_SM = {1: 8, 2: 8, 4: 2, 8: 2}
 # The medium-M path (int8_linear_mmv: row quantization, then the weights streamed once
 # through tensor cores with the activations as the narrow operand) handles M up to this
@@ -109,8 +111,9 @@ CUBLAS_MIN_M = 17
 
 
 def set_gemm_backend(name: str) -> None:
-    """Choose the int8 GEMM for M > GEMV_MAX_M: "mma" (this package's tensor-core kernel,
-    dequantization fused) or "cublas" (cuBLAS int32 GEMM, then a dequantization kernel)."""
+    """Choose the int8 GEMM past the gemv's rows (GEMV_AUTO_MAX_M under "auto", GEMV_MAX_M
+    otherwise): "auto", "mma" (this package's tensor-core kernel, dequantization fused) or
+    "cublas" (cuBLAS int32 GEMM, then a dequantization kernel)."""
     if name not in GEMM_BACKENDS:
         raise ValueError(f"gemm backend must be one of {GEMM_BACKENDS}, got {name!r}")
     _backend["gemm"] = name
@@ -395,7 +398,8 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
     """``out`` (fmt[rows*N]) = dequantized ``acc`` (int32[rows*N]) with row stats ``sca``,
     column stats ``scb`` and optional ``bias`` (bias_fmt[N]). ``sparse`` adds the outlier
     columns' 16-bit products, in int8_mm_dequant_outliers with ``columns_per_thread`` (1, 2 or
-    4, default _DEQUANT_COLUMNS; fewer where N or the alignment does not allow it). It is (A
+    4, default _DEQUANT_COLUMNS; 1 or 2 where it takes the int8 products back out; fewer
+    where N or the alignment does not allow it). It is (A
     bits of fmt, CB int8[N*K], K, then :func:`outlier_weights`' idx, count, w16, aout) for an
     ``acc`` computed with those columns of CA zeroed, or (A, CB, K, CA int8[rows*K], then
     :func:`outlier_gather_arrays`' six, filled) for an ``acc`` that still holds their int8 products."""
@@ -429,10 +433,10 @@ def mm_dequant(acc: Any, sca: Any, scb: Any, rows: int, N: int, fmt: str, out: A
 
 def outlier_gather_arrays(M: int, N: int, K: int, fmt: str) -> tuple[Any, ...]:
     """Fresh outputs of :func:`outlier_gather`: ``(idx int32[K], count int32[1], wout, wq,
-    aout, caout)``, :func:`outlier_weights`' first four and, for the first _OUTLIER_CACHE
-    columns, ``wq`` int8[_OUTLIER_CACHE * N] their weight codes (``[((j // 16) * N + n) * 16
-    + j % 16]``) and ``caout`` int8[_OUTLIER_CACHE * Mp] their activation codes (``[j * Mp +
-    m]``), in mm_dequant's ``sparse`` order."""
+    aout, caout)``. ``idx``, ``count``, ``wout`` and ``aout`` as :func:`outlier_weights`';
+    for the first _OUTLIER_CACHE columns, ``wq`` int8[_OUTLIER_CACHE * N] their weight codes
+    (``[((j // 16) * N + n) * 16 + j % 16]``) and ``caout`` int8[_OUTLIER_CACHE * Mp] their
+    activation codes (``[j * Mp + m]``). In mm_dequant's ``sparse`` order."""
     cp = cupy()
     storage = cp.float32 if fmt == "float32" else cp.uint16
     mp = -(-max(M, 1) // _DEQUANT_ROWS) * _DEQUANT_ROWS
@@ -463,21 +467,33 @@ def outlier_gather(rowbits: Any, cb: Any, scb: Any, a_bits: Any, ca: Any, M: int
     )  # fmt: skip
 
 
-_branches: dict[int, tuple[Any, Any, Any]] = {}  # device id -> (side stream, fork event, join event)
+# Each thread's forked branches: (device id, stream handle) -> (side stream, fork event, join
+# event). Per thread and per stream, so that calls on other streams (or captures of them) and
+# other threads never record the same events or queue on the same side stream.
+_branches = threading.local()
+
+
+def _branch() -> tuple[Any, Any, Any]:
+    """The (side stream, fork event, join event) of the current thread, device and stream."""
+    cp = cupy()
+    cache = getattr(_branches, "by_stream", None)
+    if cache is None:
+        cache = _branches.by_stream = {}
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    if key not in cache:
+        cache[key] = (
+            cp.cuda.Stream(non_blocking=True),
+            cp.cuda.Event(disable_timing=True),
+            cp.cuda.Event(disable_timing=True),
+        )
+    return cache[key]
 
 
 def _fork() -> Any:
     """A side stream of the current device that waits for the current stream's work so far
     (captured as a forked branch while the current stream is captured into a graph)."""
     cp = cupy()
-    device = cp.cuda.Device().id
-    if device not in _branches:
-        _branches[device] = (
-            cp.cuda.Stream(non_blocking=True),
-            cp.cuda.Event(disable_timing=True),
-            cp.cuda.Event(disable_timing=True),
-        )
-    side, forked, _ = _branches[device]
+    side, forked, _ = _branch()
     forked.record(cp.cuda.get_current_stream())
     side.wait_event(forked)
     return side
@@ -486,7 +502,7 @@ def _fork() -> Any:
 def _join(side: Any) -> None:
     """Make the current stream wait for ``side``'s work (:func:`_fork`'s branch joins back)."""
     cp = cupy()
-    joined = _branches[cp.cuda.Device().id][2]
+    joined = _branch()[2]
     joined.record(side)
     cp.cuda.get_current_stream().wait_event(joined)
 
@@ -543,8 +559,10 @@ def _gemv_smem(mt: int, K: int) -> int:
 
 def _mmv_tile(M: int, K: int) -> int | None:
     """The medium-M kernel's MT for M rows, or None when it does not apply (only the
-    "auto" backend takes it, so "mma" and "cublas" still reach their GEMMs at these M)."""
-    if _backend["gemm"] != "auto" or not GEMV_AUTO_MAX_M < M <= MMV_MAX_M or K % 16:
+    "auto" backend takes it, so "mma" and "cublas" still reach their GEMMs at these M). It
+    serves any M up to MMV_MAX_M: :func:`linear` tries the gemv first, and this kernel takes
+    the gemv's rows where the gemv's shared memory does not fit."""
+    if _backend["gemm"] != "auto" or not 0 < M <= MMV_MAX_M or K % 16:
         return None
     return next(t for t in _MMV_TILES if t >= M)
 

@@ -136,13 +136,14 @@ def _gpu():
 # GEMM backend
 # ---------------------------------------------------------------------------------------
 def set_int8_gemm_backend(name: str) -> None:
-    """Choose the int8 GEMM used for more than 8 activation rows on the GPU.
+    """Choose the int8 GEMM used past the small-M kernel's rows on the GPU (4 under "auto",
+    8 otherwise).
 
     ``"auto"`` (default): cuBLAS from 17 rows (where it measured faster; capturable in a
-    CUDA graph, through ctypes, wherever the process's libcublas is found); below that, and
-    up to 64 rows where cuBLAS is not usable, a kernel that reads the int8 weight once (rows
-    quantized by a separate pass, weight rows through the tensor cores); the fused kernel
-    otherwise. ``"mma"``: this
+    CUDA graph, through ctypes, wherever the process's libcublas is found); from 5 rows below
+    that, and up to 64 rows where cuBLAS is not usable, a kernel that reads the int8 weight
+    once (rows quantized by a separate pass, weight rows through the tensor cores); the
+    fused kernel otherwise. ``"mma"``: this
     package's tensor-core kernel with the dequantization fused into its epilogue.
     ``"cublas"``: cuBLAS' int8 GEMM to int32, then a dequantization kernel (used where
     its shape rules allow: M > 16, K % 16 == 0, N % 8 == 0). All give identical results.

@@ -541,7 +541,6 @@ LINEAR_SHAPES = [
     (1, 257, 4096),  # gemv, M = 1
     (3, 64, 1040),  # gemv, K past one summary word (1024 columns)
     (8, 96, 8192),  # gemv MT = 8 beyond 48 KB of shared memory (opt-in; "mma" / "cublas" backends)
-    (4, 2300, 512),  # gemv MT = 4: more weight rows than its capped grid has warps
     (2, 33, 40),  # K % 16 != 0: the padded GEMM path
     (9, 130, 512),  # smallest GEMM M
     (64, 200, 768),
@@ -589,7 +588,11 @@ def outlier_listing(request, monkeypatch):
         monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_READS", 0)
     else:
         monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_M", 1 << 30)
-    return request.param
+    gathered = []
+    real = _gpu_int8.outlier_gather
+    monkeypatch.setattr(_gpu_int8, "outlier_gather", lambda *args: gathered.append(1) or real(*args))
+    yield request.param
+    assert bool(gathered) == (request.param == "gather"), "the form the test names did not run"
 
 
 MMV_SHAPES = [
@@ -645,10 +648,13 @@ def test_gpu_int8_linear_medium_m_outlier_counts_and_misaligned_a(cp, cols):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("M,K", [(1, 4096), (3, 1040), (8, 2064)], ids=str)
+@pytest.mark.parametrize("M,K", [(1, 4096), (3, 1040), (4, 2064)], ids=str)
 def test_gpu_int8_linear_gemv_misaligned_a(cp, fmt, M, K):
     """The gemv reads A in 16-byte chunks: A starting one element into its buffer is copied
     first, with the same results; K % 32 == 16 (the last bitmap word half full)."""
+    from cupyquant import _gpu_int8
+
+    assert _gpu_int8._gemv_tile(M, K) is not None
     rng = np.random.default_rng(M + K)
     N = 72
     a = with_outliers(rng, M, K, fmt).reshape(-1)
@@ -658,6 +664,83 @@ def test_gpu_int8_linear_gemv_misaligned_a(cp, fmt, M, K):
         got = I8.int8_linear_bits(_to_gpu(cp, a, True), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
                                   None, None, threshold)  # fmt: skip
         np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_gpu_int8_linear_gemv_more_rows_than_warps(cp, threshold):
+    """The gemv at MT = 4 caps its grid at 2 CTAs an SM: with more weight rows than the
+    grid's warps, warps take several rows (the next row's first batch prefetched)."""
+    from cupyquant import _gpu_int8
+
+    sms = _gpu_int8._limits()[0]
+    M, K = 4, 512
+    N = 8 * _gpu_int8._GEMV_CTAS_PER_SM[4] * sms * 2 + 40  # over two rows a warp
+    rng = np.random.default_rng(N)
+    a = with_outliers(rng, M, K, "bfloat16").reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    want = I8.int8_linear_bits(a, "bfloat16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
+    got = I8.int8_linear_bits(cp.asarray(a), "bfloat16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
+                              None, threshold)  # fmt: skip
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4])
+def test_gpu_medium_m_kernel_takes_the_gemv_rows_it_cannot_fit(cp, monkeypatch, M):
+    """Under "auto", rows the gemv would take go to the medium-M kernel where the gemv does
+    not apply (its shared memory, here forced), not to the 128-row fused GEMM."""
+    from cupyquant import _gpu_int8
+
+    monkeypatch.setattr(_gpu_int8, "GEMV_AUTO_MAX_M", 0)
+    calls = []
+    real = _gpu_int8._linear_mmv
+    monkeypatch.setattr(_gpu_int8, "_linear_mmv", lambda *args: calls.append(M) or real(*args))
+    rng = np.random.default_rng(M)
+    N, K = 72, 1040
+    a = with_outliers(rng, M, K, "float16").reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    for threshold in (0.0, 3.0):
+        want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
+        got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                                  None, None, threshold)  # fmt: skip
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+    assert calls == [M, M]
+
+
+@pytest.mark.gpu
+def test_gpu_cublas_path_forked_branches_from_threads_and_streams(cp):
+    """Two threads, each on its own stream, run the cuBLAS path with outliers at once, many
+    times: each thread's forked branch (side stream and events) is its own, so every result
+    is its input's."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    M, N, K = 32, 512, 1024
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    gcb, gscb = cp.asarray(cb.reshape(-1)), cp.asarray(scb)
+    inputs = [_planted(rng, M, K, "float16", cols).reshape(-1) for cols in (3, 9)]
+    wants = [I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0) for a in inputs]
+    I8.int8_linear_bits(cp.asarray(inputs[0]), "float16", M, K, gcb, gscb, N, None, None, 6.0)  # compile first
+    errors = []
+
+    def work(i: int) -> None:
+        try:
+            with cp.cuda.Stream(non_blocking=True) as stream:
+                ga = cp.asarray(inputs[i])
+                for _ in range(20):
+                    got = I8.int8_linear_bits(ga, "float16", M, K, gcb, gscb, N, None, None, 6.0)
+                    stream.synchronize()
+                    np.testing.assert_array_equal(cp.asnumpy(got), wants[i])
+        except AssertionError as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
 
 
 @pytest.mark.gpu
@@ -679,7 +762,9 @@ def test_gpu_int8_linear_many_outlier_columns(cp, backend, cols):
 def test_gpu_medium_m_path_is_auto_only(cp):
     from cupyquant import _gpu_int8
 
-    assert _gpu_int8._mmv_tile(_gpu_int8.GEMV_AUTO_MAX_M, 4096) is None  # the gemv's
+    assert _gpu_int8._gemv_tile(_gpu_int8.GEMV_AUTO_MAX_M, 4096) is not None  # the gemv's first
+    assert _gpu_int8._gemv_tile(_gpu_int8.GEMV_AUTO_MAX_M + 1, 4096) is None
+    assert _gpu_int8._mmv_tile(1, 4096) == 16  # where the gemv's shared memory does not fit
     assert _gpu_int8._mmv_tile(_gpu_int8.GEMV_AUTO_MAX_M + 1, 4096) == 16
     assert _gpu_int8._mmv_tile(64, 4096) == 64
     assert _gpu_int8._mmv_tile(65, 4096) is None

@@ -35,15 +35,16 @@
 //                        gathers their operands; runs beside cuBLAS (cuBLAS path, few rows)
 //   int8_outlier_weights  lists the outlier columns (every CTA), zeroes them in CA, gathers
 //                        their activations; thread = weight row: their 16-bit weights, once
-//                        a call (cuBLAS path)
+//                        a call (cuBLAS path, many rows)
 //   int8_gemm            tensor cores (mma.m16n8k32.s8), 128x128x64 CTA tile, 4-stage cp.async
 //                        pipeline, int32 or dequantized epilogue (+ outlier columns)
 //   int8_linear_gemv     M <= MT rows: each CTA quantizes A into shared memory itself, each
 //                        warp streams whole weight rows once with 16-byte loads and dp4a
 //   int8_row_quant_wide  CTA = one row; finds outlier columns in the same pass (flags or
 //                        row bitmaps), leaving their codes for the consumer to subtract
-//   int8_linear_mmv      9 <= M <= 64: weight rows as mma's 16-row operand, activation codes
-//                        as its n8 operand, each weight byte read once; dequant epilogue
+//   int8_linear_mmv      M <= 64 ("auto": from 5 rows): weight rows as mma's 16-row operand,
+//                        activation codes as its n8 operand, each weight byte read once;
+//                        dequant epilogue
 #include "common.cuh"
 
 typedef signed char i8;
@@ -522,7 +523,7 @@ __device__ __forceinline__ int code_of(const uint4& v, int e) {
 // for int8_mm_dequant (benchmarks/NOTES_int8.md, round 7).
 // SUBTRACT keeps the products live through the column loop: fewer CTAs an SM for its registers.
 template <class OutFmt, class BiasFmt, bool HAS_BIAS, int CPT, bool SUBTRACT>
-__global__ void __launch_bounds__(256, CPT == 4 ? (SUBTRACT ? 1 : 2) : (CPT == 2 ? (SUBTRACT ? 2 : 3) : 4))
+__global__ void __launch_bounds__(256, CPT == 4 ? 2 : (CPT == 2 ? (SUBTRACT ? 2 : 3) : 4))
 int8_mm_dequant_outliers(const int* __restrict__ acc, const float* __restrict__ SCA, const float* __restrict__ SCB,
                          const typename BiasFmt::storage* __restrict__ bias,
                          const typename OutFmt::storage* __restrict__ A, const i8* __restrict__ CB,
@@ -953,10 +954,9 @@ __host__ __device__ constexpr int gemv_words(int K) { return (K + 31) / 32; }
 // j, whose weight byte it loads when the row starts; past the list, one word of the bitmap
 // at a time, one lane a column) through shuffles, so the result matches the NumPy spec bit
 // for bit; lane m writes out[m, n].
-// SPARSE at MT = 4 / 8 is held to the registers of 4 / 3 CTAs an SM (64 / 80, as before
-// the outlier list; a few bytes spill).
+// MT = 4 / 8 run at most 2 CTAs an SM (the launcher's grid cap): 128 registers, no spill.
 template <class Fmt, class BiasFmt, bool HAS_BIAS, bool SPARSE, int MT>
-__global__ void __launch_bounds__(256, !SPARSE ? 0 : (MT == 8 ? 3 : (MT == 4 ? 4 : 0)))
+__global__ void __launch_bounds__(256, MT >= 4 ? 2 : 0)
 int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restrict__ CB, const float* __restrict__ SCB,
                  const typename BiasFmt::storage* __restrict__ bias, float threshold, int M, int N, int K,
                  typename Fmt::storage* __restrict__ out) {
@@ -1162,8 +1162,8 @@ int8_linear_gemv(const typename Fmt::storage* __restrict__ A, const i8* __restri
 }
 
 // ---------------------------------------------------------------------------------------
-// Medium-M linear (9 <= M <= 64): row quantization a CTA a row, then the weights streamed
-// once through tensor cores
+// Medium-M linear (M <= 64; "auto": from 5 rows): row quantization a CTA a row, then the
+// weights streamed once through tensor cores
 // ---------------------------------------------------------------------------------------
 
 // Outlier flags int8_row_quant_wide writes (its FLAGS argument).
