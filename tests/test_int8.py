@@ -957,6 +957,27 @@ def test_gpu_outlier_weights_lists_columns_in_order(cp, cols):
     np.testing.assert_array_equal(cp.asnumpy(gca).reshape(M, K), ca)
 
 
+def _planted_linear_matches(
+    cp, rng, M: int, N: int, K: int, fmt: str, cols: int, bias: bool, backend: str | None = "cublas"
+) -> None:
+    """int8_linear_bits at threshold 6 on A with ``cols`` planted outlier columns, a random
+    weight and optionally a bias in ``fmt``: the GPU (under ``backend``, None: the current
+    one) equals the NumPy spec bit for bit."""
+    a = _planted(rng, M, K, fmt, cols).reshape(-1)
+    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    b = random_bits(rng, (N,), fmt, 0.1) if bias else None
+    bfmt = fmt if bias else None
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, b, bfmt, 6.0)
+    if backend is not None:
+        I8.set_int8_gemm_backend(backend)
+    try:
+        got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
+                                  None if b is None else cp.asarray(b), bfmt, 6.0)  # fmt: skip
+    finally:
+        I8.set_int8_gemm_backend("auto")
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cols", [6, 40])
 @pytest.mark.parametrize("M", [517, 1001])
@@ -965,18 +986,7 @@ def test_gpu_cublas_path_rows_not_a_multiple_of_8(cp, outlier_listing, cols, M):
     N / 256 (a thread a (column, row) pair zeroing CA), int8_outlier_gather's (column, row)
     pairs grid-strided, int8_mm_dequant_outliers' last slab reading the zero padding of Aout
     (and CAout) with vector loads; 40 columns: past the 32 cached ones."""
-    rng = np.random.default_rng(cols + M)
-    N, K = 136, 1024
-    a = _planted(rng, M, K, "float16", cols).reshape(-1)
-    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0)
-    I8.set_int8_gemm_backend("cublas")
-    try:
-        got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
-                                  None, 6.0)  # fmt: skip
-    finally:
-        I8.set_int8_gemm_backend("auto")
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _planted_linear_matches(cp, np.random.default_rng(cols + M), M, 136, 1024, "float16", cols, bias=False)
 
 
 @pytest.mark.gpu
@@ -1008,19 +1018,7 @@ def test_gpu_cublas_path_outlier_batches(cp, outlier_listing, fmt, cols):
     """int8_mm_dequant_outliers' cached outlier columns in 16-byte batches (8 columns of a 16-bit
     format, 4 of float32; weight codes 16 a batch), the first loaded with the int32 products:
     column counts around the batch edges, every activation format, a bias."""
-    rng = np.random.default_rng(cols)
-    M, N, K = 520, 72, 1024
-    a = _planted(rng, M, K, fmt, cols).reshape(-1)
-    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    bias = random_bits(rng, (N,), fmt, 0.1)
-    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
-    I8.set_int8_gemm_backend("cublas")
-    try:
-        got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
-                                  cp.asarray(bias), fmt, 6.0)  # fmt: skip
-    finally:
-        I8.set_int8_gemm_backend("auto")
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _planted_linear_matches(cp, np.random.default_rng(cols), 520, 72, 1024, fmt, cols, bias=True)
 
 
 @pytest.mark.gpu
@@ -1039,19 +1037,7 @@ def test_gpu_cublas_path_dequant_columns_a_thread(cp, monkeypatch, fmt, listing,
     else:
         monkeypatch.setattr(_gpu_int8, "_GATHER_MAX_M", 1 << 30)
         monkeypatch.setattr(_gpu_int8, "_gather_columns", lambda M, N: columns)
-    rng = np.random.default_rng(N + cols)
-    M, K = 523, 1024
-    a = _planted(rng, M, K, fmt, cols).reshape(-1)
-    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    bias = random_bits(rng, (N,), fmt, 0.1)
-    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
-    I8.set_int8_gemm_backend("cublas")
-    try:
-        got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
-                                  cp.asarray(bias), fmt, 6.0)  # fmt: skip
-    finally:
-        I8.set_int8_gemm_backend("auto")
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _planted_linear_matches(cp, np.random.default_rng(N + cols), 523, N, 1024, fmt, cols, bias=True)
 
 
 def test_dequant_columns_fall_back_where_n_or_alignment_forbid():
@@ -1093,15 +1079,8 @@ def test_gpu_cublas_path_row_bitmaps(cp, monkeypatch, threads, fmt, cols, M, K):
     monkeypatch.setattr(_gpu_int8, "outlier_gather", lambda *args: calls.append(M) or real(*args))
     monkeypatch.setattr(_gpu_int8, "_GATHER_WIDE_M", 1 << 30 if threads == 256 else 0)
     rng = np.random.default_rng(M + K + cols)
-    N = 264
-    a = _planted(rng, M, K, fmt, cols).reshape(-1)
-    cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    bias = random_bits(rng, (N,), fmt, 0.1)
-    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, bias, fmt, 6.0)
-    got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
-                              cp.asarray(bias), fmt, 6.0)  # fmt: skip
+    _planted_linear_matches(cp, rng, M, 264, K, fmt, cols, bias=True, backend=None)
     assert calls == [M]
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
 @pytest.mark.gpu
