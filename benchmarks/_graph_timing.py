@@ -1,4 +1,5 @@
-"""Timing torch layers by CUDA-graph replay, shared by the layer benchmarks.
+"""Timing by CUDA-graph replay, shared by the benchmarks: torch layers (:func:`time_graph`)
+and plain CuPy calls (:func:`time_cupy_graph`).
 
 Layers are the rotated weight copies of one shape; each graph captures GRAPH_CALLS
 calls, so that weights are read from DRAM, not L2, and launch gaps do not count.
@@ -41,4 +42,33 @@ def time_graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
         times.append(start.elapsed_time(end) * 1e3 / (GRAPH_CALLS * len(graphs)))
     del graphs
     torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def time_cupy_graph(calls: list, repeats: int, stream=None) -> float:
+    """Median microseconds a call over ``repeats`` replays of one CuPy graph of ``calls``
+    (callables issuing work on the current CuPy stream), captured on ``stream`` (a fresh
+    non-blocking one by default). Every call runs once first: kernels compile, and the
+    memory pool holds the blocks the captured calls allocate."""
+    import cupy
+
+    stream = stream if stream is not None else cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for f in calls:
+            f()
+        stream.synchronize()
+        stream.begin_capture()
+        for f in calls:
+            f()
+        graph = stream.end_capture()
+        graph.launch(stream)  # the first replay uploads the graph
+        stream.synchronize()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        times = []
+        for _ in range(repeats):
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / len(calls))
     return statistics.median(times)

@@ -31,7 +31,7 @@ import math
 import statistics
 
 import torch
-from _graph_timing import GRAPH_CALLS, time_graph
+from _graph_timing import GRAPH_CALLS, time_cupy_graph, time_graph
 from torch import nn
 
 import cupyquant._gpu_int8 as g8
@@ -196,29 +196,6 @@ def bench_quant(repeats: int) -> None:
     print(f"  reference device copy of the fp16 input: {us:8.1f} us  {_gbps(2 * 2 * rows * k, us):7.0f} GB/s")
 
 
-def _time_cupy_graph(fn, repeats: int, calls: int = 20) -> float:
-    """Median microseconds of ``fn()`` from replays of a CuPy graph of ``calls`` calls."""
-    import cupy
-
-    for _ in range(calls):  # compile; fills the memory pool for the captured calls
-        fn()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for _ in range(calls):
-            fn()
-        graph = stream.end_capture()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record(stream)
-        graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def _with_gather_threads(threads: int, fn) -> None:
     """``fn()`` with int8_outlier_gather's CTAs of ``threads`` (256 or 1024) threads."""
     g8._GATHER_WIDE_M, kept = (1 << 30 if threads == 256 else 0), g8._GATHER_WIDE_M
@@ -315,11 +292,13 @@ def bench_pieces(repeats: int) -> None:
     shapes = [(32, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096), (64, 28672, 8192)]
     shapes += [(512, 4096, 4096), (4096, 4096, 4096), (512, 28672, 8192), (4096, 28672, 8192)]
     for m, n, k in shapes:
-        line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _pieces(m, n, k).items())
+        timed = {name: time_cupy_graph([fn] * GRAPH_CALLS, repeats) for name, fn in _pieces(m, n, k).items()}
+        line = ", ".join(f"{name} {us:.1f}" for name, us in timed.items())
         print(f"  M={m} N={n} K={k}: {line}")
     print("\nmedium-M path pieces (fp16, 6 outlier columns), us a call")
     for m, n, k in [(16, 4096, 4096), (64, 4096, 4096), (64, 28672, 8192)]:
-        line = ", ".join(f"{name} {_time_cupy_graph(fn, repeats):.1f}" for name, fn in _mmv_pieces(m, n, k).items())
+        timed = {name: time_cupy_graph([fn] * GRAPH_CALLS, repeats) for name, fn in _mmv_pieces(m, n, k).items()}
+        line = ", ".join(f"{name} {us:.1f}" for name, us in timed.items())
         print(f"  M={m} N={n} K={k}: {line}")
         cupy.get_default_memory_pool().free_all_blocks()  # the weight copies of this shape
 

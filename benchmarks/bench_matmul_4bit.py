@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import cupy as cp
+from _graph_timing import time_cupy_graph
 
 import cupyquant as cq
 
@@ -50,29 +51,6 @@ def gpu_name() -> str:
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     name = props["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
-
-
-def time_graph(calls, stream) -> float:
-    """Median microseconds per call over REPEATS replays of a graph of ``calls``."""
-    with stream:
-        for f in calls[:2]:
-            f()
-        stream.synchronize()
-        stream.begin_capture()
-        for f in calls:
-            f()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(REPEATS):
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def time_torch(calls) -> float:
@@ -234,7 +212,7 @@ def save(path: str | None, results: dict) -> None:
 
 def measure(calls, stream) -> float:
     try:
-        return time_graph(calls, stream)
+        return time_cupy_graph(calls, REPEATS, stream)
     except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
         print(f"  failed: {type(exc).__name__}: {exc}")
         return float("nan")

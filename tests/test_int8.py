@@ -567,6 +567,15 @@ def test_gpu_int8_linear(cp, backend, fmt, threshold, bias_fmt, M, N, K):
     np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
+def _linear_equals_spec(cp, a, fmt: str, M: int, K: int, cb, scb, N: int, threshold: float) -> None:
+    """int8_linear_bits on the GPU (A, CB and SCB copied there as they are) equals the NumPy
+    spec bit for bit, no bias."""
+    want = I8.int8_linear_bits(a, fmt, M, K, cb.reshape(-1), scb, N, None, None, threshold)
+    got = I8.int8_linear_bits(cp.asarray(a), fmt, M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None, None,
+                              threshold)  # fmt: skip
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
 @pytest.fixture
 def mmv_path(monkeypatch):
     """The "auto" backend without cuBLAS below 65 rows: the medium-M kernel serves 9..64 rows (it
@@ -679,10 +688,7 @@ def test_gpu_int8_linear_gemv_more_rows_than_warps(cp, threshold):
     rng = np.random.default_rng(N)
     a = with_outliers(rng, M, K, "bfloat16").reshape(-1)
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    want = I8.int8_linear_bits(a, "bfloat16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
-    got = I8.int8_linear_bits(cp.asarray(a), "bfloat16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
-                              None, threshold)  # fmt: skip
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _linear_equals_spec(cp, a, "bfloat16", M, K, cb, scb, N, threshold)
 
 
 @pytest.mark.gpu
@@ -701,10 +707,7 @@ def test_gpu_medium_m_kernel_takes_the_gemv_rows_it_cannot_fit(cp, monkeypatch, 
     a = with_outliers(rng, M, K, "float16").reshape(-1)
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
     for threshold in (0.0, 3.0):
-        want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, threshold)
-        got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N,
-                                  None, None, threshold)  # fmt: skip
-        np.testing.assert_array_equal(cp.asnumpy(got), want)
+        _linear_equals_spec(cp, a, "float16", M, K, cb, scb, N, threshold)
     assert calls == [M, M]
 
 
@@ -752,10 +755,7 @@ def test_gpu_int8_linear_many_outlier_columns(cp, backend, cols):
     M, N, K = 40, 136, 1024
     a = with_outliers(rng, M, K, "bfloat16", cols=cols).reshape(-1)
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    want = I8.int8_linear_bits(a, "bfloat16", M, K, cb.reshape(-1), scb, N, None, None, 3.0)
-    got = I8.int8_linear_bits(cp.asarray(a), "bfloat16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
-                              None, 3.0)  # fmt: skip
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _linear_equals_spec(cp, a, "bfloat16", M, K, cb, scb, N, 3.0)
 
 
 @pytest.mark.gpu
@@ -1005,10 +1005,7 @@ def test_gpu_mmv_outlier_search_every_split(cp, mmv_path, M, K):
     x[0, picked] = 7.0
     a = ref.from_float32(x, "float16").reshape(-1)
     cb, scb, _ = ref8.quantize_rows(rng.standard_normal((N, K)).astype(np.float32))
-    want = I8.int8_linear_bits(a, "float16", M, K, cb.reshape(-1), scb, N, None, None, 6.0)
-    got = I8.int8_linear_bits(cp.asarray(a), "float16", M, K, cp.asarray(cb.reshape(-1)), cp.asarray(scb), N, None,
-                              None, 6.0)  # fmt: skip
-    np.testing.assert_array_equal(cp.asnumpy(got), want)
+    _linear_equals_spec(cp, a, "float16", M, K, cb, scb, N, 6.0)
 
 
 @pytest.mark.gpu

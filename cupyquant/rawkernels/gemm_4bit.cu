@@ -65,6 +65,22 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   return (u32)Fmt::from_float(lo) | ((u32)Fmt::from_float(hi) << 16);
 }
 
+// The shared byte table (u32[256][32]: packed byte -> (code[hi], code[lo]) in Fmt, one
+// replica a lane, written a uint4 = 4 replicas at a time) and, NESTED, the 256-value nested
+// code, filled by the CTA's kThreads threads. The caller publishes them with a barrier.
+template <class Fmt, bool NESTED, int kThreads>
+__device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const float* __restrict__ table,
+                                                const float* __restrict__ code2) {
+  for (int i = threadIdx.x; i < 256 * 8; i += kThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = __ldg(code2 + i);
+  }
+}
+
 // x * s on two packed 16-bit values (round to nearest even).
 template <class Fmt>
 __device__ __forceinline__ u32 mul2(u32 x, u32 s) {
@@ -214,14 +230,7 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
               u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit, int token_chunks) {
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
-  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {  // one uint4 = 4 replicas
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
-  }
+  fill_byte_table<Fmt, NESTED, kMmaThreads>(lut, code2_s, table, code2);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -354,14 +363,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   constexpr int kBatch = kInFlight / RT;  // segments loaded ahead: 4 x 2 x 16 bytes a lane in flight
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
-  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
-  }
+  fill_byte_table<Fmt, NESTED, kMmaThreads>(lut, code2_s, table, code2);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -660,14 +662,7 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
   for (int d = 0; d < kAhead; ++d) slot_load(seg_begin + d, ring[d]);
 
-  for (int i = threadIdx.x; i < 256 * 8; i += 32 * WARPS) {
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) code2_s[i] = __ldg(code2 + i);
-  }
+  fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
   __syncthreads();
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = shared_address(lut) + 4 * lane;
@@ -739,14 +734,7 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   float* code2_s = reinterpret_cast<float*>(smem + 256 * 32);
   const char* act = reinterpret_cast<const char*>(smem + 256 * 32 + 256);
   const u32 act_s = shared_address(act);
-  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
-  }
+  fill_byte_table<Fmt, NESTED, kMmaThreads>(lut, code2_s, table, code2);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -918,14 +906,7 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
   float* code2_s = reinterpret_cast<float*>(smem + 256 * 32);
   const char* act = reinterpret_cast<const char*>(smem + 256 * 32 + 256);
   const u32 act_s = shared_address(act);
-  for (int i = threadIdx.x; i < 256 * 8; i += kMmaThreads) {
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code2_s[i] = __ldg(code2 + i);
-  }
+  fill_byte_table<Fmt, NESTED, kMmaThreads>(lut, code2_s, table, code2);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
