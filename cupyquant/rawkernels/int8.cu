@@ -201,35 +201,17 @@ int8_outlier_flags(const typename Fmt::storage* __restrict__ A, float threshold,
 __global__ void __launch_bounds__(1024)
 int8_compact_flags(const u8* __restrict__ flags, int K, int* __restrict__ idx, int* __restrict__ count) {
   __shared__ int warp_base[32];
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int t = threadIdx.x;
   const int per = (K + 1023) / 1024;
   const int begin = t * per < K ? t * per : K;
   const int end = begin + per < K ? begin + per : K;
   int mine = 0;
   for (int k = begin; k < end; ++k) mine += flags[k] != 0;
-  int incl = mine;  // inclusive scan inside the warp
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(kFull, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) warp_base[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int total = warp_base[lane];
-    int w = total;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kFull, w, o);
-      if (lane >= o) w += y;
-    }
-    warp_base[lane] = w - total;  // exclusive
-  }
-  __syncthreads();
-  int pos = warp_base[warp] + incl - mine;
+  int total;
+  int pos = block_exclusive_scan<1024>(mine, warp_base, total);
   for (int k = begin; k < end; ++k)
     if (flags[k]) idx[pos++] = k;
-  if (t == 1023) *count = pos;  // the last thread ends at the total
+  if (t == 0) *count = total;
 }
 
 // ---------------------------------------------------------------------------------------
