@@ -153,6 +153,7 @@ def main() -> int:
     parser.add_argument("--tile", action="store_true", help="first the gemm_4bit_tile sweep (sets fused_max_m)")
     parser.add_argument("--split", action="store_true", help="after the table, the split-K sweep (narrow weights)")
     parser.add_argument("--stage", action="store_true", help="first the gemm_4bit_stage sweep (up to 16 tokens)")
+    parser.add_argument("--half", action="store_true", help="first the one-token gemv_4bit_half sweep")
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
@@ -162,6 +163,8 @@ def main() -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth"] = bw
     print(f"GPU: {results['gpu']}   device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    if args.half:
+        half_sweep(results, stream, lambda: save(args.json, results))
     if args.stage:
         stage_sweep(results, stream, lambda: save(args.json, results))
     if args.tile:
@@ -268,6 +271,26 @@ def stage_sweep(results: dict, stream, checkpoint) -> None:
             results["stage_sweep"].append(row)
             gbps = moved_bytes(w, M) / row["mma"] * 1e-3
             print(f"{N:>6}x{K:<6} {M:>3}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths) + f"  [{gbps:.0f} GB/s]")
+        del w
+        cp.get_default_memory_pool().free_all_blocks()
+        checkpoint()
+
+
+def half_sweep(results: dict, stream, checkpoint) -> None:
+    """One fp16 token: gemv_4bit_half in each instantiated configuration against the
+    tensor-core dispatch ("mma") and the float32 CUDA-core gemv, us per call; the best
+    one's GB/s in brackets."""
+    print("\ngemv_4bit_half vs the tensor-core kernels (us per call, one token), NF4 bs64 nested, fp16")
+    results.setdefault("half_sweep", [])
+    paths = ["mma", "gemv"] + [f"half-{r}x{u}c{c}" for r, u, c in mm._HALF_CONFIGS]
+    for N, K in SWEEP_SHAPES:
+        w = Weights(N, K)
+        row = dict(N=N, K=K, M=1)
+        for p in paths:
+            row[p] = measure(ours_calls(w, 1, "float16", p), stream)
+        results["half_sweep"].append(row)
+        gbps = moved_bytes(w, 1) / min(row[p] for p in paths) * 1e-3
+        print(f"{N:>6}x{K:<6}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths) + f"  [{gbps:.0f} GB/s]")
         del w
         cp.get_default_memory_pool().free_all_blocks()
         checkpoint()

@@ -50,13 +50,16 @@ def make_case(N, K, M, fmt, quant_type="nf4", blocksize=64, nested=True, bias=Tr
     return a_bits, packed.reshape(-1), qs, bias_bits
 
 
+def _as_float32(qs):
+    return QuantState(absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
+                      quant_type=qs.quant_type, dtype="float32", offset=qs.offset, state2=qs.state2)  # fmt: skip
+
+
 def reference(a_bits, fmt, M, packed, qs, bias_bits):
     """float64 A @ W^T (+ bias) with W = dequantize_4bit(packed) in float32 (the spec's weight)."""
     N, K = qs.shape
     weight = np.empty(N * K, dtype=np.float32)
-    state32 = QuantState(absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
-                         quant_type=qs.quant_type, dtype="float32", offset=qs.offset, state2=qs.state2)  # fmt: skip
-    dequantize_4bit_bits(packed, state32, weight)
+    dequantize_4bit_bits(packed, _as_float32(qs), weight)
     acc = ref.to_float32(a_bits, fmt).astype(np.float64).reshape(M, K) @ weight.astype(np.float64).reshape(N, K).T
     if bias_bits is not None:
         acc += ref.to_float32(bias_bits, fmt).astype(np.float64)[None, :]
@@ -542,3 +545,65 @@ def test_gpu_many_row_groups_per_cta(cp, path, M):
     a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", "nf4", 64, True, True, seed=M)
     out = run_gpu(cp, a_bits, "float16", M, packed, qs, bias_bits, path=path)
     assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+# gemv_4bit_half (one fp16 token): every instantiated configuration forced.
+HALF_PATHS = tuple(f"half-{r}x{u}c{c}" for r, u, c in mm._HALF_CONFIGS)
+# (N, K): K = 96 (blocks of 64 straddle rows; one chunk a lane at most), 4128 (129 chunks:
+# a last partial batch), 8256 (258 chunks: two full batches of every unroll, then a tail);
+# N not a multiple of a CTA's rows.
+HALF_SHAPES = ((37, 96), (130, 4128), (21, 8256), (300, 640))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", HALF_PATHS)
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_half_gemv(cp, path, shape, quant_type, nested):
+    N, K = shape
+    a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", quant_type, 64, nested, nested, seed=K)
+    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path=path)
+    assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gpu_half_gemv_blocksizes(cp, blocksize, bias):
+    N, K = 67, 4160  # blocks straddle rows for every blocksize that does not divide 4160
+    a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", "nf4", blocksize, True, bias, seed=blocksize)
+    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path=HALF_PATHS[0])
+    assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", HALF_PATHS)
+def test_gpu_half_gemv_fp16_overflow_falls_back(cp, path):
+    # Activations of +-10000 against positive weights near their block's absmax: the eight
+    # products one fp16 accumulator half sums in a chunk (elements 0, 4, .., 28) overflow
+    # fp16 (> 65504), while the row sums (chunks of opposite sign cancel) stay finite. The
+    # kernel must redo those chunks in float32, not return inf.
+    N, K = 16, 128
+    rng = np.random.default_rng(5)
+    W = rng.uniform(0.8, 1.0, (N, K)).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    x = (10000.0 * np.where((np.arange(K) // 32) % 2 == 0, 1.0, -1.0)).astype(np.float32)
+    a_bits = ref.from_float32(x, "float16")
+    packed = packed.reshape(-1)
+    weight = np.empty(N * K, dtype=np.float32)
+    dequantize_4bit_bits(packed, _as_float32(qs), weight)
+    eight = (weight.reshape(N, K // 32, 8, 4)[..., 0] * x.reshape(K // 32, 8, 4)[None, :, :, 0]).sum(axis=-1)
+    assert np.abs(eight).max() > 65504  # some chunk's fp16 sum overflows
+    expected = reference(a_bits, "float16", 1, packed, qs, None)
+    assert 1000 < np.abs(expected).max() < 65504  # the answer itself fits fp16
+    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, None, path=path)
+    assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
+
+
+def test_half_config_rejects_unbuilt():
+    assert mm._half_config("half") == mm._HALF_CONFIGS[0]
+    rows, unroll, ctas = mm._HALF_CONFIGS[-1]
+    assert mm._half_config(f"half-{rows}x{unroll}c{ctas}") == (rows, unroll, ctas)
+    with pytest.raises(ValueError, match=r"gemv_4bit_half is built for .* got \(3, 3, 3\)"):
+        mm._half_config("half-3x3c3")

@@ -60,26 +60,11 @@ constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kSegment = 128;  // k per segment: 4 lanes x 32 elements
 constexpr int kInFlight = 4;   // segments whose weights are loaded ahead
 
-template <class Fmt>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  return (u32)Fmt::from_float(lo) | ((u32)Fmt::from_float(hi) << 16);
-}
-
-// The shared byte table (u32[256][32]: packed byte -> (code[hi], code[lo]) in Fmt, one
-// replica a lane, written a uint4 = 4 replicas at a time) and, NESTED, the 256-value nested
-// code, filled by the CTA's kThreads threads. The caller publishes them with a barrier.
-template <class Fmt, bool NESTED, int kThreads>
-__device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const float* __restrict__ table,
-                                                const float* __restrict__ code2) {
-  for (int i = threadIdx.x; i < 256 * 8; i += kThreads) {
-    const int b = i >> 3;
-    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = __ldg(code2 + i);
-  }
-}
+using q4::byte_of;
+using q4::fill_byte_table;
+using q4::lut_at;
+using q4::pack2;
+using q4::shared_address;
 
 // x * s on two packed 16-bit values (round to nearest even).
 template <class Fmt>
@@ -101,20 +86,6 @@ __device__ __forceinline__ u32 lut_entry(const u32* lut, u32 word, int p, u32 la
   const u32 off = (p >= 7 ? (word >> (p - 7)) : (word << (7 - p))) & 0x7F80u;
   return *reinterpret_cast<const u32*>(reinterpret_cast<const char*>(lut) + (off | lane4));
 }
-
-// Byte b (0..3) of `word`, zero-extended: one PRMT.
-__device__ __forceinline__ u32 byte_of(u32 word, int b) { return __byte_perm(word, 0u, 0x4440u | (u32)b); }
-
-// The table entry of `byte` in this lane's replica. lut_lane: the shared-memory address of
-// this lane's replica of entry 0 (table + 4 * lane); entries are 128 bytes apart, so the
-// address is one LEA. (volatile keeps the load after the barrier that publishes the table.)
-__device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) {
-  u32 v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut_lane + (byte << 7)));
-  return v;
-}
-
-__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 template <class Fmt>
 __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {

@@ -212,3 +212,166 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// gemv_4bit_half<NESTED, ROWS, UNROLL>: one token of fp16 activations (M = 1), K % 32 == 0,
+// A and packed 16-byte aligned; the arguments are gemv_4bit's (M must be 1).
+//
+// At one token the weight stream is the whole cost, so this kernel spends as few
+// instructions and shared-memory wavefronts a packed byte as it can: one PRMT and one LEA
+// (the table address), one 4-byte shared load of the pair (code[hi], code[lo]) in fp16 from
+// the tensor-core kernels' byte table (one wavefront a warp), and one HFMA2 with the two
+// activations the byte meets. gemv_4bit's float32 path pays an 8-byte table load (two
+// wavefronts) and two FFMA a byte; the tensor-core kernels pay an HMUL2 by the scale and
+// their fragment plumbing.
+//
+// Accumulation: a lane's 32-element chunk (one 16-byte load, inside one quantization block)
+// is summed in fp16 by two half2 accumulators (bytes 0, 2, .. and 1, 3, ..: 8 products a
+// half each), widened to float32 and summed there, then multiplied by the block's scale into
+// the row's float32 sum. A chunk whose fp16 sum is not finite (8 products of activations
+// above ~8000 can overflow) is redone in float32 from the same registers, so no fp16
+// overflow reaches the output.
+//
+// Thread mapping: 8 warps a CTA, warp w owns ROWS consecutive weight rows; lane l reads
+// chunks l, l + 32, ... of each row (a warp reads 512 contiguous bytes of a row per load),
+// UNROLL chunks a row in flight: a chunk's registers are refilled with the chunk UNROLL * 32
+// ahead as soon as it is used. The first batch is issued before the CTA builds its byte
+// table, so its DRAM latency hides the build. The activation chunk (64 bytes) is read
+// through L1 and shared by the ROWS rows.
+namespace {
+
+constexpr int kHalfWarps = 8;
+constexpr int kHalfThreads = 32 * kHalfWarps;
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ float2 half2_to_float2(u32 h) {
+  float2 f;
+  asm("{.reg .f16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi;\n\t}"
+      : "=f"(f.x), "=f"(f.y)
+      : "r"(h));
+  return f;
+}
+
+__device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) & 0x7F800000u) != 0x7F800000u; }
+
+// sum_j code[q_j] * a_j over one 32-element chunk: w its 16 packed bytes, x its 32 fp16
+// activations (64 bytes), both in k order.
+__device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)[4], u32 lut_lane) {
+  u32 h0 = 0u, h1 = 0u;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 word = q4::word_of(w, q);
+#pragma unroll
+    for (int b = 0; b < 4; b += 2) {
+      h0 = hfma2(q4::lut_at(lut_lane, q4::byte_of(word, b)), q4::word_of(x[q], b), h0);
+      h1 = hfma2(q4::lut_at(lut_lane, q4::byte_of(word, b + 1)), q4::word_of(x[q], b + 1), h1);
+    }
+  }
+  const float2 f0 = half2_to_float2(h0), f1 = half2_to_float2(h1);
+  float f = (f0.x + f0.y) + (f1.x + f1.y);
+  if (!is_finite(f)) {  // rare: redo in float32 (inf / NaN activations stay inf / NaN)
+    f = 0.0f;
+#pragma unroll 1
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float2 c = half2_to_float2(q4::lut_at(lut_lane, q4::byte_of(q4::word_of(w, q), b)));
+        const float2 a = half2_to_float2(q4::word_of(x[q], b));
+        f = fmaf(c.y, a.y, fmaf(c.x, a.x, f));
+      }
+    }
+  }
+  return f;
+}
+
+// The 16 packed bytes and the scale of chunk c of each of the warp's rows (zeros past K).
+template <bool NESTED, int ROWS>
+__device__ __forceinline__ void fetch_chunk(uint4 (&w)[ROWS], float (&sv)[ROWS], u32 (&sq)[ROWS],
+                                            const i64 (&row_start)[ROWS], int c, int chunks,
+                                            const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                            const u8* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
+                                            int block_shift) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (c < chunks) {
+      const i64 e = row_start[r] + 32 * c;
+      w[r] = q4::load_stream16(packed + (e >> 1));
+      q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, sv[r], sq[r]);
+    } else {
+      w[r] = make_uint4(0, 0, 0, 0);
+      sv[r] = 0.0f;
+      sq[r] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+// grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for.
+template <bool NESTED, int ROWS, int UNROLL, int CTAS>
+__global__ void __launch_bounds__(kHalfThreads, CTAS)
+gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+               const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+               const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+               u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
+  __shared__ __align__(16) u32 lut[256 * 32];
+  __shared__ float code2_s[NESTED ? 256 : 1];
+  constexpr int kStep = 32 * UNROLL;  // chunks a warp's row advances per batch
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * kHalfWarps + (threadIdx.x >> 5)) * ROWS;
+  const int chunks = K >> 5;
+  i64 row_start[ROWS];  // flat index of each weight row's first element (rows past N clamped)
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) row_start[r] = (i64)min(row0 + r, N - 1) * K;
+
+  uint4 w[UNROLL][ROWS];
+  float sv[UNROLL][ROWS];
+  u32 sq[UNROLL][ROWS];
+  const int first = row0 < N ? lane : chunks;  // a warp past N loads nothing
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+    fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], row_start, first + 32 * u, chunks, packed, absmax, qabsmax,
+                              nested_absmax, block_shift);
+  q4::fill_byte_table<Float16, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+  __syncthreads();
+  if (row0 >= N) return;  // no barrier follows
+
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+  for (int c0 = lane; c0 < chunks; c0 += kStep) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) break;
+      const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
+      uint4 x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = q4::load_cached16(a + i);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
+        acc[r] = fmaf(chunk_dot_half(w[u][r], x, lut_lane), s, acc[r]);
+      }
+      fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], row_start, c + kStep, chunks, packed, absmax, qabsmax,
+                                nested_absmax, block_shift);
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const float v = q4::warp_sum(acc[r]);
+    const int row = row0 + r;
+    if (lane == r && row < N) {
+      const float b = has_bias ? half_bits_to_float(bias[row]) : 0.0f;
+      out[row] = float_to_half_bits(__fadd_rn(v, b));
+    }
+  }
+}

@@ -56,6 +56,44 @@ __device__ __forceinline__ float scale_decode(float value, u32 q, const float* c
   }
 }
 
+// The byte table of the 16-bit kernels: a packed byte -> the pair (code[hi], code[lo])
+// rounded to the activation format, high nibble (the lower k) in the low 16 bits.
+template <class Fmt>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  return (u32)Fmt::from_float(lo) | ((u32)Fmt::from_float(hi) << 16);
+}
+
+// The shared byte table (u32[256][32]: one replica a lane, so a warp's 32 lookups always
+// hit 32 distinct banks; written a uint4 = 4 replicas at a time) and, NESTED, the
+// 256-value nested code, filled by the CTA's kThreads threads. The caller publishes them
+// with a barrier.
+template <class Fmt, bool NESTED, int kThreads>
+__device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const float* __restrict__ table,
+                                                const float* __restrict__ code2) {
+  for (int i = threadIdx.x; i < 256 * 8; i += kThreads) {
+    const int b = i >> 3;
+    const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = __ldg(code2 + i);
+  }
+}
+
+// Byte b (0..3) of `word`, zero-extended: one PRMT.
+__device__ __forceinline__ u32 byte_of(u32 word, int b) { return __byte_perm(word, 0u, 0x4440u | (u32)b); }
+
+// The table entry of `byte` in this lane's replica. lut_lane: the shared-memory address of
+// this lane's replica of entry 0 (table + 4 * lane); entries are 128 bytes apart, so the
+// address is one LEA. (volatile keeps the load after the barrier that publishes the table.)
+__device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) {
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut_lane + (byte << 7)));
+  return v;
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
