@@ -93,9 +93,12 @@ _STAGE_CONFIGS = ((1, 2, 2, 2, 8),)
 _STAGE_MIN_K = 8192
 _STAGE_MIN_ROW_TILES_PER_SM = 3
 # gemv_4bit_half (one fp16 token; CUDA cores, fp16 sums a chunk): (rows a warp, chunks a row
-# in flight, CTAs an SM the registers are bounded for) instantiated; 8 warps a CTA.
-_HALF_CONFIGS = ((2, 4, 2), (1, 4, 3), (2, 2, 3), (4, 2, 2), (1, 8, 2))
+# in flight, CTAs an SM the registers are bounded for, 64 KB byte table) instantiated; 8
+# warps a CTA. Its flat chunk indices are 32-bit: weights of N * K < 2^37 elements.
+_HALF_CONFIGS = ((4, 2, 2, False), (2, 2, 3, False), (8, 1, 2, False), (4, 1, 3, False),
+                 (4, 2, 2, True), (2, 2, 3, True), (8, 1, 2, True), (4, 1, 3, True))  # fmt: skip
 _HALF_WARPS = 8
+_HALF_WIDE_SMEM = 4 * (256 * 64 + 256)  # the wide byte table and the nested code
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -495,15 +498,16 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
 
-def _half_config(path: str) -> tuple[int, int, int]:
-    """(rows, unroll, ctas) of a "half" / "half-<rows>x<unroll>c<ctas>" path."""
+def _half_config(path: str) -> tuple[int, int, int, bool]:
+    """(rows, unroll, ctas, wide) of a "half" / "half-<rows>x<unroll>c<ctas>[w]" path."""
     if path == "half":
         return _HALF_CONFIGS[0]
     rows, _, rest = path[5:].partition("x")
     unroll, _, ctas = rest.partition("c")
-    config = (int(rows), int(unroll), int(ctas))
+    wide = ctas.endswith("w")
+    config = (int(rows), int(unroll), int(ctas.rstrip("w")), wide)
     if config not in _HALF_CONFIGS:
-        raise ValueError(f"gemv_4bit_half is built for (rows, unroll, ctas) in {_HALF_CONFIGS}, got {config}")
+        raise ValueError(f"gemv_4bit_half is built for (rows, unroll, ctas, wide) in {_HALF_CONFIGS}, got {config}")
     return config
 
 
@@ -511,14 +515,18 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 token)."""
     from .rawkernels import get_function
 
-    rows, unroll, ctas = _half_config(path)
-    kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}>")
+    rows, unroll, ctas, wide = _half_config(path)
+    expr = f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(wide).lower()}>"
+    kernel = get_function("gemv_4bit.cu", expr)
+    smem = _HALF_WIDE_SMEM if wide else 0
+    if smem:
+        _allow_smem(kernel, smem)
     has_bias = bias_bits is not None
     args = (
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
     )  # fmt: skip
-    return kernel, (-(-N // (_HALF_WARPS * rows)),), (32 * _HALF_WARPS,), args, 0
+    return kernel, (-(-N // (_HALF_WARPS * rows)),), (32 * _HALF_WARPS,), args, smem
 
 
 def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma") -> None:
@@ -617,10 +625,11 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     if path is None:
         path = "mma" if fmt != "float32" and aligned else "gemv"
     if path.startswith("half"):
-        if fmt != "float16" or M != 1 or not aligned:
-            raise ValueError("gemv_4bit_half needs one row of fp16 activations, K % 32 == 0 and 16-byte aligned A and B")
-        kernel, grid, block, args, _ = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
-        kernel(grid, block, args)
+        if fmt != "float16" or M != 1 or not aligned or N * K >= 1 << 37:
+            raise ValueError("gemv_4bit_half needs one row of fp16 activations, K % 32 == 0, 16-byte aligned A "
+                             "and B, and N * K < 2^37")  # fmt: skip
+        kernel, grid, block, args, smem = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+        kernel(grid, block, args, shared_mem=smem)
     elif path.startswith(("mma", "tile", "stage")):
         if fmt == "float32" or not aligned:
             raise ValueError(
@@ -657,7 +666,7 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit_half<{n}, {', '.join(map(str, c))}>" for n in nested for c in _HALF_CONFIGS]  # fmt: skip
+            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(w).lower()}>" for n in nested for r, u, c, w in _HALF_CONFIGS]  # fmt: skip
     out = []
     for f in _MMA_STRUCT.values():
         for n in nested:

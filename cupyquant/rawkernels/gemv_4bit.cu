@@ -259,17 +259,41 @@ __device__ __forceinline__ float2 half2_to_float2(u32 h) {
 
 __device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) & 0x7F800000u) != 0x7F800000u; }
 
+// The byte table of gemv_4bit_half. Narrow (WIDE = false): the tensor-core kernels' static
+// u32[256][32] table, entries 128 bytes apart, so a lookup's address is a PRMT (the byte)
+// and an IMAD / LEA (byte * 128 + the lane's replica). Wide: entries 256 bytes apart in
+// dynamic shared memory (64 KB, the upper half of each entry unused), so one PRMT builds
+// the whole offset, (byte << 8) | (lane << 2), from the packed word and the lane's offset.
+template <bool WIDE>
+struct HalfTable {
+  u32 lane_addr;  // narrow: this lane's replica of entry 0; wide: lane << 2
+  u32 base;       // wide: the table's shared address
+
+  __device__ __forceinline__ u32 at(u32 word, int b) const {
+    u32 v;
+    if constexpr (WIDE) {
+      // bytes of the offset: lane << 2, byte b of word, 0, 0 (the 0s from lane_addr < 256)
+      const u32 off = __byte_perm(word, lane_addr, 0x7604u | ((u32)b << 4));
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(base + off));
+    } else {
+      v = q4::lut_at(lane_addr, q4::byte_of(word, b));
+    }
+    return v;
+  }
+};
+
 // sum_j code[q_j] * a_j over one 32-element chunk: w its 16 packed bytes, x its 32 fp16
 // activations (64 bytes), both in k order.
-__device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)[4], u32 lut_lane) {
+template <bool WIDE>
+__device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)[4], const HalfTable<WIDE>& lut) {
   u32 h0 = 0u, h1 = 0u;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const u32 word = q4::word_of(w, q);
 #pragma unroll
     for (int b = 0; b < 4; b += 2) {
-      h0 = hfma2(q4::lut_at(lut_lane, q4::byte_of(word, b)), q4::word_of(x[q], b), h0);
-      h1 = hfma2(q4::lut_at(lut_lane, q4::byte_of(word, b + 1)), q4::word_of(x[q], b + 1), h1);
+      h0 = hfma2(lut.at(word, b), q4::word_of(x[q], b), h0);
+      h1 = hfma2(lut.at(word, b + 1), q4::word_of(x[q], b + 1), h1);
     }
   }
   const float2 f0 = half2_to_float2(h0), f1 = half2_to_float2(h1);
@@ -280,7 +304,7 @@ __device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const float2 c = half2_to_float2(q4::lut_at(lut_lane, q4::byte_of(q4::word_of(w, q), b)));
+        const float2 c = half2_to_float2(lut.at(q4::word_of(w, q), b));
         const float2 a = half2_to_float2(q4::word_of(x[q], b));
         f = fmaf(c.y, a.y, fmaf(c.x, a.x, f));
       }
@@ -289,45 +313,46 @@ __device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)
   return f;
 }
 
-// The 16 packed bytes and the scale of chunk c of each of the warp's rows (zeros past K).
+// The 16 packed bytes and the scale of chunk c of each of the warp's rows; nothing past K
+// (those registers are never read). chunk0[r]: the flat index of row r's first 32-element
+// chunk (the launcher keeps N * K / 32 below 2^32).
 template <bool NESTED, int ROWS>
 __device__ __forceinline__ void fetch_chunk(uint4 (&w)[ROWS], float (&sv)[ROWS], u32 (&sq)[ROWS],
-                                            const i64 (&row_start)[ROWS], int c, int chunks,
+                                            const u32 (&chunk0)[ROWS], int c, int chunks,
                                             const u8* __restrict__ packed, const float* __restrict__ absmax,
                                             const u8* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
-                                            int block_shift) {
+                                            int chunk_shift) {
+  if (c < chunks) {
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    if (c < chunks) {
-      const i64 e = row_start[r] + 32 * c;
-      w[r] = q4::load_stream16(packed + (e >> 1));
-      q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, sv[r], sq[r]);
-    } else {
-      w[r] = make_uint4(0, 0, 0, 0);
-      sv[r] = 0.0f;
-      sq[r] = 0;
+    for (int r = 0; r < ROWS; ++r) {
+      const u32 chunk = chunk0[r] + (u32)c;
+      w[r] = q4::load_stream16(packed + 16 * (u64)chunk);
+      q4::scale_fetch<NESTED>(chunk >> chunk_shift, absmax, qabsmax, nested_absmax, sv[r], sq[r]);
     }
   }
 }
 
 }  // namespace
 
-// grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for.
-template <bool NESTED, int ROWS, int UNROLL, int CTAS>
+// grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for;
+// WIDE: the 64 KB byte table (dynamic shared memory: 65 KB with the nested code).
+template <bool NESTED, int ROWS, int UNROLL, int CTAS, bool WIDE>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
-  __shared__ __align__(16) u32 lut[256 * 32];
-  __shared__ float code2_s[NESTED ? 256 : 1];
+  __shared__ __align__(16) u32 narrow_lut[WIDE ? 4 : 256 * 32];
+  __shared__ float narrow_code2[WIDE ? 1 : (NESTED ? 256 : 1)];
+  extern __shared__ __align__(16) u32 wide_lut[];  // WIDE: u32[256][64], then the nested code
   constexpr int kStep = 32 * UNROLL;  // chunks a warp's row advances per batch
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kHalfWarps + (threadIdx.x >> 5)) * ROWS;
   const int chunks = K >> 5;
-  i64 row_start[ROWS];  // flat index of each weight row's first element (rows past N clamped)
+  const int chunk_shift = block_shift - 5;  // blocks hold >= 32 elements
+  u32 chunk0[ROWS];  // flat chunk index of each weight row's start (rows past N clamped)
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) row_start[r] = (i64)min(row0 + r, N - 1) * K;
+  for (int r = 0; r < ROWS; ++r) chunk0[r] = (u32)min(row0 + r, N - 1) * (u32)chunks;
 
   uint4 w[UNROLL][ROWS];
   float sv[UNROLL][ROWS];
@@ -335,14 +360,32 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   const int first = row0 < N ? lane : chunks;  // a warp past N loads nothing
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u)
-    fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], row_start, first + 32 * u, chunks, packed, absmax, qabsmax,
-                              nested_absmax, block_shift);
-  q4::fill_byte_table<Float16, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+    fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
+                              nested_absmax, chunk_shift);
+  float* code2_s;
+  HalfTable<WIDE> lut;
+  if constexpr (WIDE) {
+    for (int i = threadIdx.x; i < 256 * 8; i += kHalfThreads) {
+      const int b = i >> 3;
+      const u32 v = q4::pack2<Float16>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
+      reinterpret_cast<uint4*>(wide_lut)[(b << 4) | (i & 7)] = make_uint4(v, v, v, v);  // lanes 4(i%8) ..
+    }
+    code2_s = reinterpret_cast<float*>(wide_lut + 256 * 64);
+    if constexpr (NESTED) {
+      for (int i = threadIdx.x; i < 256; i += kHalfThreads) code2_s[i] = __ldg(code2 + i);
+    }
+    lut.lane_addr = 4 * lane;
+    lut.base = q4::shared_address(wide_lut);
+  } else {
+    code2_s = narrow_code2;
+    q4::fill_byte_table<Float16, NESTED, kHalfThreads>(narrow_lut, code2_s, table, code2);
+    lut.lane_addr = q4::shared_address(narrow_lut) + 4 * lane;
+    lut.base = 0;
+  }
   __syncthreads();
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
-  const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
@@ -358,10 +401,10 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
-        acc[r] = fmaf(chunk_dot_half(w[u][r], x, lut_lane), s, acc[r]);
+        acc[r] = fmaf(chunk_dot_half<WIDE>(w[u][r], x, lut), s, acc[r]);
       }
-      fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], row_start, c + kStep, chunks, packed, absmax, qabsmax,
-                                nested_absmax, block_shift);
+      fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
+                                nested_absmax, chunk_shift);
     }
   }
 
