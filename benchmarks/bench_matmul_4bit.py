@@ -282,7 +282,7 @@ def half_sweep(results: dict, stream, checkpoint) -> None:
     one's GB/s in brackets."""
     print("\ngemv_4bit_half vs the tensor-core kernels (us per call, one token), NF4 bs64 nested, fp16")
     results.setdefault("half_sweep", [])
-    paths = ["mma", "gemv"] + [f"half-{r}x{u}c{c}{'w' if wide else ''}" for r, u, c, wide in mm._HALF_CONFIGS]
+    paths = ["mma", "gemv"] + [mm._half_path(c) for c in mm._HALF_CONFIGS]
     for N, K in SWEEP_SHAPES:
         w = Weights(N, K)
         row = dict(N=N, K=K, M=1)

@@ -93,10 +93,11 @@ _STAGE_CONFIGS = ((1, 2, 2, 2, 8),)
 _STAGE_MIN_K = 8192
 _STAGE_MIN_ROW_TILES_PER_SM = 3
 # gemv_4bit_half (one fp16 token; CUDA cores, fp16 sums a chunk): (rows a warp, chunks a row
-# in flight, CTAs an SM the registers are bounded for, 64 KB byte table) instantiated; 8
-# warps a CTA. Its flat chunk indices are 32-bit: weights of N * K < 2^37 elements.
-_HALF_CONFIGS = ((4, 2, 2, False), (2, 2, 3, False), (8, 1, 2, False), (4, 1, 3, False),
-                 (4, 2, 2, True), (2, 2, 3, True), (8, 1, 2, True), (4, 1, 3, True))  # fmt: skip
+# in flight, CTAs an SM the registers are bounded for, 64 KB byte table, A staged in shared
+# memory) instantiated; 8 warps a CTA. Its flat chunk indices are 32-bit: weights of
+# N * K < 2^37 elements.
+_HALF_CONFIGS = ((4, 2, 2, False, True), (4, 1, 3, False, True), (8, 1, 2, False, True), (2, 2, 3, False, True),
+                 (4, 2, 2, True, True), (4, 1, 3, True, True), (4, 2, 2, False, False), (4, 1, 3, False, False))  # fmt: skip
 _HALF_WARPS = 8
 _HALF_WIDE_SMEM = 4 * (256 * 64 + 256)  # the wide byte table and the nested code
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
@@ -498,27 +499,35 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
 
-def _half_config(path: str) -> tuple[int, int, int, bool]:
-    """(rows, unroll, ctas, wide) of a "half" / "half-<rows>x<unroll>c<ctas>[w]" path."""
+def _half_config(path: str) -> tuple[int, int, int, bool, bool]:
+    """(rows, unroll, ctas, wide, staged) of a "half" / "half-<rows>x<unroll>c<ctas>[w][s]" path."""
     if path == "half":
         return _HALF_CONFIGS[0]
     rows, _, rest = path[5:].partition("x")
-    unroll, _, ctas = rest.partition("c")
-    wide = ctas.endswith("w")
-    config = (int(rows), int(unroll), int(ctas.rstrip("w")), wide)
+    unroll, _, rest = rest.partition("c")
+    ctas = rest.rstrip("ws")
+    flags = rest[len(ctas):]
+    config = (int(rows), int(unroll), int(ctas), "w" in flags, "s" in flags)
     if config not in _HALF_CONFIGS:
-        raise ValueError(f"gemv_4bit_half is built for (rows, unroll, ctas, wide) in {_HALF_CONFIGS}, got {config}")
+        raise ValueError(
+            f"gemv_4bit_half is built for (rows, unroll, ctas, wide, staged) in {_HALF_CONFIGS}, got {config}"
+        )
     return config
+
+
+def _half_path(config: tuple[int, int, int, bool, bool]) -> str:
+    rows, unroll, ctas, wide, staged = config
+    return f"half-{rows}x{unroll}c{ctas}{'w' if wide else ''}{'s' if staged else ''}"
 
 
 def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "half"):
     """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 token)."""
     from .rawkernels import get_function
 
-    rows, unroll, ctas, wide = _half_config(path)
-    expr = f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(wide).lower()}>"
-    kernel = get_function("gemv_4bit.cu", expr)
-    smem = _HALF_WIDE_SMEM if wide else 0
+    rows, unroll, ctas, wide, staged = _half_config(path)
+    flags = f"{str(wide).lower()}, {str(staged).lower()}"
+    kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {flags}>")
+    smem = (_HALF_WIDE_SMEM if wide else 0) + (128 * -(-K // 64) if staged else 0)
     if smem:
         _allow_smem(kernel, smem)
     has_bias = bias_bits is not None
@@ -666,7 +675,8 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(w).lower()}>" for n in nested for r, u, c, w in _HALF_CONFIGS]  # fmt: skip
+            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(w).lower()}, {str(st).lower()}>"
+            for n in nested for r, u, c, w, st in _HALF_CONFIGS]  # fmt: skip
     out = []
     for f in _MMA_STRUCT.values():
         for n in nested:

@@ -548,7 +548,7 @@ def test_gpu_many_row_groups_per_cta(cp, path, M):
 
 
 # gemv_4bit_half (one fp16 token): every instantiated configuration forced.
-HALF_PATHS = tuple(f"half-{r}x{u}c{c}{'w' if w else ''}" for r, u, c, w in mm._HALF_CONFIGS)
+HALF_PATHS = tuple(mm._half_path(c) for c in mm._HALF_CONFIGS)
 # (N, K): K = 96 (blocks of 64 straddle rows; one chunk a lane at most), 4128 (129 chunks:
 # a last partial batch), 8256 (258 chunks: two full batches of every unroll, then a tail);
 # N not a multiple of a CTA's rows.
@@ -605,5 +605,5 @@ def test_half_config_rejects_unbuilt():
     assert mm._half_config("half") == mm._HALF_CONFIGS[0]
     for path, config in zip(HALF_PATHS, mm._HALF_CONFIGS, strict=True):
         assert mm._half_config(path) == config
-    with pytest.raises(ValueError, match=r"gemv_4bit_half is built for .* got \(3, 3, 3, False\)"):
+    with pytest.raises(ValueError, match=r"gemv_4bit_half is built for .* got \(3, 3, 3, False, False\)"):
         mm._half_config("half-3x3c3")

@@ -266,19 +266,16 @@ __device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) 
 // the whole offset, (byte << 8) | (lane << 2), from the packed word and the lane's offset.
 template <bool WIDE>
 struct HalfTable {
-  u32 lane_addr;  // narrow: this lane's replica of entry 0; wide: lane << 2
-  u32 base;       // wide: the table's shared address
+  u32 lane_addr;    // narrow: the shared address of this lane's replica of entry 0; wide: lane << 2
+  const char* lut;  // wide: the table (a shared-memory pointer, so the load is an LDS off its base)
 
   __device__ __forceinline__ u32 at(u32 word, int b) const {
-    u32 v;
     if constexpr (WIDE) {
       // bytes of the offset: lane << 2, byte b of word, 0, 0 (the 0s from lane_addr < 256)
-      const u32 off = __byte_perm(word, lane_addr, 0x7604u | ((u32)b << 4));
-      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(base + off));
+      return *reinterpret_cast<const u32*>(lut + __byte_perm(word, lane_addr, 0x7604u | ((u32)b << 4)));
     } else {
-      v = q4::lut_at(lane_addr, q4::byte_of(word, b));
+      return q4::lut_at(lane_addr, q4::byte_of(word, b));
     }
-    return v;
   }
 };
 
@@ -334,9 +331,15 @@ __device__ __forceinline__ void fetch_chunk(uint4 (&w)[ROWS], float (&sv)[ROWS],
 
 }  // namespace
 
-// grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for;
-// WIDE: the 64 KB byte table (dynamic shared memory: 65 KB with the nested code).
-template <bool NESTED, int ROWS, int UNROLL, int CTAS, bool WIDE>
+// Position of activation unit u (16 bytes) in the staged copy: the low 3 bits of u are XORed
+// with bits 3..5, inside its 128-byte group, so that the 8 lanes of a quarter warp, which
+// read units 4c + i of 8 consecutive chunks c, hit 8 distinct 16-byte bank groups.
+__device__ __forceinline__ int staged_unit(int u) { return u ^ ((u >> 3) & 7); }
+
+// grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for.
+// Dynamic shared memory: WIDE: the 64 KB byte table and the nested code (65 KB); STAGED:
+// then A, 16-byte units at staged_unit positions, ceil(K / 64) * 128 bytes.
+template <bool NESTED, int ROWS, int UNROLL, int CTAS, bool WIDE, bool STAGED>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -344,7 +347,8 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
   __shared__ __align__(16) u32 narrow_lut[WIDE ? 4 : 256 * 32];
   __shared__ float narrow_code2[WIDE ? 1 : (NESTED ? 256 : 1)];
-  extern __shared__ __align__(16) u32 wide_lut[];  // WIDE: u32[256][64], then the nested code
+  extern __shared__ __align__(16) uint4 dyn[];
+  constexpr int kWideUnits = WIDE ? (256 * 64 + 256) / 4 : 0;  // 16-byte units before the activations
   constexpr int kStep = 32 * UNROLL;  // chunks a warp's row advances per batch
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kHalfWarps + (threadIdx.x >> 5)) * ROWS;
@@ -365,27 +369,33 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   float* code2_s;
   HalfTable<WIDE> lut;
   if constexpr (WIDE) {
+    u32* wide_lut = reinterpret_cast<u32*>(dyn);  // u32[256][64]: entry b's lane replicas at [b][0..31]
     for (int i = threadIdx.x; i < 256 * 8; i += kHalfThreads) {
       const int b = i >> 3;
       const u32 v = q4::pack2<Float16>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-      reinterpret_cast<uint4*>(wide_lut)[(b << 4) | (i & 7)] = make_uint4(v, v, v, v);  // lanes 4(i%8) ..
+      dyn[(b << 4) | (i & 7)] = make_uint4(v, v, v, v);
     }
     code2_s = reinterpret_cast<float*>(wide_lut + 256 * 64);
     if constexpr (NESTED) {
       for (int i = threadIdx.x; i < 256; i += kHalfThreads) code2_s[i] = __ldg(code2 + i);
     }
     lut.lane_addr = 4 * lane;
-    lut.base = q4::shared_address(wide_lut);
+    lut.lut = reinterpret_cast<const char*>(wide_lut);
   } else {
     code2_s = narrow_code2;
     q4::fill_byte_table<Float16, NESTED, kHalfThreads>(narrow_lut, code2_s, table, code2);
     lut.lane_addr = q4::shared_address(narrow_lut) + 4 * lane;
-    lut.base = 0;
+    lut.lut = nullptr;
+  }
+  if constexpr (STAGED) {
+    const uint4* a16 = reinterpret_cast<const uint4*>(A);
+    for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads) dyn[kWideUnits + staged_unit(u)] = q4::load_cached16(a16 + u);
   }
   __syncthreads();
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 stage = q4::shared_address(dyn + kWideUnits);
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
@@ -394,10 +404,20 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
     for (int u = 0; u < UNROLL; ++u) {
       const int c = c0 + 32 * u;
       if (c >= chunks) break;
-      const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
       uint4 x[4];
+      if constexpr (STAGED) {
+        // units 4c + i sit at (4c ^ s) ^ i, s = (c >> 1) & 7
+        const u32 off0 = 16u * (u32)((4 * c) ^ ((c >> 1) & 7));
 #pragma unroll
-      for (int i = 0; i < 4; ++i) x[i] = q4::load_cached16(a + i);
+        for (int i = 0; i < 4; ++i)
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(x[i].x), "=r"(x[i].y), "=r"(x[i].z), "=r"(x[i].w)
+                       : "r"(stage + (off0 ^ (16u * i))));
+      } else {
+        const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = q4::load_cached16(a + i);
+      }
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
