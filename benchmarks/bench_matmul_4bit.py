@@ -277,12 +277,12 @@ def stage_sweep(results: dict, stream, checkpoint) -> None:
 
 
 def half_sweep(results: dict, stream, checkpoint) -> None:
-    """One fp16 token: gemv_4bit_half in each instantiated configuration against the
-    tensor-core dispatch ("mma") and the float32 CUDA-core gemv, us per call; the best
-    one's GB/s in brackets."""
+    """One fp16 token: gemv_4bit_half as picked for the shape ("half") and in each
+    instantiated configuration, against the tensor-core dispatch ("mma"), us per call; the
+    best one's GB/s in brackets."""
     print("\ngemv_4bit_half vs the tensor-core kernels (us per call, one token), NF4 bs64 nested, fp16")
     results.setdefault("half_sweep", [])
-    paths = ["mma", "gemv"] + [mm._half_path(c) for c in mm._HALF_CONFIGS]
+    paths = ["mma", "half"] + [mm._half_path(c) for c in mm._HALF_CONFIGS]
     for N, K in SWEEP_SHAPES:
         w = Weights(N, K)
         row = dict(N=N, K=K, M=1)

@@ -6,17 +6,21 @@
 Semantics (the NumPy path, the spec): dequantize W to float32 (``code[q] * absmax``),
 multiply in float32, add the bias in float32, round once to A's format.
 
-CuPy arrays take one of three paths, picked per call from M (the number of rows of A)
+CuPy arrays take one of four paths, picked per call from M (the number of rows of A)
 without any host synchronisation, so every path can be captured in a CUDA graph:
 
-* fused tensor-core kernels (``rawkernels/gemm_4bit.cu``): fp16 / bf16 activations,
-  K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
+* fused tensor-core kernels (``rawkernels/gemm_4bit.cu``): bf16 activations, and fp16 from
+  two rows, K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
   dequantized in registers to A's format (``code[q]`` and the block's scale each rounded to
   it, then multiplied there), products are accumulated in float32. Up to 16 tokens
   ``gemm_4bit_small``; above, ``gemm_4bit_tile`` (activations staged in shared memory and
   shared by a CTA's 64-128 weight rows; ``gemm_4bit_tile_split`` splits K across CTAs,
   summing the partials in a fixed order, where the rows are few and K long) for wide
   weights, ``gemm_4bit_mma`` for narrow ones.
+* one fp16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half`` (``rawkernels/gemv_4bit.cu``)
+  on CUDA cores: the byte table's fp16 pairs times the activations summed in fp16 over each
+  32-element chunk (8 products a half; a chunk that overflows fp16 is redone in float32),
+  then scaled and summed in float32.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32.
@@ -93,13 +97,14 @@ _STAGE_CONFIGS = ((1, 2, 2, 2, 8),)
 _STAGE_MIN_K = 8192
 _STAGE_MIN_ROW_TILES_PER_SM = 3
 # gemv_4bit_half (one fp16 token; CUDA cores, fp16 sums a chunk): (rows a warp, chunks a row
-# in flight, CTAs an SM the registers are bounded for, 64 KB byte table, A staged in shared
-# memory) instantiated; 8 warps a CTA. Its flat chunk indices are 32-bit: weights of
-# N * K < 2^37 elements.
-_HALF_CONFIGS = ((4, 2, 2, False, True), (4, 1, 3, False, True), (8, 1, 2, False, True), (2, 2, 3, False, True),
-                 (4, 2, 2, True, True), (4, 1, 3, True, True), (4, 2, 2, False, False), (4, 1, 3, False, False))  # fmt: skip
+# in flight, CTAs an SM the registers are bounded for, A staged in shared memory)
+# instantiated; 8 warps a CTA, flat chunk indices in 32 bits (N * K < 2^37). The staged
+# configurations are picked by _half_pick; the unstaged one serves K too long to stage.
+_HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (4, 2, 2, False))
 _HALF_WARPS = 8
-_HALF_WIDE_SMEM = 4 * (256 * 64 + 256)  # the wide byte table and the nested code
+_HALF_STATIC_SMEM = 4 * (256 * 32 + 256)  # the byte table and the nested code
+_CTA_RESERVED_SMEM = 1024  # shared memory the driver reserves a CTA (sm_80 and later)
+_HALF_MAX_ELEMENTS = 1 << 37
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -228,6 +233,10 @@ def _as_float32_state(qs: QuantState) -> QuantState:
 # ---------------------------------------------------------------------------------------
 def _sm_count() -> int:
     return _xp.device_attribute("MultiProcessorCount")
+
+
+def _smem_per_sm() -> int:
+    return _xp.device_attribute("MaxSharedMemoryPerMultiprocessor")
 
 
 def _scale_args(qs: QuantState) -> tuple[Any, ...]:
@@ -389,15 +398,18 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
     return mt, 2 if ctas_rt2 >= sms else 1, 1
 
 
-_SMEM_SET: set[tuple[int, int]] = set()  # (CUfunction, bytes) whose dynamic shared limit is raised
+_SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> the dynamic shared-memory limit raised to
+_SMEM_LOCK = threading.Lock()
 
 
 def _allow_smem(kernel: Any, nbytes: int) -> None:
-    """Raise the kernel's dynamic shared-memory limit (48 KB by default) to ``nbytes``, once."""
-    key = (kernel.kernel.ptr, nbytes)
-    if key not in _SMEM_SET:
-        kernel.max_dynamic_shared_size_bytes = nbytes
-        _SMEM_SET.add(key)
+    """Raise the kernel's dynamic shared-memory limit (48 KB by default) to at least ``nbytes``.
+    The limit only grows, so a launch that needs less than an earlier one still fits."""
+    function = kernel.kernel.ptr
+    with _SMEM_LOCK:
+        if _SMEM_LIMIT.get(function, 0) < nbytes:
+            kernel.max_dynamic_shared_size_bytes = nbytes
+            _SMEM_LIMIT[function] = nbytes
 
 
 def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma"):
@@ -499,35 +511,60 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
 
-def _half_config(path: str) -> tuple[int, int, int, bool, bool]:
-    """(rows, unroll, ctas, wide, staged) of a "half" / "half-<rows>x<unroll>c<ctas>[w][s]" path."""
+def _half_pick(N: int, K: int, sms: int, smem_per_sm: int) -> tuple[int, int, int, bool]:
+    """The gemv_4bit_half configuration for an (N, K) weight on ``sms`` SMs.
+
+    A warp's work is whole rows, so the grid runs in waves of ``ctas * sms`` CTAs and the
+    last wave decides much of the time: of the staged configurations whose CTAs fit
+    ``smem_per_sm`` bytes an SM, the one whose grid fills the most of its last wave, ties
+    (to 1%) to more rows a warp (fewer activation reads a weight byte). H100, graph us
+    (NOTES_matmul_4bit.md, run 17), the pick first: 4096 x 4096 2x2c3 7.3 (4x2c2 7.8, 4x1c3
+    8.6); 11008 x 4096 4x1c3 12.7 (2x2c3 13.6, 4x2c2 15.7); 28672 x 8192 2x2c3 47.4 (4x2c2
+    49.6, 4x1c3 49.4); 8192 x 28672 4x2c2 46.2 (the only one whose staged A fits). Where no
+    staged copy fits, the unstaged configuration."""
+    staged_bytes = 128 * -(-K // 64)
+    best, best_key = _HALF_CONFIGS[-1], None
+    for config in _HALF_CONFIGS:
+        rows, _, ctas, staged = config
+        if not staged or ctas * (_HALF_STATIC_SMEM + staged_bytes + _CTA_RESERVED_SMEM) > smem_per_sm:
+            continue
+        grid, slots = -(-N // (_HALF_WARPS * rows)), ctas * sms
+        key = (round(grid / (-(-grid // slots) * slots), 2), rows)
+        if best_key is None or key > best_key:
+            best, best_key = config, key
+    return best
+
+
+def _half_config(path: str, N: int, K: int) -> tuple[int, int, int, bool]:
+    """(rows, unroll, ctas, staged) of a "half" (picked for the shape) or a forced
+    "half-<rows>x<unroll>c<ctas>[s]" path."""
     if path == "half":
-        return _HALF_CONFIGS[0]
+        return _half_pick(N, K, _sm_count(), _smem_per_sm())
     rows, _, rest = path[5:].partition("x")
-    unroll, _, rest = rest.partition("c")
-    ctas = rest.rstrip("ws")
-    flags = rest[len(ctas):]
-    config = (int(rows), int(unroll), int(ctas), "w" in flags, "s" in flags)
+    unroll, _, ctas = rest.partition("c")
+    config = (int(rows), int(unroll), int(ctas.rstrip("s")), ctas.endswith("s"))
     if config not in _HALF_CONFIGS:
-        raise ValueError(
-            f"gemv_4bit_half is built for (rows, unroll, ctas, wide, staged) in {_HALF_CONFIGS}, got {config}"
-        )
+        raise ValueError(f"gemv_4bit_half is built for (rows, unroll, ctas, staged) in {_HALF_CONFIGS}, got {config}")
     return config
 
 
-def _half_path(config: tuple[int, int, int, bool, bool]) -> str:
-    rows, unroll, ctas, wide, staged = config
-    return f"half-{rows}x{unroll}c{ctas}{'w' if wide else ''}{'s' if staged else ''}"
+def _half_path(config: tuple[int, int, int, bool]) -> str:
+    rows, unroll, ctas, staged = config
+    return f"half-{rows}x{unroll}c{ctas}{'s' if staged else ''}"
+
+
+def _half_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
+    return fmt == "float16" and M == 1 and aligned and N * K < _HALF_MAX_ELEMENTS
 
 
 def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "half"):
     """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 token)."""
     from .rawkernels import get_function
 
-    rows, unroll, ctas, wide, staged = _half_config(path)
-    flags = f"{str(wide).lower()}, {str(staged).lower()}"
-    kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {flags}>")
-    smem = (_HALF_WIDE_SMEM if wide else 0) + (128 * -(-K // 64) if staged else 0)
+    rows, unroll, ctas, staged = _half_config(path, N, K)
+    expr = f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}>"
+    kernel = get_function("gemv_4bit.cu", expr)
+    smem = 128 * -(-K // 64) if staged else 0
     if smem:
         _allow_smem(kernel, smem)
     has_bias = bias_bits is not None
@@ -606,7 +643,10 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     # Stand-ins with the right dtype for the per-call pointers (replaced at each call).
     a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
     bias_stub = a_stub if has_bias else None
-    if fmt != "float32" and K % 32 == 0 and packed.data.ptr % 16 == 0:
+    aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
+    if _half_applies(fmt, M, N, K, aligned):
+        kernel, grid, block, args, smem = _half_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+    elif fmt != "float32" and aligned:
         kernel, grid, block, args, smem = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
         if len(grid) > 1 and grid[1] > 1:
             # gemm_4bit_tile_split (K split over grid.y) needs a workspace per launch: one kept
@@ -614,7 +654,6 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
             # outlive it. The general path allocates it per call, in stream order.
             return None
     else:
-        aligned = K % 32 == 0 and packed.data.ptr % 16 == 0
         launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
         kernel, grid, block, args, smem = launch
     return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
@@ -625,16 +664,17 @@ def _aligned(K: int, *arrays: Any) -> bool:
 
 
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
-    """The fused kernels. ``path`` forces one (tests, benchmarks): "gemv", "mma" (the
+    """The fused kernels. ``path`` forces one (tests, benchmarks): "half" / "half-<rows>x<unroll>c<ctas>[s]"
+    (``gemv_4bit_half``, one fp16 token), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
     to 16 tokens), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)
     if path is None:
-        path = "mma" if fmt != "float32" and aligned else "gemv"
+        path = "half" if _half_applies(fmt, M, N, K, aligned) else "mma" if fmt != "float32" and aligned else "gemv"
     if path.startswith("half"):
-        if fmt != "float16" or M != 1 or not aligned or N * K >= 1 << 37:
+        if not _half_applies(fmt, M, N, K, aligned):
             raise ValueError("gemv_4bit_half needs one row of fp16 activations, K % 32 == 0, 16-byte aligned A "
                              "and B, and N * K < 2^37")  # fmt: skip
         kernel, grid, block, args, smem = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
@@ -675,8 +715,7 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(w).lower()}, {str(st).lower()}>"
-            for n in nested for r, u, c, w, st in _HALF_CONFIGS]  # fmt: skip
+            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(st).lower()}>" for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
     out = []
     for f in _MMA_STRUCT.values():
         for n in nested:

@@ -547,8 +547,9 @@ def test_gpu_many_row_groups_per_cta(cp, path, M):
     assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
 
 
-# gemv_4bit_half (one fp16 token): every instantiated configuration forced.
-HALF_PATHS = tuple(mm._half_path(c) for c in mm._HALF_CONFIGS)
+# gemv_4bit_half (one fp16 token): every instantiated configuration forced, and "half" (the
+# configuration picked for the shape).
+HALF_PATHS = ("half", *(mm._half_path(c) for c in mm._HALF_CONFIGS))
 # (N, K): K = 96 (blocks of 64 straddle rows; one chunk a lane at most), 4128 (129 chunks:
 # a last partial batch), 8256 (258 chunks: two full batches of every unroll, then a tail);
 # N not a multiple of a CTA's rows.
@@ -573,8 +574,36 @@ def test_gpu_half_gemv(cp, path, shape, quant_type, nested):
 def test_gpu_half_gemv_blocksizes(cp, blocksize, bias):
     N, K = 67, 4160  # blocks straddle rows for every blocksize that does not divide 4160
     a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", "nf4", blocksize, True, bias, seed=blocksize)
-    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path=HALF_PATHS[0])
+    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path="half")
     assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+def test_gpu_half_gemv_staging_sizes_in_any_order(cp):
+    # The staged copy of A needs K-dependent dynamic shared memory: a long K after a short one
+    # on the same kernel must still get its limit raised (and a short one after a long one fit).
+    path = mm._half_path(next(c for c in mm._HALF_CONFIGS if c[3]))
+    for K in (96, 8256, 4128, 16384, 640):
+        a_bits, packed, qs, bias_bits = make_case(24, K, 1, "float16", seed=K)
+        out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path=path)
+        assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+def test_gpu_half_gemv_is_the_default_for_one_fp16_token(cp, monkeypatch):
+    # matmul_4bit_bits and the prepared launch both run gemv_4bit_half at M = 1 with fp16
+    # (and never at M = 2, or with bf16).
+    ran = []
+    real = mm._half_launch
+    monkeypatch.setattr(mm, "_half_launch", lambda *a, **k: ran.append(a[2]) or real(*a, **k))
+    for M, fmt in ((1, "float16"), (2, "float16"), (1, "bfloat16")):
+        a_bits, packed, qs, bias_bits = make_case(40, 256, M, fmt, seed=M)
+        out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
+        assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    assert ran == [1]
+    _, gp, gqs, _ = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    assert mm.prepare_fused("float16", 1, gp, gqs, True) is not None
+    assert ran == [1, 1]
 
 
 @pytest.mark.gpu
@@ -602,8 +631,20 @@ def test_gpu_half_gemv_fp16_overflow_falls_back(cp, path):
 
 
 def test_half_config_rejects_unbuilt():
-    assert mm._half_config("half") == mm._HALF_CONFIGS[0]
-    for path, config in zip(HALF_PATHS, mm._HALF_CONFIGS, strict=True):
-        assert mm._half_config(path) == config
-    with pytest.raises(ValueError, match=r"gemv_4bit_half is built for .* got \(3, 3, 3, False, False\)"):
-        mm._half_config("half-3x3c3")
+    for config in mm._HALF_CONFIGS:
+        assert mm._half_config(mm._half_path(config), 64, 64) == config
+    with pytest.raises(ValueError, match=r"gemv_4bit_half is built for .* got \(3, 3, 3, False\)"):
+        mm._half_config("half-3x3c3", 64, 64)
+
+
+def test_half_pick_rule():
+    # 132 SMs with 228 KB each (H100): the measured best of run 17 on the four benchmark shapes.
+    smem = 228 * 1024
+    assert mm._half_pick(4096, 4096, 132, smem) == (2, 2, 3, True)
+    assert mm._half_pick(11008, 4096, 132, smem) == (4, 1, 3, True)
+    assert mm._half_pick(28672, 8192, 132, smem) == (2, 2, 3, True)
+    assert mm._half_pick(8192, 28672, 132, smem) == (4, 2, 2, True)  # 56 KB of staged A: 2 CTAs an SM
+    assert mm._half_pick(8192, 65536, 132, smem) == (4, 2, 2, False)  # 128 KB of A: not staged
+    for N in (1, 37, 4096, 11008, 28672):
+        for K in (32, 4096, 28672, 40960, 1 << 20):
+            assert mm._half_pick(N, K, 132, smem) in mm._HALF_CONFIGS
