@@ -277,20 +277,21 @@ def stage_sweep(results: dict, stream, checkpoint) -> None:
 
 
 def half_sweep(results: dict, stream, checkpoint) -> None:
-    """One fp16 token: gemv_4bit_half as picked for the shape ("half") and in each
+    """One fp16 / bf16 token: gemv_4bit_half as picked for the shape ("half") and in each
     instantiated configuration, against the tensor-core dispatch ("mma"), us per call; the
     best one's GB/s in brackets."""
-    print("\ngemv_4bit_half vs the tensor-core kernels (us per call, one token), NF4 bs64 nested, fp16")
+    print("\ngemv_4bit_half vs the tensor-core kernels (us per call, one token), NF4 bs64 nested")
     results.setdefault("half_sweep", [])
     paths = ["mma", "half"] + [mm._half_path(c) for c in mm._HALF_CONFIGS]
     for N, K in SWEEP_SHAPES:
         w = Weights(N, K)
-        row = dict(N=N, K=K, M=1)
-        for p in paths:
-            row[p] = measure(ours_calls(w, 1, "float16", p), stream)
-        results["half_sweep"].append(row)
-        gbps = moved_bytes(w, 1) / min(row[p] for p in paths) * 1e-3
-        print(f"{N:>6}x{K:<6}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths) + f"  [{gbps:.0f} GB/s]")
+        for fmt in ("float16", "bfloat16"):
+            row = dict(N=N, K=K, M=1, fmt=fmt)
+            for p in paths:
+                row[p] = measure(ours_calls(w, 1, fmt, p), stream)
+            results["half_sweep"].append(row)
+            gbps = moved_bytes(w, 1) / min(row[p] for p in paths) * 1e-3
+            print(f"{N:>6}x{K:<6} {fmt[:4]}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths) + f"  [{gbps:.0f} GB/s]")
         del w
         cp.get_default_memory_pool().free_all_blocks()
         checkpoint()

@@ -9,18 +9,18 @@ multiply in float32, add the bias in float32, round once to A's format.
 CuPy arrays take one of four paths, picked per call from M (the number of rows of A)
 without any host synchronisation, so every path can be captured in a CUDA graph:
 
-* fused tensor-core kernels (``rawkernels/gemm_4bit.cu``): bf16 activations, and fp16 from
-  two rows, K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
+* fused tensor-core kernels (``rawkernels/gemm_4bit.cu``): fp16 / bf16 activations from two
+  rows, K % 32 == 0, 16-byte aligned A and B, M <= :func:`fused_max_m`. The weight is
   dequantized in registers to A's format (``code[q]`` and the block's scale each rounded to
   it, then multiplied there), products are accumulated in float32. Up to 16 tokens
   ``gemm_4bit_small``; above, ``gemm_4bit_tile`` (activations staged in shared memory and
   shared by a CTA's 64-128 weight rows; ``gemm_4bit_tile_split`` splits K across CTAs,
   summing the partials in a fixed order, where the rows are few and K long) for wide
   weights, ``gemm_4bit_mma`` for narrow ones.
-* one fp16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half`` (``rawkernels/gemv_4bit.cu``)
-  on CUDA cores: the byte table's fp16 pairs times the activations summed in fp16 over each
-  32-element chunk (8 products a half; a chunk that overflows fp16 is redone in float32),
-  then scaled and summed in float32.
+* one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
+  (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
+  times the activations, summed in A's format over each 32-element chunk (8 products a
+  half; a chunk that overflows is redone in float32), then scaled and summed in float32.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32.
@@ -96,7 +96,7 @@ _GEMV_WARPS = 4
 _STAGE_CONFIGS = ((1, 2, 2, 2, 8),)
 _STAGE_MIN_K = 8192
 _STAGE_MIN_ROW_TILES_PER_SM = 3
-# gemv_4bit_half (one fp16 token; CUDA cores, fp16 sums a chunk): (rows a warp, chunks a row
+# gemv_4bit_half (one fp16 / bf16 token; CUDA cores, 16-bit sums a chunk): (rows a warp, chunks a row
 # in flight, CTAs an SM the registers are bounded for, A staged in shared memory)
 # instantiated; 8 warps a CTA, flat chunk indices in 32 bits (N * K < 2^37). The staged
 # configurations are picked by _half_pick; the unstaged one serves K too long to stage.
@@ -554,15 +554,15 @@ def _half_path(config: tuple[int, int, int, bool]) -> str:
 
 
 def _half_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
-    return fmt == "float16" and M == 1 and aligned and N * K < _HALF_MAX_ELEMENTS
+    return fmt != "float32" and M == 1 and aligned and N * K < _HALF_MAX_ELEMENTS
 
 
 def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "half"):
-    """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 token)."""
+    """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 / bf16 token)."""
     from .rawkernels import get_function
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
-    expr = f"gemv_4bit_half<{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}>"
+    expr = f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}>"
     kernel = get_function("gemv_4bit.cu", expr)
     smem = 128 * -(-K // 64) if staged else 0
     if smem:
@@ -665,7 +665,7 @@ def _aligned(K: int, *arrays: Any) -> bool:
 
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
     """The fused kernels. ``path`` forces one (tests, benchmarks): "half" / "half-<rows>x<unroll>c<ctas>[s]"
-    (``gemv_4bit_half``, one fp16 token), "gemv", "mma" (the
+    (``gemv_4bit_half``, one fp16 / bf16 token), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
     to 16 tokens), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
@@ -675,8 +675,8 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
         path = "half" if _half_applies(fmt, M, N, K, aligned) else "mma" if fmt != "float32" and aligned else "gemv"
     if path.startswith("half"):
         if not _half_applies(fmt, M, N, K, aligned):
-            raise ValueError("gemv_4bit_half needs one row of fp16 activations, K % 32 == 0, 16-byte aligned A "
-                             "and B, and N * K < 2^37")  # fmt: skip
+            raise ValueError("gemv_4bit_half needs one row of fp16 / bf16 activations, K % 32 == 0, 16-byte "
+                             "aligned A and B, and N * K < 2^37")  # fmt: skip
         kernel, grid, block, args, smem = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
         kernel(grid, block, args, shared_mem=smem)
     elif path.startswith(("mma", "tile", "stage")):
@@ -715,7 +715,8 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit_half<{n}, {r}, {u}, {c}, {str(st).lower()}>" for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
+            f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}>"
+            for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
     out = []
     for f in _MMA_STRUCT.values():
         for n in nested:

@@ -547,8 +547,8 @@ def test_gpu_many_row_groups_per_cta(cp, path, M):
     assert rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
 
 
-# gemv_4bit_half (one fp16 token): every instantiated configuration forced, and "half" (the
-# configuration picked for the shape).
+# gemv_4bit_half (one fp16 / bf16 token): every instantiated configuration forced, and "half"
+# (the configuration picked for the shape).
 HALF_PATHS = ("half", *(mm._half_path(c) for c in mm._HALF_CONFIGS))
 # (N, K): K = 96 (blocks of 64 straddle rows; one chunk a lane at most), 4128 (129 chunks:
 # a last partial batch), 8256 (258 chunks: two full batches of every unroll, then a tail);
@@ -561,21 +561,23 @@ HALF_SHAPES = ((37, 96), (130, 4128), (21, 8256), (300, 640))
 @pytest.mark.parametrize("shape", HALF_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
-def test_gpu_half_gemv(cp, path, shape, quant_type, nested):
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_half_gemv(cp, path, shape, quant_type, nested, fmt):
     N, K = shape
-    a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", quant_type, 64, nested, nested, seed=K)
-    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path=path)
-    assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+    a_bits, packed, qs, bias_bits = make_case(N, K, 1, fmt, quant_type, 64, nested, nested, seed=K)
+    out = run_gpu(cp, a_bits, fmt, 1, packed, qs, bias_bits, path=path)
+    assert rel_error(out, fmt, reference(a_bits, fmt, 1, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
-def test_gpu_half_gemv_blocksizes(cp, blocksize, bias):
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_half_gemv_blocksizes(cp, blocksize, bias, fmt):
     N, K = 67, 4160  # blocks straddle rows for every blocksize that does not divide 4160
-    a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", "nf4", blocksize, True, bias, seed=blocksize)
-    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, bias_bits, path="half")
-    assert rel_error(out, "float16", reference(a_bits, "float16", 1, packed, qs, bias_bits)) < TOLERANCE["float16"]
+    a_bits, packed, qs, bias_bits = make_case(N, K, 1, fmt, "nf4", blocksize, True, bias, seed=blocksize)
+    out = run_gpu(cp, a_bits, fmt, 1, packed, qs, bias_bits, path="half")
+    assert rel_error(out, fmt, reference(a_bits, fmt, 1, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu
@@ -590,20 +592,22 @@ def test_gpu_half_gemv_staging_sizes_in_any_order(cp):
 
 
 @pytest.mark.gpu
-def test_gpu_half_gemv_is_the_default_for_one_fp16_token(cp, monkeypatch):
-    # matmul_4bit_bits and the prepared launch both run gemv_4bit_half at M = 1 with fp16
-    # (and never at M = 2, or with bf16).
+def test_gpu_half_gemv_is_the_default_for_one_16bit_token(cp, monkeypatch):
+    # matmul_4bit_bits and the prepared launch both run gemv_4bit_half at M = 1 with fp16 or
+    # bf16 (and not at M = 2, with float32, or with K % 32 != 0).
     ran = []
     real = mm._half_launch
-    monkeypatch.setattr(mm, "_half_launch", lambda *a, **k: ran.append(a[2]) or real(*a, **k))
-    for M, fmt in ((1, "float16"), (2, "float16"), (1, "bfloat16")):
-        a_bits, packed, qs, bias_bits = make_case(40, 256, M, fmt, seed=M)
+    monkeypatch.setattr(mm, "_half_launch", lambda *a, **k: ran.append((a[1], a[2])) or real(*a, **k))
+    for M, fmt, K in ((1, "float16", 256), (2, "float16", 256), (1, "bfloat16", 256), (1, "float32", 256),
+                      (1, "float16", 240)):  # fmt: skip
+        a_bits, packed, qs, bias_bits = make_case(40, K, M, fmt, seed=M)
         out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
         assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
-    assert ran == [1]
+    assert ran == [("float16", 1), ("bfloat16", 1)]
+    a_bits, packed, qs, bias_bits = make_case(40, 256, 1, "bfloat16", seed=1)
     _, gp, gqs, _ = to_gpu(cp, a_bits, packed, qs, bias_bits)
-    assert mm.prepare_fused("float16", 1, gp, gqs, True) is not None
-    assert ran == [1, 1]
+    assert mm.prepare_fused("bfloat16", 1, gp, gqs, True) is not None
+    assert ran[-1] == ("bfloat16", 1)
 
 
 @pytest.mark.gpu
