@@ -154,6 +154,8 @@ def main() -> int:
     parser.add_argument("--split", action="store_true", help="after the table, the split-K sweep (narrow weights)")
     parser.add_argument("--stage", action="store_true", help="first the gemm_4bit_stage sweep (up to 16 tokens)")
     parser.add_argument("--half", action="store_true", help="first the one-token gemv_4bit_half sweep")
+    parser.add_argument("--compare", help="first: these comma-separated forced paths side by side (fp16)")
+    parser.add_argument("--rows", default="1,2,4,8,16", help="M values of --compare")
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
@@ -163,6 +165,9 @@ def main() -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth"] = bw
     print(f"GPU: {results['gpu']}   device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    if args.compare:
+        compare(results, stream, args.compare.split(","), [int(m) for m in args.rows.split(",")])
+        save(args.json, results)
     if args.half:
         half_sweep(results, stream, lambda: save(args.json, results))
     if args.stage:
@@ -276,6 +281,22 @@ def stage_sweep(results: dict, stream, checkpoint) -> None:
         checkpoint()
 
 
+def compare(results: dict, stream, paths: list[str], rows: list[int]) -> None:
+    """Forced fused paths side by side on the sweep shapes, fp16, us per call."""
+    print(f"\nforced paths (us per call), NF4 bs64 nested, fp16: {', '.join(paths)}")
+    results.setdefault("compare", [])
+    for N, K in SWEEP_SHAPES:
+        w = Weights(N, K)
+        for M in rows:
+            row = dict(N=N, K=K, M=M)
+            for p in paths:
+                row[p] = measure(ours_calls(w, M, "float16", p), stream)
+            results["compare"].append(row)
+            print(f"{N:>6}x{K:<6} {M:>4}  " + "  ".join(f"{p} {row[p]:.1f}" for p in paths))
+        del w
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def half_sweep(results: dict, stream, checkpoint) -> None:
     """One fp16 / bf16 token: gemv_4bit_half as picked for the shape ("half") and in each
     instantiated configuration, against the tensor-core dispatch ("mma"), us per call; the
@@ -378,7 +399,7 @@ def eager(results: dict) -> None:
 
 
 SASS_INSTANCES = {
-    "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1>", "gemm_4bit_small<MmaBFloat16, true, 2, 2>",
+    "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1, false>", "gemm_4bit_small<MmaBFloat16, true, 2, 2, true>",
                      "gemm_4bit_mma<MmaHalf, true, 8>", "gemm_4bit_tile<MmaHalf, true, 8, 2>",
                      "gemm_4bit_tile_split<MmaHalf, true, 8, 2>"),
     "gemv_4bit.cu": ("gemv_4bit<Float16, true, 1, 4, true>", "gemv_4bit<Float32, true, 4, 2, true>"),

@@ -100,7 +100,7 @@ _STAGE_MIN_ROW_TILES_PER_SM = 3
 # in flight, CTAs an SM the registers are bounded for, A staged in shared memory)
 # instantiated; 8 warps a CTA, flat chunk indices in 32 bits (N * K < 2^37). The staged
 # configurations are picked by _half_pick; the unstaged one serves K too long to stage.
-_HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (4, 2, 2, False))
+_HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (2, 4, 2, True), (4, 2, 2, False))
 _HALF_WARPS = 8
 _HALF_STATIC_SMEM = 4 * (256 * 32 + 256)  # the byte table and the nested code
 _CTA_RESERVED_SMEM = 1024  # shared memory the driver reserves a CTA (sm_80 and later)
@@ -252,7 +252,8 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
     return (packed, table, *_scale_args(qs))
 
 
-def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False) -> tuple[str, int, int, int, int]:
+def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
+              frag: bool = False) -> tuple[str, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token tiles, token chunks, ksplit, grid) for the tensor-core kernels.
 
     Up to 16 tokens a CTA run ``gemm_4bit_small`` with ``rt`` 16-row tiles a warp; more tokens
@@ -269,7 +270,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False)
     if tiles <= 2 and not wide:
         if rt is None:
             rt = 2 if tiles == 2 or row_tiles >= 3 * sms else 1
-        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}>"
+        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}>"
     else:
         rt = 1
         kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
@@ -465,13 +466,28 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
                                                          ksplit, 1), smem  # fmt: skip
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
-        kernel, _, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide")
+        frag = path == "mma-frag"
+        kernel, tiles, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide", frag=frag)
         grid = (ctas,)
+        if frag:  # A into fragment order first (same stream), the kernel reads that copy
+            a_bits = _fragment_order(a_bits, M, K, tiles * chunks)
     kernel = get_function("gemm_4bit.cu", kernel.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
     if smem:
         _allow_smem(kernel, smem)
     args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
     return kernel, grid, (32 * _MMA_WARPS,), args, smem
+
+
+def _fragment_order(a_bits: Any, M: int, K: int, tiles: int) -> Any:
+    """A (M x K 16-bit) copied into gemm_4bit_small's fragment order for ``tiles`` token
+    tiles (a fresh array from the current pool, written on the current stream)."""
+    from .rawkernels import get_function
+
+    units = -(-K // _MMA_SEGMENT) * tiles * 128
+    out = _xp.cupy().empty(units * 8, dtype=np.uint16)
+    kernel = get_function("gemm_4bit.cu", "permute_fragments")
+    kernel((-(-units // 256),), (256,), (a_bits, out, np.int32(M), np.int32(K), np.int32(tiles), np.int32(units)))
+    return out
 
 
 def _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *extra) -> tuple[Any, ...]:
@@ -717,10 +733,11 @@ def _kernel_expressions(source: str) -> list[str]:
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
-    out = []
+    out = ["permute_fragments"]
+    n_or_f = ("false", "true")
     for f in _MMA_STRUCT.values():
         for n in nested:
-            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}>" for mt in (1, 2) for rt in (1, 2)]
+            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}>" for mt in (1, 2) for rt in (1, 2) for a in n_or_f]
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]

@@ -324,7 +324,7 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-template <class Fmt, bool NESTED, int MT, int RT>
+template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A>
 __global__ void __launch_bounds__(kMmaThreads)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -365,9 +365,17 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       wp[rt][h] = packed + (e[rt][h] >> 1);
     }
   }
+  // FRAG_A: A in fragment order (permute_fragments), so a load of the 32 lanes reads 512
+  // contiguous bytes; otherwise lane (g, t) reads 64 contiguous bytes of token g at k 32t
+  // of the segment, and each 16-byte load of the warp touches twice the sectors it uses.
+  const int frag_tiles = token_chunks * MT;  // token tiles of the fragment-order copy
+  const i64 a_step = FRAG_A ? (i64)frag_tiles * 4 * 32 * 8 : kSegment;  // elements a segment
+  const int a_load = FRAG_A ? 32 * 8 : 8;                               // elements a load
   const u16* ap[MT];
 #pragma unroll
-  for (int j = 0; j < MT; ++j) ap[j] = A + (i64)min(tok0 + 8 * j + g, M - 1) * K + (i64)seg_begin * kSegment + 32 * t;
+  for (int j = 0; j < MT; ++j)
+    ap[j] = FRAG_A ? A + (((i64)seg_begin * frag_tiles + chunk * MT + j) * 4 * 32 + lane) * 8
+                   : A + (i64)min(tok0 + 8 * j + g, M - 1) * K + (i64)seg_begin * kSegment + 32 * t;
 
   float acc[RT][MT][4];
 #pragma unroll
@@ -393,7 +401,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        x[j][i] = valid ? q4::load_cached16(ap[j] + d * kSegment + 8 * i) : make_uint4(0, 0, 0, 0);
+        x[j][i] = valid ? q4::load_cached16(ap[j] + d * a_step + a_load * i) : make_uint4(0, 0, 0, 0);
     mma_segment<Fmt>(acc, w, hs, x, lut_lane);
   };
 
@@ -406,7 +414,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         e[rt][h] += count * kSegment;
       }
 #pragma unroll
-    for (int j = 0; j < MT; ++j) ap[j] += count * kSegment;
+    for (int j = 0; j < MT; ++j) ap[j] += count * a_step;
   };
 
   int seg = seg_begin;
@@ -1048,4 +1056,18 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
   if (!warp_valid) return;
 
   store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
+}
+
+// permute_fragments: A (M x K fp16 / bf16, row-major, K % 32 == 0) into the fragment order
+// of gemm_4bit_small<..., FRAG_A = true>: 16-byte unit ((s * tiles + j) * 4 + i) * 32 + l holds
+// A[8j + l / 4][128 s + 32 (l % 4) + 8 i, + 8), zeros past M and K. One thread a unit,
+// grid ceil(units / 256) x 256, units = ceil(K / 128) * tiles * 128.
+__global__ void __launch_bounds__(256)
+permute_fragments(const uint4* __restrict__ A, uint4* __restrict__ out, int M, int K, int tiles, int units) {
+  const int u = blockIdx.x * 256 + threadIdx.x;
+  if (u >= units) return;
+  const int l = u & 31, i = (u >> 5) & 3, rest = u >> 7;
+  const int j = rest % tiles, s = rest / tiles;
+  const int tok = 8 * j + (l >> 2), k = 128 * s + 32 * (l & 3) + 8 * i;
+  out[u] = tok < M && k < K ? q4::load_cached16(A + (((i64)tok * K + k) >> 3)) : make_uint4(0, 0, 0, 0);
 }
