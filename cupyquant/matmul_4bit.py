@@ -100,11 +100,19 @@ _STAGE_MIN_ROW_TILES_PER_SM = 3
 # in flight, CTAs an SM the registers are bounded for, A staged in shared memory)
 # instantiated; 8 warps a CTA, flat chunk indices in 32 bits (N * K < 2^37). The staged
 # configurations are picked by _half_pick; the unstaged one serves K too long to stage.
-_HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (2, 4, 2, True), (4, 2, 2, False))
+_HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (4, 2, 2, False))
 _HALF_WARPS = 8
 _HALF_STATIC_SMEM = 4 * (256 * 32 + 256)  # the byte table and the nested code
 _CTA_RESERVED_SMEM = 1024  # shared memory the driver reserves a CTA (sm_80 and later)
 _HALF_MAX_ELEMENTS = 1 << 37
+# gemm_4bit_small reads A in fragment order (permute_fragments runs first, a copy of A a
+# call) at 9..16 tokens on weights of at least _FRAG_MIN_N rows: each 16-byte activation load
+# of a warp then covers 16 sectors, not 32 (ncu, 28672 x 8192 at 16 tokens: L1 throughput
+# 90%, global sectors 5.6x the weight's). H100, run 19 of NOTES_matmul_4bit.md, us at 16
+# tokens, fragment order / not: 28672 x 8192 69.2 / 86.7, 11008 x 4096 17.5 / 18.8,
+# 8192 x 28672 80.0 / 81.1; 4096 x 4096 13.5 / 12.1 (the extra launch costs more than it
+# saves there), and at 1..8 tokens it lost on every shape (4096 x 4096: 10.6 / 8.8).
+_FRAG_MIN_N = 8192
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -420,14 +428,18 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
     ``gemm_4bit_tile`` / ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else
     ``gemm_4bit_mma``), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
-    "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-wide"
+    "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
+    / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
+    "mma-wide"
     (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default rule),
     "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split across
     ksplit CTAs).
 
     A ``gemm_4bit_tile_split`` launch also carries its workspace (float32 partial sums and
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
-    current CuPy pool on the current stream; a prepared launch keeps its own."""
+    current CuPy pool on the current stream; a prepared launch keeps its own. Fragment order
+    launches ``permute_fragments`` here, on the current stream, and the kernel's A is that
+    copy (so a prepared launch never takes that path)."""
     from .rawkernels import get_function
 
     smem = 0
@@ -465,8 +477,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         return kernel, (ctas,), (32 * warps,), _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits,
                                                          ksplit, 1), smem  # fmt: skip
     else:
-        rt = {"mma-rt1": 1, "mma-rt2": 2}.get(path)
-        frag = path == "mma-frag"
+        rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
+        frag = path.startswith("mma-frag") or (path == "mma" and _frag_default(M, N))
         kernel, tiles, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide", frag=frag)
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy
@@ -476,6 +488,11 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         _allow_smem(kernel, smem)
     args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
     return kernel, grid, (32 * _MMA_WARPS,), args, smem
+
+
+def _frag_default(M: int, N: int) -> bool:
+    """Whether the default tensor-core dispatch reads A in fragment order (_FRAG_MIN_N)."""
+    return 8 < M <= 8 * _MMA_TOKEN_TILES[1] and N >= _FRAG_MIN_N
 
 
 def _fragment_order(a_bits: Any, M: int, K: int, tiles: int) -> Any:
@@ -663,6 +680,10 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     if _half_applies(fmt, M, N, K, aligned):
         kernel, grid, block, args, smem = _half_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
     elif fmt != "float32" and aligned:
+        if _frag_default(M, N):
+            # A is copied into fragment order a call, into a buffer from the pool on the
+            # call's stream: the general path does that.
+            return None
         kernel, grid, block, args, smem = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
         if len(grid) > 1 and grid[1] > 1:
             # gemm_4bit_tile_split (K split over grid.y) needs a workspace per launch: one kept
@@ -683,7 +704,8 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     """The fused kernels. ``path`` forces one (tests, benchmarks): "half" / "half-<rows>x<unroll>c<ctas>[s]"
     (``gemv_4bit_half``, one fp16 / bf16 token), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
-    to 16 tokens), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
+    to 16 tokens), "mma-frag" (``gemm_4bit_small`` on A in fragment order, up to 16 tokens),
+    "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies."""
     aligned = _aligned(K, a_bits, packed)

@@ -652,3 +652,28 @@ def test_half_pick_rule():
     for N in (1, 37, 4096, 11008, 28672):
         for K in (32, 4096, 28672, 40960, 1 << 20):
             assert mm._half_pick(N, K, 132, smem) in mm._HALF_CONFIGS
+
+
+def test_frag_default_rule():
+    # Fragment order at 9..16 tokens on weights of >= 8192 rows (run 19), never at 1..8 or 17+.
+    assert mm._frag_default(9, 8192) and mm._frag_default(16, 28672)
+    assert not mm._frag_default(8, 28672) and not mm._frag_default(17, 28672)
+    assert not mm._frag_default(16, 4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (9, 13, 16))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_frag_is_the_default_at_9_to_16_tokens_on_wide_weights(cp, monkeypatch, M, fmt):
+    # The default dispatch copies A into fragment order (N >= _FRAG_MIN_N, K cut inside a
+    # segment), and the prepared launch declines those shapes (the copy needs a buffer a call).
+    ran = []
+    real = mm._fragment_order
+    monkeypatch.setattr(mm, "_fragment_order", lambda *a: ran.append(a[1:]) or real(*a))
+    N, K = mm._FRAG_MIN_N + 24, 352
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M)
+    out = run_gpu(cp, a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    assert ran == [(M, K, 2)]
+    _, gp, gqs, _ = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    assert mm.prepare_fused(fmt, M, gp, gqs, True) is None
