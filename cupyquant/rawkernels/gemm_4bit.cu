@@ -324,11 +324,8 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-#ifndef GEMM_SMALL_MIN_CTAS
-#define GEMM_SMALL_MIN_CTAS 4
-#endif
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A>
-__global__ void __launch_bounds__(kMmaThreads, GEMM_SMALL_MIN_CTAS)
+__global__ void __launch_bounds__(kMmaThreads)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
@@ -373,6 +370,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   // of the segment, and each 16-byte load of the warp touches twice the sectors it uses.
   const int frag_tiles = token_chunks * MT;  // token tiles of the fragment-order copy
   const i64 a_step = FRAG_A ? (i64)frag_tiles * 4 * 32 * 8 : kSegment;  // elements a segment
+  const int a_load = FRAG_A ? 32 * 8 : 8;                               // elements a load
   const u16* ap[MT];
 #pragma unroll
   for (int j = 0; j < MT; ++j)
@@ -403,9 +401,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        x[j][i] = valid ? q4::load_cached16(FRAG_A ? ap[0] + d * a_step + (4 * j + i) * (32 * 8)  // tile j: + 2 KB
-                                                   : ap[j] + d * kSegment + 8 * i)
-                        : make_uint4(0, 0, 0, 0);
+        x[j][i] = valid ? q4::load_cached16(ap[j] + d * a_step + a_load * i) : make_uint4(0, 0, 0, 0);
     mma_segment<Fmt>(acc, w, hs, x, lut_lane);
   };
 
@@ -421,35 +417,23 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j) ap[j] += count * a_step;
   };
 
-  // Full batches of kBatch segments. Each segment's registers are refilled with the segment
-  // a batch ahead as soon as it is multiplied, so a warp keeps kBatch segments of weights in
-  // flight while it computes (loading a whole batch after the last one is done left the
-  // warp waiting on DRAM once a batch).
-  uint4 w[kBatch][RT][2];
-  float v[kBatch][RT][2];
-  u32 q[kBatch][RT][2];
-  auto fetch = [&](int d, int ahead) {  // segment d + ahead of the current batch into slot d
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        w[d][rt][h] = q4::load_stream16(wp[rt][h] + (ahead + d) * (kSegment / 2));
-        q4::scale_fetch<NESTED>((e[rt][h] + (ahead + d) * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
-                                v[d][rt][h], q[d][rt][h]);
-      }
-  };
   int seg = seg_begin;
-  if (seg + kBatch <= full_end) {
-#pragma unroll
-    for (int d = 0; d < kBatch; ++d) fetch(d, 0);
-  }
   for (; seg + kBatch <= full_end; seg += kBatch) {
-    const bool more = seg + 2 * kBatch <= full_end;  // the next batch is full too
+    uint4 w[kBatch][RT][2];
+    float v[kBatch][RT][2];
+    u32 q[kBatch][RT][2];
 #pragma unroll
-    for (int d = 0; d < kBatch; ++d) {
-      segment(w[d], v[d], q[d], d, true);
-      if (more) fetch(d, kBatch);
-    }
+    for (int d = 0; d < kBatch; ++d)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          w[d][rt][h] = q4::load_stream16(wp[rt][h] + d * (kSegment / 2));
+          q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
+                                  v[d][rt][h], q[d][rt][h]);
+        }
+#pragma unroll
+    for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
     advance(kBatch);
   }
   for (; seg < seg_end; ++seg) {  // fewer than a batch left, or the segment that K cuts
