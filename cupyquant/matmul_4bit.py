@@ -260,15 +260,19 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
     return (packed, table, *_scale_args(qs))
 
 
-def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
-              frag: bool = False) -> tuple[str, int, int, int, int]:  # fmt: skip
-    """(kernel expression prefix, token tiles, token chunks, ksplit, grid) for the tensor-core kernels.
+def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False, frag: bool = False,
+              warps: int = _MMA_WARPS) -> tuple[str, int, int, int, int, int]:  # fmt: skip
+    """(kernel expression prefix, token tiles, token chunks, ksplit, grid, warps a CTA) for the
+    tensor-core kernels.
 
-    Up to 16 tokens a CTA run ``gemm_4bit_small`` with ``rt`` 16-row tiles a warp; more tokens
-    run ``gemm_4bit_mma`` (one tile a warp), in chunks of up to 64 tokens. Default ``rt``
-    (measured, NOTES_matmul_4bit.md): 2 for 9..16 tokens; for 1..8 tokens 2 when the weight has
-    at least 3 row tiles per SM (N >= 8192 on 132 SMs: 60.9 vs 79.4 us at 28672x8192), else 1
-    (8.8 vs 11.2 us at 4096x4096).
+    Up to 16 tokens a CTA run ``gemm_4bit_small`` with ``rt`` 16-row tiles a warp and
+    ``warps`` warps a CTA (4 or 8); more tokens run ``gemm_4bit_mma`` (one tile a warp, 4
+    warps), in chunks of up to 64 tokens. Default ``rt`` (measured, NOTES_matmul_4bit.md): 2
+    for 9..16 tokens; for 1..8 tokens 2 when the weight has at least 3 row tiles per SM
+    (N >= 8192 on 132 SMs: 60.9 vs 79.4 us at 28672x8192), else 1 (8.8 vs 11.2 us at
+    4096x4096). K is split across a CTA's warps while the grid has fewer than
+    _WARPS_PER_SM_TARGET warps an SM and every split keeps _MMA_IN_FLIGHT segments (8 warps:
+    half that).
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))
@@ -278,17 +282,19 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     if tiles <= 2 and not wide:
         if rt is None:
             rt = 2 if tiles == 2 or row_tiles >= 3 * sms else 1
-        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}>"
+        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}>"
     else:
-        rt = 1
+        rt, warps = 1, _MMA_WARPS
         kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
     warp_tiles = -(-row_tiles // rt)
     segments = -(-K // _MMA_SEGMENT)
+    # A split keeps at least _MMA_IN_FLIGHT segments (4 warps), half that with 8 warps.
+    per_split = _MMA_IN_FLIGHT if warps == _MMA_WARPS else _MMA_IN_FLIGHT // 2
     ksplit = 1
-    while ksplit < _MMA_WARPS and warp_tiles * chunks * ksplit < target and segments >= 2 * _MMA_IN_FLIGHT * ksplit:
+    while ksplit < warps and warp_tiles * chunks * ksplit < target and segments >= 2 * per_split * ksplit:
         ksplit *= 2
-    groups = -(-warp_tiles // (_MMA_WARPS // ksplit))
-    return kernel, tiles, chunks, ksplit, groups * chunks
+    groups = -(-warp_tiles // (warps // ksplit))
+    return kernel, tiles, chunks, ksplit, groups * chunks, warps
 
 
 def _stage_smem(rt: int, stages: int, chunk: int, warps: int) -> int:
@@ -443,6 +449,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     from .rawkernels import get_function
 
     smem = 0
+    warps = _MMA_WARPS
     tile_args: tuple[Any, ...] = ()
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
         path = "tile" if N >= _TILE_MIN_N else "mma-wide"
@@ -478,8 +485,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
                                                          ksplit, 1), smem  # fmt: skip
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
-        frag = path.startswith("mma-frag") or (path == "mma" and _frag_default(M, N))
-        kernel, tiles, chunks, ksplit, ctas = _pick_mma(M, N, K, rt, wide=path == "mma-wide", frag=frag)
+        frag = path.startswith("mma-frag") or (path in ("mma", "mma-w8") and _frag_default(M, N))
+        warps = 8 if path == "mma-w8" else _MMA_WARPS
+        kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps)
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy
             a_bits = _fragment_order(a_bits, M, K, tiles * chunks)
@@ -487,7 +495,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     if smem:
         _allow_smem(kernel, smem)
     args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
-    return kernel, grid, (32 * _MMA_WARPS,), args, smem
+    return kernel, grid, (32 * warps,), args, smem
 
 
 def _frag_default(M: int, N: int) -> bool:
@@ -759,7 +767,8 @@ def _kernel_expressions(source: str) -> list[str]:
     n_or_f = ("false", "true")
     for f in _MMA_STRUCT.values():
         for n in nested:
-            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}>" for mt in (1, 2) for rt in (1, 2) for a in n_or_f]
+            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, {w}>"
+                    for mt in (1, 2) for rt in (1, 2) for a in n_or_f for w in (4, 8)]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]

@@ -283,9 +283,9 @@ SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLI
 STAGE_PATHS = [(f"stage-{rt}x{st}c{c}w{w}", M) for _, rt, st, c, w in mm._STAGE_CONFIGS for M in (1, 2, 5, 8)]
 EACH_PATH = STAGE_PATHS + [
     (path, M)
-    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
+    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w8", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
     for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
-    if not (path.startswith(("mma-rt", "mma-frag")) and M > 16)
+    if not (path.startswith(("mma-rt", "mma-frag", "mma-w8")) and M > 16)
     and not (path == "gemv" and M > 70)
     and not (path.startswith("tile-") and M not in (1, 40, 70, 256))
 ]

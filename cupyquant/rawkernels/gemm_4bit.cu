@@ -313,19 +313,21 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
   }
 }
 
-// gemm_4bit_small<Fmt, NESTED, MT, RT>: the same product for up to 8 * MT tokens a CTA, with
-// the loads and addresses trimmed for the few-token case and RT row tiles a warp.
-//   grid (ceil(ceil(N / 16) / (RT * 4 / ksplit)) * token_chunks), block 128; ksplit in {1, 2, 4}.
+// gemm_4bit_small<Fmt, NESTED, MT, RT, FRAG_A, WARPS>: the same product for up to 8 * MT
+// tokens a CTA, with the loads and addresses trimmed for the few-token case, RT row tiles a
+// warp and WARPS warps a CTA (8: twice the split-K warps for weights with few rows).
+//   grid (ceil(ceil(N / 16) / (RT * WARPS / ksplit)) * token_chunks), block 32 * WARPS;
+//   ksplit a power of two up to WARPS.
 //
 // Differences from gemm_4bit_mma (same layouts, k permutation and table):
-//  * warp w owns the RT consecutive 16-row tiles RT * (group * (4 / ksplit) + w / ksplit) + rt,
+//  * warp w owns the RT consecutive 16-row tiles RT * (group * (WARPS / ksplit) + w / ksplit) + rt,
 //    so every activation fragment loaded feeds RT tiles' mma (the activation loads, not the
 //    weight bytes, are what the L1/shared-memory pipe runs out of once there are 16 tokens);
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A>
-__global__ void __launch_bounds__(kMmaThreads)
+template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
@@ -334,13 +336,13 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   constexpr int kBatch = kInFlight / RT;  // segments loaded ahead: 4 x 2 x 16 bytes a lane in flight
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
-  fill_byte_table<Fmt, NESTED, kMmaThreads>(lut, code2_s, table, code2);
+  fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % token_chunks;
-  const int tile0 = ((blockIdx.x / token_chunks) * (kMmaWarps / ksplit) + warp / ksplit) * RT;
+  const int tile0 = ((blockIdx.x / token_chunks) * (WARPS / ksplit) + warp / ksplit) * RT;
   const int kpart = warp % ksplit;
   const bool warp_valid = tile0 * 16 < N;
   const int tok0 = chunk * 8 * MT;
