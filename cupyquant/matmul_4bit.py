@@ -261,7 +261,7 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
 
 
 def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False, frag: bool = False,
-              warps: int = _MMA_WARPS) -> tuple[str, int, int, int, int, int]:  # fmt: skip
+              warps: int | None = None) -> tuple[str, int, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token tiles, token chunks, ksplit, grid, warps a CTA) for the
     tensor-core kernels.
 
@@ -272,29 +272,40 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     (N >= 8192 on 132 SMs: 60.9 vs 79.4 us at 28672x8192), else 1 (8.8 vs 11.2 us at
     4096x4096). K is split across a CTA's warps while the grid has fewer than
     _WARPS_PER_SM_TARGET warps an SM and every split keeps _MMA_IN_FLIGHT segments (8 warps:
-    half that).
+    half that). Default ``warps``: 8 where 4 warps a CTA, K split 4 ways, still leave the
+    grid short of that target and the 8-warp grid fits one wave of 2 CTAs an SM (H100, run 21,
+    us, 8 / 4 warps: 4096 x 4096 at 2 / 16 tokens 8.3 / 8.9 and 10.5 / 12.0, 8192 x 28672 at
+    16 tokens 72.7 / 80.1; 11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5).
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))
     row_tiles = -(-N // 16)
     sms = _sm_count()
     target = _WARPS_PER_SM_TARGET * sms
+    segments = -(-K // _MMA_SEGMENT)
+
+    def split(warp_tiles: int, warps: int) -> tuple[int, int]:
+        """(ksplit, CTAs) of ``warp_tiles`` row groups on ``warps``-warp CTAs."""
+        per_split = _MMA_IN_FLIGHT if warps == _MMA_WARPS else _MMA_IN_FLIGHT // 2  # segments a split keeps
+        ksplit = 1
+        while ksplit < warps and warp_tiles * chunks * ksplit < target and segments >= 2 * per_split * ksplit:
+            ksplit *= 2
+        return ksplit, -(-warp_tiles // (warps // ksplit)) * chunks
+
     if tiles <= 2 and not wide:
         if rt is None:
             rt = 2 if tiles == 2 or row_tiles >= 3 * sms else 1
+        warp_tiles = -(-row_tiles // rt)
+        if warps is None:
+            ksplit, _ = split(warp_tiles, _MMA_WARPS)
+            short = ksplit == _MMA_WARPS and warp_tiles * chunks * ksplit < target
+            warps = 8 if short and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}>"
     else:
-        rt, warps = 1, _MMA_WARPS
+        rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
         kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
-    warp_tiles = -(-row_tiles // rt)
-    segments = -(-K // _MMA_SEGMENT)
-    # A split keeps at least _MMA_IN_FLIGHT segments (4 warps), half that with 8 warps.
-    per_split = _MMA_IN_FLIGHT if warps == _MMA_WARPS else _MMA_IN_FLIGHT // 2
-    ksplit = 1
-    while ksplit < warps and warp_tiles * chunks * ksplit < target and segments >= 2 * per_split * ksplit:
-        ksplit *= 2
-    groups = -(-warp_tiles // (warps // ksplit))
-    return kernel, tiles, chunks, ksplit, groups * chunks, warps
+    ksplit, ctas = split(warp_tiles, warps)
+    return kernel, tiles, chunks, ksplit, ctas, warps
 
 
 def _stage_smem(rt: int, stages: int, chunk: int, warps: int) -> int:
@@ -436,7 +447,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     ``gemm_4bit_mma``), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
-    "mma-wide"
+    "mma-w4" / "mma-w8" (``gemm_4bit_small`` with 4 / 8 warps a CTA), "mma-wide"
     (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default rule),
     "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split across
     ksplit CTAs).
@@ -485,8 +496,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
                                                          ksplit, 1), smem  # fmt: skip
     else:
         rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
-        frag = path.startswith("mma-frag") or (path in ("mma", "mma-w8") and _frag_default(M, N))
-        warps = 8 if path == "mma-w8" else _MMA_WARPS
+        frag = path.startswith("mma-frag") or (path in ("mma", "mma-w4", "mma-w8") and _frag_default(M, N))
+        warps = {"mma-w4": 4, "mma-w8": 8}.get(path)
         kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps)
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy

@@ -283,9 +283,10 @@ SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLI
 STAGE_PATHS = [(f"stage-{rt}x{st}c{c}w{w}", M) for _, rt, st, c, w in mm._STAGE_CONFIGS for M in (1, 2, 5, 8)]
 EACH_PATH = STAGE_PATHS + [
     (path, M)
-    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w8", "mma-wide", "dequant", *TILE_PATHS, *SPLIT_PATHS)
+    for path in ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w4", "mma-w8", "mma-wide", "dequant", *TILE_PATHS,
+                 *SPLIT_PATHS)
     for M in (1, 2, 5, 9, 16, 17, 40, 64, 70, 128, 256)
-    if not (path.startswith(("mma-rt", "mma-frag", "mma-w8")) and M > 16)
+    if not (path.startswith(("mma-rt", "mma-frag", "mma-w4", "mma-w8")) and M > 16)
     and not (path == "gemv" and M > 70)
     and not (path.startswith("tile-") and M not in (1, 40, 70, 256))
 ]
@@ -677,3 +678,16 @@ def test_gpu_frag_is_the_default_at_9_to_16_tokens_on_wide_weights(cp, monkeypat
     assert ran == [(M, K, 2)]
     _, gp, gqs, _ = to_gpu(cp, a_bits, packed, qs, bias_bits)
     assert mm.prepare_fused(fmt, M, gp, gqs, True) is None
+
+
+def test_mma_warps_rule(monkeypatch):
+    # 8 warps a CTA where 4 warps with K split 4 ways leave fewer than the target warps an SM
+    # and the 8-warp grid is one wave (run 21); (token tiles, chunks, ksplit, CTAs, warps).
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    assert mm._pick_mma(16, 4096, 4096)[1:] == (2, 1, 8, 128, 8)
+    assert mm._pick_mma(4, 4096, 4096)[1:] == (1, 1, 8, 256, 8)
+    assert mm._pick_mma(16, 8192, 28672)[1:] == (2, 1, 8, 256, 8)
+    assert mm._pick_mma(16, 11008, 4096)[1:] == (2, 1, 4, 344, 4)  # 8 warps: 344 CTAs, 1.3 waves
+    assert mm._pick_mma(16, 28672, 8192)[1:] == (2, 1, 2, 448, 4)  # 4 warps reach the target
+    assert mm._pick_mma(16, 4096, 4096, warps=4)[1:] == (2, 1, 4, 128, 4)
+    assert mm._pick_mma(40, 4096, 4096)[-1] == 4  # gemm_4bit_mma: always 4
