@@ -27,6 +27,12 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
 
 The cuBLAS call goes through ctypes to the libcublas CuPy loaded, on CuPy's handle and the
 current stream, because CuPy's binding refuses to run during stream capture.
+
+Some calls take temporaries from CuPy's current memory pool, in stream order: A in fragment
+order (9..16 tokens on wide weights), the split-K workspace, the dequantized weight. A CUDA
+graph captured through this API keeps their addresses, so keep those blocks from being
+handed out again while the graph lives (capture with a pool of its own, or hold the pool's
+memory; the torch adapter's graphs use torch's graph pool and need nothing).
 * dequantize + cuBLAS for larger M: W is dequantized to A's format (as
   :func:`dequantize_4bit` does) and multiplied by cublasGemmEx with float32 compute; a bias
   is pre-broadcast into the output and added by the GEMM (beta = 1), so it is rounded once.
@@ -102,7 +108,7 @@ _STAGE_MIN_ROW_TILES_PER_SM = 3
 # configurations are picked by _half_pick; the unstaged one serves K too long to stage.
 _HALF_CONFIGS = ((2, 2, 3, True), (4, 1, 3, True), (4, 2, 2, True), (4, 2, 2, False))
 _HALF_WARPS = 8
-_HALF_STATIC_SMEM = 4 * (256 * 32 + 256)  # the byte table and the nested code
+_HALF_STATIC_SMEM = 4 * (256 * 32 + 256 + 8)  # byte table, nested code (plain: unused), warp maxima
 _CTA_RESERVED_SMEM = 1024  # shared memory the driver reserves a CTA (sm_80 and later)
 _HALF_MAX_ELEMENTS = 1 << 37
 # gemm_4bit_small reads A in fragment order (permute_fragments runs first, a copy of A a
@@ -424,18 +430,22 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
     return mt, 2 if ctas_rt2 >= sms else 1, 1
 
 
-_SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> the dynamic shared-memory limit raised to
+_SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> its dynamic shared-memory limit
 _SMEM_LOCK = threading.Lock()
 
 
 def _allow_smem(kernel: Any, nbytes: int) -> None:
-    """Raise the kernel's dynamic shared-memory limit (48 KB by default) to at least ``nbytes``.
-    The limit only grows, so a launch that needs less than an earlier one still fits."""
+    """Raise the kernel's dynamic shared-memory limit to at least ``nbytes`` (the driver's
+    default is 48 KB less the kernel's static shared memory). The limit only grows, so a
+    launch that needs less than an earlier one still fits."""
     function = kernel.kernel.ptr
     with _SMEM_LOCK:
-        if _SMEM_LIMIT.get(function, 0) < nbytes:
-            kernel.max_dynamic_shared_size_bytes = nbytes
-            _SMEM_LIMIT[function] = nbytes
+        limit = _SMEM_LIMIT.get(function)
+        if limit is None:
+            limit = kernel.max_dynamic_shared_size_bytes
+        if limit < nbytes:
+            kernel.max_dynamic_shared_size_bytes = limit = nbytes
+        _SMEM_LIMIT[function] = limit
 
 
 def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma"):
@@ -495,6 +505,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         return kernel, (ctas,), (32 * warps,), _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits,
                                                          ksplit, 1), smem  # fmt: skip
     else:
+        if path not in ("mma", "mma-wide") and M > 8 * _MMA_TOKEN_TILES[1]:
+            raise ValueError(f"path {path!r} forces gemm_4bit_small, which takes up to 16 tokens, got M = {M}")
         rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
         frag = path.startswith("mma-frag") or (path in ("mma", "mma-w4", "mma-w8") and _frag_default(M, N))
         warps = {"mma-w4": 4, "mma-w8": 8}.get(path)
@@ -617,6 +629,10 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     expr = f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}>"
     kernel = get_function("gemv_4bit.cu", expr)
     smem = 128 * -(-K // 64) if staged else 0
+    limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
+    if _HALF_STATIC_SMEM + smem > limit:
+        raise ValueError(f"{path!r} stages A in {smem} bytes of shared memory (K = {K}); with the byte table that "
+                         f"exceeds the {limit} bytes a block may have")  # fmt: skip
     if smem:
         _allow_smem(kernel, smem)
     has_bias = bias_bits is not None
@@ -775,11 +791,11 @@ def _kernel_expressions(source: str) -> list[str]:
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
     out = ["permute_fragments"]
-    n_or_f = ("false", "true")
+    frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():
         for n in nested:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, {w}>"
-                    for mt in (1, 2) for rt in (1, 2) for a in n_or_f for w in (4, 8)]  # fmt: skip
+                    for mt in (1, 2) for rt in (1, 2) for a in frag_flags for w in (4, 8)]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]

@@ -435,8 +435,10 @@ def test_gpu_graph_capture_split(cp, monkeypatch, path):
 )
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
 def test_gpu_prepared_launch(cp, M, N, K, bias):
-    # prepare_fused's launch (the torch adapter's eager path): every tensor-core kernel, the
-    # dynamic shared memory and 256-thread blocks of gemm_4bit_stage (6400 x 8192) included.
+    # prepare_fused's launch (the torch adapter's eager path): gemv_4bit_half at one token
+    # (its staged A in dynamic shared memory), gemm_4bit_small (4 and 8 warps), the tile
+    # kernel, and the dynamic shared memory and 256-thread blocks of gemm_4bit_stage
+    # (6400 x 8192).
     fmt = "float16"
     assert M <= mm.fused_max_m(fmt, N, K)
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=21, bias=bias)
@@ -607,8 +609,9 @@ def test_gpu_half_gemv_is_the_default_for_one_16bit_token(cp, monkeypatch):
     assert ran == [("float16", 1), ("bfloat16", 1)]
     a_bits, packed, qs, bias_bits = make_case(40, 256, 1, "bfloat16", seed=1)
     _, gp, gqs, _ = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    before = len(ran)
     assert mm.prepare_fused("bfloat16", 1, gp, gqs, True) is not None
-    assert ran[-1] == ("bfloat16", 1)
+    assert ran[before:] == [("bfloat16", 1)]
 
 
 @pytest.mark.gpu
@@ -633,6 +636,34 @@ def test_gpu_half_gemv_fp16_overflow_falls_back(cp, path):
     assert 1000 < np.abs(expected).max() < 65504  # the answer itself fits fp16
     out = run_gpu(cp, a_bits, "float16", 1, packed, qs, None, path=path)
     assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", HALF_PATHS)
+@pytest.mark.parametrize("magnitude", (1e-6, 1e-5, 3e-2, 5e3), ids=("1e-6", "1e-5", "3e-2", "5e3"))
+def test_gpu_half_gemv_fp16_activation_range(cp, path, magnitude):
+    # fp16 activations far from 1 against weights that keep the outputs near 1: tiny ones
+    # would make fp16-subnormal products (a NumPy simulation of the kernel's sums without the
+    # power-of-two scaling: 4.5e-2 relative error at 1e-6, 5.5e-4 with it), large ones can
+    # overflow 8-product sums. The kernel multiplies A by a power of two first, and back.
+    N, K = 40, 4160
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = packed.reshape(-1)
+    a_bits = ref.from_float32((rng.standard_normal(K) * magnitude).astype(np.float32), "float16")
+    expected = reference(a_bits, "float16", 1, packed, qs, None)
+    out = run_gpu(cp, a_bits, "float16", 1, packed, qs, None, path=path)
+    assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
+
+
+def test_forced_small_kernel_paths_refuse_more_than_16_tokens(monkeypatch):
+    # gemm_4bit_small's forced variants would otherwise fall back to gemm_4bit_mma, which
+    # reads A row-major while a fragment-order copy was made.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    for path in ("mma-frag", "mma-w8", "mma-rt1"):
+        with pytest.raises(ValueError, match=f"path '{path}' forces gemm_4bit_small, which takes up to 16 tokens"):
+            mm._mma_launch(None, "float16", 17, 300, 640, None, None, None, None, path=path)
 
 
 def test_half_config_rejects_unbuilt():

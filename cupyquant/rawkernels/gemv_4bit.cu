@@ -231,9 +231,11 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
 // half each), widened to float32 and summed there, then multiplied by the block's scale into
 // the row's float32 sum. (A NumPy rounding simulation, 256 x 4096 NF4: relative error 4.8e-4
 // in fp16 and 3.7e-3 in bf16, against 3.6e-4 and 2.8e-3 for the tensor-core kernels, which
-// round each dequantized weight to Fmt.) A chunk whose sum is not finite (in fp16, 8
-// products of activations above ~8000 can overflow) is redone in float32 from the same
-// registers, so no fp16 overflow reaches the output.
+// round each dequantized weight to Fmt.) fp16 has too little range for that unguarded: the
+// CTA first finds A's largest magnitude and, outside [2^-2, 2^12], multiplies A by a power of
+// two (exact) so that small activations do not make subnormal products and 8 products cannot
+// overflow (a_scale_exponent); the row sums are multiplied back. A chunk whose sum is still
+// not finite (inf / NaN activations) is redone in float32 from the same registers.
 //
 // Thread mapping: 8 warps a CTA, warp w owns ROWS consecutive weight rows; lane l reads
 // chunks l, l + 32, ... of each row (a warp reads 512 contiguous bytes of a row per load),
@@ -276,6 +278,49 @@ __device__ __forceinline__ float2 pair_to_float2<Float16>(u32 h) {
 template <>
 __device__ __forceinline__ float2 pair_to_float2<BFloat16>(u32 h) {
   return make_float2(__uint_as_float(h << 16), __uint_as_float(h & 0xFFFF0000u));
+}
+
+// fp16's range guard (the sums of a chunk are fp16 only for Float16 activations).
+template <class Fmt>
+struct SumsInHalf {
+  static constexpr bool value = false;
+};
+template <>
+struct SumsInHalf<Float16> {
+  static constexpr bool value = true;
+};
+
+// The largest magnitude of the 8 fp16 values of a 16-byte unit (a NaN is passed over).
+__device__ __forceinline__ float unit_absmax(const uint4& v) {
+  float m = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = pair_to_float2<Float16>(q4::word_of(v, q));
+    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+  return m;
+}
+
+// k such that fp16 activations are multiplied by 2^k (exactly) before the fp16 sums, from
+// their largest magnitude: below 2^-2 they are raised to [2^10, 2^11) (at most 2^15), so that
+// the products of small activations are not fp16 subnormals; above 2^12 they are lowered to
+// [2^11, 2^12), so that 8 products (|code| <= 1) cannot overflow; in between, and for inf /
+// NaN, k = 0.
+__device__ __forceinline__ int a_scale_exponent(float amax) {
+  const int e = (int)((__float_as_uint(amax) >> 23) & 0xFFu) - 127;  // floor(log2(amax))
+  if (amax > 0.0f && amax < 0.25f) return min(15, 10 - e);
+  if (amax > 4096.0f && amax <= 65504.0f) return 11 - e;
+  return 0;
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ uint4 scale_unit(const uint4& v, u32 scale2) {
+  return make_uint4(hmul2(v.x, scale2), hmul2(v.y, scale2), hmul2(v.z, scale2), hmul2(v.w, scale2));
 }
 
 __device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) & 0x7F800000u) != 0x7F800000u; }
@@ -349,6 +394,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
   __shared__ __align__(16) u32 lut[256 * 32];
   __shared__ float code2_s[NESTED ? 256 : 1];
+  __shared__ float amax_s[kHalfWarps];
   extern __shared__ __align__(16) uint4 staged_a[];
   constexpr int kStep = 32 * UNROLL;  // chunks a warp's row advances per batch
   const int lane = threadIdx.x & 31;
@@ -368,11 +414,37 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
     fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
                               nested_absmax, chunk_shift);
   q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
-  if constexpr (STAGED) {
-    const uint4* a16 = reinterpret_cast<const uint4*>(A);
-    for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads) staged_a[staged_unit(u)] = q4::load_cached16(a16 + u);
+  // A's largest magnitude (fp16 only), found while A is staged (or in a pass of its own).
+  constexpr bool kGuard = SumsInHalf<Fmt>::value;
+  const uint4* a16 = reinterpret_cast<const uint4*>(A);
+  float amax = 0.0f;
+  for (int u = threadIdx.x; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads) {
+    const uint4 v = q4::load_cached16(a16 + u);
+    if constexpr (STAGED) staged_a[staged_unit(u)] = v;
+    if constexpr (kGuard) amax = fmaxf(amax, unit_absmax(v));
+  }
+  if constexpr (kGuard) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) amax_s[threadIdx.x >> 5] = amax;
   }
   __syncthreads();
+  int k = 0;  // A counts 2^k times its value from here on; the row sums are scaled back
+  if constexpr (kGuard) {
+    float m = amax_s[0];
+#pragma unroll
+    for (int i = 1; i < kHalfWarps; ++i) m = fmaxf(m, amax_s[i]);
+    k = a_scale_exponent(m);
+  }
+  const u32 scale2 = ((u32)(k + 15) << 10) * 0x10001u;           // 2^k in both fp16 halves
+  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
+  if constexpr (STAGED && kGuard) {
+    if (k != 0) {  // k is the CTA's: the barrier is reached by all threads or none
+      for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads)
+        staged_a[staged_unit(u)] = scale_unit(staged_a[staged_unit(u)], scale2);
+      __syncthreads();
+    }
+  }
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
@@ -398,7 +470,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       } else {
         const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) x[i] = q4::load_cached16(a + i);
+        for (int i = 0; i < 4; ++i) x[i] = kGuard ? scale_unit(q4::load_cached16(a + i), scale2) : q4::load_cached16(a + i);
       }
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
@@ -412,7 +484,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    const float v = q4::warp_sum(acc[r]);
+    const float v = q4::warp_sum(acc[r]) * unscale;
     const int row = row0 + r;
     if (lane == r && row < N) {
       const float b = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
