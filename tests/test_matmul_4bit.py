@@ -644,8 +644,9 @@ def test_gpu_half_gemv_fp16_overflow_falls_back(cp, path):
 def test_gpu_half_gemv_fp16_activation_range(cp, path, magnitude):
     # fp16 activations far from 1 against weights that keep the outputs near 1: tiny ones
     # would make fp16-subnormal products (a NumPy simulation of the kernel's sums without the
-    # power-of-two scaling: 4.5e-2 relative error at 1e-6, 5.5e-4 with it), large ones can
-    # overflow 8-product sums. The kernel multiplies A by a power of two first, and back.
+    # power-of-two scaling: 4.5e-2 relative error at 1e-6, 5.5e-4 with it); the kernel
+    # multiplies them by a power of two first, and the sums back. Large ones (5e3) may overflow
+    # an 8-product sum, which is then redone in float32.
     N, K = 40, 4160
     rng = np.random.default_rng(7)
     W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)

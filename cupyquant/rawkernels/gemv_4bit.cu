@@ -232,10 +232,11 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
 // the row's float32 sum. (A NumPy rounding simulation, 256 x 4096 NF4: relative error 4.8e-4
 // in fp16 and 3.7e-3 in bf16, against 3.6e-4 and 2.8e-3 for the tensor-core kernels, which
 // round each dequantized weight to Fmt.) fp16 has too little range for that unguarded: the
-// CTA first finds A's largest magnitude and, outside [2^-2, 2^12], multiplies A by a power of
-// two (exact) so that small activations do not make subnormal products and 8 products cannot
-// overflow (a_scale_exponent); the row sums are multiplied back. A chunk whose sum is still
-// not finite (inf / NaN activations) is redone in float32 from the same registers.
+// CTA first finds A's largest magnitude and, below 2^-2, multiplies A by a power of two
+// (exact) so that small activations do not make subnormal products (a_scale_exponent); the
+// row sums are multiplied back. A chunk whose sum is not finite (in fp16, 8 products of
+// activations above ~8000 can overflow; inf / NaN activations) is redone in float32 from the
+// same registers, so no fp16 overflow reaches the output.
 //
 // Thread mapping: 8 warps a CTA, warp w owns ROWS consecutive weight rows; lane l reads
 // chunks l, l + 32, ... of each row (a warp reads 512 contiguous bytes of a row per load),
@@ -290,27 +291,25 @@ struct SumsInHalf<Float16> {
   static constexpr bool value = true;
 };
 
-// The largest magnitude of the 8 fp16 values of a 16-byte unit (a NaN is passed over).
-__device__ __forceinline__ float unit_absmax(const uint4& v) {
-  float m = 0.0f;
+// max(m, |each of the 8 fp16 values of a 16-byte unit|) on packed pairs (a NaN is passed over).
+__device__ __forceinline__ u32 unit_absmax2(u32 m, const uint4& v) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const float2 f = pair_to_float2<Float16>(q4::word_of(v, q));
-    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+    u32 a;
+    asm("abs.f16x2 %0, %1;" : "=r"(a) : "r"(q4::word_of(v, q)));
+    asm("max.f16x2 %0, %1, %2;" : "=r"(m) : "r"(m), "r"(a));
   }
   return m;
 }
 
 // k such that fp16 activations are multiplied by 2^k (exactly) before the fp16 sums, from
-// their largest magnitude: below 2^-2 they are raised to [2^10, 2^11) (at most 2^15), so that
-// the products of small activations are not fp16 subnormals; above 2^12 they are lowered to
-// [2^11, 2^12), so that 8 products (|code| <= 1) cannot overflow; in between, and for inf /
-// NaN, k = 0.
+// their largest magnitude: below 2^-2 they are raised to [2^10, 2^11) (at most by 2^15), so
+// that the products of small activations are not fp16 subnormals (and 8 products stay far
+// from overflow); otherwise k = 0, and a chunk whose 8-product sums overflow is redone in
+// float32.
 __device__ __forceinline__ int a_scale_exponent(float amax) {
   const int e = (int)((__float_as_uint(amax) >> 23) & 0xFFu) - 127;  // floor(log2(amax))
-  if (amax > 0.0f && amax < 0.25f) return min(15, 10 - e);
-  if (amax > 4096.0f && amax <= 65504.0f) return 11 - e;
-  return 0;
+  return amax > 0.0f && amax < 0.25f ? min(15, 10 - e) : 0;
 }
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
@@ -417,13 +416,15 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   // A's largest magnitude (fp16 only), found while A is staged (or in a pass of its own).
   constexpr bool kGuard = SumsInHalf<Fmt>::value;
   const uint4* a16 = reinterpret_cast<const uint4*>(A);
-  float amax = 0.0f;
+  u32 amax2 = 0u;
   for (int u = threadIdx.x; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads) {
     const uint4 v = q4::load_cached16(a16 + u);
     if constexpr (STAGED) staged_a[staged_unit(u)] = v;
-    if constexpr (kGuard) amax = fmaxf(amax, unit_absmax(v));
+    if constexpr (kGuard) amax2 = unit_absmax2(amax2, v);
   }
   if constexpr (kGuard) {
+    const float2 pair = pair_to_float2<Float16>(amax2);
+    float amax = fmaxf(pair.x, pair.y);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (lane == 0) amax_s[threadIdx.x >> 5] = amax;
