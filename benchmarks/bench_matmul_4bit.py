@@ -399,7 +399,8 @@ def eager(results: dict) -> None:
 
 
 SASS_INSTANCES = {
-    "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1, false, 4>", "gemm_4bit_small<MmaBFloat16, true, 2, 2, true, 8>",
+    "gemm_4bit.cu": ("gemm_4bit_small<MmaHalf, true, 1, 1, false, 4>",
+                     "gemm_4bit_small<MmaBFloat16, true, 2, 2, true, 8>",
                      "gemm_4bit_mma<MmaHalf, true, 8>", "gemm_4bit_tile<MmaHalf, true, 8, 2>",
                      "gemm_4bit_tile_split<MmaHalf, true, 8, 2>"),
     "gemv_4bit.cu": ("gemv_4bit<Float16, true, 1, 4, true>", "gemv_4bit<Float32, true, 4, 2, true>"),

@@ -626,8 +626,8 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     from .rawkernels import get_function
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
-    expr = f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}>"
-    kernel = get_function("gemv_4bit.cu", expr)
+    flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}"
+    kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 128 * -(-K // 64) if staged else 0
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
     if _HALF_STATIC_SMEM + smem > limit:
