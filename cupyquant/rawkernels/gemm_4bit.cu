@@ -326,9 +326,6 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-#ifndef GEMM_SMALL_PREFETCH
-#define GEMM_SMALL_PREFETCH 0
-#endif
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
@@ -437,27 +434,6 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
           q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
                                   v[d][rt][h], q[d][rt][h]);
         }
-#if GEMM_SMALL_PREFETCH
-    if (seg + 2 * kBatch <= full_end) {  // the next batch: hints only, no registers
-#pragma unroll
-      for (int d = 0; d < kBatch; ++d) {
-        if constexpr (FRAG_A && (GEMM_SMALL_PREFETCH & 1)) {
-#pragma unroll
-          for (int j = 0; j < MT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              asm volatile("prefetch.global.L1 [%0];" ::"l"(ap[0] + (kBatch + d) * a_step + (4 * j + i) * (32 * 8)));
-        }
-        if constexpr ((GEMM_SMALL_PREFETCH & 2) != 0) {
-#pragma unroll
-          for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              asm volatile("prefetch.global.L2 [%0];" ::"l"(wp[rt][h] + (kBatch + d) * (kSegment / 2)));
-        }
-      }
-    }
-#endif
 #pragma unroll
     for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
     advance(kBatch);
