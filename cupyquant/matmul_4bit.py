@@ -178,8 +178,9 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
     ``a_bits``: (M*K) values of ``fmt`` (float32 / float16 / uint16 for bfloat16),
     contiguous; ``packed``: flat uint8 codes of W (bitsandbytes layout, at least
     (N*K+1)//2 bytes); ``bias_bits``: N values of ``fmt`` or None; ``out_bits``: M*N values
-    of ``fmt`` written in place (allocated when None). Accumulation is float32 and the
-    result is rounded to ``fmt`` once. NumPy arrays run the reference, CuPy arrays the
+    of ``fmt`` written in place (allocated when None). Accumulation is float32 (one fp16 /
+    bf16 row first sums each 32-element chunk in its own format, see the module docstring)
+    and the result is rounded to ``fmt`` once. NumPy arrays run the reference, CuPy arrays the
     kernels on the current device and stream (no host synchronisation). Call inside the
     arrays' device context. Returns ``out_bits``.
     """
@@ -828,7 +829,8 @@ def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: 
         bias: optional (N,) of A's dtype.
 
     Returns:
-        (..., N) array of A's dtype: float32 accumulation, rounded once to A's dtype.
+        (..., N) array of A's dtype: float32 accumulation (for one fp16 / bf16 row, of
+        32-element chunk sums taken in A's dtype), rounded once to A's dtype.
     """
     _check_array(A, "A")
     _check_array(B, "B")
