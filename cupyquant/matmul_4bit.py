@@ -539,14 +539,21 @@ def _fragment_order(a_bits: Any, M: int, K: int, tiles: int) -> Any:
     return out
 
 
-def _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *extra) -> tuple[Any, ...]:
-    """The argument list every tensor-core kernel takes (A, bias and out at 0, 8 and 9)."""
+def _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits) -> tuple[Any, ...]:
+    """The argument list every fused kernel starts with (A, bias and out at 0, 8 and 9); the
+    CUDA-core GEMVs take exactly these."""
     has_bias = bias_bits is not None
     return (
         a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
         np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-        np.int32(ksplit), np.int32(chunks), *extra,
     )  # fmt: skip
+
+
+def _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *extra) -> tuple[Any, ...]:
+    """The argument list every tensor-core kernel takes: :func:`_gemv_args`, then the K split,
+    the token chunks and any workspace."""
+    base = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
+    return (*base, np.int32(ksplit), np.int32(chunks), *extra)
 
 
 def _split_workspace(ksplit: int, ctas: int, frag: int) -> tuple[Any, Any]:
@@ -567,12 +574,8 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     rows = 4 if mr == 1 else 2
     expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {rows}, {str(aligned).lower()}>"
     kernel = get_function("gemv_4bit.cu", expr)
-    has_bias = bias_bits is not None
     grid = (-(-N // (_GEMV_WARPS * rows)), -(-M // mr))
-    args = (
-        a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
-        np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-    )  # fmt: skip
+    args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
     return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
 
@@ -636,11 +639,7 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
                          f"exceeds the {limit} bytes a block may have")  # fmt: skip
     if smem:
         _allow_smem(kernel, smem)
-    has_bias = bias_bits is not None
-    args = (
-        a_bits, *_kernel_common(fmt, packed, qs), bias_bits if has_bias else out_bits, out_bits,
-        np.int32(M), np.int32(N), np.int32(K), np.int32(qs.blocksize.bit_length() - 1), np.int32(has_bias),
-    )  # fmt: skip
+    args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
     return kernel, (-(-N // (_HALF_WARPS * rows)),), (32 * _HALF_WARPS,), args, smem
 
 

@@ -471,7 +471,10 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       } else {
         const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) x[i] = kGuard ? scale_unit(q4::load_cached16(a + i), scale2) : q4::load_cached16(a + i);
+        for (int i = 0; i < 4; ++i) {
+          x[i] = q4::load_cached16(a + i);
+          if (kGuard && k != 0) x[i] = scale_unit(x[i], scale2);  // k is the CTA's: no divergence
+        }
       }
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
