@@ -124,6 +124,11 @@ def ours_calls(w: Weights, M: int, fmt: str, path: str | None):
     a_bits = a_bits.reshape(-1)
     out = cp.empty(M * w.N, dtype=cp.float32 if fmt == "float32" else (cp.float16 if fmt == "float16" else cp.uint16))
 
+    if path == "tiled":  # the default dispatch on tile-ordered copies (cupyquant.tile_4bit)
+        tiled = [cq.tile_4bit(packed, qs).data for packed, qs in w.copies]
+        return [lambda i=i: mm.matmul_4bit_bits(a_bits, fmt, M, tiled[i % len(tiled)], w.copies[i % len(tiled)][1],
+                                                None, out, tiled=True) for i in range(CALLS)]  # fmt: skip
+
     def make(i):
         packed, qs = w.copies[i % len(w.copies)]
         if path is None:
@@ -191,7 +196,8 @@ def main() -> int:
 def table(results: dict, bw: float, stream) -> None:
     """PERFORMANCE.md's table: our default dispatch against torch fp16, with the bandwidth floor."""
     print("4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
-    header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
+    print("tiled: the same weight as cupyquant.tile_4bit (16-row x 128-column tiles), fused rows only")
+    header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'tiled':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
               f"{'x floor':>7} {'target':>7}  path")  # fmt: skip
     print(header)
     for (N, K), ms, targets in TABLE:
@@ -202,13 +208,16 @@ def table(results: dict, bw: float, stream) -> None:
             ours = measure(ours_calls(w, M, "float16", None), stream)
             nbytes = moved_bytes(w, M)
             floor = nbytes / bw * 1e6
-            path = "fused" if M <= mm.fused_max_m("float16", N, K) else "dequant+cuBLAS"
+            fused = M <= mm.fused_max_m("float16", N, K)
+            path = "fused" if fused else "dequant+cuBLAS"
+            tiled = measure(ours_calls(w, M, "float16", "tiled"), stream) if fused else None
             target_s = f"{target}" if target is not None else ("1.25x" if M == 512 else "1.1x")
-            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, gbps=nbytes / ours * 1e-3, floor_us=floor,
-                       path=path, target=target_s)  # fmt: skip
+            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, tiled_us=tiled, gbps=nbytes / ours * 1e-3,
+                       floor_us=floor, path=path, target=target_s)  # fmt: skip
             results["table"].append(row)
-            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {ours / t16:7.2f} {nbytes / ours * 1e-3:6.0f} "
-                  f"{floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
+            tiled_s = f"{tiled:8.1f}" if tiled is not None else f"{'-':>8}"
+            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {tiled_s} {ours / t16:7.2f} "
+                  f"{nbytes / ours * 1e-3:6.0f} {floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
         del t_copies, w
         cp.get_default_memory_pool().free_all_blocks()
 

@@ -30,6 +30,7 @@ from .int8 import (
 )
 from .matmul_4bit import gemv_4bit, matmul_4bit
 from .quant_state import QuantState
+from .tiled_4bit import Tiled4bit, tile_4bit
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "BLOCKSIZES_4BIT",
     "BLOCKSIZES_8BIT",
     "QuantState",
+    "Tiled4bit",
     "create_dynamic_map",
     "create_fp8_map",
     "create_linear_map",
@@ -62,4 +64,5 @@ __all__ = [
     "quantize_blockwise",
     "quantize_fp4",
     "quantize_nf4",
+    "tile_4bit",
 ]

@@ -51,6 +51,7 @@ from . import _cublas, _xp
 from . import _reference as ref
 from .blockwise import _check_array, _gpu_scales, check_state_4bit, dequantize_4bit_bits
 from .quant_state import QuantState
+from .tiled_4bit import Tiled4bit, untile_bytes
 
 __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepare_fused", "FusedLaunch"]
 
@@ -127,6 +128,7 @@ _ONE = np.ones(1, dtype=np.float32)  # host scalars for cuBLAS (alive for the pr
 _ZERO = np.zeros(1, dtype=np.float32)
 
 _GEMV_STRUCT = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
+_TILED_ARG = {False: "", True: ", true"}  # the kernels' last template argument, TILED (default false)
 _MMA_STRUCT = {"float16": "MmaHalf", "bfloat16": "MmaBFloat16"}
 
 
@@ -172,13 +174,14 @@ def _check_bits(arr: Any, name: str, fmt: str, size: int) -> None:
 
 
 def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: QuantState,
-                     bias_bits: Any = None, out_bits: Any = None) -> Any:  # fmt: skip
+                     bias_bits: Any = None, out_bits: Any = None, tiled: bool = False) -> Any:  # fmt: skip
     """``out[M, N] = A[M, K] @ W[N, K]^T (+ bias[N])`` on flat storage arrays (bf16 as uint16 bits).
 
     ``a_bits``: (M*K) values of ``fmt`` (float32 / float16 / uint16 for bfloat16),
     contiguous; ``packed``: flat uint8 codes of W (bitsandbytes layout, at least
     (N*K+1)//2 bytes); ``bias_bits``: N values of ``fmt`` or None; ``out_bits``: M*N values
-    of ``fmt`` written in place (allocated when None). Accumulation is float32 (one fp16 /
+    of ``fmt`` written in place (allocated when None); ``tiled``: ``packed`` is in the tile
+    order of :mod:`cupyquant.tiled_4bit` (exactly N*K/2 bytes). Accumulation is float32 (one fp16 /
     bf16 row first sums each 32-element chunk in its own format, see the module docstring)
     and the result is rounded to ``fmt`` once. NumPy arrays run the reference, CuPy arrays the
     kernels on the current device and stream (no host synchronisation). Call inside the
@@ -197,6 +200,9 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
         raise ValueError(f"B (packed codes) must be a flat uint8 array, got {packed.dtype} of shape {packed.shape}")
     if packed.size < (N * K + 1) // 2:
         raise ValueError(f"B holds {packed.size} bytes but an ({N}, {K}) weight needs {(N * K + 1) // 2}")
+    if tiled and (N % 16 or K % 128 or packed.size != N * K // 2):
+        raise ValueError(f"a tiled weight has N % 16 == 0, K % 128 == 0 and N*K/2 bytes, got (N, K) = ({N}, {K}) "
+                         f"and {packed.size} bytes")  # fmt: skip
     if bias_bits is not None:
         _xp.same_module(a_bits, bias_bits, "A", "bias")
         _check_bits(bias_bits, "bias", fmt, N)
@@ -208,6 +214,8 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
     if M == 0 or N == 0:
         return out_bits
     if xp is np:
+        if tiled:
+            packed = untile_bytes(packed, N, K)
         return _matmul_reference(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
     if K == 0:
         out2d = out_bits.reshape(M, N)
@@ -216,6 +224,13 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
         else:
             out2d[...] = bias_bits
         return out_bits
+    if tiled:
+        if fmt != "float32" and M <= fused_max_m(fmt, N, K) and _aligned(K, a_bits, packed):
+            _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
+            return out_bits
+        # The tiled kernels cover 16-bit activations up to the fused switch point; the other
+        # paths (float32 activations, many tokens) take a bitsandbytes-layout copy.
+        packed = untile_bytes(packed, N, K)
     if M <= fused_max_m(fmt, N, K):
         _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
     else:
@@ -268,7 +283,7 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
 
 
 def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False, frag: bool = False,
-              warps: int | None = None) -> tuple[str, int, int, int, int, int]:  # fmt: skip
+              warps: int | None = None, tiled: bool = False) -> tuple[str, int, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token tiles, token chunks, ksplit, grid, warps a CTA) for the
     tensor-core kernels.
 
@@ -307,7 +322,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
             ksplit, _ = split(warp_tiles, _MMA_WARPS)
             short = ksplit == _MMA_WARPS and warp_tiles * chunks * ksplit < target
             warps = 8 if short and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
-        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}>"
+        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{_TILED_ARG[tiled]}>"
     else:
         rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
         kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
@@ -364,7 +379,13 @@ def _tile_smem(mt: int) -> int:
 
 
 def _pick_tile(
-    M: int, N: int, K: int, mt: int | None = None, rt: int | None = None, ksplit: int | None = None
+    M: int,
+    N: int,
+    K: int,
+    mt: int | None = None,
+    rt: int | None = None,
+    ksplit: int | None = None,
+    tiled: bool = False,
 ) -> tuple[str, int, int, int, int, int, int]:
     """(kernel expression prefix, token chunks, CTAs a split, ksplit, shared bytes, mt, rt)
     of ``gemm_4bit_tile`` (ksplit 1) or ``gemm_4bit_tile_split``.
@@ -383,7 +404,7 @@ def _pick_tile(
     chunks = -(-M // (8 * mt))
     ctas = -(-row_tiles // (_MMA_WARPS * rt)) * chunks
     name = "gemm_4bit_tile_split" if ksplit > 1 else "gemm_4bit_tile"
-    return f"{name}<{{}}, {{}}, {mt}, {rt}>", chunks, ctas, ksplit, _tile_smem(mt), mt, rt
+    return f"{name}<{{}}, {{}}, {mt}, {rt}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit, _tile_smem(mt), mt, rt
 
 
 def _tile_ctas(row_groups: int, chunks: int, per_sm: int) -> int:
@@ -449,7 +470,7 @@ def _allow_smem(kernel: Any, nbytes: int) -> None:
         _SMEM_LIMIT[function] = limit
 
 
-def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma"):
+def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma", tiled: bool = False):
     """(kernel, grid, block, args, shared bytes) of the tensor-core kernels.
 
     ``path``: "mma" (the default dispatch: ``gemm_4bit_stage`` up to 8 tokens on wide
@@ -467,21 +488,27 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
     current CuPy pool on the current stream; a prepared launch keeps its own. Fragment order
     launches ``permute_fragments`` here, on the current stream, and the kernel's A is that
-    copy (so a prepared launch never takes that path)."""
+    copy (so a prepared launch never takes that path).
+
+    ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), default path only: up
+    to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 29 of
+    NOTES_matmul_4bit.md), above that the tile kernels whatever N, split by the default rule."""
     from .rawkernels import get_function
 
     smem = 0
     warps = _MMA_WARPS
     tile_args: tuple[Any, ...] = ()
+    if tiled and path != "mma":
+        raise ValueError(f"a tiled weight takes the default tensor-core path, got path {path!r}")
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
-        path = "tile" if N >= _TILE_MIN_N else "mma-wide"
+        path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":
             shape, _, forced = path[5:].partition("k")
             mt, rt = (int(v) for v in shape.split("x"))
             ks = int(forced) if forced else None
-        kernel, chunks, ctas, ksplit, smem, mt, rt = _pick_tile(M, N, K, mt, rt, ks)
+        kernel, chunks, ctas, ksplit, smem, mt, rt = _pick_tile(M, N, K, mt, rt, ks, tiled)
         if ksplit > 1:
             grid = (ctas, ksplit)
             tile_args = _split_workspace(ksplit, ctas, 4 * mt * rt)  # float32 accumulators a thread
@@ -493,7 +520,11 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, 1, chunks)
             return kernel, grid, (32 * _MMA_WARPS,), args, smem
     elif path.startswith("stage") or (
-        path == "mma" and M <= 8 and K >= _STAGE_MIN_K and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
+        path == "mma"
+        and not tiled
+        and M <= 8
+        and K >= _STAGE_MIN_K
+        and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
     ):
         # "stage" or "stage-<rt>x<stages>c<chunk>w<warps>": gemm_4bit_stage
         config = _stage_config(M, path[6:] if path.startswith("stage-") else None)
@@ -510,8 +541,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             raise ValueError(f"path {path!r} forces gemm_4bit_small, which takes up to 16 tokens, got M = {M}")
         rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
         frag = path.startswith("mma-frag") or (path in ("mma", "mma-w4", "mma-w8") and _frag_default(M, N))
-        warps = {"mma-w4": 4, "mma-w8": 8}.get(path)
-        kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps)
+        warps = {"mma-w4": 4, "mma-w8": 8}.get(path, 8 if tiled and M <= 8 else None)
+        kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps, tiled)
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy
             a_bits = _fragment_order(a_bits, M, K, tiles * chunks)
@@ -625,12 +656,13 @@ def _half_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
     return fmt != "float32" and M == 1 and aligned and N * K < _HALF_MAX_ELEMENTS
 
 
-def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "half"):
-    """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 / bf16 token)."""
+def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "half", tiled: bool = False):
+    """(kernel, grid, block, args, shared bytes) of gemv_4bit_half (one fp16 / bf16 token);
+    ``tiled``: ``packed`` in tile order."""
     from .rawkernels import get_function
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
-    flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}"
+    flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}{_TILED_ARG[tiled]}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 128 * -(-K // 64) if staged else 0
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
@@ -643,8 +675,8 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     return kernel, (-(-N // (_HALF_WARPS * rows)),), (32 * _HALF_WARPS,), args, smem
 
 
-def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma") -> None:
-    kernel, grid, block, args, smem = _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma", tiled: bool = False) -> None:
+    kernel, grid, block, args, smem = _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path, tiled)
     kernel(grid, block, args, shared_mem=smem)
 
 
@@ -735,14 +767,16 @@ def _aligned(K: int, *arrays: Any) -> bool:
     return K % 32 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
 
 
-def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None) -> None:
+def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None,
+                  tiled: bool = False) -> None:  # fmt: skip
     """The fused kernels. ``path`` forces one (tests, benchmarks): "half" / "half-<rows>x<unroll>c<ctas>[s]"
     (``gemv_4bit_half``, one fp16 / bf16 token), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
     to 16 tokens), "mma-frag" (``gemm_4bit_small`` on A in fragment order, up to 16 tokens),
     "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
-    (``gemm_4bit_tile``); None picks the best that applies."""
+    (``gemm_4bit_tile``); None picks the best that applies. ``tiled``: ``packed`` is in tile
+    order (16-bit activations, aligned; default paths only)."""
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "half" if _half_applies(fmt, M, N, K, aligned) else "mma" if fmt != "float32" and aligned else "gemv"
@@ -750,15 +784,18 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
         if not _half_applies(fmt, M, N, K, aligned):
             raise ValueError("gemv_4bit_half needs one row of fp16 / bf16 activations, K % 32 == 0, 16-byte "
                              "aligned A and B, and N * K < 2^37")  # fmt: skip
-        kernel, grid, block, args, smem = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+        launch = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path, tiled)
+        kernel, grid, block, args, smem = launch
         kernel(grid, block, args, shared_mem=smem)
     elif path.startswith(("mma", "tile", "stage")):
         if fmt == "float32" or not aligned:
             raise ValueError(
                 "the tensor-core kernels need fp16/bf16 activations, K % 32 == 0 and 16-byte aligned A and B"
             )
-        _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+        _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path, tiled)
     else:
+        if tiled:
+            raise ValueError("a tiled weight needs fp16 / bf16 activations and 16-byte aligned arrays")
         _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
 
 
@@ -788,18 +825,21 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}>"
-            for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS]  # fmt: skip
+            f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
+            for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
+            for t in _TILED_ARG.values()]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():
         for n in nested:
-            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, {w}>"
-                    for mt in (1, 2) for rt in (1, 2) for a in frag_flags for w in (4, 8)]  # fmt: skip
+            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, {w}{t}>"
+                    for mt in (1, 2) for rt in (1, 2) for a in frag_flags for w in (4, 8)
+                    for t in _TILED_ARG.values()]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
-            out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_CONFIGS]
-            out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}>" for mt, rt in _TILE_SPLIT_CONFIGS]
+            out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}{t}>" for mt, rt in _TILE_CONFIGS for t in _TILED_ARG.values()]
+            out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}{t}>"
+                    for mt, rt in _TILE_SPLIT_CONFIGS for t in _TILED_ARG.values()]  # fmt: skip
     return out
 
 
@@ -816,14 +856,15 @@ _register()
 # ---------------------------------------------------------------------------------------
 # public array API
 # ---------------------------------------------------------------------------------------
-def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: Any = None) -> Any:
+def matmul_4bit(A: Any, B: Any, quant_state: QuantState | None = None, out: Any = None, bias: Any = None) -> Any:
     """``A @ dequantize(B, quant_state)^T (+ bias)``.
 
     Args:
         A: (..., K) float32 / float16 / bfloat16 activations (NumPy or CuPy).
         B: the packed weight from ``quantize_4bit`` of an (N, K) matrix (any storage
-            dtype, C-contiguous).
-        quant_state: B's QuantState (``shape == (N, K)``).
+            dtype, C-contiguous), or a :class:`~cupyquant.Tiled4bit` of it (faster at 2..16
+            fp16 / bf16 tokens, see :mod:`cupyquant.tiled_4bit`).
+        quant_state: B's QuantState (``shape == (N, K)``); for a Tiled4bit, None or its own.
         out: optional C-contiguous (..., N) output of A's dtype.
         bias: optional (N,) of A's dtype.
 
@@ -832,6 +873,13 @@ def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: 
         32-element chunk sums taken in A's dtype), rounded once to A's dtype.
     """
     _check_array(A, "A")
+    tiled = isinstance(B, Tiled4bit)
+    if tiled:
+        if quant_state is not None and quant_state is not B.quant_state:
+            raise ValueError("quant_state must be None or B.quant_state for a Tiled4bit B")
+        B, quant_state = B.data, B.quant_state
+    elif quant_state is None:
+        raise ValueError("quant_state is required unless B is a Tiled4bit")
     _check_array(B, "B")
     fmt = _xp.float_format(A)
     if A.ndim < 1:
@@ -859,11 +907,11 @@ def matmul_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: 
         a_bits = xp.ascontiguousarray(_xp.storage_view(A)).reshape(-1)
         bias_bits = None if bias is None else xp.ascontiguousarray(_xp.storage_view(bias)).reshape(-1)
         matmul_4bit_bits(a_bits, fmt, M, B.reshape(-1).view(xp.uint8), quant_state, bias_bits,
-                         _xp.storage_view(result).reshape(-1))  # fmt: skip
+                         _xp.storage_view(result).reshape(-1), tiled)  # fmt: skip
     return result
 
 
-def gemv_4bit(A: Any, B: Any, quant_state: QuantState, out: Any = None, bias: Any = None) -> Any:
+def gemv_4bit(A: Any, B: Any, quant_state: QuantState | None = None, out: Any = None, bias: Any = None) -> Any:
     """:func:`matmul_4bit` for a single row of activations (A has M = 1 rows)."""
     _check_array(A, "A")
     rows = int(np.prod(A.shape[:-1], dtype=np.int64)) if A.ndim else 0

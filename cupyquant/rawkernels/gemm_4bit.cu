@@ -11,6 +11,12 @@
 //   A        u16[M, K]                fp16 or bf16 activations, row-major, 16-byte aligned
 //   packed   u8[(N*K + 1) / 2]        W (N, K) flattened row-major, flat element 2j in the
 //                                     HIGH nibble of byte j; 16-byte aligned
+//            or, TILED (gemm_4bit_small, gemm_4bit_tile, gemm_4bit_tile_split; N % 16 == 0,
+//            K % 128 == 0), the same bytes in 16-row x 128-k tiles: tile (r, s) = rows
+//            16r..16r+15, segment s, at byte ((r * K / 128 + s) * 16 + row % 16) * 64, each
+//            row's 64 bytes of the segment in order (cupyquant/tiled_4bit.py). A warp's
+//            16-byte loads of rows g and g + 8 then read two runs of 512 contiguous bytes,
+//            where the row-major layout gives 8 runs of 64 bytes a row apart.
 //   table    float32[16]              value of each code (FP4 index 8 is -0.0)
 //   absmax / qabsmax, code2, nested_absmax, offset: the scales, as in gemv_4bit.cu
 //   bias     u16[N] (has_bias != 0);  out u16[M, N] row-major, rounded once from float32
@@ -313,7 +319,7 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
   }
 }
 
-// gemm_4bit_small<Fmt, NESTED, MT, RT, FRAG_A, WARPS>: the same product for up to 8 * MT
+// gemm_4bit_small<Fmt, NESTED, MT, RT, FRAG_A, WARPS, TILED>: the same product for up to 8 * MT
 // tokens a CTA, with the loads and addresses trimmed for the few-token case, RT row tiles a
 // warp and WARPS warps a CTA (8: twice the split-K warps for weights with few rows).
 //   grid (ceil(ceil(N / 16) / (RT * WARPS / ksplit)) * token_chunks), block 32 * WARPS;
@@ -326,7 +332,7 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS>
+template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false>
 __global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -334,6 +340,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
                 int token_chunks) {
   constexpr int kBatch = kInFlight / RT;  // segments loaded ahead: 4 x 2 x 16 bytes a lane in flight
+  constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;  // bytes from a row's segment to the next
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
   fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
@@ -364,7 +371,12 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int h = 0; h < 2; ++h) {
       const int row = min((tile0 + rt) * 16 + g + 8 * h, N - 1);
       e[rt][h] = (i64)row * K + (i64)seg_begin * kSegment + 32 * t;
-      wp[rt][h] = packed + (e[rt][h] >> 1);
+      if constexpr (TILED) {
+        const int tile = min(tile0 + rt, N / 16 - 1);
+        wp[rt][h] = packed + (((i64)tile * segments + seg_begin) * 16 + g + 8 * h) * 64 + 16 * t;
+      } else {
+        wp[rt][h] = packed + (e[rt][h] >> 1);
+      }
     }
   }
   // FRAG_A: A in fragment order (permute_fragments), so a load of the 32 lanes reads 512
@@ -412,7 +424,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        wp[rt][h] += count * (kSegment / 2);
+        wp[rt][h] += count * kWeightStep;
         e[rt][h] += count * kSegment;
       }
 #pragma unroll
@@ -430,7 +442,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          w[d][rt][h] = q4::load_stream16(wp[rt][h] + d * (kSegment / 2));
+          w[d][rt][h] = q4::load_stream16(wp[rt][h] + d * kWeightStep);
           q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
                                   v[d][rt][h], q[d][rt][h]);
         }
@@ -465,7 +477,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
-// gemm_4bit_tile<Fmt, NESTED, MT, RT>: the same product for up to 8 * MT tokens a CTA (M up
+// gemm_4bit_tile<Fmt, NESTED, MT, RT, TILED>: the same product for up to 8 * MT tokens a CTA (M up
 // to a few hundred through token chunks), with the activations staged in shared memory.
 //   grid (ceil(ceil(N / 16) / (4 * RT)) * token_chunks), block 128, dynamic shared memory
 //   4 * (256 * 32 + 256) + kTileStages * MT * 2048 bytes (matmul_4bit._tile_smem); ksplit
@@ -699,7 +711,7 @@ gemm_4bit_stage(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 // (The minimum of 2 CTAs an SM, which the registers allow anyway, only changes ptxas's
 // allocation heuristic: without it the <MmaHalf, false, 4, 1> instance got 80 registers
 // and spilled.)
-template <class Fmt, bool NESTED, int MT, int RT>
+template <class Fmt, bool NESTED, int MT, int RT, bool TILED = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
 gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -763,7 +775,12 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       for (int h = 0; h < 2; ++h) {
         if (ok) {
           const i64 e = row_start[rt][h] + k0;
-          w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          if constexpr (TILED) {
+            const int tile = min(tile0 + rt, N / 16 - 1);
+            w[rt][h] = q4::load_stream16(packed + (((i64)tile * segments + seg) * 16 + g + 8 * h) * 64 + 16 * t);
+          } else {
+            w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          }
           q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h], q[rt][h]);
         } else {
           w[rt][h] = make_uint4(0, 0, 0, 0);
@@ -848,7 +865,7 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
-// gemm_4bit_tile_split<Fmt, NESTED, MT, RT>: gemm_4bit_tile with K split across CTAs, for
+// gemm_4bit_tile_split<Fmt, NESTED, MT, RT, TILED>: gemm_4bit_tile with K split across CTAs, for
 // weights of few rows and long K (8192 x 28672: 64 CTAs of 128 rows at 17..64 tokens, half
 // the SMs idle without a split).
 //   grid (ceil(ceil(N / 16) / (4 * RT)) * token_chunks, ksplit), block 128, dynamic shared
@@ -871,7 +888,7 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // gemm_4bit_tile (28672 x 8192 at 64 tokens: 152 vs 124 us), so the unsplit kernel is kept
 // as it was measured.
 // (__launch_bounds__ minimum of 2 CTAs an SM: as gemm_4bit_tile.)
-template <class Fmt, bool NESTED, int MT, int RT>
+template <class Fmt, bool NESTED, int MT, int RT, bool TILED = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
 gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -937,7 +954,12 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
       for (int h = 0; h < 2; ++h) {
         if (ok) {
           const i64 e = row_start[rt][h] + k0;
-          w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          if constexpr (TILED) {
+            const int tile = min(tile0 + rt, N / 16 - 1);
+            w[rt][h] = q4::load_stream16(packed + (((i64)tile * segments_all + seg) * 16 + g + 8 * h) * 64 + 16 * t);
+          } else {
+            w[rt][h] = q4::load_stream16(packed + (e >> 1));
+          }
           q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h], q[rt][h]);
         } else {
           w[rt][h] = make_uint4(0, 0, 0, 0);

@@ -357,18 +357,21 @@ __device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)
 
 // The 16 packed bytes and the scale of chunk c of each of the warp's rows; nothing past K
 // (those registers are never read). chunk0[r]: the flat index of row r's first 32-element
-// chunk (the launcher keeps N * K / 32 below 2^32).
-template <bool NESTED, int ROWS>
+// chunk (the launcher keeps N * K / 32 below 2^32). TILED: the weight is stored in 16-row x
+// 128-k tiles (gemm_4bit.cu's data layout; N % 16 == 0, K % 128 == 0), where chunk c of row
+// r is 16-byte unit unit0[r] + 64 (c / 4) + c % 4, unit0[r] = 64 (r / 16) (K / 128) + 4 (r % 16).
+template <bool NESTED, int ROWS, bool TILED = false>
 __device__ __forceinline__ void fetch_chunk(uint4 (&w)[ROWS], float (&sv)[ROWS], u32 (&sq)[ROWS],
                                             const u32 (&chunk0)[ROWS], int c, int chunks,
                                             const u8* __restrict__ packed, const float* __restrict__ absmax,
                                             const u8* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
-                                            int chunk_shift) {
+                                            int chunk_shift, const u32 (&unit0)[ROWS]) {
   if (c < chunks) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const u32 chunk = chunk0[r] + (u32)c;
-      w[r] = q4::load_stream16(packed + 16 * (u64)chunk);
+      const u32 unit = TILED ? unit0[r] + ((u32)c >> 2) * 64u + ((u32)c & 3u) : chunk;
+      w[r] = q4::load_stream16(packed + 16 * (u64)unit);
       q4::scale_fetch<NESTED>(chunk >> chunk_shift, absmax, qabsmax, nested_absmax, sv[r], sq[r]);
     }
   }
@@ -384,8 +387,9 @@ __device__ __forceinline__ int staged_unit(int u) { return u ^ ((u >> 3) & 7); }
 // grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for.
 // STAGED: A is copied into dynamic shared memory first, 16-byte units at staged_unit
 // positions (ceil(K / 64) * 128 bytes); otherwise each warp reads it through L1, where a
-// lane's four 16-byte loads 64 bytes apart touch twice the sectors they use.
-template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED>
+// lane's four 16-byte loads 64 bytes apart touch twice the sectors they use. TILED: the
+// weight in 16-row x 128-k tiles (fetch_chunk).
+template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -403,6 +407,12 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   u32 chunk0[ROWS];  // flat chunk index of each weight row's start (rows past N clamped)
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) chunk0[r] = (u32)min(row0 + r, N - 1) * (u32)chunks;
+  u32 unit0[ROWS];  // TILED: the 16-byte unit of each row's chunk 0 (see fetch_chunk)
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const u32 row = (u32)min(row0 + r, N - 1);
+    unit0[r] = TILED ? (row >> 4) * (u32)(chunks >> 2) * 64u + (row & 15u) * 4u : 0u;
+  }
 
   uint4 w[UNROLL][ROWS];
   float sv[UNROLL][ROWS];
@@ -410,8 +420,8 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   const int first = row0 < N ? lane : chunks;  // a warp past N loads nothing
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u)
-    fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
-                              nested_absmax, chunk_shift);
+    fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
+                              nested_absmax, chunk_shift, unit0);
   q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
   // A's largest magnitude (fp16 only), found while A is staged (or in a pass of its own).
   constexpr bool kGuard = SumsInHalf<Fmt>::value;
@@ -481,8 +491,8 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
         const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
         acc[r] = fmaf(chunk_dot_half<Fmt>(w[u][r], x, lut_lane), s, acc[r]);
       }
-      fetch_chunk<NESTED, ROWS>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
-                                nested_absmax, chunk_shift);
+      fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
+                                nested_absmax, chunk_shift, unit0);
     }
   }
 

@@ -1,0 +1,197 @@
+"""The tile-ordered 4-bit weight (cupyquant.tiled_4bit) and matmul_4bit on it."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import numpy as np
+import pytest
+
+import cupyquant as cq
+from cupyquant import _reference as ref
+from cupyquant.tiled_4bit import tile_bytes, untile_bytes
+
+from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error
+
+mm = importlib.import_module("cupyquant.matmul_4bit")
+
+
+def _as_array(bits, fmt):
+    """A NumPy storage array as an array of ``fmt`` (fp16 bits viewed as float16)."""
+    return bits.view(np.float16) if fmt == "float16" else bits
+
+
+def test_tile_order_places_each_byte():
+    # Byte j of row n (columns 2j, 2j + 1) lands at ((n // 16 * K / 128 + j // 64) * 16 + n % 16) * 64 + j % 64.
+    N, K = 48, 384
+    packed = np.arange(N * K // 2, dtype=np.int64).astype(np.uint32)  # distinct values stand in for the bytes
+    tiled = tile_bytes(packed, N, K)
+    for n in (0, 5, 15, 16, 31, 47):
+        for j in (0, 1, 63, 64, 100, 191):
+            at = ((n // 16 * (K // 128) + j // 64) * 16 + n % 16) * 64 + j % 64
+            assert tiled[at] == packed[n * (K // 2) + j]
+    np.testing.assert_array_equal(untile_bytes(tiled, N, K), packed)
+
+
+def test_tile_4bit_round_trip_and_errors():
+    a_bits, packed, qs, _ = make_case(32, 256, 1, "float32")
+    tiled = cq.tile_4bit(packed, qs)
+    assert tiled.shape == (32, 256) and tiled.quant_state is qs and tiled.data.dtype == np.uint8
+    assert not np.array_equal(tiled.data, packed)  # reordered (two row tiles' worth of segments)
+    np.testing.assert_array_equal(tiled.untile(), packed)
+    for N, K in ((40, 256), (32, 192)):  # N % 16, K % 128
+        _, p, q, _ = make_case(N, K, 1, "float32")
+        with pytest.raises(ValueError, match=rf"N % 16 == 0 and K % 128 == 0, got \(N, K\) = \({N}, {K}\)"):
+            cq.tile_4bit(p, q)
+    with pytest.raises(ValueError, match=r"B holds 4094 bytes but an \(32, 256\) weight has 4096"):
+        cq.tile_4bit(packed[:-2], qs)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cq.tile_4bit(np.stack([packed, packed], axis=1)[:, 0], qs)
+    with pytest.raises(TypeError, match="quant_state must be a QuantState"):
+        cq.tile_4bit(packed, None)
+
+
+@pytest.mark.parametrize("fmt", ("float32", "float16"))
+@pytest.mark.parametrize("M", (1, 3, 16, 40))
+def test_numpy_tiled_matmul_equals_row_major(fmt, M):
+    a_bits, packed, qs, bias_bits = make_case(32, 384, M, fmt, seed=M)
+    A = _as_array(a_bits, fmt).reshape(M, 384)
+    bias = None if bias_bits is None else _as_array(bias_bits, fmt)
+    expected = cq.matmul_4bit(A, packed, qs, bias=bias)
+    got = cq.matmul_4bit(A, cq.tile_4bit(packed, qs), bias=bias)
+    np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
+
+
+def test_tiled_matmul_errors():
+    a_bits, packed, qs, _ = make_case(32, 256, 2, "float32")
+    A = a_bits.reshape(2, 256)
+    tiled = cq.tile_4bit(packed, qs)
+    with pytest.raises(ValueError, match="quant_state must be None or B.quant_state"):
+        cq.matmul_4bit(A, tiled, copy.deepcopy(qs))
+    with pytest.raises(ValueError, match="quant_state is required unless B is a Tiled4bit"):
+        cq.matmul_4bit(A, packed)
+    with pytest.raises(ValueError, match=r"a tiled weight has N % 16 == 0, K % 128 == 0 and N\*K/2 bytes"):
+        mm.matmul_4bit_bits(a_bits, "float32", 2, np.concatenate([packed, packed[:16]]), qs, tiled=True)
+    assert np.array_equal(cq.matmul_4bit(A, tiled, tiled.quant_state), cq.matmul_4bit(A, packed, qs))
+
+
+# ---------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------
+def _gpu_case(cp, N, K, M, fmt, quant_type="nf4", nested=True, bias=True, seed=0):
+    """GPU operands (a_bits, bias_bits, row-major packed, state, tile-ordered bytes) and the reference."""
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, quant_type, 64, nested, bias, seed=seed)
+    expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
+    gqs = copy.deepcopy(qs).to(0)
+    gpacked = cp.asarray(packed)
+    gbias = None if bias_bits is None else cp.asarray(bias_bits)
+    return cp.asarray(a_bits), gbias, gpacked, gqs, cq.tile_4bit(gpacked, gqs).data, expected
+
+
+def _run(cp, a_bits, fmt, M, packed, qs, bias_bits, tiled):
+    """The product into a NaN-poisoned output of ``fmt``'s storage dtype, on the host."""
+    N = qs.shape[0]
+    if fmt == "float32":
+        out = cp.full(M * N, np.nan, dtype=np.float32)
+    else:  # NaN bit patterns
+        out = cp.full(M * N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)
+        out = out.view(np.float16) if fmt == "float16" else out
+    mm.matmul_4bit_bits(a_bits, fmt, M, packed, qs, bias_bits, out, tiled=tiled)
+    return cp.asnumpy(out)
+
+
+@pytest.mark.gpu
+def test_gpu_tile_bytes_match_numpy(cp):
+    _, packed, qs, _ = make_case(64, 512, 1, "float16")
+    tiled = cq.tile_4bit(cp.asarray(packed), copy.deepcopy(qs).to(0))
+    np.testing.assert_array_equal(cp.asnumpy(tiled.data), tile_bytes(packed, 64, 512))
+    np.testing.assert_array_equal(cp.asnumpy(tiled.untile()), packed)
+
+
+@pytest.mark.gpu
+def test_gpu_public_api_takes_a_tiled_weight(cp):
+    a_bits, bias_bits, packed, qs, _, expected = _gpu_case(cp, 256, 512, 12, "float16", seed=3)
+    A, bias = a_bits.view(cp.float16).reshape(12, 512), bias_bits.view(cp.float16)
+    out = cq.matmul_4bit(A, cq.tile_4bit(packed, qs), bias=bias)
+    assert out.shape == (12, 256) and out.dtype == cp.float16
+    assert rel_error(cp.asnumpy(out).reshape(-1), "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16", "float32"))
+@pytest.mark.parametrize("M", (1, 2, 5, 8, 9, 16, 17, 40, 64, 100, 200, 300))
+@pytest.mark.parametrize("shape", ((64, 256), (256, 1152), (8192, 256)), ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_tiled_matmul_sweep(cp, fmt, M, shape):
+    # Every path a tiled weight takes: the one-token GEMV, gemm_4bit_small (4 / 8 warps,
+    # fragment-order A on 8192 rows), the tile kernels above 16 tokens, and the row-major
+    # copy for float32 and for M past the fused switch point.
+    N, K = shape
+    a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=M + N)
+    out = _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True)
+    assert rel_error(out, fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("M", (1, 4, 12, 33))
+def test_gpu_tiled_formats(cp, fmt, quant_type, nested, M):
+    a_bits, _, packed, qs, tiled, expected = _gpu_case(cp, 128, 640, M, fmt, quant_type, nested, bias=False, seed=7)
+    assert rel_error(_run(cp, a_bits, fmt, M, tiled, qs, None, True), fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize(("N", "K", "M"), ((4096, 512, 1), (8192, 256, 12), (8192, 1024, 40), (512, 640, 300)))
+def test_gpu_tiled_equals_row_major_bit_for_bit(cp, fmt, N, K, M):
+    # Where both layouts run the same kernel (the one-token GEMV; gemm_4bit_small on
+    # fragment-order A; gemm_4bit_tile; dequantize + cuBLAS past the switch point) only the
+    # addresses of the weight loads differ: the outputs are identical.
+    a_bits, bias_bits, packed, qs, tiled, _ = _gpu_case(cp, N, K, M, fmt, seed=N + M)
+    np.testing.assert_array_equal(_run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True),
+                                  _run(cp, a_bits, fmt, M, packed, qs, bias_bits, False))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
+    # gemm_4bit_tile_split on a tiled weight: small thresholds make 512 x 4096 split K.
+    monkeypatch.setattr(mm, "_TILE_MIN_N", 256)
+    monkeypatch.setattr(mm, "_TILE_MIN_SHARE", 8)
+    M, N, K = 64, 512, 4096
+    assert mm._pick_tile(M, N, K)[3] > 1
+    a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=5)
+    got = _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True)
+    assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
+    np.testing.assert_array_equal(got, _run(cp, a_bits, fmt, M, packed, qs, bias_bits, False))
+
+
+@pytest.mark.gpu
+def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
+    # 1..64 tokens of fp16 run the tiled instantiations, never a row-major copy of the weight.
+    from cupyquant import rawkernels
+
+    seen = []
+    real_get = rawkernels.get_function
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
+    monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
+    for M in (1, 2, 12, 40):
+        a_bits, bias_bits, _, qs, tiled, _ = _gpu_case(cp, 8192, 256, M, "float16", seed=M)
+        _run(cp, a_bits, "float16", M, tiled, qs, bias_bits, True)
+    kernels = [e for e in seen if e.startswith(("gemv_4bit_half", "gemm_4bit_small", "gemm_4bit_tile"))]
+    assert len(kernels) == 4 and all(e.endswith(", true>") for e in kernels), kernels
+
+
+def test_fused_tiled_refuses_other_paths():
+    with pytest.raises(ValueError, match="a tiled weight takes the default tensor-core path, got path 'mma-w4'"):
+        mm._mma_launch(None, "float16", 4, 64, 256, None, None, None, None, path="mma-w4", tiled=True)
+
+
+def test_tiled_reference_restores_bytes():
+    # The NumPy path multiplies the row-major bytes.
+    a_bits, packed, qs, bias_bits = make_case(16, 128, 2, "float16", bias=False)
+    out = mm.matmul_4bit_bits(a_bits, "float16", 2, tile_bytes(packed, 16, 128), qs, tiled=True)
+    np.testing.assert_array_equal(out, mm.matmul_4bit_bits(a_bits, "float16", 2, packed, qs))
+    assert ref.to_float32(out, "float16").shape == (32,)
