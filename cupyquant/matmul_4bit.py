@@ -491,7 +491,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     copy (so a prepared launch never takes that path).
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), default path only: up
-    to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 29 of
+    to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 32 of
     NOTES_matmul_4bit.md), above that the tile kernels whatever N, split by the default rule."""
     from .rawkernels import get_function
 

@@ -110,6 +110,12 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b
   }
 }
 
+// TILED layout (see the data layout above): the lane's 16 bytes of row `row` (0..15) of
+// 16-row tile `tile`, segment `seg`, 32-element chunk t, with `segments` = K / 128.
+__device__ __forceinline__ const u8* tiled_chunk(const u8* packed, int tile, int segments, int seg, int row, int t) {
+  return packed + (((i64)tile * segments + seg) * 16 + row) * 64 + 16 * t;
+}
+
 // The A fragments of mma step s (0..7) of a segment for RT row tiles: bytes 2s and 2s + 1
 // of the lane's chunks of rows g and g + 8 (w), looked up in the lane's replica of the byte
 // table and multiplied by the rows' packed scales (hs).
@@ -372,8 +378,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       const int row = min((tile0 + rt) * 16 + g + 8 * h, N - 1);
       e[rt][h] = (i64)row * K + (i64)seg_begin * kSegment + 32 * t;
       if constexpr (TILED) {
-        const int tile = min(tile0 + rt, N / 16 - 1);
-        wp[rt][h] = packed + (((i64)tile * segments + seg_begin) * 16 + g + 8 * h) * 64 + 16 * t;
+        wp[rt][h] = tiled_chunk(packed, min(tile0 + rt, N / 16 - 1), segments, seg_begin, g + 8 * h, t);
       } else {
         wp[rt][h] = packed + (e[rt][h] >> 1);
       }
@@ -777,7 +782,7 @@ gemm_4bit_tile(const u16* __restrict__ A, const u8* __restrict__ packed, const f
           const i64 e = row_start[rt][h] + k0;
           if constexpr (TILED) {
             const int tile = min(tile0 + rt, N / 16 - 1);
-            w[rt][h] = q4::load_stream16(packed + (((i64)tile * segments + seg) * 16 + g + 8 * h) * 64 + 16 * t);
+            w[rt][h] = q4::load_stream16(tiled_chunk(packed, tile, segments, seg, g + 8 * h, t));
           } else {
             w[rt][h] = q4::load_stream16(packed + (e >> 1));
           }
@@ -956,7 +961,7 @@ gemm_4bit_tile_split(const u16* __restrict__ A, const u8* __restrict__ packed, c
           const i64 e = row_start[rt][h] + k0;
           if constexpr (TILED) {
             const int tile = min(tile0 + rt, N / 16 - 1);
-            w[rt][h] = q4::load_stream16(packed + (((i64)tile * segments_all + seg) * 16 + g + 8 * h) * 64 + 16 * t);
+            w[rt][h] = q4::load_stream16(tiled_chunk(packed, tile, segments_all, seg, g + 8 * h, t));
           } else {
             w[rt][h] = q4::load_stream16(packed + (e >> 1));
           }
