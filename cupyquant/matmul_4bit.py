@@ -200,6 +200,8 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
         raise ValueError(f"B (packed codes) must be a flat uint8 array, got {packed.dtype} of shape {packed.shape}")
     if packed.size < (N * K + 1) // 2:
         raise ValueError(f"B holds {packed.size} bytes but an ({N}, {K}) weight needs {(N * K + 1) // 2}")
+    if not isinstance(tiled, bool):
+        raise TypeError(f"tiled must be a bool, got {type(tiled).__name__}")
     if tiled and (N % 16 or K % 128 or packed.size != N * K // 2):
         raise ValueError(f"a tiled weight has N % 16 == 0, K % 128 == 0 and N*K/2 bytes, got (N, K) = ({N}, {K}) "
                          f"and {packed.size} bytes")  # fmt: skip
@@ -519,13 +521,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             grid = (_tile_ctas(row_groups, chunks, _blocks_per_sm(kernel.kernel.ptr, 32 * _MMA_WARPS, smem)),)
             args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, 1, chunks)
             return kernel, grid, (32 * _MMA_WARPS,), args, smem
-    elif path.startswith("stage") or (
-        path == "mma"
-        and not tiled
-        and M <= 8
-        and K >= _STAGE_MIN_K
-        and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
-    ):
+    elif path.startswith("stage") or (path == "mma" and _stage_default(M, N, K, tiled)):
         # "stage" or "stage-<rt>x<stages>c<chunk>w<warps>": gemm_4bit_stage
         config = _stage_config(M, path[6:] if path.startswith("stage-") else None)
         tiles, rt, stages, chunk, warps = config
@@ -551,6 +547,14 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         _allow_smem(kernel, smem)
     args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
     return kernel, grid, (32 * warps,), args, smem
+
+
+def _stage_default(M: int, N: int, K: int, tiled: bool = False) -> bool:
+    """Whether the default tensor-core dispatch runs ``gemm_4bit_stage`` (_STAGE_CONFIGS):
+    1..8 tokens of a row-major weight with long K and enough row tiles an SM. It reads the
+    row-major layout only; tiled weights take gemm_4bit_small with 8 warps (faster there,
+    run 32 of NOTES_matmul_4bit.md)."""
+    return not tiled and M <= 8 and K >= _STAGE_MIN_K and -(-N // 16) >= _STAGE_MIN_ROW_TILES_PER_SM * _sm_count()
 
 
 def _frag_default(M: int, N: int) -> bool:
@@ -734,7 +738,8 @@ class FusedLaunch:
 
 def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bias: bool) -> FusedLaunch | None:
     """A :class:`FusedLaunch` for ``M`` rows of ``fmt`` activations against the CuPy
-    weight ``packed`` / ``quant_state``, or None where the fused kernels do not apply
+    weight ``packed`` (bitsandbytes layout; not a Tiled4bit's tile-ordered bytes) /
+    ``quant_state``, or None where the fused kernels do not apply
     (M above :func:`fused_max_m`, empty shapes). Call inside the weight's device context."""
     N, K = _weight_shape(quant_state)
     if M < 1 or N == 0 or K == 0 or M > fused_max_m(fmt, N, K):
@@ -876,10 +881,11 @@ def matmul_4bit(A: Any, B: Any, quant_state: QuantState | None = None, out: Any 
     tiled = isinstance(B, Tiled4bit)
     if tiled:
         if quant_state is not None and quant_state is not B.quant_state:
-            raise ValueError("quant_state must be None or B.quant_state for a Tiled4bit B")
+            raise ValueError(f"quant_state must be None or B.quant_state (the state B was tiled with) for a Tiled4bit "
+                             f"B, got another {type(quant_state).__name__}")  # fmt: skip
         B, quant_state = B.data, B.quant_state
     elif quant_state is None:
-        raise ValueError("quant_state is required unless B is a Tiled4bit")
+        raise TypeError("quant_state is required unless B is a Tiled4bit")
     _check_array(B, "B")
     fmt = _xp.float_format(A)
     if A.ndim < 1:

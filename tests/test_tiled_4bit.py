@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import cupyquant as cq
-from cupyquant import _reference as ref
 from cupyquant.tiled_4bit import tile_bytes, untile_bytes
 
 from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error
@@ -67,10 +66,12 @@ def test_tiled_matmul_errors():
     a_bits, packed, qs, _ = make_case(32, 256, 2, "float32")
     A = a_bits.reshape(2, 256)
     tiled = cq.tile_4bit(packed, qs)
-    with pytest.raises(ValueError, match="quant_state must be None or B.quant_state"):
+    with pytest.raises(ValueError, match="quant_state must be None or B.quant_state .* got another QuantState"):
         cq.matmul_4bit(A, tiled, copy.deepcopy(qs))
-    with pytest.raises(ValueError, match="quant_state is required unless B is a Tiled4bit"):
+    with pytest.raises(TypeError, match="quant_state is required unless B is a Tiled4bit"):
         cq.matmul_4bit(A, packed)
+    with pytest.raises(TypeError, match="tiled must be a bool, got str"):
+        mm.matmul_4bit_bits(a_bits, "float32", 2, packed, qs, tiled="yes")
     with pytest.raises(ValueError, match=r"a tiled weight has N % 16 == 0, K % 128 == 0 and N\*K/2 bytes"):
         mm.matmul_4bit_bits(a_bits, "float32", 2, np.concatenate([packed, packed[:16]]), qs, tiled=True)
     assert np.array_equal(cq.matmul_4bit(A, tiled, tiled.quant_state), cq.matmul_4bit(A, packed, qs))
@@ -155,6 +156,18 @@ def test_gpu_tiled_equals_row_major_bit_for_bit(cp, fmt, N, K, M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", (2, 12, 40))
+def test_gpu_tiled_odd_row_tile_count(cp, M):
+    # 272 rows = 17 row tiles. At 12 tokens gemm_4bit_small takes two row tiles a warp, so the
+    # last warp's second tile lies past N (its loads are clamped to the last tile, its outputs
+    # dropped); 2 and 40 tokens run one row tile a warp on the same weight.
+    a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, 272, 1152, M, "float16", seed=M)
+    got = _run(cp, a_bits, "float16", M, tiled, qs, bias_bits, True)
+    assert rel_error(got, "float16", expected) < TOLERANCE["float16"]
+    np.testing.assert_array_equal(got, _run(cp, a_bits, "float16", M, packed, qs, bias_bits, False))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
     # gemm_4bit_tile_split on a tiled weight: small thresholds make 512 x 4096 split K.
@@ -190,8 +203,35 @@ def test_fused_tiled_refuses_other_paths():
 
 
 def test_tiled_reference_restores_bytes():
-    # The NumPy path multiplies the row-major bytes.
-    a_bits, packed, qs, bias_bits = make_case(16, 128, 2, "float16", bias=False)
-    out = mm.matmul_4bit_bits(a_bits, "float16", 2, tile_bytes(packed, 16, 128), qs, tiled=True)
-    np.testing.assert_array_equal(out, mm.matmul_4bit_bits(a_bits, "float16", 2, packed, qs))
-    assert ref.to_float32(out, "float16").shape == (32,)
+    # The NumPy path multiplies the row-major bytes: 32 x 256 is 2 x 2 tiles, so the tiled
+    # bytes differ from the row-major ones, and read as row-major they give another product.
+    a_bits, packed, qs, _ = make_case(32, 256, 2, "float16", bias=False)
+    tiled = tile_bytes(packed, 32, 256)
+    assert not np.array_equal(tiled, packed)
+    expected = mm.matmul_4bit_bits(a_bits, "float16", 2, packed, qs)
+    np.testing.assert_array_equal(mm.matmul_4bit_bits(a_bits, "float16", 2, tiled, qs, tiled=True), expected)
+    assert not np.array_equal(mm.matmul_4bit_bits(a_bits, "float16", 2, tiled, qs), expected)
+
+
+def test_tiled_weights_never_take_the_stage_kernel(monkeypatch):
+    # gemm_4bit_stage reads the row-major layout: a tiled weight that would otherwise take it
+    # (1..8 tokens, K >= 8192, enough row tiles an SM) goes to gemm_4bit_small.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    for M in (1, 2, 8):
+        assert mm._stage_default(M, 28672, 8192)
+        assert not mm._stage_default(M, 28672, 8192, tiled=True)
+    assert not mm._stage_default(9, 28672, 8192) and not mm._stage_default(4, 28672, 4096)
+
+
+def test_tiled_instantiations_compile_in_groups_of_their_own():
+    # The TILED instantiations (one template argument more) compile apart from the
+    # row-major ones, so first use of either compiles only its own group.
+    from cupyquant import rawkernels
+
+    plain = "gemm_4bit_small<MmaHalf, true, 2, 2, true, 4>"
+    tiled = "gemm_4bit_small<MmaHalf, true, 2, 2, true, 4, true>"
+    plain_group = rawkernels._group("gemm_4bit.cu", plain)
+    tiled_group = rawkernels._group("gemm_4bit.cu", tiled)
+    assert plain in plain_group and tiled in tiled_group
+    assert not set(plain_group) & set(tiled_group)
+    assert all(e.count(",") == 6 for e in tiled_group) and len(plain_group) == len(tiled_group) == 32

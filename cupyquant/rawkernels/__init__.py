@@ -45,13 +45,19 @@ def _source(filename: str) -> str:
     return (KERNEL_DIR / filename).read_text()
 
 
+def _group_key(expression: str) -> tuple[str, int]:
+    """Kernel and first template argument, and the number of template arguments (a kernel's
+    optional trailing argument, such as the 4-bit kernels' TILED, starts a group of its own)."""
+    return expression.split(",")[0], expression.count(",")
+
+
 def _group(filename: str, expression: str) -> tuple[str, ...]:
     """The instantiations compiled together with ``expression``: the registered ones of
-    the same kernel and first template argument (e.g. every blocksize of one kernel for
-    float16). One NVRTC call per group keeps first-use compile time low and the number
-    of compiles small."""
-    key = expression.split(",")[0]
-    group = tuple(e for e in expressions(filename) if e.split(",")[0] == key)
+    the same kernel, first template argument and argument count (e.g. every blocksize of
+    one kernel for float16). One NVRTC call per group keeps first-use compile time low and
+    the number of compiles small."""
+    key = _group_key(expression)
+    group = tuple(e for e in expressions(filename) if _group_key(e) == key)
     return group if expression in group else (expression,)
 
 
