@@ -45,8 +45,7 @@ def _tiled_shape(N: int, K: int) -> tuple[int, int, int, int]:
 def tile_bytes(packed: Any, N: int, K: int) -> Any:
     """Flat bitsandbytes-layout codes of an (N, K) weight -> a new flat array in tile order."""
     xp = _xp.array_module(packed)
-    return xp.ascontiguousarray(packed.reshape(N // TILE_ROWS, TILE_ROWS, K // TILE_COLS, TILE_COLS // 2)
-                                .transpose(0, 2, 1, 3)).reshape(-1)  # fmt: skip
+    return xp.ascontiguousarray(packed.reshape(_tiled_shape(N, K)).transpose(0, 2, 1, 3)).reshape(-1)
 
 
 def untile_bytes(tiled: Any, N: int, K: int) -> Any:
