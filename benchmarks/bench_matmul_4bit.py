@@ -136,6 +136,12 @@ def ours_calls(w: Weights, M: int, fmt: str, path: str | None):
         return [lambda i=i: mm.matmul_4bit_bits(a_bits, fmt, M, tiled[i % len(tiled)], w.copies[i % len(tiled)][1],
                                                 None, out, tiled=True) for i in range(CALLS)]  # fmt: skip
 
+    if path is not None and path.startswith("tiled-"):  # a forced path on the tile-ordered copies
+        tiled, forced = w.tiled_copies(), path[6:]
+        return [lambda i=i: mm._matmul_fused(a_bits, fmt, M, w.N, w.K, tiled[i % len(tiled)],
+                                             w.copies[i % len(tiled)][1], None, out, path=forced, tiled=True)
+                for i in range(CALLS)]  # fmt: skip
+
     def make(i):
         packed, qs = w.copies[i % len(w.copies)]
         if path is None:

@@ -454,6 +454,44 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
     return mt, 2 if ctas_rt2 >= sms else 1, 1
 
 
+# gemm_4bit_wgmma (rawkernels/gemm_4bit_wgmma.cu; Hopper's warpgroup MMA, compiled for sm_90a and
+# run only on compute capability 9.0): 64 tokens x 128 weight rows a CTA of 128 threads, K in
+# stages of 64; two CTAs an SM fit its shared memory. K is split across CTAs where the
+# unsplit grid leaves SMs without two CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
+_WGMMA_TOKENS = 64
+_WGMMA_ROWS = 128
+_WGMMA_STAGE_K = 64
+_WGMMA_SMEM = 4 * 8192 + 2 * 16384 + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
+_WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread
+_WGMMA_CTAS_PER_SM = 2
+_WGMMA_MIN_SHARE = 16
+
+
+def _compute_capability() -> str:
+    """The current device's compute capability, as CuPy spells it ("90" for an H100)."""
+    return _xp.cupy().cuda.Device().compute_capability
+
+
+def _wgmma_supported() -> bool:
+    """Whether the current device runs gemm_4bit_wgmma (compute capability 9.0: H100 / H200)."""
+    return _compute_capability() == "90"
+
+
+def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False) -> tuple[str, int, int, int]:
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma``;
+    ``ksplit`` None picks the split that fills _WGMMA_CTAS_PER_SM CTAs an SM."""
+    chunks = -(-M // _WGMMA_TOKENS)
+    ctas = -(-N // _WGMMA_ROWS) * chunks
+    stages = -(-K // _WGMMA_STAGE_K)
+    if ksplit is None:
+        ksplit = max(1, min(_WGMMA_CTAS_PER_SM * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
+    if ksplit < 1:
+        raise ValueError(f"ksplit must be >= 1, got {ksplit}")
+    share = -(-stages // ksplit)
+    ksplit = -(-stages // share)  # trimmed so that no split is empty
+    return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit
+
+
 _SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> its dynamic shared-memory limit
 _SMEM_LOCK = threading.Lock()
 
@@ -500,8 +538,20 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     smem = 0
     warps = _MMA_WARPS
     tile_args: tuple[Any, ...] = ()
-    if tiled and path != "mma":
-        raise ValueError(f"a tiled weight takes the default tensor-core path, got path {path!r}")
+    if tiled and path != "mma" and not path.startswith("wgmma"):
+        raise ValueError(f"a tiled weight takes the default tensor-core path or wgmma, got path {path!r}")
+    if path.startswith("wgmma"):  # "wgmma" (split by the default rule) or "wgmma-k<ksplit>"
+        if not _wgmma_supported():
+            raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
+                             f"{_compute_capability()}")  # fmt: skip
+        forced = int(path[7:]) if path.startswith("wgmma-k") else None
+        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled)
+        kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
+        _allow_smem(kernel, _WGMMA_SMEM)
+        # The workspace is read only when K is split; unsplit launches pass the output twice.
+        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS) if ksplit > 1 else (out_bits, out_bits)
+        args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
+        return kernel, (ctas, ksplit), (128,), args, _WGMMA_SMEM
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
         path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("tile"):
@@ -833,6 +883,9 @@ def _kernel_expressions(source: str) -> list[str]:
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in _TILED_ARG.values()]  # fmt: skip
+    if source == "gemm_4bit_wgmma.cu":
+        return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
+                for t in _TILED_ARG.values()]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():
@@ -851,7 +904,7 @@ def _kernel_expressions(source: str) -> list[str]:
 def _register() -> None:
     from .rawkernels import register_expressions
 
-    for source in ("gemv_4bit.cu", "gemm_4bit.cu"):
+    for source in ("gemv_4bit.cu", "gemm_4bit.cu", "gemm_4bit_wgmma.cu"):
         register_expressions(source, functools.partial(_kernel_expressions, source))
 
 

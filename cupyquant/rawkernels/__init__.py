@@ -18,6 +18,16 @@ from .._xp import cupy
 KERNEL_DIR = Path(__file__).resolve().parent
 # No fast-math: the kernels promise the reference's exact float32 rounding.
 COMPILE_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+# Sources that use architecture-specific instructions (wgmma) name their target; it is
+# passed before the device's own -arch, and NVRTC builds for the specific one. Their
+# launchers run them only on that architecture.
+FILE_ARCH = {"gemm_4bit_wgmma.cu": "sm_90a"}
+
+
+def compile_options(filename: str) -> tuple[str, ...]:
+    """NVRTC options of ``filename``: COMPILE_OPTIONS, plus its FILE_ARCH target."""
+    arch = FILE_ARCH.get(filename)
+    return COMPILE_OPTIONS + ((f"-arch={arch}",) if arch else ())
 
 
 _EXPRESSIONS: dict[str, Callable[[], list[str]]] = {}
@@ -65,7 +75,7 @@ def _group(filename: str, expression: str) -> tuple[str, ...]:
 def _module(filename: str, group: tuple[str, ...], device_id: int) -> Any:
     cp = cupy()
     with cp.cuda.Device(device_id):
-        return cp.RawModule(code=_source(filename), options=COMPILE_OPTIONS, name_expressions=list(group))
+        return cp.RawModule(code=_source(filename), options=compile_options(filename), name_expressions=list(group))
 
 
 @functools.cache

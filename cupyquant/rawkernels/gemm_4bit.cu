@@ -51,14 +51,6 @@
 // activation format) with one packed half2 / bfloat162 multiply.
 #include "matmul_4bit.cuh"
 
-// The two activation formats the tensor cores take, tagged for the mma / multiply variants.
-struct MmaHalf : Float16 {
-  static constexpr bool kIsHalf = true;
-};
-struct MmaBFloat16 : BFloat16 {
-  static constexpr bool kIsHalf = false;
-};
-
 namespace {
 
 constexpr int kMmaWarps = 4;
@@ -67,23 +59,14 @@ constexpr int kSegment = 128;  // k per segment: 4 lanes x 32 elements
 constexpr int kInFlight = 4;   // segments whose weights are loaded ahead
 
 using q4::byte_of;
+using q4::cp_async16;
+using q4::cp_async_commit;
+using q4::cp_async_wait;
+using q4::mul2;
 using q4::fill_byte_table;
 using q4::lut_at;
 using q4::pack2;
 using q4::shared_address;
-
-// x * s on two packed 16-bit values (round to nearest even).
-template <class Fmt>
-__device__ __forceinline__ u32 mul2(u32 x, u32 s) {
-  u32 d;
-  if constexpr (Fmt::kIsHalf) {
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(s));
-  } else {
-    // x * s + (-0.0) is exactly the rounded product (and keeps the sign of a zero product).
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(s), "r"(0x80008000u));
-  }
-  return d;
-}
 
 // The table entry of the byte at bit position p of `word`, lane's replica. The byte
 // offset (byte << 7) | (lane << 2) is one shift and one lop3; the table's own address
@@ -519,16 +502,6 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 constexpr int kTileStages = 4;
 
 __device__ __forceinline__ u32 tile_swizzle(u32 chunk, u32 token) { return chunk ^ ((chunk >> 3) << 1) ^ (token & 1u); }
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros without reading.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // gemm_4bit_stage<Fmt, NESTED, MT, RT, STAGES, CHUNK, WARPS>: gemm_4bit_small's product
 // (same k permutation, table, fragments, thread mapping, in-CTA split-K and epilogue) with

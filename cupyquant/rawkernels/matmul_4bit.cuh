@@ -1,4 +1,5 @@
-// Helpers shared by the fused 4-bit matrix-product kernels (gemv_4bit.cu, gemm_4bit.cu).
+// Helpers shared by the fused 4-bit matrix-product kernels (gemv_4bit.cu, gemm_4bit.cu,
+// gemm_4bit_wgmma.cu).
 //
 // The weight W (N, K) arrives in the bitsandbytes layout: flattened row-major, two codes a
 // byte (flat element 2j in the high nibble of byte j), one scale per BLOCKSIZE consecutive
@@ -7,6 +8,14 @@
 // with two float32 roundings, exactly as cupyquant/_reference.py::unnest_absmax.
 #pragma once
 #include "common.cuh"
+
+// The two activation formats the tensor cores take, tagged for the mma / multiply variants.
+struct MmaHalf : Float16 {
+  static constexpr bool kIsHalf = true;
+};
+struct MmaBFloat16 : BFloat16 {
+  static constexpr bool kIsHalf = false;
+};
 
 namespace q4 {
 
@@ -98,6 +107,29 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// x * s on two packed 16-bit values (round to nearest even).
+template <class Fmt>
+__device__ __forceinline__ u32 mul2(u32 x, u32 s) {
+  u32 d;
+  if constexpr (Fmt::kIsHalf) {
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(s));
+  } else {
+    // x * s + (-0.0) is exactly the rounded product (and keeps the sign of a zero product).
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(s), "r"(0x80008000u));
+  }
+  return d;
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 }  // namespace q4

@@ -1,0 +1,126 @@
+"""gemm_4bit_wgmma, the 4-bit product on Hopper's warpgroup MMA: its grid rule on the CPU, and on
+an H100 / H200 its results against the float64 reference, tile order against row-major, and
+split-K determinism."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import cupyquant as cq
+from cupyquant import rawkernels
+
+from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error, run_gpu, to_gpu
+
+mm = importlib.import_module("cupyquant.matmul_4bit")
+
+
+def test_wgmma_split_rule(monkeypatch):
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    # 28672 x 8192 at 64 tokens: 224 CTAs already fill two an SM but for 40; no split.
+    assert mm._pick_wgmma(64, 28672, 8192)[1:] == (1, 224, 1)
+    # 8192 x 28672: 64 CTAs, 448 stages: split 4 (256 CTAs).
+    assert mm._pick_wgmma(64, 8192, 28672)[1:] == (1, 64, 4)
+    # 4096 x 4096: 32 CTAs, 64 stages: the split keeps 16 stages each, so 4 (not 8).
+    assert mm._pick_wgmma(40, 4096, 4096)[1:] == (1, 32, 4)
+    # Token chunks of 64 multiply the CTAs.
+    assert mm._pick_wgmma(130, 4096, 4096)[1:] == (3, 96, 2)
+    # A forced split is trimmed so that no split is empty: 5 stages in shares of 2 -> 3 splits.
+    assert mm._pick_wgmma(17, 37, 320, ksplit=4)[3] == 3
+    expr, *_ = mm._pick_wgmma(17, 64, 256, tiled=True)
+    assert expr == "gemm_4bit_wgmma<{}, {}, true>"
+    with pytest.raises(ValueError, match="ksplit must be >= 1, got 0"):
+        mm._pick_wgmma(17, 64, 256, ksplit=0)
+
+
+def test_wgmma_source_is_built_for_sm90a_only():
+    assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
+    assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
+    expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
+    assert len(expressions) == 8 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+
+
+@pytest.fixture
+def hopper(cp):
+    if not mm._wgmma_supported():
+        pytest.skip("gemm_4bit_wgmma runs on compute capability 9.0 only")
+    return cp
+
+
+def test_wgmma_refused_off_hopper(monkeypatch):
+    monkeypatch.setattr(mm, "_compute_capability", lambda: "80")
+    a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
+    with pytest.raises(ValueError, match=r"compute capability 9.0 GPU \(H100 / H200\), got 80"):
+        mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wgmma")
+
+
+# (N, K): aligned; odd N and K % 64 == 32 (a half-empty last stage, blocks straddling rows);
+# 33 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles.
+WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024))
+WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", WGMMA_PATHS)
+@pytest.mark.parametrize("M", (1, 17, 40, 64, 65, 130))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
+    N, K = shape
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
+    out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits, path=path)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
+    for N, K in ((37, 96), (130, 640)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
+        for path in ("wgmma-k1", "wgmma-k2"):
+            out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
+            err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
+            assert err < TOLERANCE[fmt], f"{N}x{K} {path}: {err}"
+
+
+def _run_tiled(cp, a_bits, fmt, M, packed, qs, bias_bits, path):
+    """``path`` on the tile-ordered copy of ``packed``."""
+    ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+    N, K = qs.shape
+    tiled = cq.tile_4bit(gp, gqs)
+    out = cp.empty(M * N, dtype=ga.dtype)
+    mm._matmul_fused(ga, fmt, M, N, K, tiled.data, gqs, gb, out, path=path, tiled=True)
+    return cp.asnumpy(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", WGMMA_PATHS)
+@pytest.mark.parametrize("M", (17, 64, 130))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_wgmma_tiled_equals_row_major(hopper, path, M, fmt, nested):
+    # Tile order changes only where the weight bytes are read: the same bits come out.
+    for N, K in ((272, 1024), (144, 4224)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, nested=nested, seed=M)
+        row_major = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits, path=path)
+        tiled = _run_tiled(hopper, a_bits, fmt, M, packed, qs, bias_bits, path)
+        np.testing.assert_array_equal(tiled.view(np.uint16), row_major.view(np.uint16))
+        assert rel_error(tiled, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_wgmma_split_deterministic(hopper, fmt):
+    # The last CTA of a tile sums the splits in split order: the same bits every run, and the
+    # arrival counters are left zeroed for the next launch.
+    a_bits, packed, qs, bias_bits = make_case(300, 4128, 70, fmt, seed=5)
+    first = run_gpu(hopper, a_bits, fmt, 70, packed, qs, bias_bits, path="wgmma-k5")
+    for _ in range(3):
+        np.testing.assert_array_equal(run_gpu(hopper, a_bits, fmt, 70, packed, qs, bias_bits, path="wgmma-k5"), first)
+    assert rel_error(first, fmt, reference(a_bits, fmt, 70, packed, qs, bias_bits)) < TOLERANCE[fmt]
