@@ -832,6 +832,8 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies. ``tiled``: ``packed`` is in tile
     order (16-bit activations, aligned; default paths only)."""
+    if path is not None and path != "gemv" and not path.startswith(("half", "mma", "tile", "stage", "wgmma")):
+        raise ValueError(f"unknown fused path {path!r}")
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "half" if _half_applies(fmt, M, N, K, aligned) else "mma" if fmt != "float32" and aligned else "gemv"
@@ -842,7 +844,7 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
         launch = _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path, tiled)
         kernel, grid, block, args, smem = launch
         kernel(grid, block, args, shared_mem=smem)
-    elif path.startswith(("mma", "tile", "stage")):
+    elif path.startswith(("mma", "tile", "stage", "wgmma")):
         if fmt == "float32" or not aligned:
             raise ValueError(
                 "the tensor-core kernels need fp16/bf16 activations, K % 32 == 0 and 16-byte aligned A and B"

@@ -198,7 +198,9 @@ def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
 
 
 def test_fused_tiled_refuses_other_paths():
-    with pytest.raises(ValueError, match="a tiled weight takes the default tensor-core path or wgmma, got path 'mma-w4'"):
+    with pytest.raises(
+        ValueError, match="a tiled weight takes the default tensor-core path or wgmma, got path 'mma-w4'"
+    ):
         mm._mma_launch(None, "float16", 4, 64, 256, None, None, None, None, path="mma-w4", tiled=True)
 
 

@@ -43,10 +43,24 @@ def test_wgmma_source_is_built_for_sm90a_only():
 
 
 @pytest.fixture
-def hopper(cp):
+def hopper(cp, monkeypatch):
+    """CuPy on a compute capability 9.0 device; the test must launch gemm_4bit_wgmma."""
     if not mm._wgmma_supported():
         pytest.skip("gemm_4bit_wgmma runs on compute capability 9.0 only")
-    return cp
+    seen = []
+    real_get = rawkernels.get_function
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
+    yield cp
+    assert any(e.startswith("gemm_4bit_wgmma<") for e in seen), seen
+
+
+def test_unknown_fused_path_is_refused():
+    # A misspelt path must not fall through to the CUDA-core GEMV.
+    a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
+    with pytest.raises(ValueError, match="unknown fused path 'wmma'"):
+        mm._matmul_fused(
+            a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wgmma2"
+        )  # a typo must not fall through to the GEMV
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
