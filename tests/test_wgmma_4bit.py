@@ -58,9 +58,7 @@ def test_unknown_fused_path_is_refused():
     # A misspelt path must not fall through to the CUDA-core GEMV.
     a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
     with pytest.raises(ValueError, match="unknown fused path 'wmma'"):
-        mm._matmul_fused(
-            a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wgmma2"
-        )  # a typo must not fall through to the GEMV
+        mm._matmul_fused(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wmma")
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
