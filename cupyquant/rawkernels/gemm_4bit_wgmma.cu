@@ -50,8 +50,8 @@
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
 // fragment order [split][blockIdx.x][r][thread], and the CTA that counts in last sums the
-// partials of its tile in split order 0, 1, ..., so the result does not depend on which CTA
-// finishes last. It resets the counter for the next launch.
+// partials of its tile in split order 0, 1, ... (its own as stored), so the result does not
+// depend on which CTA finishes last. It resets the counter for the next launch.
 #include "matmul_4bit.cuh"
 
 namespace {
@@ -287,13 +287,15 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __syncthreads();
     if (!*last_flag) return;
     __threadfence();  // (acquire) the other splits' partials are read after their count
+    // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
+    // round trip to L2 a split, not one an accumulator and split.
     const float* tile_part = partial + (i64)blockIdx.x * (kAccs * kThreads) + tid;
 #pragma unroll
-    for (int r = 0; r < kAccs; ++r) {
-      float sum = 0.0f;
-      for (int p = 0; p < ksplit; ++p)
-        sum += p == (int)blockIdx.y ? acc[r] : __ldcg(tile_part + (p * ctas) * (kAccs * kThreads) + r * kThreads);
-      acc[r] = sum;
+    for (int r = 0; r < kAccs; ++r) acc[r] = 0.0f;
+    for (int p = 0; p < ksplit; ++p) {
+      const float* part = tile_part + (p * ctas) * (kAccs * kThreads);
+#pragma unroll
+      for (int r = 0; r < kAccs; ++r) acc[r] += __ldcg(part + r * kThreads);
     }
   }
 
