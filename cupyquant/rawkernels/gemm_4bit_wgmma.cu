@@ -28,7 +28,7 @@
 //            buffers, kXStages - 1 stages ahead;
 //   W stage  u16[128 rows][64]  16 KB, two buffers, written by the threads: thread c and
 //            c + 128 (c = threadIdx.x) decode chunks c and c + 128 of the stage, chunk j =
-//            row j / 2, k 32 (j % 2) .. + 32: 16 packed bytes (one 16-byte load, kAhead stages
+//            row j / 2, k 32 (j % 2) .. + 32: 16 packed bytes (one 16-byte load, AHEAD stages
 //            ahead in registers, so a warp's load covers 16 rows x 32 contiguous bytes) and
 //            their block's scale.
 //   In both, row r's 16-byte unit u (8 k) is at byte r * 128 + ((u ^ (r & 7)) << 4): the
@@ -36,11 +36,11 @@
 //   of 4 rows then hit 8 distinct bank groups.
 //
 // Pipeline, stage i (one barrier a stage):
+//   copy the activations of stage i + kXStages - 1 into X buffer (i - 1) % kXStages;
 //   issue stage i's four wgmma (X buffer i % kXStages, W buffer i % 2) and commit them;
-//   decode stage i + 1 into W buffer (i + 1) % 2 and load the weights of stage i + 1 + kAhead;
-//   copy the activations of stage i + kXStages - 1 into X buffer (i - 1) % kXStages (both
-//   buffers were last read by stage i - 1's wgmma, which every warp waited for before the
-//   barrier that opened stage i);
+//   decode stage i + 1 into W buffer (i + 1) % 2 and load the weights of stage i + 1 + AHEAD
+//   (both buffers written here were last read by stage i - 1's wgmma, which every warp waited
+//   for before the barrier that opened stage i);
 //   wait for stage i's wgmma and this thread's copies of stage i + 1, make the shared writes
 //   visible to the tensor cores' (async) proxy, barrier.
 //
@@ -70,7 +70,6 @@ constexpr int kTokens = 64;    // the wgmma's M
 constexpr int kRows = 128;     // the wgmma's N: weight rows a CTA
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a row
 constexpr int kXStages = 4;
-constexpr int kAhead = 4;  // stages of weights in flight in registers (a multiple of kXStages and of 2)
 constexpr int kXBytes = kTokens * 2 * kStageK;
 constexpr int kWBytes = kRows * 2 * kStageK;
 constexpr int kAccs = kTokens * kRows / kThreads;  // float32 accumulators a thread
@@ -138,7 +137,8 @@ __device__ __forceinline__ void store_shared16(u32 address, u32 a, u32 b, u32 c,
 // gemm_4bit_wgmma<Fmt, NESTED, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16).
 // (__launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they overlap
 // one CTA's decoding with the other's barrier waits.)
-template <class Fmt, bool NESTED, bool TILED = false>
+// AHEAD: stages of weights in flight in registers (a multiple of kXStages).
+template <class Fmt, bool NESTED, bool TILED = false, int AHEAD = 4>
 __global__ void __launch_bounds__(kThreads, 2)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -234,36 +234,36 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
   for (int i = 0; i < kAccs; ++i) acc[i] = 0.0f;
 
-  uint4 wr[kAhead][2];
-  float vr[kAhead][2];
-  u32 qr[kAhead][2];
+  uint4 wr[AHEAD][2];
+  float vr[AHEAD][2];
+  u32 qr[AHEAD][2];
 #pragma unroll
   for (int s = 0; s < kXStages - 1; ++s) x_copy(s);
 #pragma unroll
-  for (int d = 0; d < kAhead; ++d) w_load(d, wr[d], vr[d], qr[d]);
+  for (int d = 0; d < AHEAD; ++d) w_load(d, wr[d], vr[d], qr[d]);
   __syncthreads();  // the table and code2 are published
   w_decode(0, wr[0], vr[0], qr[0]);
-  w_load(kAhead, wr[0], vr[0], qr[0]);
+  w_load(AHEAD, wr[0], vr[0], qr[0]);
   cp_async_wait<kXStages - 2>();
   fence_proxy_async();
   __syncthreads();
 
-  for (int s0 = 0; s0 < stages; s0 += kAhead) {
+  for (int s0 = 0; s0 < stages; s0 += AHEAD) {
 #pragma unroll
-    for (int d = 0; d < kAhead; ++d) {
+    for (int d = 0; d < AHEAD; ++d) {
       const int s = s0 + d;
       if (s >= stages) break;  // uniform over the CTA
       const u32 xa = xs + (u32)(d % kXStages) * kXBytes, wa = ws + (u32)(d & 1) * kWBytes;
+      x_copy(s + kXStages - 1);  // into the buffer of stage s - 1, whose wgmma every warp has waited for
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kStageK / 16; ++kk) wgmma_m64n128k16<Fmt>(acc, sw128_desc(xa + 32 * kk), sw128_desc(wa + 32 * kk));
       wgmma_commit();
-      const int next = (d + 1) % kAhead;
+      const int next = (d + 1) % AHEAD;
       if (s + 1 < stages) {
         w_decode(s + 1, wr[next], vr[next], qr[next]);
-        w_load(s + 1 + kAhead, wr[next], vr[next], qr[next]);
+        w_load(s + 1 + AHEAD, wr[next], vr[next], qr[next]);
       }
-      x_copy(s + kXStages - 1);
       wgmma_wait_all();
       fence_accumulators(acc);
       cp_async_wait<kXStages - 2>();
