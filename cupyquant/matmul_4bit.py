@@ -461,11 +461,10 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 _WGMMA_TOKENS = 64
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
-_WGMMA_SMEM = 4 * 8192 + 2 * 16384 + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
+_WGMMA_SMEM = 3 * 8192 + 2 * 16384 + 4 * 4096 + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
 _WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread
 _WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
-_WGMMA_AHEAD = (4, 8)  # stages of weights in flight in registers instantiated; the first is the default
 
 
 def _compute_capability() -> str:
@@ -478,12 +477,9 @@ def _wgmma_supported() -> bool:
     return _compute_capability() == "90"
 
 
-def _pick_wgmma(
-    M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False, ahead: int = _WGMMA_AHEAD[0]
-) -> tuple[str, int, int, int]:
-    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma``
-    with ``ahead`` stages of weights in flight; ``ksplit`` None picks the split that fills
-    _WGMMA_CTAS_PER_SM CTAs an SM."""
+def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False) -> tuple[str, int, int, int]:
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma``;
+    ``ksplit`` None picks the split that fills _WGMMA_CTAS_PER_SM CTAs an SM."""
     chunks = -(-M // _WGMMA_TOKENS)
     ctas = -(-N // _WGMMA_ROWS) * chunks
     stages = -(-K // _WGMMA_STAGE_K)
@@ -493,14 +489,7 @@ def _pick_wgmma(
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
     share = -(-stages // ksplit)
     ksplit = -(-stages // share)  # trimmed so that no split is empty
-    return f"gemm_4bit_wgmma<{{}}, {{}}{_wgmma_flags(tiled, ahead)}>", chunks, ctas, ksplit
-
-
-def _wgmma_flags(tiled: bool, ahead: int) -> str:
-    """The template arguments after NESTED: TILED and AHEAD where not the defaults."""
-    if ahead == _WGMMA_AHEAD[0]:
-        return _TILED_ARG[tiled]
-    return f", {str(tiled).lower()}, {ahead}"
+    return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit
 
 
 _SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> its dynamic shared-memory limit
@@ -551,12 +540,12 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     tile_args: tuple[Any, ...] = ()
     if tiled and path != "mma" and not path.startswith("wgmma"):
         raise ValueError(f"a tiled weight takes the default tensor-core path or wgmma, got path {path!r}")
-    if path.startswith("wgmma"):  # "wgmma[-a<ahead>][-k<ksplit>]"; no k: split by the default rule
+    if path.startswith("wgmma"):  # "wgmma" (split by the default rule) or "wgmma-k<ksplit>"
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
-        options = dict((part[0], int(part[1:])) for part in path.split("-")[1:])
-        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, options.get("k"), tiled, options.get("a", _WGMMA_AHEAD[0]))
+        forced = int(path[7:]) if path.startswith("wgmma-k") else None
+        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         _allow_smem(kernel, _WGMMA_SMEM)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
@@ -897,8 +886,8 @@ def _kernel_expressions(source: str) -> list[str]:
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in _TILED_ARG.values()]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
-        return [f"gemm_4bit_wgmma<{f}, {n}{_wgmma_flags(t, a)}>" for f in _MMA_STRUCT.values() for n in nested
-                for t in (False, True) for a in _WGMMA_AHEAD]  # fmt: skip
+        return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
+                for t in _TILED_ARG.values()]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():

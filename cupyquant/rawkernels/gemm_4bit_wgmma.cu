@@ -25,24 +25,27 @@
 //
 // Stages of 64 k (one 128-byte swizzle atom a row):
 //   X stage  u16[64 tokens][64]  8 KB, copied with cp.async (zeros past M and K), kXStages
-//            buffers, kXStages - 1 stages ahead;
-//   W stage  u16[128 rows][64]  16 KB, two buffers, written by the threads: thread c and
-//            c + 128 (c = threadIdx.x) decode chunks c and c + 128 of the stage, chunk j =
-//            row j / 2, k 32 (j % 2) .. + 32: 16 packed bytes (one 16-byte load, AHEAD stages
-//            ahead in registers, so a warp's load covers 16 rows x 32 contiguous bytes) and
-//            their block's scale.
-//   In both, row r's 16-byte unit u (8 k) is at byte r * 128 + ((u ^ (r & 7)) << 4): the
+//            buffers, two stages ahead;
+//   packed   the stage's 4 KB of packed weights, copied with cp.async three stages ahead
+//            (kPStages buffers): thread c copies, and later decodes, chunks c and c + 128,
+//            chunk j = row j / 2, k 32 (j % 2) .. + 32, 16 bytes (a warp's copy covers 16 rows
+//            x 32 contiguous bytes), to byte 16 j; its block scales go to registers;
+//   W stage  u16[128 rows][64]  16 KB, two buffers, written by the threads when decoding.
+//   In X and W, row r's 16-byte unit u (8 k) is at byte r * 128 + ((u ^ (r & 7)) << 4): the
 //   swizzle the descriptors name, and a quarter warp's 16-byte stores or copies of 8 units
 //   of 4 rows then hit 8 distinct bank groups.
+//   (Why the packed weights pass through shared memory: held in a ring of registers, the
+//   compiler moved a just-loaded 16-byte vector between registers, which waits for the load;
+//   every stage then waited a full DRAM latency, 28672 x 8192 at 64 tokens took 198 us.)
 //
 // Pipeline, stage i (one barrier a stage):
-//   copy the activations of stage i + kXStages - 1 into X buffer (i - 1) % kXStages;
+//   copy the activations of stage i + 2 and the packed weights of stage i + 3 (into the
+//   buffers of stage i - 1, whose wgmma and decoding are done);
 //   issue stage i's four wgmma (X buffer i % kXStages, W buffer i % 2) and commit them;
-//   decode stage i + 1 into W buffer (i + 1) % 2 and load the weights of stage i + 1 + AHEAD
-//   (both buffers written here were last read by stage i - 1's wgmma, which every warp waited
-//   for before the barrier that opened stage i);
-//   wait for stage i's wgmma and this thread's copies of stage i + 1, make the shared writes
-//   visible to the tensor cores' (async) proxy, barrier.
+//   decode stage i + 1 into W buffer (i + 1) % 2 (last read by stage i - 1's wgmma, which
+//   every warp waited for before the barrier that opened stage i);
+//   wait for stage i's wgmma and this thread's copies of X(i + 1) and the packed weights of
+//   i + 2, make the shared writes visible to the tensor cores' (async) proxy, barrier.
 //
 // Accumulators (m64nNk16, float32): warp w, lane (g, t) = (lane / 4, lane % 4) holds
 // d[4j + 2h + e] = D[token 16w + g + 8h][row 8j + 2t + e].
@@ -69,13 +72,16 @@ constexpr int kThreads = 128;  // one warpgroup
 constexpr int kTokens = 64;    // the wgmma's M
 constexpr int kRows = 128;     // the wgmma's N: weight rows a CTA
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a row
-constexpr int kXStages = 4;
+constexpr int kXStages = 3;  // activation buffers: copied two stages ahead
+constexpr int kPStages = 4;  // packed weight buffers: copied three stages ahead
 constexpr int kXBytes = kTokens * 2 * kStageK;
 constexpr int kWBytes = kRows * 2 * kStageK;
+constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kAccs = kTokens * kRows / kThreads;  // float32 accumulators a thread
-// Dynamic shared memory: X buffers | W buffers | byte table u32[256][32] | code2 float[256] |
-// the split-K flag, plus 1 KB to align the buffers to the swizzle atom's 1024 bytes.
-constexpr int kSmemBytes = kXStages * kXBytes + 2 * kWBytes + 4 * (256 * 32 + 256) + 16 + 1024;
+// Dynamic shared memory: X buffers | W buffers | packed weight buffers | byte table
+// u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X and W buffers
+// to the swizzle atom's 1024 bytes.
+constexpr int kSmemBytes = kXStages * kXBytes + 2 * kWBytes + kPStages * kPBytes + 4 * (256 * 32 + 256) + 16 + 1024;
 
 // A shared-memory matrix descriptor: K-major rows of 128 bytes with the 128-byte swizzle,
 // 8-row groups 1024 bytes apart (the leading offset is unused for this layout; encoded as 1).
@@ -128,6 +134,12 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAccs], u64 desc_a, 
 #undef CQ_WGMMA_D
 #undef CQ_WGMMA_D_OPERANDS
 
+__device__ __forceinline__ uint4 load_shared16(u32 address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+  return v;
+}
+
 __device__ __forceinline__ void store_shared16(u32 address, u32 a, u32 b, u32 c, u32 d) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -137,8 +149,7 @@ __device__ __forceinline__ void store_shared16(u32 address, u32 a, u32 b, u32 c,
 // gemm_4bit_wgmma<Fmt, NESTED, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16).
 // (__launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they overlap
 // one CTA's decoding with the other's barrier waits.)
-// AHEAD: stages of weights in flight in registers (a multiple of kXStages).
-template <class Fmt, bool NESTED, bool TILED = false, int AHEAD = 4>
+template <class Fmt, bool NESTED, bool TILED = false>
 __global__ void __launch_bounds__(kThreads, 2)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -150,9 +161,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 raw_s = shared_address(smem_raw);
   const u32 pad = ((raw_s + 1023u) & ~1023u) - raw_s;
   u8* smem = smem_raw + pad;
-  const u32 xs = raw_s + pad;                    // X buffers
-  const u32 ws = xs + kXStages * kXBytes;        // W buffers
-  u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + 2 * kWBytes);
+  const u32 xs = raw_s + pad;                // X buffers
+  const u32 ws = xs + kXStages * kXBytes;    // W buffers (decoded)
+  const u32 ps = ws + 2 * kWBytes;           // packed weight buffers
+  u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + 2 * kWBytes + kPStages * kPBytes);
   float* code2_s = reinterpret_cast<float*>(lut + 256 * 32);
   int* last_flag = reinterpret_cast<int*>(code2_s + 256);
   q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2);
@@ -170,58 +182,60 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   // Activations of local stage s into X buffer s % kXStages: copy q of this thread is unit
   // c = tid + 128 q of the stage, token c / 8, k 8 (c % 8) .. + 8.
-  auto x_copy = [&](int s) {
-    if (s < stages) {
-      const u32 base = xs + (u32)(s % kXStages) * kXBytes;
+  auto copy_x = [&](int s) {
+    if (s >= stages) return;
+    const u32 base = xs + (u32)(s % kXStages) * kXBytes;
 #pragma unroll
-      for (int q = 0; q < kXBytes / 16 / kThreads; ++q) {
-        const u32 c = tid + kThreads * q, tok = c >> 3, unit = c & 7;
-        const int k = (st_begin + s) * kStageK + 8 * (int)unit;
-        const bool ok = tok0 + (int)tok < M && k < K;  // K % 32 == 0: a unit is wholly in or out
-        const u16* src = ok ? A + (i64)(tok0 + (int)tok) * K + k : A;
-        cp_async16(base + sw128_offset(tok, unit), src, ok ? 16u : 0u);
-      }
+    for (int q = 0; q < kXBytes / 16 / kThreads; ++q) {
+      const u32 c = tid + kThreads * q, tok = c >> 3, unit = c & 7;
+      const int k = (st_begin + s) * kStageK + 8 * (int)unit;
+      const bool ok = tok0 + (int)tok < M && k < K;  // K % 32 == 0: a unit is wholly in or out
+      const u16* src = ok ? A + (i64)(tok0 + (int)tok) * K + k : A;
+      cp_async16(base + sw128_offset(tok, unit), src, ok ? 16u : 0u);
     }
-    cp_async_commit();  // an empty group past the end keeps the wait count uniform
   };
 
-  // Weights of local stage s: this thread's chunks j = tid + 128 i (i = 0, 1): row j / 2 of the
-  // CTA, k 32 (j % 2) .. + 32 of the stage; zeros past N and K.
+  // Weights of local stage s: this thread's chunks j = tid + 128 i (i = 0, 1), row j / 2 of the
+  // CTA, k 32 (j % 2) .. + 32 of the stage, copied to byte 16 j of packed buffer s % kPStages
+  // (zeros past N and K), and their scales fetched into registers (v, q).
   const int half = tid & 1;
   auto chunk_valid = [&](int s, int i) {
     return s < stages && n0 + (tid >> 1) + 64 * i < N && (st_begin + s) * kStageK + 32 * half < K;
   };
-  auto w_load = [&](int s, uint4 (&w)[2], float (&v)[2], u32 (&q)[2]) {
+  auto copy_w = [&](int s, float (&v)[2], u32 (&q)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
+      const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i);
       if (chunk_valid(s, i)) {
         const int row = n0 + (tid >> 1) + 64 * i, k = (st_begin + s) * kStageK + 32 * half;
         const i64 e = (i64)row * K + k;
         if constexpr (TILED) {
           const i64 tile = ((i64)(row >> 4) * (K >> 7) + (k >> 7)) * 16 + (row & 15);
-          w[i] = q4::load_stream16(packed + tile * 64 + ((k & 127) >> 1));
+          cp_async16(dst, packed + tile * 64 + ((k & 127) >> 1), 16u);
         } else {
-          w[i] = q4::load_stream16(packed + (e >> 1));
+          cp_async16(dst, packed + (e >> 1), 16u);
         }
         q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[i], q[i]);
-      } else {
-        w[i] = make_uint4(0, 0, 0, 0);
+      } else if (s < stages) {
+        cp_async16(dst, packed, 0u);  // zeros
         v[i] = 0.0f;
         q[i] = 0;
       }
     }
   };
-  // Decode local stage s into W buffer s % 2: 16 bytes -> 32 weights -> four 16-byte units.
-  auto w_decode = [&](int s, const uint4 (&w)[2], const float (&v)[2], const u32 (&q)[2]) {
+  // Decode local stage s (its packed buffer and scales) into W buffer s % 2: 16 bytes -> 32
+  // weights -> four 16-byte units a chunk.
+  auto decode = [&](int s, const float (&v)[2], const u32 (&q)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
+      const uint4 w = load_shared16(ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i));
       const float sc = chunk_valid(s, i) ? q4::scale_decode<NESTED>(v[i], q[i], code2_s, off) : 0.0f;
       const u32 hs = pack2<Fmt>(sc, sc);
       const u32 row = (tid >> 1) + 64 * i;
       const u32 base = ws + (u32)(s & 1) * kWBytes;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const u32 word = q4::word_of(w[i], u);
+        const u32 word = q4::word_of(w, u);
         store_shared16(base + sw128_offset(row, 4 * half + u), mul2<Fmt>(lut_at(lut_lane, byte_of(word, 0)), hs),
                        mul2<Fmt>(lut_at(lut_lane, byte_of(word, 1)), hs),
                        mul2<Fmt>(lut_at(lut_lane, byte_of(word, 2)), hs),
@@ -234,39 +248,41 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
   for (int i = 0; i < kAccs; ++i) acc[i] = 0.0f;
 
-  uint4 wr[AHEAD][2];
-  float vr[AHEAD][2];
-  u32 qr[AHEAD][2];
-#pragma unroll
-  for (int s = 0; s < kXStages - 1; ++s) x_copy(s);
-#pragma unroll
-  for (int d = 0; d < AHEAD; ++d) w_load(d, wr[d], vr[d], qr[d]);
-  __syncthreads();  // the table and code2 are published
-  w_decode(0, wr[0], vr[0], qr[0]);
-  w_load(AHEAD, wr[0], vr[0], qr[0]);
-  cp_async_wait<kXStages - 2>();
+  // Scales of the stages in flight, slot s % kPStages (the loop is unrolled by kPStages so
+  // the slots are registers).
+  float vr[kPStages][2];
+  u32 qr[kPStages][2];
+  copy_x(0);
+  copy_w(0, vr[0], qr[0]);
+  copy_w(1, vr[1], qr[1]);
+  cp_async_commit();
+  copy_x(1);
+  copy_w(2, vr[2], qr[2]);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();  // the table, code2 and stage 0's copies are published
+  decode(0, vr[0], qr[0]);
   fence_proxy_async();
   __syncthreads();
 
-  for (int s0 = 0; s0 < stages; s0 += AHEAD) {
+  for (int s0 = 0; s0 < stages; s0 += kPStages) {
 #pragma unroll
-    for (int d = 0; d < AHEAD; ++d) {
+    for (int d = 0; d < kPStages; ++d) {
       const int s = s0 + d;
       if (s >= stages) break;  // uniform over the CTA
-      const u32 xa = xs + (u32)(d % kXStages) * kXBytes, wa = ws + (u32)(d & 1) * kWBytes;
-      x_copy(s + kXStages - 1);  // into the buffer of stage s - 1, whose wgmma every warp has waited for
+      // Into the buffers of stage s - 1: its wgmma and decode are done (barrier below).
+      copy_x(s + 2);
+      copy_w(s + 3, vr[(d + 3) % kPStages], qr[(d + 3) % kPStages]);
+      cp_async_commit();
+      const u32 xa = xs + (u32)(s % kXStages) * kXBytes, wa = ws + (u32)(d & 1) * kWBytes;
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kStageK / 16; ++kk) wgmma_m64n128k16<Fmt>(acc, sw128_desc(xa + 32 * kk), sw128_desc(wa + 32 * kk));
       wgmma_commit();
-      const int next = (d + 1) % AHEAD;
-      if (s + 1 < stages) {
-        w_decode(s + 1, wr[next], vr[next], qr[next]);
-        w_load(s + 1 + AHEAD, wr[next], vr[next], qr[next]);
-      }
+      if (s + 1 < stages) decode(s + 1, vr[(d + 1) % kPStages], qr[(d + 1) % kPStages]);
       wgmma_wait_all();
       fence_accumulators(acc);
-      cp_async_wait<kXStages - 2>();
+      cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
       fence_proxy_async();
       __syncthreads();
     }
