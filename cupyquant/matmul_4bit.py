@@ -461,8 +461,8 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 _WGMMA_TOKENS = 64
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
-_WGMMA_SMEM = 3 * 8192 + 2 * 16384 + 4 * 4096 + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
-_WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread
+_WGMMA_SMEM = 3 * 8192 + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
+_WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread (two row blocks)
 _WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
 

@@ -1,54 +1,59 @@
 // Fused 4-bit matrix product on Hopper's warpgroup MMA (wgmma; sm_90a, compiled for that target
 // only): out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for fp16 / bf16 activations and tens
-// to hundreds of tokens, from NF4 / FP4 weights in the bitsandbytes layout or in tile order.
+// of tokens, from NF4 / FP4 weights in the bitsandbytes layout or in tile order.
 //
-// Why a kernel of its own: gemm_4bit_tile (mma.sync) keeps the dequantized weights and the
-// activation fragments in registers, and at 64 tokens it is bound by issuing its multiplies
-// (2 warps a scheduler at 255 registers). Here both operands of the product are in shared
-// memory and the tensor cores read them there asynchronously, so the threads only decode:
-// each weight is dequantized once a 64-token chunk, stored to shared memory in A's format,
-// and multiplied while the threads decode the next stage.
+// Why a kernel of its own: gemm_4bit_tile (mma.sync) keeps the activation fragments in
+// registers too, and at 64 tokens it is bound by issuing its multiplies (2 warps a scheduler
+// at 255 registers). Here the activations stay in shared memory, where the tensor cores read
+// them asynchronously; the threads only decode weights into the wgmma's register operand.
 //
 // Data layout: as gemm_4bit.cu (A u16[M, K] row-major; packed in the bitsandbytes layout, or
 // TILED in 16-row x 128-k tiles, cupyquant/tiled_4bit.py; table, scales, bias, out). Requires
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
-// The product: a CTA is one warpgroup (128 threads) and computes out[tok0 .. tok0 + 64,
-// n0 .. n0 + 128] over its share of K, as D[64 tokens x 128 rows] += X[64 x 16] * W^T[16 x 128]
-// with wgmma m64n128k16: X (the activations) is the A operand, W (the weights) the B operand,
-// both K-major in shared memory with the 128-byte swizzle. A weight is W(row, k) =
-// code[q] * scale, each rounded to A's format and multiplied there (as in gemm_4bit.cu);
-// products are summed in float32.
+// The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA (one warpgroup,
+// 128 threads) computing D[128 rows][64 tokens] over its share of K with wgmma m64n64k16, two
+// row blocks of 64 (b = 0, 1): A = 64 weight rows x 16 k from registers, B = X (the
+// activations, 64 tokens x 16 k) K-major in shared memory with the 128-byte swizzle. A weight
+// is W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
+// gemm_4bit.cu); products are summed in float32.
 //   grid (ceil(N / 128) * token_chunks, ksplit), block 128, blockIdx.x = group * token_chunks
 //   + chunk (the CTAs that read the same weights for different tokens run side by side and
 //   share them through L2); dynamic shared memory kSmemBytes (below).
 //
-// Stages of 64 k (one 128-byte swizzle atom a row):
-//   X stage  u16[64 tokens][64]  8 KB, copied with cp.async (zeros past M and K), kXStages
-//            buffers, two stages ahead;
-//   packed   the stage's 4 KB of packed weights, copied with cp.async three stages ahead
-//            (kPStages buffers): thread c copies, and later decodes, chunks c and c + 128,
-//            chunk j = row j / 2, k 32 (j % 2) .. + 32, 16 bytes (a warp's copy covers 16 rows
-//            x 32 contiguous bytes), to byte 16 j; its block scales go to registers;
-//   W stage  u16[128 rows][64]  16 KB, two buffers, written by the threads when decoding.
-//   In X and W, row r's 16-byte unit u (8 k) is at byte r * 128 + ((u ^ (r & 7)) << 4): the
-//   swizzle the descriptors name, and a quarter warp's 16-byte stores or copies of 8 units
-//   of 4 rows then hit 8 distinct bank groups.
-//   (Why the packed weights pass through shared memory: held in a ring of registers, the
-//   compiler moved a just-loaded 16-byte vector between registers, which waits for the load;
-//   every stage then waited a full DRAM latency, 28672 x 8192 at 64 tokens took 198 us.)
+// Register operand: warp w, lane (g, t) = (lane / 4, lane % 4) holds, for row block b and k
+// slice kk of a stage, rows r = 64b + 16w + g (+ 8) and k = 16kk + 2t, + 1 (+ 8): that is byte
+// t of words 2kk and 2kk + 1 of the row's 32 packed bytes of the stage. Each byte becomes one
+// register through the byte table (code pair in A's format, lower k in the low half) times
+// the chunk's packed scale pair.
+//
+// Stages of 64 k (one 128-byte swizzle atom of X a token):
+//   X        u16[64 tokens][64]  8 KB, copied with cp.async (zeros past M and K), kXStages
+//            buffers, two stages ahead; token r's 16-byte unit u (8 k) at byte
+//            r * 128 + ((u ^ (r & 7)) << 4), the swizzle the descriptor names (a quarter
+//            warp's copies of 8 units of one token then hit 8 distinct bank groups);
+//   packed   the stage's 4 KB of packed weights, row r's 32 bytes at byte 32 r, copied with
+//            cp.async three stages ahead (kPStages buffers): thread c copies chunks c and
+//            c + 128, chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's copy covers 16 rows
+//            x 32 contiguous bytes);
+//   scales   u32[256 chunks], the chunk's scale as a packed pair in A's format, kPStages
+//            buffers: thread c fetches its chunks' scales four stages ahead into registers
+//            and decodes them into shared memory two stages ahead.
+//   (The packed weights pass through shared memory because, held in a ring of registers,
+//   the compiler moved a just-loaded 16-byte vector between registers, which waits for the
+//   load: every stage then waited a DRAM latency.)
 //
 // Pipeline, stage i (one barrier a stage):
-//   copy the activations of stage i + 2 and the packed weights of stage i + 3 (into the
-//   buffers of stage i - 1, whose wgmma and decoding are done);
-//   issue stage i's four wgmma (X buffer i % kXStages, W buffer i % 2) and commit them;
-//   decode stage i + 1 into W buffer (i + 1) % 2 (last read by stage i - 1's wgmma, which
-//   every warp waited for before the barrier that opened stage i);
+//   copy X(i + 2) and the packed weights of i + 3 (into the buffers of stage i - 1, whose
+//   wgmma and decoding are done);
+//   issue stage i's eight wgmma on its register operands and X buffer i % kXStages, commit;
+//   decode stage i + 1 into the other register set; write the scales of stage i + 2; fetch
+//   those of stage i + 4;
 //   wait for stage i's wgmma and this thread's copies of X(i + 1) and the packed weights of
 //   i + 2, make the shared writes visible to the tensor cores' (async) proxy, barrier.
 //
-// Accumulators (m64nNk16, float32): warp w, lane (g, t) = (lane / 4, lane % 4) holds
-// d[4j + 2h + e] = D[token 16w + g + 8h][row 8j + 2t + e].
+// Accumulators (m64n64k16, float32): block b, warp w, lane (g, t) holds
+// acc[b][4j + 2h + e] = D[row 64b + 16w + g + 8h][token 8j + 2t + e].
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
@@ -69,19 +74,20 @@ using q4::pack2;
 using q4::shared_address;
 
 constexpr int kThreads = 128;  // one warpgroup
-constexpr int kTokens = 64;    // the wgmma's M
-constexpr int kRows = 128;     // the wgmma's N: weight rows a CTA
-constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a row
-constexpr int kXStages = 3;  // activation buffers: copied two stages ahead
-constexpr int kPStages = 4;  // packed weight buffers: copied three stages ahead
+constexpr int kTokens = 64;    // the wgmma's N
+constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
+constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
+constexpr int kXStages = 3;    // activation buffers: copied two stages ahead
+constexpr int kPStages = 4;    // packed weight and scale buffers: copied three stages ahead
 constexpr int kXBytes = kTokens * 2 * kStageK;
-constexpr int kWBytes = kRows * 2 * kStageK;
 constexpr int kPBytes = kRows * kStageK / 2;
-constexpr int kAccs = kTokens * kRows / kThreads;  // float32 accumulators a thread
-// Dynamic shared memory: X buffers | W buffers | packed weight buffers | byte table
-// u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X and W buffers
-// to the swizzle atom's 1024 bytes.
-constexpr int kSmemBytes = kXStages * kXBytes + 2 * kWBytes + kPStages * kPBytes + 4 * (256 * 32 + 256) + 16 + 1024;
+constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
+constexpr int kAccs = 32;                          // float32 accumulators a thread and row block
+// Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
+// u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to the
+// swizzle atom's 1024 bytes.
+constexpr int kSmemBytes =
+    kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 1024;
 
 // A shared-memory matrix descriptor: K-major rows of 128 bytes with the 128-byte swizzle,
 // 8-row groups 1024 bytes apart (the leading offset is unused for this layout; encoded as 1).
@@ -94,7 +100,7 @@ __device__ __forceinline__ u32 sw128_offset(u32 row, u32 unit) { return row * 12
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Shared writes of the generic proxy (st.shared, cp.async) become visible to wgmma's reads.
+// Shared writes of the generic proxy (cp.async) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // Pins the accumulators at this point of the program: the compiler may not move their uses
@@ -104,31 +110,21 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kAccs]) {
   for (int i = 0; i < kAccs; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-#define CQ_WGMMA_D                                                                                                    \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
-  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define CQ_WGMMA_D_OPERANDS                                                                                            \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),        \
-      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),         \
-      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
-      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),        \
-      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),        \
-      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),        \
-      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),        \
-      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define CQ_WGMMA_D "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CQ_WGMMA_D_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
-// D[64 x 128] += A[64 x 16] * B[16 x 128], A and B K-major in shared memory (descriptors).
+// D[64 x 64] += A[64 x 16] * B[16 x 64]: A from registers (the warp's 16 rows), B K-major in
+// shared memory (descriptor).
 template <class Fmt>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAccs], u64 desc_a, u64 desc_b) {
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[kAccs], const u32 (&a)[4], u64 desc_b) {
   if constexpr (Fmt::kIsHalf) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CQ_WGMMA_D ", %64, %65, 1, 1, 1, 0, 0;"
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CQ_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
                  : CQ_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
   } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CQ_WGMMA_D ", %64, %65, 1, 1, 1, 0, 0;"
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CQ_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
                  : CQ_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
   }
 }
 #undef CQ_WGMMA_D
@@ -140,8 +136,14 @@ __device__ __forceinline__ uint4 load_shared16(u32 address) {
   return v;
 }
 
-__device__ __forceinline__ void store_shared16(u32 address, u32 a, u32 b, u32 c, u32 d) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+__device__ __forceinline__ u32 load_shared4(u32 address) {
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
+  return v;
+}
+
+__device__ __forceinline__ void store_shared4(u32 address, u32 v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(address), "r"(v) : "memory");
 }
 
 }  // namespace
@@ -161,15 +163,16 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 raw_s = shared_address(smem_raw);
   const u32 pad = ((raw_s + 1023u) & ~1023u) - raw_s;
   u8* smem = smem_raw + pad;
-  const u32 xs = raw_s + pad;                // X buffers
-  const u32 ws = xs + kXStages * kXBytes;    // W buffers (decoded)
-  const u32 ps = ws + 2 * kWBytes;           // packed weight buffers
-  u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + 2 * kWBytes + kPStages * kPBytes);
+  const u32 xs = raw_s + pad;                      // X buffers
+  const u32 ps = xs + kXStages * kXBytes;          // packed weight buffers
+  const u32 ss = ps + kPStages * kPBytes;          // scale buffers
+  u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + kPStages * (kPBytes + kSBytes));
   float* code2_s = reinterpret_cast<float*>(lut + 256 * 32);
   int* last_flag = reinterpret_cast<int*>(code2_s + 256);
   q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % token_chunks;
   const int n0 = (blockIdx.x / token_chunks) * kRows, tok0 = chunk * kTokens;
   const float off = NESTED ? __ldg(offset) : 0.0f;
@@ -195,93 +198,122 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     }
   };
 
-  // Weights of local stage s: this thread's chunks j = tid + 128 i (i = 0, 1), row j / 2 of the
-  // CTA, k 32 (j % 2) .. + 32 of the stage, copied to byte 16 j of packed buffer s % kPStages
-  // (zeros past N and K), and their scales fetched into registers (v, q).
+  // This thread's chunks of local stage s: j = tid + 128 i (i = 0, 1), row j / 2 of the CTA,
+  // k 32 (j % 2) .. + 32 of the stage.
   const int half = tid & 1;
   auto chunk_valid = [&](int s, int i) {
     return s < stages && n0 + (tid >> 1) + 64 * i < N && (st_begin + s) * kStageK + 32 * half < K;
   };
-  auto copy_w = [&](int s, float (&v)[2], u32 (&q)[2]) {
+  auto chunk_element = [&](int s, int i) {  // flat index of the chunk's first weight
+    return (i64)(n0 + (tid >> 1) + 64 * i) * K + (st_begin + s) * kStageK + 32 * half;
+  };
+  auto copy_w = [&](int s) {
+    if (s >= stages) return;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i);
       if (chunk_valid(s, i)) {
-        const int row = n0 + (tid >> 1) + 64 * i, k = (st_begin + s) * kStageK + 32 * half;
-        const i64 e = (i64)row * K + k;
+        const i64 e = chunk_element(s, i);
         if constexpr (TILED) {
+          const int row = n0 + (tid >> 1) + 64 * i, k = (st_begin + s) * kStageK + 32 * half;
           const i64 tile = ((i64)(row >> 4) * (K >> 7) + (k >> 7)) * 16 + (row & 15);
           cp_async16(dst, packed + tile * 64 + ((k & 127) >> 1), 16u);
         } else {
           cp_async16(dst, packed + (e >> 1), 16u);
         }
-        q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, v[i], q[i]);
-      } else if (s < stages) {
+      } else {
         cp_async16(dst, packed, 0u);  // zeros
+      }
+    }
+  };
+  auto fetch_scales = [&](int s, float (&v)[2], u32 (&q)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (chunk_valid(s, i)) {
+        q4::scale_fetch<NESTED>(chunk_element(s, i) >> block_shift, absmax, qabsmax, nested_absmax, v[i], q[i]);
+      } else {
         v[i] = 0.0f;
         q[i] = 0;
       }
     }
   };
-  // Decode local stage s (its packed buffer and scales) into W buffer s % 2: 16 bytes -> 32
-  // weights -> four 16-byte units a chunk.
-  auto decode = [&](int s, const float (&v)[2], const u32 (&q)[2]) {
+  auto store_scales = [&](int s, const float (&v)[2], const u32 (&q)[2]) {
+    if (s >= stages) return;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const uint4 w = load_shared16(ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i));
       const float sc = chunk_valid(s, i) ? q4::scale_decode<NESTED>(v[i], q[i], code2_s, off) : 0.0f;
-      const u32 hs = pack2<Fmt>(sc, sc);
-      const u32 row = (tid >> 1) + 64 * i;
-      const u32 base = ws + (u32)(s & 1) * kWBytes;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const u32 word = q4::word_of(w, u);
-        store_shared16(base + sw128_offset(row, 4 * half + u), mul2<Fmt>(lut_at(lut_lane, byte_of(word, 0)), hs),
-                       mul2<Fmt>(lut_at(lut_lane, byte_of(word, 1)), hs),
-                       mul2<Fmt>(lut_at(lut_lane, byte_of(word, 2)), hs),
-                       mul2<Fmt>(lut_at(lut_lane, byte_of(word, 3)), hs));
-      }
+      store_shared4(ss + (u32)(s % kPStages) * kSBytes + 4 * (tid + kThreads * i), pack2<Fmt>(sc, sc));
     }
   };
-
-  float acc[kAccs];
+  // The register operands of local stage s: a[b][kk] for row block b and k slice kk.
+  auto decode = [&](int s, u32 (&a)[2][4][4]) {
+    const u32 pbuf = ps + (u32)(s % kPStages) * kPBytes, sbuf = ss + (u32)(s % kPStages) * kSBytes;
 #pragma unroll
-  for (int i = 0; i < kAccs; ++i) acc[i] = 0.0f;
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 row = 64 * b + 16 * warp + g + 8 * h;
+        const uint4 lo = load_shared16(pbuf + 32 * row), hi = load_shared16(pbuf + 32 * row + 16);
+        const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const u32 hs[2] = {load_shared4(sbuf + 8 * row), load_shared4(sbuf + 8 * row + 4)};  // chunks 2 row, 2 row + 1
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          a[b][kk][h] = mul2<Fmt>(lut_at(lut_lane, byte_of(words[2 * kk], t)), hs[kk >> 1]);
+          a[b][kk][h + 2] = mul2<Fmt>(lut_at(lut_lane, byte_of(words[2 * kk + 1], t)), hs[kk >> 1]);
+        }
+      }
+  };
 
-  // Scales of the stages in flight, slot s % kPStages (the loop is unrolled by kPStages so
-  // the slots are registers).
+  float acc[2][kAccs];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
+
+  u32 frag[2][2][4][4];  // two register sets: stage s uses set s % 2
+  // Scales in flight, slot s % kPStages (the loop is unrolled by kPStages so the slots are
+  // registers).
   float vr[kPStages][2];
   u32 qr[kPStages][2];
   copy_x(0);
-  copy_w(0, vr[0], qr[0]);
-  copy_w(1, vr[1], qr[1]);
+  copy_w(0);
+  copy_w(1);
   cp_async_commit();
   copy_x(1);
-  copy_w(2, vr[2], qr[2]);
+  copy_w(2);
   cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();  // the table, code2 and stage 0's copies are published
-  decode(0, vr[0], qr[0]);
+#pragma unroll
+  for (int d = 0; d < kPStages; ++d) fetch_scales(d, vr[d], qr[d]);
+  __syncthreads();  // the table and code2 are published
+  store_scales(0, vr[0], qr[0]);
+  store_scales(1, vr[1], qr[1]);
+  cp_async_wait<1>();  // X(0) and the packed weights of stages 0 and 1
   fence_proxy_async();
   __syncthreads();
+  decode(0, frag[0]);
 
   for (int s0 = 0; s0 < stages; s0 += kPStages) {
 #pragma unroll
     for (int d = 0; d < kPStages; ++d) {
       const int s = s0 + d;
       if (s >= stages) break;  // uniform over the CTA
-      // Into the buffers of stage s - 1: its wgmma and decode are done (barrier below).
+      // Into the buffers of stage s - 1: its wgmma and decoding are done (barrier below).
       copy_x(s + 2);
-      copy_w(s + 3, vr[(d + 3) % kPStages], qr[(d + 3) % kPStages]);
+      copy_w(s + 3);
       cp_async_commit();
-      const u32 xa = xs + (u32)(s % kXStages) * kXBytes, wa = ws + (u32)(d & 1) * kWBytes;
+      const u32 xa = xs + (u32)(s % kXStages) * kXBytes;
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kStageK / 16; ++kk) wgmma_m64n128k16<Fmt>(acc, sw128_desc(xa + 32 * kk), sw128_desc(wa + 32 * kk));
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wgmma_m64n64k16<Fmt>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
-      if (s + 1 < stages) decode(s + 1, vr[(d + 1) % kPStages], qr[(d + 1) % kPStages]);
+      if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
+      store_scales(s + 2, vr[(d + 2) % kPStages], qr[(d + 2) % kPStages]);
+      fetch_scales(s + 4, vr[d], qr[d]);
       wgmma_wait_all();
-      fence_accumulators(acc);
+      fence_accumulators(acc[0]);
+      fence_accumulators(acc[1]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
       fence_proxy_async();
       __syncthreads();
@@ -291,9 +323,11 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   if (ksplit > 1) {  // uniform over the launch
     const i64 ctas = gridDim.x;
-    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kAccs * kThreads) + tid;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (2 * kAccs * kThreads) + tid;
 #pragma unroll
-    for (int r = 0; r < kAccs; ++r) __stcg(mine + r * kThreads, acc[r]);
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kThreads, acc[b][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
     __syncthreads();
     if (tid == 0) {
@@ -305,42 +339,34 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)blockIdx.x * (kAccs * kThreads) + tid;
+    const float* tile_part = partial + (i64)blockIdx.x * (2 * kAccs * kThreads) + tid;
 #pragma unroll
-    for (int r = 0; r < kAccs; ++r) acc[r] = 0.0f;
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
-      const float* part = tile_part + (p * ctas) * (kAccs * kThreads);
+      const float* part = tile_part + (p * ctas) * (2 * kAccs * kThreads);
 #pragma unroll
-      for (int r = 0; r < kAccs; ++r) acc[r] += __ldcg(part + r * kThreads);
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kThreads);
     }
   }
 
-  // Epilogue: bias, one rounding, two adjacent rows of a token at a time.
-  const int g = lane >> 2, t = lane & 3;
+  // Epilogue: bias, one rounding.
 #pragma unroll
-  for (int j = 0; j < kRows / 8; ++j) {
-    const int row = n0 + 8 * j + 2 * t;
-    if (row >= N) continue;
-    const bool pair = row + 1 < N;
-    const float b0 = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-    const float b1 = has_bias && pair ? Fmt::to_float(bias[row + 1]) : 0.0f;
+  for (int b = 0; b < 2; ++b)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int tok = tok0 + 16 * warp + g + 8 * h;
-      if (tok >= M) continue;
-      const u16 lo = Fmt::from_float(__fadd_rn(acc[4 * j + 2 * h], b0));
-      u16* dst = out + (i64)tok * N + row;
-      if (!pair) {
-        dst[0] = lo;
-      } else {
-        const u16 hi = Fmt::from_float(__fadd_rn(acc[4 * j + 2 * h + 1], b1));
-        if ((N & 1) == 0) {
-          *reinterpret_cast<u32*>(dst) = (u32)lo | ((u32)hi << 16);
-        } else {
-          dst[0] = lo;
-          dst[1] = hi;
+      const int row = n0 + 64 * b + 16 * warp + g + 8 * h;
+      if (row >= N) continue;
+      const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kTokens / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int tok = tok0 + 8 * j + 2 * t + e;
+          if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
         }
-      }
     }
-  }
 }
