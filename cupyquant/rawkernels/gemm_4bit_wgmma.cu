@@ -184,43 +184,41 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const int stages = min(stages_all, st_begin + share) - st_begin;
 
   // Activations of local stage s into X buffer s % kXStages: copy q of this thread is unit
-  // c = tid + 128 q of the stage, token c / 8, k 8 (c % 8) .. + 8.
+  // c = tid + 128 q of the stage, token c / 8 = tid / 8 + 16 q, k 8 (c % 8) .. + 8. Only the k
+  // offset changes from stage to stage, so the addresses are computed once.
+  const int x_tok = tid >> 3, x_k0 = st_begin * kStageK + 8 * (tid & 7);
+  const u16* x_src = A + (i64)(tok0 + x_tok) * K + x_k0;  // copy q: + 16 q rows
+  const u32 x_dst = sw128_offset(x_tok, tid & 7);           // copy q: + 16 q rows of 128 bytes
   auto copy_x = [&](int s) {
     if (s >= stages) return;
-    const u32 base = xs + (u32)(s % kXStages) * kXBytes;
+    const u32 base = xs + (u32)(s % kXStages) * kXBytes + x_dst;
+    const bool k_ok = x_k0 + kStageK * s < K;  // K % 32 == 0: a unit is wholly in or out
 #pragma unroll
     for (int q = 0; q < kXBytes / 16 / kThreads; ++q) {
-      const u32 c = tid + kThreads * q, tok = c >> 3, unit = c & 7;
-      const int k = (st_begin + s) * kStageK + 8 * (int)unit;
-      const bool ok = tok0 + (int)tok < M && k < K;  // K % 32 == 0: a unit is wholly in or out
-      const u16* src = ok ? A + (i64)(tok0 + (int)tok) * K + k : A;
-      cp_async16(base + sw128_offset(tok, unit), src, ok ? 16u : 0u);
+      const bool ok = k_ok && tok0 + x_tok + 16 * q < M;
+      cp_async16(base + 16 * 128 * q, ok ? x_src + (i64)16 * q * K + kStageK * s : A, ok ? 16u : 0u);
     }
   };
 
-  // This thread's chunks of local stage s: j = tid + 128 i (i = 0, 1), row j / 2 of the CTA,
-  // k 32 (j % 2) .. + 32 of the stage.
-  const int half = tid & 1;
-  auto chunk_valid = [&](int s, int i) {
-    return s < stages && n0 + (tid >> 1) + 64 * i < N && (st_begin + s) * kStageK + 32 * half < K;
-  };
-  auto chunk_element = [&](int s, int i) {  // flat index of the chunk's first weight
-    return (i64)(n0 + (tid >> 1) + 64 * i) * K + (st_begin + s) * kStageK + 32 * half;
-  };
+  // This thread's chunks of local stage s: j = tid + 128 i (i = 0, 1), row w_row + 64 i of the
+  // weight, k w_k0 + 64 s .. + 32 (its first flat element w_e0 + 64 K i + 64 s).
+  const int w_row = n0 + (tid >> 1), w_k0 = st_begin * kStageK + 32 * (tid & 1);
+  const bool w_row_ok[2] = {w_row < N, w_row + 64 < N};
+  const i64 w_e0 = (i64)w_row * K + w_k0;
+  // Chunk 0 of stage 0 (row-major) or of a stage's 16-row x 128-k tile (TILED; the stage adds
+  // its tile and half); chunk 1 lies 64 rows = 32 K bytes further in both layouts.
+  const u8* w_src = TILED ? packed + ((i64)(w_row >> 4) * (K >> 7) * 16 + (w_row & 15)) * 64 + 16 * (tid & 1)
+                          : packed + (w_e0 >> 1);
+  auto chunk_valid = [&](int s, int i) { return s < stages && w_row_ok[i] && w_k0 + kStageK * s < K; };
   auto copy_w = [&](int s) {
     if (s >= stages) return;
+    const int stage = st_begin + s;
+    const i64 at = TILED ? (i64)(stage >> 1) * 1024 + (stage & 1) * 32 : (i64)32 * s;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i);
       if (chunk_valid(s, i)) {
-        const i64 e = chunk_element(s, i);
-        if constexpr (TILED) {
-          const int row = n0 + (tid >> 1) + 64 * i, k = (st_begin + s) * kStageK + 32 * half;
-          const i64 tile = ((i64)(row >> 4) * (K >> 7) + (k >> 7)) * 16 + (row & 15);
-          cp_async16(dst, packed + tile * 64 + ((k & 127) >> 1), 16u);
-        } else {
-          cp_async16(dst, packed + (e >> 1), 16u);
-        }
+        cp_async16(dst, w_src + at + (i64)32 * K * i, 16u);
       } else {
         cp_async16(dst, packed, 0u);  // zeros
       }
@@ -230,7 +228,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (chunk_valid(s, i)) {
-        q4::scale_fetch<NESTED>(chunk_element(s, i) >> block_shift, absmax, qabsmax, nested_absmax, v[i], q[i]);
+        const i64 block = (w_e0 + (i64)kStageK * K * i + kStageK * s) >> block_shift;
+        q4::scale_fetch<NESTED>(block, absmax, qabsmax, nested_absmax, v[i], q[i]);
       } else {
         v[i] = 0.0f;
         q[i] = 0;
