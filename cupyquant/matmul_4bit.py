@@ -465,6 +465,18 @@ _WGMMA_SMEM = 3 * 8192 + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024  #
 _WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread (two row blocks)
 _WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
+_WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
+
+
+def _wgmma_default(M: int, N: int, K: int) -> bool:
+    """Whether the default tensor-core dispatch runs ``gemm_4bit_wgmma``: from _WGMMA_MIN_M
+    tokens, on an H100 / H200, where the weight has too few rows to give every SM two CTAs
+    (the default rule splits K). H100 run 34 of NOTES_matmul_4bit.md, us at 33 / 64 / 128
+    tokens, wgmma against the kernel it replaces: 8192 x 28672 115.0 / 115.9 / 211.8 against
+    177.0 / 176.4 / 269.5, 11008 x 4096 34.2 / 34.7 against 40.5 / 39.7; where K is not split
+    it loses (28672 x 8192 at 64: 132.3 against 121.7; 11008 x 4096 at 96, 172 CTAs: 63.4
+    against 59.4), and at 32 tokens too (8192 x 28672: 126.3 against 98.6)."""
+    return M >= _WGMMA_MIN_M and _wgmma_supported() and _pick_wgmma(M, N, K)[3] >= 2
 
 
 def _compute_capability() -> str:
@@ -553,7 +565,10 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (128,), args, _WGMMA_SMEM
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
-        path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
+        if _wgmma_default(M, N, K):
+            path = "wgmma"
+        else:
+            path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":

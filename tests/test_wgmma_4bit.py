@@ -35,6 +35,19 @@ def test_wgmma_split_rule(monkeypatch):
         mm._pick_wgmma(17, 64, 256, ksplit=0)
 
 
+def test_wgmma_default_rule(monkeypatch):
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
+    # K split (few rows for the SMs), from 33 tokens: 8192 x 28672 up to 128 tokens, 11008 x 4096 up to 64.
+    for M, N, K in ((33, 8192, 28672), (64, 8192, 28672), (128, 8192, 28672), (40, 11008, 4096), (64, 11008, 4096)):
+        assert mm._wgmma_default(M, N, K), (M, N, K)
+    # Not below 33 tokens, not where K is not split, not off Hopper.
+    for M, N, K in ((32, 8192, 28672), (64, 28672, 8192), (96, 11008, 4096), (192, 8192, 28672)):
+        assert not mm._wgmma_default(M, N, K), (M, N, K)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
+    assert not mm._wgmma_default(64, 8192, 28672)
+
+
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
@@ -136,3 +149,21 @@ def test_gpu_wgmma_split_deterministic(hopper, fmt):
     for _ in range(3):
         np.testing.assert_array_equal(run_gpu(hopper, a_bits, fmt, 70, packed, qs, bias_bits, path="wgmma-k5"), first)
     assert rel_error(first, fmt, reference(a_bits, fmt, 70, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
+    # 8192 x 2048 at 40 tokens: within the fused range of weights of >= 8192 rows, and 64 CTAs,
+    # so the default rule splits K (in 2) and picks gemm_4bit_wgmma.
+    M, N, K = 40, 8192, 2048
+    assert M <= mm.fused_max_m(fmt, N, K)
+    assert mm._wgmma_default(M, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=7)
+    if tiled:
+        ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
+        out = hopper.asnumpy(mm.matmul_4bit_bits(ga, fmt, M, cq.tile_4bit(gp, gqs).data, gqs, gb, tiled=True))
+    else:
+        out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
