@@ -554,6 +554,11 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     tile_args: tuple[Any, ...] = ()
     if tiled and path != "mma" and not path.startswith("wgmma"):
         raise ValueError(f"a tiled weight takes the default tensor-core path or wgmma, got path {path!r}")
+    if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
+        if _wgmma_default(M, N, K):
+            path = "wgmma"
+        else:
+            path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma" (split by the default rule) or "wgmma-k<ksplit>"
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
@@ -566,11 +571,6 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS) if ksplit > 1 else (out_bits, out_bits)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (128,), args, _WGMMA_SMEM
-    if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
-        if _wgmma_default(M, N, K):
-            path = "wgmma"
-        else:
-            path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":
