@@ -48,6 +48,24 @@ def test_wgmma_default_rule(monkeypatch):
     assert not mm._wgmma_default(64, 8192, 28672)
 
 
+def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
+    # The launch the default tensor-core path builds where _wgmma_default holds, with the GPU
+    # calls stubbed: gemm_4bit_wgmma, grid (CTAs, ksplit), one warpgroup, its shared memory.
+    from cupyquant import rawkernels
+
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: (f, e))
+    monkeypatch.setattr(mm, "_allow_smem", lambda kernel, nbytes: None)
+    monkeypatch.setattr(mm, "_split_workspace", lambda ksplit, ctas, frag: ("partial", "counters"))
+    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
+    a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
+    qs.shape = (8192, 28672)
+    kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
+    assert grid == (64, 4) and block == (128,) and args == ("partial", "counters") and smem == mm._WGMMA_SMEM
+
+
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
