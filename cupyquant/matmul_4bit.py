@@ -468,6 +468,7 @@ _WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a threa
 _WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
+_WGMMA_MIN_N = 8192  # and its fewest weight rows
 
 
 def _wgmma_default(M: int, N: int, K: int) -> bool:
@@ -477,8 +478,9 @@ def _wgmma_default(M: int, N: int, K: int) -> bool:
     tokens, wgmma against the kernel it replaces: 8192 x 28672 115.0 / 115.9 / 211.8 against
     177.0 / 176.4 / 269.5, 11008 x 4096 34.2 / 34.7 against 40.5 / 39.7; where K is not split
     it loses (28672 x 8192 at 64: 132.3 against 121.7; 11008 x 4096 at 96, 172 CTAs: 63.4
-    against 59.4), and at 32 tokens too (8192 x 28672: 126.3 against 98.6)."""
-    return M >= _WGMMA_MIN_M and _wgmma_supported() and _pick_wgmma(M, N, K)[3] >= 2
+    against 59.4), and at 32 tokens too (8192 x 28672: 126.3 against 98.6). Only weights of
+    at least _WGMMA_MIN_N rows were measured, so narrower ones keep their kernels."""
+    return M >= _WGMMA_MIN_M and N >= _WGMMA_MIN_N and _wgmma_supported() and _pick_wgmma(M, N, K)[3] >= 2
 
 
 def _compute_capability() -> str:
@@ -560,15 +562,17 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma" (split by the default rule) or "wgmma-k<ksplit>"
+        forced = int(path[7:]) if path.startswith("wgmma-k") and path[7:].isdigit() else None
+        if path != "wgmma" and forced is None:
+            raise ValueError(f"unknown fused path {path!r}")
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
-        forced = int(path[7:]) if path.startswith("wgmma-k") else None
         expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         _allow_smem(kernel, _WGMMA_SMEM)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
-        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS) if ksplit > 1 else (out_bits, out_bits)
+        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS, 128) if ksplit > 1 else (out_bits, out_bits)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (128,), args, _WGMMA_SMEM
     if path.startswith("tile"):
@@ -658,13 +662,14 @@ def _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chu
     return (*base, np.int32(ksplit), np.int32(chunks), *extra)
 
 
-def _split_workspace(ksplit: int, ctas: int, frag: int) -> tuple[Any, Any]:
-    """(partial, counters) of a ``gemm_4bit_tile_split`` launch: float32 partial sums, ``frag``
-    accumulators a thread of each of the ``ksplit * ctas`` CTAs, and one arrival counter a
-    tile, zeroed here (a memset on the current stream, capturable) and left zeroed by the
-    kernel. From the current CuPy pool, so stream-ordered like the output."""
+def _split_workspace(ksplit: int, ctas: int, frag: int, threads: int = 32 * _MMA_WARPS) -> tuple[Any, Any]:
+    """(partial, counters) of a split-K launch (``gemm_4bit_tile_split``, ``gemm_4bit_wgmma``):
+    float32 partial sums, ``frag`` accumulators a thread of ``threads`` threads of each of the
+    ``ksplit * ctas`` CTAs, and one arrival counter a tile, zeroed here (a memset on the
+    current stream, capturable) and left zeroed by the kernel. From the current CuPy pool, so
+    stream-ordered like the output."""
     cp = _xp.cupy()
-    partial = cp.empty(ksplit * ctas * frag * 32 * _MMA_WARPS, dtype=np.float32)
+    partial = cp.empty(ksplit * ctas * frag * threads, dtype=np.float32)
     return partial, cp.zeros(ctas, dtype=np.uint32)
 
 

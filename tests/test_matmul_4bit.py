@@ -353,6 +353,7 @@ def _split_dispatch(monkeypatch):
     # thresholds need 8192 rows and K >= 12288).
     monkeypatch.setattr(mm, "_TILE_MIN_N", 256)
     monkeypatch.setattr(mm, "_TILE_MIN_SHARE", 8)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)  # tile_split, whatever the wgmma rule
 
 
 @pytest.mark.gpu

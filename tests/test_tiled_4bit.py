@@ -181,6 +181,7 @@ def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
     # gemm_4bit_tile_split on a tiled weight: small thresholds make 512 x 4096 split K.
     monkeypatch.setattr(mm, "_TILE_MIN_N", 256)
     monkeypatch.setattr(mm, "_TILE_MIN_SHARE", 8)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)  # tile_split, whatever the wgmma rule
     M, N, K = 64, 512, 4096
     assert mm._pick_tile(M, N, K)[3] > 1
     a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=5)

@@ -5,6 +5,8 @@ split-K determinism."""
 from __future__ import annotations
 
 import importlib
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -41,8 +43,8 @@ def test_wgmma_default_rule(monkeypatch):
     # K split (few rows for the SMs), from 33 tokens: 8192 x 28672 up to 128 tokens, 11008 x 4096 up to 64.
     for M, N, K in ((33, 8192, 28672), (64, 8192, 28672), (128, 8192, 28672), (40, 11008, 4096), (64, 11008, 4096)):
         assert mm._wgmma_default(M, N, K), (M, N, K)
-    # Not below 33 tokens, not where K is not split, not off Hopper.
-    for M, N, K in ((32, 8192, 28672), (64, 28672, 8192), (96, 11008, 4096), (192, 8192, 28672)):
+    # Not below 33 tokens, not where K is not split, not on weights under 8192 rows, not off Hopper.
+    for M, N, K in ((32, 8192, 28672), (64, 28672, 8192), (96, 11008, 4096), (192, 8192, 28672), (40, 4096, 4096)):
         assert not mm._wgmma_default(M, N, K), (M, N, K)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
     assert not mm._wgmma_default(64, 8192, 28672)
@@ -57,7 +59,7 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
     monkeypatch.setattr(rawkernels, "get_function", lambda f, e: (f, e))
     monkeypatch.setattr(mm, "_allow_smem", lambda kernel, nbytes: None)
-    monkeypatch.setattr(mm, "_split_workspace", lambda ksplit, ctas, frag: ("partial", "counters"))
+    monkeypatch.setattr(mm, "_split_workspace", lambda ksplit, ctas, frag, threads: ("partial", "counters"))
     monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
@@ -86,10 +88,28 @@ def hopper(cp, monkeypatch):
 
 
 def test_unknown_fused_path_is_refused():
-    # A misspelt path must not fall through to the CUDA-core GEMV.
+    # A misspelt path must not fall through to the CUDA-core GEMV, nor to the default split.
     a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
     with pytest.raises(ValueError, match="unknown fused path 'wmma'"):
         mm._matmul_fused(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wmma")
+    for path in ("wgmma2", "wgmma-k", "wgmma-x3"):
+        with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
+            mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_wgmma_shared_memory_matches_the_kernel(tmp_path):
+    # The launcher's byte count is the kernel's kSmemBytes (a shortfall would go unnoticed:
+    # the kernel would address shared memory past its allocation).
+    source = tmp_path / "smem.cu"
+    kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
+    source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ std::printf("%d", kSmemBytes); }}\n')
+    exe = tmp_path / "smem"
+    build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
+             f"-I{rawkernels.KERNEL_DIR}", str(source), "-o", str(exe)]  # fmt: skip
+    subprocess.run(build, check=True, capture_output=True, timeout=600)
+    printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
+    assert int(printed) == mm._WGMMA_SMEM
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
@@ -100,8 +120,9 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 
 
 # (N, K): aligned; odd N and K % 64 == 32 (a half-empty last stage, blocks straddling rows);
-# 33 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles.
-WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024))
+# 65 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles;
+# one stage, half empty (K = 32) and full (K = 64).
+WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
 WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3")
 
 
@@ -160,8 +181,7 @@ def test_gpu_wgmma_tiled_equals_row_major(hopper, path, M, fmt, nested):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_wgmma_split_deterministic(hopper, fmt):
-    # The last CTA of a tile sums the splits in split order: the same bits every run, and the
-    # arrival counters are left zeroed for the next launch.
+    # The last CTA of a tile sums the splits in split order: the same bits every run.
     a_bits, packed, qs, bias_bits = make_case(300, 4128, 70, fmt, seed=5)
     first = run_gpu(hopper, a_bits, fmt, 70, packed, qs, bias_bits, path="wgmma-k5")
     for _ in range(3):
@@ -185,3 +205,41 @@ def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
     else:
         out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+def _default_wgmma_case(cp, fmt="float16", M=40, N=8192, K=2048):
+    """A shape the default dispatch sends to gemm_4bit_wgmma (64 CTAs, K split in 2), on the GPU."""
+    assert mm._wgmma_default(M, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=11)
+    return (a_bits, packed, qs, bias_bits), to_gpu(cp, a_bits, packed, qs, bias_bits)
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_default_is_not_prepared(hopper):
+    # The split launch needs a workspace a call: prepare_fused leaves it to the general path.
+    (_, _, _, _), (ga, gp, gqs, gb) = _default_wgmma_case(hopper)
+    assert mm.prepare_fused("float16", 40, gp, gqs, True) is None
+    mm.matmul_4bit_bits(ga, "float16", 40, gp, gqs, gb)  # the launch the spy of `hopper` checks
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_graph_capture(hopper):
+    # The default dispatch's wgmma launch under capture: the split workspace is allocated and
+    # its counters zeroed inside the graph; two replays give the eager result bit for bit.
+    (a_bits, packed, qs, bias_bits), (ga, gp, gqs, gb) = _default_wgmma_case(hopper)
+    M, N = 40, 8192
+    out = hopper.zeros(M * N, dtype=np.float16)
+    stream = hopper.cuda.Stream(non_blocking=True)
+    with stream:
+        mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out)
+        stream.synchronize()
+        eager = hopper.asnumpy(out)
+        stream.begin_capture()
+        mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out)
+        graph = stream.end_capture()
+        for _ in range(2):
+            out.fill(0)
+            graph.launch(stream)
+            stream.synchronize()
+            np.testing.assert_array_equal(hopper.asnumpy(out).view(np.uint16), eager.view(np.uint16))
+    assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
