@@ -17,7 +17,7 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   shared by a CTA's 64-128 weight rows; ``gemm_4bit_tile_split`` splits K across CTAs,
   summing the partials in a fixed order, where the rows are few and K long) for wide
   weights, ``gemm_4bit_mma`` for narrow ones. On an H100 / H200, from 33 tokens on weights
-  whose rows leave SMs idle, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's
+  of 8192+ rows that leave SMs idle, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's
   warpgroup MMA, activations read by the tensor cores from shared memory, K split likewise).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
