@@ -414,6 +414,13 @@ def test_gpu_graph_capture_split(cp, monkeypatch, path):
         else:
             mm._matmul_fused(ga, fmt, M, N, K, gp, gqs, gb, out, path=path)
 
+    eager = replays_equal_eager(cp, call, out)
+    assert rel_error(eager, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+def replays_equal_eager(cp, call, out):
+    """Runs ``call`` (which writes the 16-bit ``out``) eagerly, then captured in a CUDA graph,
+    checks that two replays give the eager bits; returns the eager result on the host."""
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         call()
@@ -427,7 +434,7 @@ def test_gpu_graph_capture_split(cp, monkeypatch, path):
             graph.launch(stream)
             stream.synchronize()
             np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint16), eager.view(np.uint16))
-    assert rel_error(eager, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    return eager
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import pytest
 import cupyquant as cq
 from cupyquant import rawkernels
 
-from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error, run_gpu, to_gpu
+from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error, replays_equal_eager, run_gpu, to_gpu
 
 mm = importlib.import_module("cupyquant.matmul_4bit")
 
@@ -229,17 +229,5 @@ def test_gpu_wgmma_graph_capture(hopper):
     (a_bits, packed, qs, bias_bits), (ga, gp, gqs, gb) = _default_wgmma_case(hopper)
     M, N = 40, 8192
     out = hopper.zeros(M * N, dtype=np.float16)
-    stream = hopper.cuda.Stream(non_blocking=True)
-    with stream:
-        mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out)
-        stream.synchronize()
-        eager = hopper.asnumpy(out)
-        stream.begin_capture()
-        mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out)
-        graph = stream.end_capture()
-        for _ in range(2):
-            out.fill(0)
-            graph.launch(stream)
-            stream.synchronize()
-            np.testing.assert_array_equal(hopper.asnumpy(out).view(np.uint16), eager.view(np.uint16))
+    eager = replays_equal_eager(hopper, lambda: mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out), out)
     assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
