@@ -17,8 +17,9 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   shared by a CTA's 64-128 weight rows; ``gemm_4bit_tile_split`` splits K across CTAs,
   summing the partials in a fixed order, where the rows are few and K long) for wide
   weights, ``gemm_4bit_mma`` for narrow ones. On an H100 / H200, from 33 tokens on weights
-  of 8192+ rows that leave SMs idle, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's
-  warpgroup MMA, activations read by the tensor cores from shared memory, K split likewise).
+  of 4096+ rows, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's warpgroup
+  MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
+  the scales, K split likewise where the rows leave SMs idle).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
@@ -67,12 +68,15 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 # * "tc" (the same formats, N < _TILE_MIN_N; gemm_4bit_mma above 16 tokens): wins at M = 32
 #   (17.4 vs 25.5 at 4096x4096, H100 run 4; 17.0 vs 23.3 on the H200), loses at M = 64
 #   (27.0 vs 25.8).
+# * "tc-wgmma" (the same, _WGMMA_MIN_N <= N < _TILE_MIN_N, on an H100 / H200: gemm_4bit_wgmma
+#   from 33 tokens; H100 run 35): wins at M = 64 (4096x4096: 21.5 vs 25.7), ties at M = 96 and
+#   128 (26.8 vs 26.1, 26.9 vs 26.7).
 # * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
 # * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
 #   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
 #   the general path for odd K is slower still).
-_FUSED_MAX_M = {"tc": 32, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 64, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
 # weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
 # _tile_default); narrower ones on gemm_4bit_mma, whose split-K fills the SMs.
@@ -138,7 +142,8 @@ def fused_max_m(fmt: str, N: int, K: int) -> int:
     """The largest M for which the fused kernels beat dequantize + cuBLAS.
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
-    (benchmarks/NOTES_matmul_4bit.md): 192 for weights of at least 8192 rows, 32 below. The
+    (benchmarks/NOTES_matmul_4bit.md): 192 for weights of at least 8192 rows; below, 64 on
+    an H100 / H200 (the current device) for weights of at least 4096 rows, else 32. The
     torch adapter uses it to route its CUDA matmuls. ``fmt``: the activation format
     ("float16", "bfloat16" or "float32"); ``N``, ``K``: the weight's shape.
     """
@@ -148,7 +153,11 @@ def fused_max_m(fmt: str, N: int, K: int) -> int:
         return _FUSED_MAX_M["gemv-float32"]
     if K % 32 != 0:
         return _FUSED_MAX_M["gemv-16bit"]
-    return _FUSED_MAX_M["tc-tile" if N >= _TILE_MIN_N else "tc"]
+    if N >= _TILE_MIN_N:
+        return _FUSED_MAX_M["tc-tile"]
+    if N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
+        return _FUSED_MAX_M["tc-wgmma"]
+    return _FUSED_MAX_M["tc"]
 
 
 def _weight_shape(quant_state: QuantState) -> tuple[int, int]:
@@ -457,30 +466,37 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 
 
 # gemm_4bit_wgmma (rawkernels/gemm_4bit_wgmma.cu; Hopper's warpgroup MMA, compiled for sm_90a and
-# run only on compute capability 9.0): 64 tokens x 128 weight rows a CTA of 128 threads, K in
-# stages of 64; two CTAs an SM fit its shared memory. K is split across CTAs where the
-# unsplit grid leaves SMs without two CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
+# run only on compute capability 9.0): 64 tokens x 128 weight rows a CTA of one warpgroup and a
+# scale warp, K in stages of 64; two CTAs an SM fit its shared memory. K is split across CTAs
+# where the unsplit grid leaves SMs without two CTAs, each split keeping at least
+# _WGMMA_MIN_SHARE stages.
+_WGMMA_THREADS = 160  # the warpgroup (128 threads: the split-K partials are theirs) and the scale warp
 _WGMMA_TOKENS = 64
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
-_WGMMA_SMEM = 3 * 8192 + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024  # kSmemBytes of the kernel
+_WGMMA_SMEM = 3 * 8192 + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024  # the kernel's kSmemBytes
 _WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread (two row blocks)
 _WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
-_WGMMA_MIN_N = 8192  # and its fewest weight rows
+_WGMMA_MIN_N = 4096  # and its fewest weight rows (the narrowest measured)
 
 
 def _wgmma_default(M: int, N: int, K: int) -> bool:
     """Whether the default tensor-core dispatch runs ``gemm_4bit_wgmma``: from _WGMMA_MIN_M
-    tokens, on an H100 / H200, where the weight has too few rows to give every SM two CTAs
-    (the default rule splits K). H100 run 34 of NOTES_matmul_4bit.md, us at 33 / 64 / 128
-    tokens, wgmma against the kernel it replaces: 8192 x 28672 115.0 / 115.9 / 211.8 against
-    177.0 / 176.4 / 269.5, 11008 x 4096 34.2 / 34.7 against 40.5 / 39.7; where K is not split
-    it loses (28672 x 8192 at 64: 132.3 against 121.7; 11008 x 4096 at 96, 172 CTAs: 63.4
-    against 59.4), and at 32 tokens too (8192 x 28672: 126.3 against 98.6). Only weights of
-    at least _WGMMA_MIN_N rows were measured, so narrower ones keep their kernels."""
-    return M >= _WGMMA_MIN_M and N >= _WGMMA_MIN_N and _wgmma_supported() and _pick_wgmma(M, N, K)[3] >= 2
+    tokens on an H100 / H200, for weights of at least _WGMMA_MIN_N rows (up to fused_max_m).
+    H100, run 35 of NOTES_matmul_4bit.md, us, wgmma against the kernel it replaces
+    (gemm_4bit_tile / gemm_4bit_tile_split from 8192 rows; gemm_4bit_mma or dequantize +
+    cuBLAS on 4096 x 4096):
+      28672 x 8192 at 33 / 64 / 128 / 192 tokens: 117.9 / 116.2 / 226.1 / 341.9 against
+      123.7 / 120.2 / 231.8 / 346.4 (160: 349.0 against 348.2, a tie);
+      8192 x 28672 at 64 / 128 / 192: 106.4 / 190.7 / 359.8 against 176.4 / 269.5 / 376.8
+      (gemm_4bit_tile_split; 64 and 128 from run 34);
+      11008 x 4096 at 33 / 96 / 192: 30.9 / 56.4 / 57.0 against 40.0 / 59.2 / 61.7;
+      4096 x 4096 at 33 / 64: 20.7 / 21.5 against 23.1 / 25.7.
+    At 32 tokens it loses (a half-empty 64-token tile; 8192 x 28672, run 34: 126.3 against
+    98.6). Narrower weights were not measured, so they keep their kernels."""
+    return M >= _WGMMA_MIN_M and N >= _WGMMA_MIN_N and _wgmma_supported()
 
 
 def _compute_capability() -> str:
@@ -574,7 +590,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         # The workspace is read only when K is split; unsplit launches pass the output twice.
         workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS, 128) if ksplit > 1 else (out_bits, out_bits)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
-        return kernel, (ctas, ksplit), (128,), args, _WGMMA_SMEM
+        return kernel, (ctas, ksplit), (_WGMMA_THREADS,), args, _WGMMA_SMEM
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":

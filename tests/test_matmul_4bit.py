@@ -320,9 +320,10 @@ def test_gpu_tile_plain_nested(cp, path, nested, fmt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", (17, 40, 128))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
-def test_gpu_tile_dispatch(cp, M, fmt):
+def test_gpu_tile_dispatch(cp, monkeypatch, M, fmt):
     # A weight wide enough for the default dispatch to pick gemm_4bit_tile (N >= _TILE_MIN_N;
     # N not a multiple of a CTA's rows, K cut inside a segment).
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)  # gemm_4bit_tile, whatever the wgmma rule
     N, K = mm._TILE_MIN_N + 40, 160
     assert M <= mm.fused_max_m(fmt, N, K)
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M)

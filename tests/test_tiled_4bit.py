@@ -148,7 +148,8 @@ def test_gpu_tiled_formats(cp, fmt, quant_type, nested, M):
 @pytest.mark.parametrize(("N", "K", "M"), ((4096, 512, 1), (8192, 256, 12), (8192, 1024, 40), (512, 640, 300)))
 def test_gpu_tiled_equals_row_major_bit_for_bit(cp, fmt, N, K, M):
     # Where both layouts run the same kernel (the one-token GEMV; gemm_4bit_small on
-    # fragment-order A; gemm_4bit_tile; dequantize + cuBLAS past the switch point) only the
+    # fragment-order A; gemm_4bit_tile, or gemm_4bit_wgmma on an H100 / H200; dequantize +
+    # cuBLAS past the switch point) only the
     # addresses of the weight loads differ: the outputs are identical.
     a_bits, bias_bits, packed, qs, tiled, _ = _gpu_case(cp, N, K, M, fmt, seed=N + M)
     np.testing.assert_array_equal(_run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True),
@@ -192,7 +193,8 @@ def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
 
 @pytest.mark.gpu
 def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
-    # 1..64 tokens of fp16 run the tiled instantiations, never a row-major copy of the weight.
+    # 1..64 tokens of fp16 run the tiled instantiations (40 tokens: gemm_4bit_tile, or
+    # gemm_4bit_wgmma on an H100 / H200), never a row-major copy of the weight.
     from cupyquant import rawkernels
 
     seen = []
@@ -202,7 +204,9 @@ def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
     for M in (1, 2, 12, 40):
         a_bits, bias_bits, _, qs, tiled, _ = _gpu_case(cp, 8192, 256, M, "float16", seed=M)
         _run(cp, a_bits, "float16", M, tiled, qs, bias_bits, True)
-    kernels = [e for e in seen if e.startswith(("gemv_4bit_half", "gemm_4bit_small", "gemm_4bit_tile"))]
+    kernels = [
+        e for e in seen if e.startswith(("gemv_4bit_half", "gemm_4bit_small", "gemm_4bit_tile", "gemm_4bit_wgmma"))
+    ]
     assert len(kernels) == 4 and all(e.endswith(", true>") for e in kernels), kernels
 
 

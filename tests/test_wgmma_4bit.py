@@ -40,14 +40,28 @@ def test_wgmma_split_rule(monkeypatch):
 def test_wgmma_default_rule(monkeypatch):
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
-    # K split (few rows for the SMs), from 33 tokens: 8192 x 28672 up to 128 tokens, 11008 x 4096 up to 64.
-    for M, N, K in ((33, 8192, 28672), (64, 8192, 28672), (128, 8192, 28672), (40, 11008, 4096), (64, 11008, 4096)):
+    # From 33 tokens on weights of 4096+ rows, K split or not (the fused range bounds M).
+    for M, N, K in ((33, 8192, 28672), (128, 8192, 28672), (192, 8192, 28672), (64, 28672, 8192),
+                    (96, 11008, 4096), (40, 4096, 4096), (64, 4096, 4096)):  # fmt: skip
         assert mm._wgmma_default(M, N, K), (M, N, K)
-    # Not below 33 tokens, not where K is not split, not on weights under 8192 rows, not off Hopper.
-    for M, N, K in ((32, 8192, 28672), (64, 28672, 8192), (96, 11008, 4096), (192, 8192, 28672), (40, 4096, 4096)):
+    # Not below 33 tokens, not on weights under 4096 rows, not off Hopper.
+    for M, N, K in ((32, 8192, 28672), (32, 4096, 4096), (40, 4095, 4096), (64, 1024, 4096)):
         assert not mm._wgmma_default(M, N, K), (M, N, K)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
     assert not mm._wgmma_default(64, 8192, 28672)
+
+
+def test_fused_range_on_hopper(monkeypatch):
+    # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096..8191 rows up to 64 tokens;
+    # elsewhere (and with no GPU) they stay at 32. Wide weights are 192 everywhere.
+    monkeypatch.setattr(mm._xp, "gpu_available", lambda: True)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
+    shapes = ((4096, 4096), (4095, 4096), (8192, 28672))
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [64, 32, 192]
+    assert mm.fused_max_m("bfloat16", 4096, 4096) == 64
+    assert mm.fused_max_m("float32", 4096, 4096) == 4  # the CUDA-core GEMV's range
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [32, 32, 192]
 
 
 def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
@@ -65,7 +79,7 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
-    assert grid == (64, 4) and block == (128,) and args == ("partial", "counters") and smem == mm._WGMMA_SMEM
+    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._WGMMA_SMEM
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
@@ -98,18 +112,20 @@ def test_unknown_fused_path_is_refused():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_wgmma_shared_memory_matches_the_kernel(tmp_path):
-    # The launcher's byte count is the kernel's kSmemBytes (a shortfall would go unnoticed:
-    # the kernel would address shared memory past its allocation).
+def test_wgmma_launch_constants_match_the_kernel(tmp_path):
+    # The launcher's shared-memory bytes and block size are the kernel's kSmemBytes and
+    # kThreads (a shortfall would go unnoticed: the kernel would address shared memory past its
+    # allocation, or wait at a barrier for threads that were never launched).
     source = tmp_path / "smem.cu"
     kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
-    source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ std::printf("%d", kSmemBytes); }}\n')
+    source.write_text(f'#include "{kernel}"\n#include <cstdio>\n'
+                      'int main() { std::printf("%d %d", kSmemBytes, kThreads); }\n')  # fmt: skip
     exe = tmp_path / "smem"
     build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
              f"-I{rawkernels.KERNEL_DIR}", str(source), "-o", str(exe)]  # fmt: skip
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
-    assert int(printed) == mm._WGMMA_SMEM
+    assert [int(v) for v in printed.split()] == [mm._WGMMA_SMEM, mm._WGMMA_THREADS]
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
@@ -220,6 +236,25 @@ def test_gpu_wgmma_default_is_not_prepared(hopper):
     (_, _, _, _), (ga, gp, gqs, gb) = _default_wgmma_case(hopper)
     assert mm.prepare_fused("float16", 40, gp, gqs, True) is None
     mm.matmul_4bit_bits(ga, "float16", 40, gp, gqs, gb)  # the launch the spy of `hopper` checks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_wgmma_unsplit_is_prepared(hopper, fmt):
+    # 4096 x 1024 at 40 tokens: 32 CTAs, but 16 stages are too few to split, so the default
+    # wgmma launch is unsplit and prepare_fused keeps it; it gives the general path's bits.
+    M, N, K = 40, 4096, 1024
+    assert M <= mm.fused_max_m(fmt, N, K) and mm._wgmma_default(M, N, K)
+    assert mm._pick_wgmma(M, N, K)[3] == 1
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=13)
+    ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
+    launch = mm.prepare_fused(fmt, M, gp, gqs, True)
+    assert launch is not None and launch.accepts(ga.data.ptr)
+    prepared = hopper.full(M * N, np.nan, dtype=np.float16)
+    launch(ga.data.ptr, gb.data.ptr, prepared.data.ptr, hopper.cuda.get_current_stream().ptr)
+    general = mm.matmul_4bit_bits(ga, fmt, M, gp, gqs, gb)
+    np.testing.assert_array_equal(hopper.asnumpy(prepared).view(np.uint16), hopper.asnumpy(general).view(np.uint16))
+    assert rel_error(hopper.asnumpy(general), fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu

@@ -12,12 +12,12 @@
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
 // The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA (one warpgroup,
-// 128 threads) computing D[128 rows][64 tokens] over its share of K with wgmma m64n64k16, two
+// 128 threads, and a scale warp) computing D[128 rows][64 tokens] over its share of K with wgmma m64n64k16, two
 // row blocks of 64 (b = 0, 1): A = 64 weight rows x 16 k from registers, B = X (the
 // activations, 64 tokens x 16 k) K-major in shared memory with the 128-byte swizzle. A weight
 // is W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
-//   grid (ceil(N / 128) * token_chunks, ksplit), block 128, blockIdx.x = group * token_chunks
+//   grid (ceil(N / 128) * token_chunks, ksplit), block 160, blockIdx.x = group * token_chunks
 //   + chunk (the CTAs that read the same weights for different tokens run side by side and
 //   share them through L2); dynamic shared memory kSmemBytes (below).
 //
@@ -36,21 +36,31 @@
 //            cp.async three stages ahead (kPStages buffers): thread c copies chunks c and
 //            c + 128, chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's copy covers 16 rows
 //            x 32 contiguous bytes);
-//   scales   u32[256 chunks], the chunk's scale as a packed pair in A's format, kPStages
-//            buffers: thread c fetches its chunks' scales four stages ahead into registers
-//            and decodes them into shared memory two stages ahead.
+//   scales   u32[256 chunks], the chunk's scale as a packed pair in A's format (chunk
+//            2 row + h: the row's k 32 h .. + 32 of the stage), kPStages buffers, written by
+//            the scale warp (below).
 //   (The packed weights pass through shared memory because, held in a ring of registers,
 //   the compiler moved a just-loaded 16-byte vector between registers, which waits for the
 //   load: every stage then waited a DRAM latency.)
 //
-// Pipeline, stage i (one barrier a stage):
-//   copy X(i + 2) and the packed weights of i + 3 (into the buffers of stage i - 1, whose
-//   wgmma and decoding are done);
-//   issue stage i's eight wgmma on its register operands and X buffer i % kXStages, commit;
-//   decode stage i + 1 into the other register set; write the scales of stage i + 2; fetch
-//   those of stage i + 4;
-//   wait for stage i's wgmma and this thread's copies of X(i + 1) and the packed weights of
-//   i + 2, make the shared writes visible to the tensor cores' (async) proxy, barrier.
+// The scale warp (warp 4): lane l serves rows l + 32 q (q < 4). It fetches a stage's scales
+// kScaleAhead = 6 stages ahead into registers and decodes them into shared memory two stages
+// ahead. Why a warp of its own: in the warpgroup, the scale loads and their 64-bit address
+// arithmetic cost ~40 instructions a stage on the critical path, and the proxy fence of each
+// stage (fence.proxy.async is a MEMBAR) waited for the loads still in flight. H100, 28672 x
+// 8192 at 64 tokens: 131.1 us with the scales in the warpgroup, 116.2 with this warp
+// (NOTES_matmul_4bit.md, run 35). The warp's own loop must stay short, since every stage
+// waits for it at the barrier: with 64-bit block indices (~255 instructions a stage) it
+// gained nothing; with 32-bit offsets from per-row pointers (~215) it does.
+//
+// Pipeline, stage i (one barrier a stage, named barrier 1 over all 160 threads):
+//   warpgroup: copy X(i + 2) and the packed weights of i + 3 (into the buffers of stage
+//   i - 1, whose wgmma and decoding are done); issue stage i's eight wgmma on its register
+//   operands and X buffer i % kXStages, commit; decode stage i + 1 into the other register
+//   set; wait for stage i's wgmma and this thread's copies of X(i + 1) and the packed
+//   weights of i + 2, make the shared writes visible to the tensor cores' (async) proxy;
+//   scale warp: write the scales of stage i + 2; fetch those of stage i + 6;
+//   barrier.
 //
 // Accumulators (m64n64k16, float32): block b, warp w, lane (g, t) holds
 // acc[b][4j + 2h + e] = D[row 64b + 16w + g + 8h][token 8j + 2t + e].
@@ -73,7 +83,9 @@ using q4::mul2;
 using q4::pack2;
 using q4::shared_address;
 
-constexpr int kThreads = 128;  // one warpgroup
+constexpr int kMmaThreads = 128;               // one warpgroup: the wgmma and the weight decoding
+constexpr int kThreads = kMmaThreads + 32;      // and the scale warp
+constexpr int kScaleWarp = kMmaThreads / 32;    // its warp index
 constexpr int kTokens = 64;    // the wgmma's N
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
@@ -83,6 +95,10 @@ constexpr int kXBytes = kTokens * 2 * kStageK;
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
 constexpr int kAccs = 32;                          // float32 accumulators a thread and row block
+constexpr int kScaleRows = kRows / 32;             // rows a lane of the scale warp serves
+constexpr int kScaleAhead = 6;                     // stages the scale warp fetches ahead
+constexpr int kStageBarrier = 1;                   // named barriers: the stage (all threads)
+constexpr int kMmaBarrier = 2;                     // and the warpgroup's, after the scale warp has left
 // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
 // u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to the
 // swizzle atom's 1024 bytes.
@@ -142,15 +158,21 @@ __device__ __forceinline__ u32 load_shared4(u32 address) {
   return v;
 }
 
-__device__ __forceinline__ void store_shared4(u32 address, u32 v) {
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(address), "r"(v) : "memory");
+__device__ __forceinline__ void store_shared8(u32 address, u32 lo, u32 hi) {
+  asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(address), "r"(lo), "r"(hi) : "memory");
+}
+
+template <int kCount>
+__device__ __forceinline__ void named_barrier(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kCount) : "memory");
 }
 
 }  // namespace
 
 // gemm_4bit_wgmma<Fmt, NESTED, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16).
 // (__launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they overlap
-// one CTA's decoding with the other's barrier waits.)
+// one CTA's decoding with the other's barrier waits. Ten warps an SM put three on some of
+// its four schedulers, whose register files then bound a thread to 168 registers.)
 template <class Fmt, bool NESTED, bool TILED = false>
 __global__ void __launch_bounds__(kThreads, 2)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
@@ -194,7 +216,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     const u32 base = xs + (u32)(s % kXStages) * kXBytes + x_dst;
     const bool k_ok = x_k0 + kStageK * s < K;  // K % 32 == 0: a unit is wholly in or out
 #pragma unroll
-    for (int q = 0; q < kXBytes / 16 / kThreads; ++q) {
+    for (int q = 0; q < kXBytes / 16 / kMmaThreads; ++q) {
       const bool ok = k_ok && tok0 + x_tok + 16 * q < M;
       cp_async16(base + 16 * 128 * q, ok ? x_src + (i64)16 * q * K + kStageK * s : A, ok ? 16u : 0u);
     }
@@ -216,32 +238,12 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     const i64 at = TILED ? (i64)(stage >> 1) * 1024 + (stage & 1) * 32 : (i64)32 * s;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kThreads * i);
+      const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kMmaThreads * i);
       if (chunk_valid(s, i)) {
         cp_async16(dst, w_src + at + (i64)32 * K * i, 16u);
       } else {
         cp_async16(dst, packed, 0u);  // zeros
       }
-    }
-  };
-  auto fetch_scales = [&](int s, float (&v)[2], u32 (&q)[2]) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      if (chunk_valid(s, i)) {
-        const i64 block = (w_e0 + (i64)kStageK * K * i + kStageK * s) >> block_shift;
-        q4::scale_fetch<NESTED>(block, absmax, qabsmax, nested_absmax, v[i], q[i]);
-      } else {
-        v[i] = 0.0f;
-        q[i] = 0;
-      }
-    }
-  };
-  auto store_scales = [&](int s, const float (&v)[2], const u32 (&q)[2]) {
-    if (s >= stages) return;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float sc = chunk_valid(s, i) ? q4::scale_decode<NESTED>(v[i], q[i], code2_s, off) : 0.0f;
-      store_shared4(ss + (u32)(s % kPStages) * kSBytes + 4 * (tid + kThreads * i), pack2<Fmt>(sc, sc));
     }
   };
   // The register operands of local stage s: a[b][kk] for row block b and k slice kk.
@@ -263,6 +265,90 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
   };
 
+  if (warp == kScaleWarp) {
+    // Row n0 + lane + 32 q (clamped to the last row; its scales are zeroed when stored). The
+    // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
+    // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
+    // per-row pointers, so a fetch is a few instructions. Both chunks lie in one block unless
+    // the blocksize is 32 or K % 64 == 32 (a row, and so a stage, can then start mid-block).
+    const bool two_blocks = block_shift == 5 || K % kStageK != 0;  // uniform
+    const int k0 = st_begin * kStageK;
+    const u8* q_row[kScaleRows];      // NESTED: qabsmax + b0
+    const float* v_row[kScaleRows];   // NESTED: nested_absmax + (b0 >> 8); else absmax + b0
+    u32 r0[kScaleRows], b0_low[kScaleRows];  // b0_low: b0 % 256 (NESTED)
+    bool row_ok[kScaleRows];
+#pragma unroll
+    for (int q = 0; q < kScaleRows; ++q) {
+      const int row = n0 + lane + 32 * q;
+      row_ok[q] = row < N;
+      const i64 e = (i64)min(row, N - 1) * K + k0, b0 = e >> block_shift;
+      r0[q] = (u32)(e - (b0 << block_shift));
+      b0_low[q] = (u32)b0 & ((1u << q4::kNestedShift) - 1);
+      q_row[q] = qabsmax + b0;
+      v_row[q] = NESTED ? nested_absmax + (b0 >> q4::kNestedShift) : absmax + b0;
+    }
+    // Whether chunk h of local stage s exists (uniform over the warp; rows are checked when stored).
+    auto chunk_exists = [&](int s, int h) { return s < stages && k0 + kStageK * s + 32 * h < K; };
+    auto fetch = [&](int s, float (&v)[kScaleRows][2], u32 (&c)[kScaleRows][2]) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool exists = chunk_exists(s, h) && (h == 0 || two_blocks);
+        const u32 ks = kStageK * s + 32 * h;
+#pragma unroll
+        for (int q = 0; q < kScaleRows; ++q) {
+          if (exists) {
+            const u32 off = (r0[q] + ks) >> block_shift;
+            if constexpr (NESTED) {
+              c[q][h] = __ldg(q_row[q] + off);
+              v[q][h] = __ldg(v_row[q] + ((b0_low[q] + off) >> q4::kNestedShift));
+            } else {
+              v[q][h] = __ldg(v_row[q] + off);
+              c[q][h] = 0;
+            }
+          } else {
+            v[q][h] = 0.0f;
+            c[q][h] = 0;
+          }
+        }
+      }
+    };
+    auto store = [&](int s, const float (&v)[kScaleRows][2], const u32 (&c)[kScaleRows][2]) {
+      if (s >= stages) return;
+      const bool exists1 = chunk_exists(s, 1);
+#pragma unroll
+      for (int q = 0; q < kScaleRows; ++q) {
+        // (Selected, not indexed: a run-time index would put the slots in local memory.)
+        const float v1 = two_blocks ? v[q][1] : v[q][0];
+        const u32 c1 = two_blocks ? c[q][1] : c[q][0];
+        const float s0 = row_ok[q] ? q4::scale_decode<NESTED>(v[q][0], c[q][0], code2_s, off) : 0.0f;
+        const float s1 = row_ok[q] && exists1 ? q4::scale_decode<NESTED>(v1, c1, code2_s, off) : 0.0f;
+        store_shared8(ss + (u32)(s % kPStages) * kSBytes + 8 * (lane + 32 * q), pack2<Fmt>(s0, s0),
+                      pack2<Fmt>(s1, s1));
+      }
+    };
+    // Scales in flight, slot s % kScaleAhead (the loop is unrolled by kScaleAhead so the slots
+    // are registers): fetched kScaleAhead stages ahead, stored two ahead.
+    float vr[kScaleAhead][kScaleRows][2];
+    u32 cr[kScaleAhead][kScaleRows][2];
+#pragma unroll
+    for (int d = 0; d < kScaleAhead; ++d) fetch(d, vr[d], cr[d]);
+    __syncthreads();  // the table and code2 are published
+    store(0, vr[0], cr[0]);
+    store(1, vr[1], cr[1]);
+    __syncthreads();
+    for (int s0 = 0; s0 < stages; s0 += kScaleAhead) {
+#pragma unroll
+      for (int d = 0; d < kScaleAhead; ++d) {
+        const int s = s0 + d;
+        if (s >= stages) break;  // uniform over the CTA
+        store(s + 2, vr[(d + 2) % kScaleAhead], cr[(d + 2) % kScaleAhead]);
+        fetch(s + kScaleAhead, vr[d], cr[d]);
+        named_barrier<kThreads>(kStageBarrier);
+      }
+    }
+    return;  // the warpgroup goes on alone (its barriers from here on are kMmaBarrier)
+  }
+
   float acc[2][kAccs];
 #pragma unroll
   for (int b = 0; b < 2; ++b)
@@ -270,10 +356,6 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
 
   u32 frag[2][2][4][4];  // two register sets: stage s uses set s % 2
-  // Scales in flight, slot s % kPStages (the loop is unrolled by kPStages so the slots are
-  // registers).
-  float vr[kPStages][2];
-  u32 qr[kPStages][2];
   copy_x(0);
   copy_w(0);
   copy_w(1);
@@ -281,14 +363,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   copy_x(1);
   copy_w(2);
   cp_async_commit();
-#pragma unroll
-  for (int d = 0; d < kPStages; ++d) fetch_scales(d, vr[d], qr[d]);
-  __syncthreads();  // the table and code2 are published
-  store_scales(0, vr[0], qr[0]);
-  store_scales(1, vr[1], qr[1]);
+  __syncthreads();     // the table and code2 are published
   cp_async_wait<1>();  // X(0) and the packed weights of stages 0 and 1
   fence_proxy_async();
-  __syncthreads();
+  __syncthreads();  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
   for (int s0 = 0; s0 < stages; s0 += kPStages) {
@@ -308,47 +386,45 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         for (int b = 0; b < 2; ++b) wgmma_m64n64k16<Fmt>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
-      store_scales(s + 2, vr[(d + 2) % kPStages], qr[(d + 2) % kPStages]);
-      fetch_scales(s + 4, vr[d], qr[d]);
       wgmma_wait_all();
       fence_accumulators(acc[0]);
       fence_accumulators(acc[1]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
       fence_proxy_async();
-      __syncthreads();
+      named_barrier<kThreads>(kStageBarrier);
     }
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
   if (ksplit > 1) {  // uniform over the launch
     const i64 ctas = gridDim.x;
-    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (2 * kAccs * kThreads) + tid;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (2 * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kThreads, acc[b][i]);
+      for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kMmaThreads, acc[b][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
-    __syncthreads();
+    named_barrier<kMmaThreads>(kMmaBarrier);
     if (tid == 0) {
       *last_flag = atomicAdd(counters + blockIdx.x, 1u) == (u32)ksplit - 1;
       if (*last_flag) counters[blockIdx.x] = 0;  // every split has counted: reset for the next launch
     }
-    __syncthreads();
+    named_barrier<kMmaThreads>(kMmaBarrier);
     if (!*last_flag) return;
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)blockIdx.x * (2 * kAccs * kThreads) + tid;
+    const float* tile_part = partial + (i64)blockIdx.x * (2 * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
-      const float* part = tile_part + (p * ctas) * (2 * kAccs * kThreads);
+      const float* part = tile_part + (p * ctas) * (2 * kAccs * kMmaThreads);
 #pragma unroll
       for (int b = 0; b < 2; ++b)
 #pragma unroll
-        for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kThreads);
+        for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kMmaThreads);
     }
   }
 
