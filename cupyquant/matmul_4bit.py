@@ -62,7 +62,8 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 # benchmarks/NOTES_matmul_4bit.md (NF4 bs64 nested, fp16; shapes 4096x4096, 11008x4096,
 # 28672x8192, 8192x28672). us: fused vs dequantize + cuBLAS, graph replay.
 # * "tc-tile" (fp16 / bf16, K % 32 == 0, N >= _TILE_MIN_N; gemm_4bit_small up to 16 tokens,
-#   gemm_4bit_tile above; H100, run 4): wins at M = 192 on 28672x8192 (350 vs 387) and
+#   gemm_4bit_tile above (gemm_4bit_wgmma from 33 tokens on an H100 / H200, run 35, which
+#   moved no switch point); H100, run 4): wins at M = 192 on 28672x8192 (350 vs 387) and
 #   11008x4096 (63 vs 81), ties on 8192x28672 (392 vs 394); loses at M = 256 on all three
 #   (444 vs 402, 103 vs 82, 385 vs 391 is a tie).
 # * "tc" (the same formats, N < _TILE_MIN_N; gemm_4bit_mma above 16 tokens): wins at M = 32
@@ -79,7 +80,8 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 _FUSED_MAX_M = {"tc": 32, "tc-wgmma": 64, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
 # weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
-# _tile_default); narrower ones on gemm_4bit_mma, whose split-K fills the SMs.
+# _tile_default); narrower ones on gemm_4bit_mma, whose split-K fills the SMs. (On an H100 /
+# H200 both give way to gemm_4bit_wgmma from 33 tokens where _wgmma_default says so.)
 # H100, run 4: 8192 rows (128 CTAs) win (8192x28672 at 32 tokens: 143 vs 207 us); 4096 rows
 # (64 CTAs) lose to gemm_4bit_mma at 32 tokens (24.6 vs 17.5 us with the best tile shape).
 _TILE_MIN_N = 8192
@@ -138,14 +140,16 @@ _TILED_ARG = {False: "", True: ", true"}  # the kernels' last template argument,
 _MMA_STRUCT = {"float16": "MmaHalf", "bfloat16": "MmaBFloat16"}
 
 
-def fused_max_m(fmt: str, N: int, K: int) -> int:
+def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     """The largest M for which the fused kernels beat dequantize + cuBLAS.
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
     (benchmarks/NOTES_matmul_4bit.md): 192 for weights of at least 8192 rows; below, 64 on
-    an H100 / H200 (the current device) for weights of at least 4096 rows, else 32. The
-    torch adapter uses it to route its CUDA matmuls. ``fmt``: the activation format
-    ("float16", "bfloat16" or "float32"); ``N``, ``K``: the weight's shape.
+    an H100 / H200 for weights of at least 4096 rows, else 32. The torch adapter uses it to
+    route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
+    ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
+    kernels (call it in the weight's device context); False gives the switch point every
+    device shares (the CPU path's, so that its results do not depend on the host's GPU).
     """
     if fmt not in _xp.FLOAT_FORMATS:
         raise ValueError(f"fmt must be one of {_xp.FLOAT_FORMATS}, got {fmt!r}")
@@ -155,7 +159,7 @@ def fused_max_m(fmt: str, N: int, K: int) -> int:
         return _FUSED_MAX_M["gemv-16bit"]
     if N >= _TILE_MIN_N:
         return _FUSED_MAX_M["tc-tile"]
-    if N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
+    if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
         return _FUSED_MAX_M["tc-wgmma"]
     return _FUSED_MAX_M["tc"]
 
@@ -501,7 +505,13 @@ def _wgmma_default(M: int, N: int, K: int) -> bool:
 
 def _compute_capability() -> str:
     """The current device's compute capability, as CuPy spells it ("90" for an H100)."""
-    return _xp.cupy().cuda.Device().compute_capability
+    return _device_capability(_xp.cupy().cuda.Device().id)
+
+
+@functools.cache
+def _device_capability(device_id: int) -> str:
+    # (Asked on every dispatch of a routed shape: once a device.)
+    return _xp.cupy().cuda.Device(device_id).compute_capability
 
 
 def _wgmma_supported() -> bool:
@@ -547,8 +557,10 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
 
     ``path``: "mma" (the default dispatch: ``gemm_4bit_stage`` up to 8 tokens on wide
     weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
-    ``gemm_4bit_tile`` / ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else
-    ``gemm_4bit_mma``), "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
+    ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
+    ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``), "wgmma" /
+    "wgmma-k<ksplit>" (``gemm_4bit_wgmma``, split by the default rule or forced), "stage" /
+    "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
     "mma-w4" / "mma-w8" (``gemm_4bit_small`` with 4 / 8 warps a CTA), "mma-wide"
@@ -564,7 +576,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), default path only: up
     to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 32 of
-    NOTES_matmul_4bit.md), above that the tile kernels whatever N, split by the default rule."""
+    NOTES_matmul_4bit.md), above that ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds,
+    else the tile kernels whatever N, split by the default rule."""
     from .rawkernels import get_function
 
     smem = 0
@@ -588,7 +601,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         _allow_smem(kernel, _WGMMA_SMEM)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
-        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS, 128) if ksplit > 1 else (out_bits, out_bits)
+        # (The partials are the warpgroup's, not the scale warp's.)
+        split = ksplit > 1
+        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS, _WGMMA_THREADS - 32) if split else (out_bits, out_bits)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (_WGMMA_THREADS,), args, _WGMMA_SMEM
     if path.startswith("tile"):

@@ -443,11 +443,15 @@ def replays_equal_eager(cp, call, out):
     ("M", "N", "K"), ((1, 300, 640), (16, 300, 640), (32, 300, 640), (40, 8232, 640), (128, 8232, 640), (5, 6400, 8192))
 )
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
-def test_gpu_prepared_launch(cp, M, N, K, bias):
+@pytest.mark.parametrize("wgmma", (True, False), ids=("wgmma-rule", "no-wgmma"))
+def test_gpu_prepared_launch(cp, monkeypatch, M, N, K, bias, wgmma):
     # prepare_fused's launch (the torch adapter's eager path): gemv_4bit_half at one token
     # (its staged A in dynamic shared memory), gemm_4bit_small (4 and 8 warps), the tile
-    # kernel, and the dynamic shared memory and 256-thread blocks of gemm_4bit_stage
-    # (6400 x 8192).
+    # kernel (8232 rows at 40 / 128 tokens; on an H100 / H200 gemm_4bit_wgmma, unsplit, unless
+    # the rule is switched off), and the dynamic shared memory and 256-thread blocks of
+    # gemm_4bit_stage (6400 x 8192).
+    if not wgmma:
+        monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
     fmt = "float16"
     assert M <= mm.fused_max_m(fmt, N, K)
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=21, bias=bias)

@@ -125,8 +125,9 @@ def test_gpu_public_api_takes_a_tiled_weight(cp):
 @pytest.mark.parametrize("shape", ((64, 256), (256, 1152), (8192, 256)), ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gpu_tiled_matmul_sweep(cp, fmt, M, shape):
     # Every path a tiled weight takes: the one-token GEMV, gemm_4bit_small (4 / 8 warps,
-    # fragment-order A on 8192 rows), the tile kernels above 16 tokens, and the row-major
-    # copy for float32 and for M past the fused switch point.
+    # fragment-order A on 8192 rows), the tile kernels above 16 tokens (gemm_4bit_wgmma from
+    # 33 on 8192 rows on an H100 / H200), and the row-major copy for float32 and for M past
+    # the fused switch point.
     N, K = shape
     a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=M + N)
     out = _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True)

@@ -209,8 +209,8 @@ def test_gpu_wgmma_split_deterministic(hopper, fmt):
 @pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
-    # 8192 x 2048 at 40 tokens: within the fused range of weights of >= 8192 rows, and 64 CTAs,
-    # so the default rule splits K (in 2) and picks gemm_4bit_wgmma.
+    # 8192 x 2048 at 40 tokens: within the fused range of weights of >= 8192 rows, so the
+    # default rule picks gemm_4bit_wgmma; 64 CTAs, so it splits K (in 2).
     M, N, K = 40, 8192, 2048
     assert M <= mm.fused_max_m(fmt, N, K)
     assert mm._wgmma_default(M, N, K)

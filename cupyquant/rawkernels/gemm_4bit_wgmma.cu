@@ -97,7 +97,7 @@ constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k
 constexpr int kAccs = 32;                          // float32 accumulators a thread and row block
 constexpr int kScaleRows = kRows / 32;             // rows a lane of the scale warp serves
 constexpr int kScaleAhead = 6;                     // stages the scale warp fetches ahead
-constexpr int kStageBarrier = 1;                   // named barriers: the stage (all threads)
+constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
 constexpr int kMmaBarrier = 2;                     // and the warpgroup's, after the scale warp has left
 // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
 // u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to the
@@ -270,7 +270,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
     // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
     // per-row pointers, so a fetch is a few instructions. Both chunks lie in one block unless
-    // the blocksize is 32 or K % 64 == 32 (a row, and so a stage, can then start mid-block).
+    // the blocksize is 32 (the chunks are two blocks) or K % 64 == 32 (a stage then starts 32
+    // elements into a 64-element window of the flat weight, so its chunks can straddle a block
+    // boundary).
     const bool two_blocks = block_shift == 5 || K % kStageK != 0;  // uniform
     const int k0 = st_begin * kStageK;
     const u8* q_row[kScaleRows];      // NESTED: qabsmax + b0
@@ -332,10 +334,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     u32 cr[kScaleAhead][kScaleRows][2];
 #pragma unroll
     for (int d = 0; d < kScaleAhead; ++d) fetch(d, vr[d], cr[d]);
-    __syncthreads();  // the table and code2 are published
+    named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
     store(0, vr[0], cr[0]);
     store(1, vr[1], cr[1]);
-    __syncthreads();
+    named_barrier<kThreads>(kStageBarrier);
     for (int s0 = 0; s0 < stages; s0 += kScaleAhead) {
 #pragma unroll
       for (int d = 0; d < kScaleAhead; ++d) {
@@ -363,10 +365,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   copy_x(1);
   copy_w(2);
   cp_async_commit();
-  __syncthreads();     // the table and code2 are published
-  cp_async_wait<1>();  // X(0) and the packed weights of stages 0 and 1
+  named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
+  cp_async_wait<1>();                      // X(0) and the packed weights of stages 0 and 1
   fence_proxy_async();
-  __syncthreads();  // and the scales of stages 0 and 1
+  named_barrier<kThreads>(kStageBarrier);  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
   for (int s0 = 0; s0 < stages; s0 += kPStages) {

@@ -81,9 +81,10 @@ _mm = importlib.import_module("..matmul_4bit", __package__)
 _core_fused_max_m = getattr(_mm, "fused_max_m", None)
 
 
-def fused_max_m(fmt: str, N: int, K: int) -> int:
-    """The largest number of activation rows that takes the fused kernels."""
-    return 1 if _core_fused_max_m is None else _core_fused_max_m(fmt, N, K)
+def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
+    """The largest number of activation rows that takes the fused kernels (``current_device``:
+    as :func:`cupyquant.matmul_4bit.fused_max_m`)."""
+    return 1 if _core_fused_max_m is None else _core_fused_max_m(fmt, N, K, current_device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,7 +623,12 @@ def _matmul_4bit_kernels(
     fmt = float_format(A)
     if M == 0:
         return A.new_empty((*lead, N))
-    if M > fused_max_m(fmt, N, K):
+    if A.is_cuda:
+        with kernel_context(A):  # the switch point of A's device (its own kernels)
+            limit = fused_max_m(fmt, N, K)
+    else:
+        limit = fused_max_m(fmt, N, K, current_device=False)  # the same bits whatever GPU the host has
+    if M > limit:
         weight = torch.empty((N, K), dtype=A.dtype, device=A.device)
         with kernel_context(A):
             _dequantize_4bit_into(state.packed_bytes(packed), state.kernel_state(fmt), weight)
