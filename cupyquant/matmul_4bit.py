@@ -248,11 +248,20 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
         # The tiled kernels cover 16-bit activations up to the fused switch point; the other
         # paths (float32 activations, many tokens) take a bitsandbytes-layout copy.
         packed = untile_bytes(packed, N, K)
-    if M <= fused_max_m(fmt, N, K):
+    if _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
         _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
     else:
         _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
     return out_bits
+
+
+def _fused_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
+    """Whether M rows take the fused kernels: up to :func:`fused_max_m`; and 16-bit activations
+    or weights that are not 16-byte aligned, which only the CUDA-core GEMV takes, one row only
+    (the GEMV loses to dequantize + cuBLAS from two rows, see _FUSED_MAX_M's "gemv-16bit")."""
+    if M > fused_max_m(fmt, N, K):
+        return False
+    return fmt == "float32" or aligned or M <= _FUSED_MAX_M["gemv-16bit"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -845,13 +854,13 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     ``quant_state``, or None where the fused kernels do not apply
     (M above :func:`fused_max_m`, empty shapes). Call inside the weight's device context."""
     N, K = _weight_shape(quant_state)
-    if M < 1 or N == 0 or K == 0 or M > fused_max_m(fmt, N, K):
+    aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
+    if M < 1 or N == 0 or K == 0 or not _fused_applies(fmt, M, N, K, aligned):
         return None
     cp = _xp.cupy()
     # Stand-ins with the right dtype for the per-call pointers (replaced at each call).
     a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
     bias_stub = a_stub if has_bias else None
-    aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
     if _half_applies(fmt, M, N, K, aligned):
         kernel, grid, block, args, smem = _half_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
     elif fmt != "float32" and aligned:

@@ -480,15 +480,25 @@ def test_gpu_float32_gemv(cp, M, nested):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gpu_unaligned_views(cp, fmt):
-    # A and B starting one element / byte into their buffers: not 16-byte aligned.
-    N, K, M = 40, 128, 3
+@pytest.mark.parametrize("M", (1, 3, 20))
+def test_gpu_unaligned_views(cp, monkeypatch, fmt, M):
+    # A and B starting one element / byte into their buffers: not 16-byte aligned. Only the
+    # CUDA-core GEMV takes them: one 16-bit row (any float32 rows up to its switch point) is
+    # fused, more 16-bit rows dequantize and call cuBLAS.
+    N, K = 40, 128
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=5)
     ga_buf = cp.asarray(np.concatenate([a_bits[:1], a_bits]))
     gp_buf = cp.asarray(np.concatenate([packed[:1], packed]))
     gqs = copy.deepcopy(qs).to(0)
+    ran = []
+    for name in ("_matmul_fused", "_matmul_dequant_gemm"):
+        real = getattr(mm, name)
+        monkeypatch.setattr(mm, name, lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
     out = mm.matmul_4bit_bits(ga_buf[1:], fmt, M, gp_buf[1:], gqs, cp.asarray(bias_bits))
     assert rel_error(cp.asnumpy(out), fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    fused = M <= (mm.fused_max_m(fmt, N, K) if fmt == "float32" else 1)
+    assert ran == ["_matmul_fused" if fused else "_matmul_dequant_gemm"]
+    assert mm.prepare_fused(fmt, M, gp_buf[1:], gqs, True) is None or fused
 
 
 @pytest.mark.gpu
