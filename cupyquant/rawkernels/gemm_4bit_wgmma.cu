@@ -90,7 +90,7 @@ constexpr int kTokens = 64;    // the wgmma's N
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
 constexpr int kXStages = 3;    // activation buffers: copied two stages ahead
-constexpr int kPStages = 4;    // packed weight and scale buffers: copied three stages ahead
+constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kXBytes = kTokens * 2 * kStageK;
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
