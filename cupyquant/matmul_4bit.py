@@ -479,18 +479,35 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 
 
 # gemm_4bit_wgmma (rawkernels/gemm_4bit_wgmma.cu; Hopper's warpgroup MMA, compiled for sm_90a and
-# run only on compute capability 9.0): 64 tokens x 128 weight rows a CTA of one warpgroup and a
-# scale warp, K in stages of 64; two CTAs an SM fit its shared memory. K is split across CTAs
-# where the unsplit grid leaves SMs without two CTAs, each split keeping at least
-# _WGMMA_MIN_SHARE stages.
-_WGMMA_THREADS = 160  # the warpgroup (128 threads: the split-K partials are theirs) and the scale warp
-_WGMMA_TOKENS = 64
+# run only on compute capability 9.0): 128 weight rows x TOKENS tokens a CTA, K in stages of 64.
+# TOKENS 64: one warpgroup and a scale warp, two CTAs an SM; 128 / 256: two warpgroups (one
+# row block each) and a scale warp, one CTA an SM. K is split across CTAs where the unsplit
+# grid leaves SMs without their CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
+_WGMMA_TOKEN_WIDTHS = (64, 128, 256)  # the kernel's TOKENS
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
-_WGMMA_SMEM = 3 * 8192 + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024  # the kernel's kSmemBytes
-_WGMMA_ACCS = _WGMMA_TOKENS * _WGMMA_ROWS // 128  # float32 accumulators a thread (two row blocks)
-_WGMMA_CTAS_PER_SM = 2
 _WGMMA_MIN_SHARE = 16
+
+
+def _wgmma_threads(tokens: int) -> int:
+    """The block size of gemm_4bit_wgmma's TOKENS = ``tokens`` (the kernel's WgmmaShape::kThreads):
+    its warpgroups (the split-K partials are theirs) and the scale warp."""
+    return 128 * (1 if tokens == 64 else 2) + 32
+
+
+def _wgmma_smem(tokens: int) -> int:
+    """Its dynamic shared memory (WgmmaShape::kSmemBytes): 3 activation stages of 128 bytes a
+    token, 4 stages of packed weights and scales, the byte table, code2, the flag, alignment."""
+    return 3 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024
+
+
+def _wgmma_ctas_per_sm(tokens: int) -> int:
+    return 2 if tokens == 64 else 1
+
+
+def _wgmma_accs(tokens: int) -> int:
+    """float32 accumulators a warpgroup thread: 128 rows x ``tokens`` over its threads."""
+    return _WGMMA_ROWS * tokens // (_wgmma_threads(tokens) - 32)
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
 _WGMMA_MIN_N = 4096  # and its fewest weight rows (the narrowest measured)
 
@@ -528,19 +545,49 @@ def _wgmma_supported() -> bool:
     return _compute_capability() == "90"
 
 
-def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False) -> tuple[str, int, int, int]:
-    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma``;
-    ``ksplit`` None picks the split that fills _WGMMA_CTAS_PER_SM CTAs an SM."""
-    chunks = -(-M // _WGMMA_TOKENS)
+def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False,
+                tokens: int = 64) -> tuple[str, int, int, int]:  # fmt: skip
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma`` with
+    ``tokens`` tokens a CTA; ``ksplit`` None picks the split that fills the SMs with their CTAs."""
+    if tokens not in _WGMMA_TOKEN_WIDTHS:
+        raise ValueError(f"gemm_4bit_wgmma is built for {_WGMMA_TOKEN_WIDTHS} tokens a CTA, got {tokens}")
+    chunks = -(-M // tokens)
     ctas = -(-N // _WGMMA_ROWS) * chunks
     stages = -(-K // _WGMMA_STAGE_K)
     if ksplit is None:
-        ksplit = max(1, min(_WGMMA_CTAS_PER_SM * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
+        ksplit = max(1, min(_wgmma_ctas_per_sm(tokens) * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
     if ksplit < 1:
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
     share = -(-stages // ksplit)
     ksplit = -(-stages // share)  # trimmed so that no split is empty
-    return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit
+    if tokens == 64:
+        return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit
+    return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>", chunks, ctas, ksplit
+
+
+def _wgmma_path(path: str) -> tuple[int | None, int | None]:
+    """(tokens, ksplit) of a "wgmma[-t<tokens>][-k<ksplit>]" path; None where the default rule picks."""
+    tokens = ksplit = None
+    parts = path.split("-")
+    ok = parts[0] == "wgmma" and len(parts) <= 3
+    for part in parts[1:]:
+        key, value = part[:1], part[1:]
+        if not value.isdigit() or key not in "tk" or (key == "t" and (tokens is not None or ksplit is not None)):
+            ok = False
+        elif key == "t":
+            tokens = int(value)
+        elif ksplit is None:
+            ksplit = int(value)
+        else:
+            ok = False
+    if not ok:
+        raise ValueError(f"unknown fused path {path!r}")
+    return tokens, ksplit
+
+
+def _wgmma_tokens(M: int, N: int, K: int) -> int:
+    """The default dispatch's tokens a gemm_4bit_wgmma CTA."""
+    return 64
 
 
 _SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> its dynamic shared-memory limit
@@ -599,22 +646,22 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             path = "wgmma"
         else:
             path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
-    if path.startswith("wgmma"):  # "wgmma" (split by the default rule) or "wgmma-k<ksplit>"
-        forced = int(path[7:]) if path.startswith("wgmma-k") and path[7:].isdigit() else None
-        if path != "wgmma" and forced is None:
-            raise ValueError(f"unknown fused path {path!r}")
+    if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>]": defaults by the rule
+        tokens, forced = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
-        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled)
+        tokens = tokens or _wgmma_tokens(M, N, K)
+        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
-        _allow_smem(kernel, _WGMMA_SMEM)
+        threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
+        _allow_smem(kernel, smem)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
-        # (The partials are the warpgroup's, not the scale warp's.)
+        # (The partials are the warpgroups', not the scale warp's.)
         split = ksplit > 1
-        workspace = _split_workspace(ksplit, ctas, _WGMMA_ACCS, _WGMMA_THREADS - 32) if split else (out_bits, out_bits)
+        workspace = _split_workspace(ksplit, ctas, _wgmma_accs(tokens), threads - 32) if split else (out_bits, out_bits)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
-        return kernel, (ctas, ksplit), (_WGMMA_THREADS,), args, _WGMMA_SMEM
+        return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":
@@ -949,7 +996,9 @@ def _kernel_expressions(source: str) -> list[str]:
             for t in _TILED_ARG.values()]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
-                for t in _TILED_ARG.values()]  # fmt: skip
+                for t in _TILED_ARG.values()] + [
+            f"gemm_4bit_wgmma<{f}, {n}, {t}, {tokens}>" for f in _MMA_STRUCT.values() for n in nested
+            for t in nested for tokens in _WGMMA_TOKEN_WIDTHS[1:]]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():

@@ -35,6 +35,18 @@ def test_wgmma_split_rule(monkeypatch):
     assert expr == "gemm_4bit_wgmma<{}, {}, true>"
     with pytest.raises(ValueError, match="ksplit must be >= 1, got 0"):
         mm._pick_wgmma(17, 64, 256, ksplit=0)
+    # Two warpgroups a CTA (128 or 256 tokens) fill an SM with one CTA: 28672 x 8192 at 512
+    # tokens, 896 / 448 CTAs, no split; 8192 x 28672 at 256 tokens in one chunk of 256: 64
+    # CTAs, split 2.
+    assert mm._pick_wgmma(512, 28672, 8192, tokens=128)[1:] == (4, 896, 1)
+    assert mm._pick_wgmma(512, 28672, 8192, tokens=256)[1:] == (2, 448, 1)
+    assert mm._pick_wgmma(256, 8192, 28672, tokens=256)[1:] == (1, 64, 2)
+    expr, *_ = mm._pick_wgmma(300, 64, 256, tokens=128)
+    assert expr == "gemm_4bit_wgmma<{}, {}, false, 128>"
+    expr, *_ = mm._pick_wgmma(300, 64, 256, tiled=True, tokens=256)
+    assert expr == "gemm_4bit_wgmma<{}, {}, true, 256>"
+    with pytest.raises(ValueError, match=r"built for \(64, 128, 256\) tokens a CTA, got 32"):
+        mm._pick_wgmma(17, 64, 256, tokens=32)
 
 
 def test_wgmma_default_rule(monkeypatch):
@@ -79,14 +91,15 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
-    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._WGMMA_SMEM
+    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._wgmma_smem(64)
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
-    assert len(expressions) == 8 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert len(expressions) == 24 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert "gemm_4bit_wgmma<MmaHalf, false, true, 256>" in expressions
 
 
 @pytest.fixture
@@ -106,7 +119,8 @@ def test_unknown_fused_path_is_refused():
     a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
     with pytest.raises(ValueError, match="unknown fused path 'wmma'"):
         mm._matmul_fused(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wmma")
-    for path in ("wgmma2", "wgmma-k", "wgmma-x3"):
+    for path in ("wgmma2", "wgmma-k", "wgmma-x3", "wgmma-t", "wgmma-t64-t64", "wgmma-k2-t128", "wgmma-k2-k2",
+                 "wgmma-t128-k2-k2"):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
 
@@ -114,18 +128,20 @@ def test_unknown_fused_path_is_refused():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_wgmma_launch_constants_match_the_kernel(tmp_path):
     # The launcher's shared-memory bytes and block size are the kernel's kSmemBytes and
-    # kThreads (a shortfall would go unnoticed: the kernel would address shared memory past its
-    # allocation, or wait at a barrier for threads that were never launched).
+    # kThreads, for every TOKENS (a shortfall would go unnoticed: the kernel would address
+    # shared memory past its allocation, or wait at a barrier for threads never launched).
     source = tmp_path / "smem.cu"
     kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
-    source.write_text(f'#include "{kernel}"\n#include <cstdio>\n'
-                      'int main() { std::printf("%d %d", kSmemBytes, kThreads); }\n')  # fmt: skip
+    prints = " ".join(f'std::printf("%d %d ", WgmmaShape<{t}>::kSmemBytes, WgmmaShape<{t}>::kThreads);'
+                      for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
+    source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ {prints} }}\n')
     exe = tmp_path / "smem"
     build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
              f"-I{rawkernels.KERNEL_DIR}", str(source), "-o", str(exe)]  # fmt: skip
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
-    assert [int(v) for v in printed.split()] == [mm._WGMMA_SMEM, mm._WGMMA_THREADS]
+    expected = [v for t in mm._WGMMA_TOKEN_WIDTHS for v in (mm._wgmma_smem(t), mm._wgmma_threads(t))]
+    assert [int(v) for v in printed.split()] == expected
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
@@ -139,12 +155,12 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 # 65 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles;
 # one stage, half empty (K = 32) and full (K = 64).
 WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
-WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3")
+WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t128", "wgmma-t128-k3", "wgmma-t256", "wgmma-t256-k2")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", WGMMA_PATHS)
-@pytest.mark.parametrize("M", (1, 17, 40, 64, 65, 130))
+@pytest.mark.parametrize("M", (1, 17, 40, 64, 65, 130, 300))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
@@ -163,7 +179,7 @@ def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
 def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
     for N, K in ((37, 96), (130, 640)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
-        for path in ("wgmma-k1", "wgmma-k2"):
+        for path in ("wgmma-k1", "wgmma-k2", "wgmma-t128-k1", "wgmma-t256-k2"):
             out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
             err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
             assert err < TOLERANCE[fmt], f"{N}x{K} {path}: {err}"

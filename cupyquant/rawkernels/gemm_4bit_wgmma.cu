@@ -83,27 +83,43 @@ using q4::mul2;
 using q4::pack2;
 using q4::shared_address;
 
-constexpr int kMmaThreads = 128;               // one warpgroup: the wgmma and the weight decoding
-constexpr int kThreads = kMmaThreads + 32;      // and the scale warp
-constexpr int kScaleWarp = kMmaThreads / 32;    // its warp index
-constexpr int kTokens = 64;    // the wgmma's N
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
 constexpr int kXStages = 3;    // activation buffers: copied two stages ahead
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
-constexpr int kXBytes = kTokens * 2 * kStageK;
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
-constexpr int kAccs = 32;                          // float32 accumulators a thread and row block
 constexpr int kScaleRows = kRows / 32;             // rows a lane of the scale warp serves
 constexpr int kScaleAhead = 6;                     // stages the scale warp fetches ahead
 constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
-constexpr int kMmaBarrier = 2;                     // and the warpgroup's, after the scale warp has left
-// Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
-// u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to the
-// swizzle atom's 1024 bytes.
-constexpr int kSmemBytes =
-    kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 1024;
+constexpr int kMmaBarrier = 2;                     // and the warpgroups', after the scale warp has left
+
+// The CTA's shape for TOKENS tokens (64, 128 or 256). 64: one warpgroup computes both row
+// blocks (wgmma N = 64), two CTAs an SM. 128 and 256 (many tokens): two warpgroups, one row
+// block each, share the activations, so a decoded weight feeds 2-4x the multiplies; their
+// wgmma N is 128 (256 tokens: two wgmma a k slice, one a 128-token half). One CTA an SM.
+template <int TOKENS>
+struct WgmmaShape {
+  static_assert(TOKENS == 64 || TOKENS == 128 || TOKENS == 256, "TOKENS is 64, 128 or 256");
+  static constexpr int kTokens = TOKENS;
+  static constexpr int kGroups = TOKENS == 64 ? 1 : 2;      // warpgroups: the wgmma and the weight decoding
+  static constexpr int kMmaThreads = 128 * kGroups;
+  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp
+  static constexpr int kScaleWarp = kMmaThreads / 32;       // its warp index
+  static constexpr int kBlocks = 2 / kGroups;               // 64-row blocks a warpgroup
+  static constexpr int kN = TOKENS < 128 ? TOKENS : 128;    // the wgmma's N
+  static constexpr int kParts = TOKENS / kN;                // wgmma a row block and k slice
+  static constexpr int kAccs = kN / 2;                      // float32 accumulators of one wgmma, a thread
+  static constexpr int kXBytes = kTokens * 2 * kStageK;
+  static constexpr int kXCopies = kXBytes / 16 / kMmaThreads;  // 16-byte activation copies a thread a stage
+  static constexpr int kWCopies = kPBytes / 16 / kMmaThreads;  // and packed weight copies
+  static constexpr int kCtasPerSm = TOKENS == 64 ? 2 : 1;
+  // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
+  // u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to
+  // the swizzle atom's 1024 bytes.
+  static constexpr int kSmemBytes =
+      kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 1024;
+};
 
 // A shared-memory matrix descriptor: K-major rows of 128 bytes with the 128-byte swizzle,
 // 8-row groups 1024 bytes apart (the leading offset is unused for this layout; encoded as 1).
@@ -121,30 +137,42 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 // Pins the accumulators at this point of the program: the compiler may not move their uses
 // above a wgmma wait, nor their definitions below a wgmma issue.
-__device__ __forceinline__ void fence_accumulators(float (&d)[kAccs]) {
+template <int kCount>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 #pragma unroll
-  for (int i = 0; i < kAccs; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-#define CQ_WGMMA_D "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define CQ_WGMMA_D_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define CQ_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CQ_D64_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define CQ_D128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define CQ_D128_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define CQ_WGMMA_N64(type) \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " CQ_D64 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;" \
+               : CQ_D64_OPERANDS \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+#define CQ_WGMMA_N128(type) \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " CQ_D128 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;" \
+               : CQ_D128_OPERANDS \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
-// D[64 x 64] += A[64 x 16] * B[16 x 64]: A from registers (the warp's 16 rows), B K-major in
+// D[64 x N] += A[64 x 16] * B[16 x N]: A from registers (the warp's 16 rows), B K-major in
 // shared memory (descriptor).
-template <class Fmt>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[kAccs], const u32 (&a)[4], u64 desc_b) {
-  if constexpr (Fmt::kIsHalf) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CQ_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-                 : CQ_WGMMA_D_OPERANDS
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+template <class Fmt, int N>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b) {
+  static_assert(N == 64 || N == 128, "the wgmma N built here is 64 or 128");
+  if constexpr (N == 64) {
+    if constexpr (Fmt::kIsHalf) CQ_WGMMA_N64("f16"); else CQ_WGMMA_N64("bf16");
   } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CQ_WGMMA_D ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-                 : CQ_WGMMA_D_OPERANDS
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    if constexpr (Fmt::kIsHalf) CQ_WGMMA_N128("f16"); else CQ_WGMMA_N128("bf16");
   }
 }
-#undef CQ_WGMMA_D
-#undef CQ_WGMMA_D_OPERANDS
+#undef CQ_WGMMA_N64
+#undef CQ_WGMMA_N128
+#undef CQ_D64
+#undef CQ_D64_OPERANDS
+#undef CQ_D128
+#undef CQ_D128_OPERANDS
 
 __device__ __forceinline__ uint4 load_shared16(u32 address) {
   uint4 v;
@@ -169,17 +197,21 @@ __device__ __forceinline__ void named_barrier(int id) {
 
 }  // namespace
 
-// gemm_4bit_wgmma<Fmt, NESTED, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16).
-// (__launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they overlap
-// one CTA's decoding with the other's barrier waits. Ten warps an SM put three on some of
-// its four schedulers, whose register files then bound a thread to 168 registers.)
-template <class Fmt, bool NESTED, bool TILED = false>
-__global__ void __launch_bounds__(kThreads, 2)
+// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16);
+// TOKENS a CTA (WgmmaShape). (64 tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared
+// memory allows two, and they overlap one CTA's decoding with the other's barrier waits. Ten
+// warps an SM put three on some of its four schedulers, whose register files then bound a
+// thread to 168 registers.)
+template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64>
+__global__ void __launch_bounds__(WgmmaShape<TOKENS>::kThreads, WgmmaShape<TOKENS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
                 int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters) {
+  using S = WgmmaShape<TOKENS>;
+  constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
+  constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kParts = S::kParts, kAccs = S::kAccs;
   extern __shared__ __align__(16) u8 smem_raw[];
   // The swizzle atoms must start 1024-byte aligned in the shared window.
   const u32 raw_s = shared_address(smem_raw);
@@ -195,6 +227,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
+  // Warp wq of warpgroup wg computes rows 16 wq .. + 16 of its row blocks: both (one
+  // warpgroup), or block wg.
+  const int wg = warp >> 2, wq = warp & 3;
   const int chunk = blockIdx.x % token_chunks;
   const int n0 = (blockIdx.x / token_chunks) * kRows, tok0 = chunk * kTokens;
   const float off = NESTED ? __ldg(offset) : 0.0f;
@@ -206,26 +241,30 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const int stages = min(stages_all, st_begin + share) - st_begin;
 
   // Activations of local stage s into X buffer s % kXStages: copy q of this thread is unit
-  // c = tid + 128 q of the stage, token c / 8 = tid / 8 + 16 q, k 8 (c % 8) .. + 8. Only the k
-  // offset changes from stage to stage, so the addresses are computed once.
+  // c = tid + kMmaThreads q of the stage, token c / 8 = tid / 8 + kXTokStep q, k 8 (c % 8) ..
+  // + 8. Only the k offset changes from stage to stage, so the addresses are computed once.
+  constexpr int kXTokStep = kMmaThreads / 8;
   const int x_tok = tid >> 3, x_k0 = st_begin * kStageK + 8 * (tid & 7);
-  const u16* x_src = A + (i64)(tok0 + x_tok) * K + x_k0;  // copy q: + 16 q rows
-  const u32 x_dst = sw128_offset(x_tok, tid & 7);           // copy q: + 16 q rows of 128 bytes
+  const u16* x_src = A + (i64)(tok0 + x_tok) * K + x_k0;  // copy q: + kXTokStep q rows
+  const u32 x_dst = sw128_offset(x_tok, tid & 7);           // copy q: + kXTokStep q rows of 128 bytes
   auto copy_x = [&](int s) {
     if (s >= stages) return;
     const u32 base = xs + (u32)(s % kXStages) * kXBytes + x_dst;
     const bool k_ok = x_k0 + kStageK * s < K;  // K % 32 == 0: a unit is wholly in or out
 #pragma unroll
-    for (int q = 0; q < kXBytes / 16 / kMmaThreads; ++q) {
-      const bool ok = k_ok && tok0 + x_tok + 16 * q < M;
-      cp_async16(base + 16 * 128 * q, ok ? x_src + (i64)16 * q * K + kStageK * s : A, ok ? 16u : 0u);
+    for (int q = 0; q < S::kXCopies; ++q) {
+      const bool ok = k_ok && tok0 + x_tok + kXTokStep * q < M;
+      cp_async16(base + kXTokStep * 128 * q, ok ? x_src + (i64)kXTokStep * q * K + kStageK * s : A, ok ? 16u : 0u);
     }
   };
 
-  // This thread's chunks of local stage s: j = tid + 128 i (i = 0, 1), row w_row + 64 i of the
-  // weight, k w_k0 + 64 s .. + 32 (its first flat element w_e0 + 64 K i + 64 s).
+  // This thread's chunks of local stage s: j = tid + kMmaThreads i (i < kWCopies: 0, 1 with one
+  // warpgroup, 0 with two), row w_row + 64 i of the weight, k w_k0 + 64 s .. + 32 (its first
+  // flat element w_e0 + 64 K i + 64 s).
   const int w_row = n0 + (tid >> 1), w_k0 = st_begin * kStageK + 32 * (tid & 1);
-  const bool w_row_ok[2] = {w_row < N, w_row + 64 < N};
+  bool w_row_ok[S::kWCopies];
+#pragma unroll
+  for (int i = 0; i < S::kWCopies; ++i) w_row_ok[i] = w_row + 64 * i < N;
   const i64 w_e0 = (i64)w_row * K + w_k0;
   // Chunk 0 of stage 0 (row-major) or of a stage's 16-row x 128-k tile (TILED; the stage adds
   // its tile and half); chunk 1 lies 64 rows = 32 K bytes further in both layouts.
@@ -237,7 +276,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     const int stage = st_begin + s;
     const i64 at = TILED ? (i64)(stage >> 1) * 1024 + (stage & 1) * 32 : (i64)32 * s;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < S::kWCopies; ++i) {
       const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kMmaThreads * i);
       if (chunk_valid(s, i)) {
         cp_async16(dst, w_src + at + (i64)32 * K * i, 16u);
@@ -246,14 +285,16 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
     }
   };
-  // The register operands of local stage s: a[b][kk] for row block b and k slice kk.
-  auto decode = [&](int s, u32 (&a)[2][4][4]) {
+  // The register operands of local stage s: a[b][kk] for this warpgroup's row block b and k
+  // slice kk.
+  auto block_of = [&](int b) { return kBlocks == 2 ? b : wg; };  // the CTA's row block
+  auto decode = [&](int s, u32 (&a)[kBlocks][4][4]) {
     const u32 pbuf = ps + (u32)(s % kPStages) * kPBytes, sbuf = ss + (u32)(s % kPStages) * kSBytes;
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+    for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const u32 row = 64 * b + 16 * warp + g + 8 * h;
+        const u32 row = 64 * block_of(b) + 16 * wq + g + 8 * h;
         const uint4 lo = load_shared16(pbuf + 32 * row), hi = load_shared16(pbuf + 32 * row + 16);
         const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         const u32 hs[2] = {load_shared4(sbuf + 8 * row), load_shared4(sbuf + 8 * row + 4)};  // chunks 2 row, 2 row + 1
@@ -265,7 +306,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
   };
 
-  if (warp == kScaleWarp) {
+  if (warp == S::kScaleWarp) {
     // Row n0 + lane + 32 q (clamped to the last row; its scales are zeroed when stored). The
     // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
     // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
@@ -348,16 +389,18 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         named_barrier<kThreads>(kStageBarrier);
       }
     }
-    return;  // the warpgroup goes on alone (its barriers from here on are kMmaBarrier)
+    return;  // the warpgroups go on alone (their barriers from here on are kMmaBarrier)
   }
 
-  float acc[2][kAccs];
+  // acc[b * kParts + p]: row block b, tokens kN p .. + kN (one wgmma's accumulators).
+  constexpr int kTiles = kBlocks * kParts;
+  float acc[kTiles][kAccs];
 #pragma unroll
-  for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < kTiles; ++b)
 #pragma unroll
     for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
 
-  u32 frag[2][2][4][4];  // two register sets: stage s uses set s % 2
+  u32 frag[2][kBlocks][4][4];  // two register sets: stage s uses set s % 2
   copy_x(0);
   copy_w(0);
   copy_w(1);
@@ -385,12 +428,16 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int b = 0; b < 2; ++b) wgmma_m64n64k16<Fmt>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
+        for (int b = 0; b < kBlocks; ++b)
+#pragma unroll
+          for (int p = 0; p < kParts; ++p)  // tokens kN p ..: 128 rows of 128 bytes further
+            wgmma_m64k16<Fmt, S::kN>(acc[b * kParts + p], frag[d & 1][b][kk],
+                                      sw128_desc(xa + S::kN * 128 * p + 32 * kk));
       wgmma_commit();
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
       wgmma_wait_all();
-      fence_accumulators(acc[0]);
-      fence_accumulators(acc[1]);
+#pragma unroll
+      for (int b = 0; b < kTiles; ++b) fence_accumulators(acc[b]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
       fence_proxy_async();
       named_barrier<kThreads>(kStageBarrier);
@@ -400,9 +447,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   if (ksplit > 1) {  // uniform over the launch
     const i64 ctas = gridDim.x;
-    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (2 * kAccs * kMmaThreads) + tid;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kTiles * kAccs * kMmaThreads) + tid;
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+    for (int b = 0; b < kTiles; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kMmaThreads, acc[b][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
@@ -416,15 +463,15 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)blockIdx.x * (2 * kAccs * kMmaThreads) + tid;
+    const float* tile_part = partial + (i64)blockIdx.x * (kTiles * kAccs * kMmaThreads) + tid;
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+    for (int b = 0; b < kTiles; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
-      const float* part = tile_part + (p * ctas) * (2 * kAccs * kMmaThreads);
+      const float* part = tile_part + (p * ctas) * (kTiles * kAccs * kMmaThreads);
 #pragma unroll
-      for (int b = 0; b < 2; ++b)
+      for (int b = 0; b < kTiles; ++b)
 #pragma unroll
         for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kMmaThreads);
     }
@@ -432,18 +479,21 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   // Epilogue: bias, one rounding.
 #pragma unroll
-  for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = n0 + 64 * b + 16 * warp + g + 8 * h;
+      const int row = n0 + 64 * block_of(b) + 16 * wq + g + 8 * h;
       if (row >= N) continue;
       const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
 #pragma unroll
-      for (int j = 0; j < kTokens / 8; ++j)
+      for (int p = 0; p < kParts; ++p)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tok = tok0 + 8 * j + 2 * t + e;
-          if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
-        }
+        for (int j = 0; j < S::kN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int tok = tok0 + S::kN * p + 8 * j + 2 * t + e;
+            if (tok < M)
+              out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b * kParts + p][4 * j + 2 * h + e], bv));
+          }
     }
 }
