@@ -19,7 +19,8 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   weights, ``gemm_4bit_mma`` for narrow ones. On an H100 / H200, from 33 tokens on weights
   of 4096+ rows, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's warpgroup
   MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
-  the scales, K split likewise where the rows leave SMs idle).
+  the scales, K split likewise where the rows leave SMs idle; above 64 tokens, mostly 128
+  tokens a CTA on two warpgroups).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import threading
 from typing import Any
 
@@ -69,15 +71,21 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 # * "tc" (the same formats, N < _TILE_MIN_N; gemm_4bit_mma above 16 tokens): wins at M = 32
 #   (17.4 vs 25.5 at 4096x4096, H100 run 4; 17.0 vs 23.3 on the H200), loses at M = 64
 #   (27.0 vs 25.8).
-# * "tc-wgmma" (the same, _WGMMA_MIN_N <= N < _TILE_MIN_N, on an H100 / H200: gemm_4bit_wgmma
-#   from 33 tokens; H100 run 35): wins at M = 64 (4096x4096: 21.5 vs 25.7), ties at M = 96 and
-#   128 (26.8 vs 26.1, 26.9 vs 26.7).
+# * "tc-wgmma" (the same, _WGMMA_MIN_N <= N < _TILE_MIN_N and K < _WGMMA_LONG_K, on an H100 /
+#   H200: gemm_4bit_wgmma from 33 tokens, 128 tokens a CTA above 64; H100 run 36): wins at
+#   M = 128 (4096x4096: 24.6 vs 26.9), loses at M = 160 (32.4 vs 30.1).
+# * "tc-wgmma-long-k" (the same, N >= _WGMMA_MIN_N and K >= _WGMMA_LONG_K, on an H100 / H200;
+#   run 36): wins at M = 256 (28672x8192: 355 vs 406, 8192x28672: 302 vs 396, 4096x14336: 84
+#   vs 113), loses at M = 288 (527 vs 432, 576 vs 414): a 128-token chunk more.
+#   (Where K < _WGMMA_LONG_K, weights of >= _TILE_MIN_N rows keep "tc-tile": 11008x4096 at
+#   M = 192 58.6 vs 81.0, at 224 88.9 vs 81.2.)
 # * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
 # * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
 #   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
 #   the general path for odd K is slower still).
-_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 64, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-long-k": 256, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+_WGMMA_LONG_K = 8192
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
 # weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
 # _tile_default); narrower ones on gemm_4bit_mma, whose split-K fills the SMs. (On an H100 /
@@ -144,8 +152,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     """The largest M for which the fused kernels beat dequantize + cuBLAS.
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
-    (benchmarks/NOTES_matmul_4bit.md): 192 for weights of at least 8192 rows; below, 64 on
-    an H100 / H200 for weights of at least 4096 rows, else 32. The torch adapter uses it to
+    (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
+    256 where K >= 8192, else 192 from 8192 rows and 128 below; elsewhere 192 for weights of
+    at least 8192 rows, else 32. The torch adapter uses it to
     route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
     kernels (call it in the weight's device context); False gives the switch point every
@@ -157,10 +166,13 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
         return _FUSED_MAX_M["gemv-float32"]
     if K % 32 != 0:
         return _FUSED_MAX_M["gemv-16bit"]
+    if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
+        if K >= _WGMMA_LONG_K:
+            return _FUSED_MAX_M["tc-wgmma-long-k"]
+        if N < _TILE_MIN_N:
+            return _FUSED_MAX_M["tc-wgmma"]
     if N >= _TILE_MIN_N:
         return _FUSED_MAX_M["tc-tile"]
-    if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
-        return _FUSED_MAX_M["tc-wgmma"]
     return _FUSED_MAX_M["tc"]
 
 
@@ -480,10 +492,10 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 
 # gemm_4bit_wgmma (rawkernels/gemm_4bit_wgmma.cu; Hopper's warpgroup MMA, compiled for sm_90a and
 # run only on compute capability 9.0): 128 weight rows x TOKENS tokens a CTA, K in stages of 64.
-# TOKENS 64: one warpgroup and a scale warp, two CTAs an SM; 128 / 256: two warpgroups (one
-# row block each) and a scale warp, one CTA an SM. K is split across CTAs where the unsplit
+# TOKENS 64: one warpgroup and a scale warp, two CTAs an SM; 128: two warpgroups (one row
+# block each) and a scale warp, one CTA an SM. K is split across CTAs where the unsplit
 # grid leaves SMs without their CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
-_WGMMA_TOKEN_WIDTHS = (64, 128, 256)  # the kernel's TOKENS
+_WGMMA_TOKEN_WIDTHS = (64, 128)  # the kernel's TOKENS
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
 _WGMMA_MIN_SHARE = 16
@@ -496,9 +508,9 @@ def _wgmma_threads(tokens: int) -> int:
 
 
 def _wgmma_smem(tokens: int) -> int:
-    """Its dynamic shared memory (WgmmaShape::kSmemBytes): 3 activation stages of 128 bytes a
+    """Its dynamic shared memory (WgmmaShape::kSmemBytes): 4 activation stages of 128 bytes a
     token, 4 stages of packed weights and scales, the byte table, code2, the flag, alignment."""
-    return 3 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024
+    return 4 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024
 
 
 def _wgmma_ctas_per_sm(tokens: int) -> int:
@@ -508,6 +520,8 @@ def _wgmma_ctas_per_sm(tokens: int) -> int:
 def _wgmma_accs(tokens: int) -> int:
     """float32 accumulators a warpgroup thread: 128 rows x ``tokens`` over its threads."""
     return _WGMMA_ROWS * tokens // (_wgmma_threads(tokens) - 32)
+
+
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
 _WGMMA_MIN_N = 4096  # and its fewest weight rows (the narrowest measured)
 
@@ -567,27 +581,36 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
 
 def _wgmma_path(path: str) -> tuple[int | None, int | None]:
     """(tokens, ksplit) of a "wgmma[-t<tokens>][-k<ksplit>]" path; None where the default rule picks."""
-    tokens = ksplit = None
-    parts = path.split("-")
-    ok = parts[0] == "wgmma" and len(parts) <= 3
-    for part in parts[1:]:
-        key, value = part[:1], part[1:]
-        if not value.isdigit() or key not in "tk" or (key == "t" and (tokens is not None or ksplit is not None)):
-            ok = False
-        elif key == "t":
-            tokens = int(value)
-        elif ksplit is None:
-            ksplit = int(value)
-        else:
-            ok = False
-    if not ok:
+    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?", path)
+    if match is None:
         raise ValueError(f"unknown fused path {path!r}")
-    return tokens, ksplit
+    tokens, ksplit = match.groups()
+    return (None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit))
+
+
+# The time of a CTA's K stage with 64 / 128 tokens a CTA, each at its CTAs an SM, relative.
+# H100, run 36 of NOTES_matmul_4bit.md: 28672 x 8192 at 128 tokens (two waves either way),
+# 228 us on 64-token CTAs against 176 on 128-token ones.
+_WGMMA_STAGE_COST = {64: 1.0, 128: 0.78}
 
 
 def _wgmma_tokens(M: int, N: int, K: int) -> int:
-    """The default dispatch's tokens a gemm_4bit_wgmma CTA."""
-    return 64
+    """The default dispatch's tokens a gemm_4bit_wgmma CTA: 64 up to 64 tokens, above that the
+    width whose grid takes the least time by the waves of CTAs it needs (the default split)
+    times their stages times _WGMMA_STAGE_COST. A 128-token CTA does more work a stage, but
+    may leave a last wave emptier: H100, run 36, us, 64 / 128 tokens a CTA: 28672 x 8192 at
+    128 / 192 / 256 tokens 228 / 338 / 415 against 176 / 350 / 355; 11008 x 4096 at 128 / 192
+    56 / 59 against 45 / 90; 8192 x 28672 at 192 365 against 284."""
+    if M <= 64:
+        return 64
+    stages = -(-K // _WGMMA_STAGE_K)
+
+    def cost(tokens: int) -> float:
+        _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=tokens)
+        waves = -(-ctas * ksplit // (_wgmma_ctas_per_sm(tokens) * _sm_count()))
+        return waves * -(-stages // ksplit) * _WGMMA_STAGE_COST[tokens]
+
+    return min(_WGMMA_TOKEN_WIDTHS, key=cost)
 
 
 _SMEM_LIMIT: dict[int, int] = {}  # CUfunction -> its dynamic shared-memory limit
@@ -614,8 +637,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     ``path``: "mma" (the default dispatch: ``gemm_4bit_stage`` up to 8 tokens on wide
     weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
     ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
-    ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``), "wgmma" /
-    "wgmma-k<ksplit>" (``gemm_4bit_wgmma``, split by the default rule or forced), "stage" /
+    ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``),
+    "wgmma[-t<tokens>][-k<ksplit>]" (``gemm_4bit_wgmma``; tokens a CTA and split by the
+    default rules, or forced), "stage" /
     "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),

@@ -35,18 +35,16 @@ def test_wgmma_split_rule(monkeypatch):
     assert expr == "gemm_4bit_wgmma<{}, {}, true>"
     with pytest.raises(ValueError, match="ksplit must be >= 1, got 0"):
         mm._pick_wgmma(17, 64, 256, ksplit=0)
-    # Two warpgroups a CTA (128 or 256 tokens) fill an SM with one CTA: 28672 x 8192 at 512
-    # tokens, 896 / 448 CTAs, no split; 8192 x 28672 at 256 tokens in one chunk of 256: 64
-    # CTAs, split 2.
+    # 128 tokens a CTA (two warpgroups) fill an SM with one CTA: 28672 x 8192 at 512 tokens,
+    # 896 CTAs, no split; 8192 x 28672 at 128 tokens: 64 CTAs, split 2.
     assert mm._pick_wgmma(512, 28672, 8192, tokens=128)[1:] == (4, 896, 1)
-    assert mm._pick_wgmma(512, 28672, 8192, tokens=256)[1:] == (2, 448, 1)
-    assert mm._pick_wgmma(256, 8192, 28672, tokens=256)[1:] == (1, 64, 2)
+    assert mm._pick_wgmma(128, 8192, 28672, tokens=128)[1:] == (1, 64, 2)
     expr, *_ = mm._pick_wgmma(300, 64, 256, tokens=128)
     assert expr == "gemm_4bit_wgmma<{}, {}, false, 128>"
-    expr, *_ = mm._pick_wgmma(300, 64, 256, tiled=True, tokens=256)
-    assert expr == "gemm_4bit_wgmma<{}, {}, true, 256>"
-    with pytest.raises(ValueError, match=r"built for \(64, 128, 256\) tokens a CTA, got 32"):
-        mm._pick_wgmma(17, 64, 256, tokens=32)
+    expr, *_ = mm._pick_wgmma(300, 64, 256, tiled=True, tokens=128)
+    assert expr == "gemm_4bit_wgmma<{}, {}, true, 128>"
+    with pytest.raises(ValueError, match=r"built for \(64, 128\) tokens a CTA, got 256"):
+        mm._pick_wgmma(17, 64, 256, tokens=256)
 
 
 def test_wgmma_default_rule(monkeypatch):
@@ -64,16 +62,29 @@ def test_wgmma_default_rule(monkeypatch):
 
 
 def test_fused_range_on_hopper(monkeypatch):
-    # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096..8191 rows up to 64 tokens;
-    # elsewhere (and with no GPU) they stay at 32. Wide weights are 192 everywhere.
+    # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096+ rows up to 256 tokens where K
+    # >= 8192, else up to 128 below 8192 rows (wider ones keep 192); elsewhere (and with no GPU)
+    # 192 from 8192 rows, else 32.
     monkeypatch.setattr(mm._xp, "gpu_available", lambda: True)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
-    shapes = ((4096, 4096), (4095, 4096), (8192, 28672))
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [64, 32, 192]
-    assert mm.fused_max_m("bfloat16", 4096, 4096) == 64
+    shapes = ((4096, 4096), (4095, 4096), (8192, 28672), (28672, 8192), (4096, 14336), (11008, 4096), (4095, 8192))
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 256, 256, 256, 192, 32]
+    assert mm.fused_max_m("bfloat16", 4096, 4096) == 128
     assert mm.fused_max_m("float32", 4096, 4096) == 4  # the CUDA-core GEMV's range
+    assert mm.fused_max_m("float16", 28672, 8192, current_device=False) == 192  # the CPU path's
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [32, 32, 192]
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [32, 32, 192, 192, 32, 192, 32]
+
+
+def test_wgmma_tokens_rule(monkeypatch):
+    # 64 tokens a CTA up to 64 tokens; above, the width whose grid takes the fewest waves of
+    # cost-weighted stages: 128 where a 64-token grid needs as many waves or more, 64 where
+    # 128-token CTAs would leave a last wave mostly empty (run 36 of NOTES_matmul_4bit.md).
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    picks = {(64, 28672, 8192): 64, (65, 28672, 8192): 128, (128, 28672, 8192): 128, (192, 28672, 8192): 64,
+             (256, 28672, 8192): 128, (192, 11008, 4096): 64, (192, 8192, 28672): 128, (192, 14336, 4096): 128,
+             (96, 4096, 4096): 128, (256, 4096, 14336): 128}  # fmt: skip
+    assert {shape: mm._wgmma_tokens(*shape) for shape in picks} == picks
 
 
 def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
@@ -92,14 +103,18 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
     assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._wgmma_smem(64)
+    # Above 64 tokens, 128 a CTA on two warpgroups (here split in 2).
+    kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
+    assert grid == (64, 2) and block == (288,) and smem == mm._wgmma_smem(128)
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
-    assert len(expressions) == 24 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
-    assert "gemm_4bit_wgmma<MmaHalf, false, true, 256>" in expressions
+    assert len(expressions) == 16 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert "gemm_4bit_wgmma<MmaHalf, false, true, 128>" in expressions
 
 
 @pytest.fixture
@@ -119,8 +134,16 @@ def test_unknown_fused_path_is_refused():
     a_bits, packed, qs, _ = make_case(64, 256, 17, "float16")
     with pytest.raises(ValueError, match="unknown fused path 'wmma'"):
         mm._matmul_fused(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path="wmma")
-    for path in ("wgmma2", "wgmma-k", "wgmma-x3", "wgmma-t", "wgmma-t64-t64", "wgmma-k2-t128", "wgmma-k2-k2",
-                 "wgmma-t128-k2-k2"):
+    for path in (
+        "wgmma2",
+        "wgmma-k",
+        "wgmma-x3",
+        "wgmma-t",
+        "wgmma-t64-t64",
+        "wgmma-k2-t128",
+        "wgmma-k2-k2",
+        "wgmma-t128-k2-k2",
+    ):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
 
@@ -155,7 +178,7 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 # 65 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles;
 # one stage, half empty (K = 32) and full (K = 64).
 WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
-WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t128", "wgmma-t128-k3", "wgmma-t256", "wgmma-t256-k2")
+WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t128", "wgmma-t128-k1", "wgmma-t128-k3")
 
 
 @pytest.mark.gpu
@@ -179,7 +202,7 @@ def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
 def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
     for N, K in ((37, 96), (130, 640)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
-        for path in ("wgmma-k1", "wgmma-k2", "wgmma-t128-k1", "wgmma-t256-k2"):
+        for path in ("wgmma-t64-k1", "wgmma-t64-k2", "wgmma-t128-k1", "wgmma-t128-k2"):
             out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
             err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
             assert err < TOLERANCE[fmt], f"{N}x{K} {path}: {err}"
@@ -237,6 +260,42 @@ def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
     else:
         out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_default_dispatch_takes_128_tokens(hopper, monkeypatch, fmt):
+    # 8192 x 2048 at 100 tokens: one 128-token chunk (64 CTAs, split 2) beats two 64-token
+    # chunks by the wave rule, so the default launches the two-warpgroup kernel.
+    M, N, K = 100, 8192, 2048
+    assert mm._wgmma_tokens(M, N, K) == 128
+    seen = []
+    real_get = rawkernels.get_function
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=17)
+    out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    assert f"gemm_4bit_wgmma<{mm._MMA_STRUCT[fmt]}, true, false, 128>" in seen, seen
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+def test_gpu_long_k_fused_range(hopper, monkeypatch):
+    # K >= 8192 on an H100 / H200: up to 256 tokens fused (gemm_4bit_wgmma), 257 dequantize +
+    # cuBLAS; both against the reference.
+    N, K = 4096, 8192
+    assert mm.fused_max_m("float16", N, K) == 256
+    ran = []
+    for name in ("_matmul_fused", "_matmul_dequant_gemm"):
+        real = getattr(mm, name)
+        monkeypatch.setattr(mm, name, lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+    for M, expected in ((256, "_matmul_fused"), (257, "_matmul_dequant_gemm")):
+        ran.clear()
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", seed=M)
+        ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
+        out = hopper.asnumpy(mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb))
+        assert ran == [expected], (M, ran)
+        err = rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits))
+        assert err < TOLERANCE["float16"], (M, err)
 
 
 def _default_wgmma_case(cp, fmt="float16", M=40, N=8192, K=2048):

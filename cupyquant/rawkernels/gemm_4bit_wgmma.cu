@@ -1,6 +1,6 @@
 // Fused 4-bit matrix product on Hopper's warpgroup MMA (wgmma; sm_90a, compiled for that target
 // only): out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for fp16 / bf16 activations and tens
-// of tokens, from NF4 / FP4 weights in the bitsandbytes layout or in tile order.
+// to hundreds of tokens, from NF4 / FP4 weights in the bitsandbytes layout or in tile order.
 //
 // Why a kernel of its own: gemm_4bit_tile (mma.sync) keeps the activation fragments in
 // registers too, and at 64 tokens it is bound by issuing its multiplies (2 warps a scheduler
@@ -11,31 +11,34 @@
 // TILED in 16-row x 128-k tiles, cupyquant/tiled_4bit.py; table, scales, bias, out). Requires
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
-// The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA (one warpgroup,
-// 128 threads, and a scale warp) computing D[128 rows][64 tokens] over its share of K with wgmma m64n64k16, two
-// row blocks of 64 (b = 0, 1): A = 64 weight rows x 16 k from registers, B = X (the
-// activations, 64 tokens x 16 k) K-major in shared memory with the 128-byte swizzle. A weight
-// is W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
+// The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA computing
+// D[128 rows][T tokens] (T = TOKENS, 64 or 128; WgmmaShape) over its share of K with wgmma
+// m64nTk16 on two row blocks of 64: A = 64 weight rows x 16 k from registers, B = X (the
+// activations, T tokens x 16 k) K-major in shared memory with the 128-byte swizzle. T = 64:
+// one warpgroup computes both row blocks (b = 0, 1), plus a scale warp (160 threads); T =
+// 128: warpgroup wg computes row block wg, plus a scale warp (288 threads). A weight is
+// W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
-//   grid (ceil(N / 128) * token_chunks, ksplit), block 160, blockIdx.x = group * token_chunks
-//   + chunk (the CTAs that read the same weights for different tokens run side by side and
-//   share them through L2); dynamic shared memory kSmemBytes (below).
+//   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = group *
+//   token_chunks + chunk (the CTAs that read the same weights for different tokens run side
+//   by side and share them through L2); dynamic shared memory kSmemBytes (below).
 //
-// Register operand: warp w, lane (g, t) = (lane / 4, lane % 4) holds, for row block b and k
-// slice kk of a stage, rows r = 64b + 16w + g (+ 8) and k = 16kk + 2t, + 1 (+ 8): that is byte
+// Register operand: warp w of a warpgroup, lane (g, t) = (lane / 4, lane % 4) holds, for its
+// row block b and k slice kk of a stage, rows r = 64b + 16w + g (+ 8) and k = 16kk + 2t, + 1
+// (+ 8): that is byte
 // t of words 2kk and 2kk + 1 of the row's 32 packed bytes of the stage. Each byte becomes one
 // register through the byte table (code pair in A's format, lower k in the low half) times
 // the chunk's packed scale pair.
 //
 // Stages of 64 k (one 128-byte swizzle atom of X a token):
-//   X        u16[64 tokens][64]  8 KB, copied with cp.async (zeros past M and K), kXStages
-//            buffers, two stages ahead; token r's 16-byte unit u (8 k) at byte
+//   X        u16[T tokens][64]  8 / 16 KB, copied with cp.async (zeros past M and K),
+//            kXStages buffers, two stages ahead; token r's 16-byte unit u (8 k) at byte
 //            r * 128 + ((u ^ (r & 7)) << 4), the swizzle the descriptor names (a quarter
 //            warp's copies of 8 units of one token then hit 8 distinct bank groups);
 //   packed   the stage's 4 KB of packed weights, row r's 32 bytes at byte 32 r, copied with
-//            cp.async three stages ahead (kPStages buffers): thread c copies chunks c and
-//            c + 128, chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's copy covers 16 rows
-//            x 32 contiguous bytes);
+//            cp.async three stages ahead (kPStages buffers): thread c copies chunk c (and
+//            c + 128 with one warpgroup), chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's
+//            copy covers 16 rows x 32 contiguous bytes);
 //   scales   u32[256 chunks], the chunk's scale as a packed pair in A's format (chunk
 //            2 row + h: the row's k 32 h .. + 32 of the stage), kPStages buffers, written by
 //            the scale warp (below).
@@ -43,7 +46,7 @@
 //   the compiler moved a just-loaded 16-byte vector between registers, which waits for the
 //   load: every stage then waited a DRAM latency.)
 //
-// The scale warp (warp 4): lane l serves rows l + 32 q (q < 4). It fetches a stage's scales
+// The scale warp (the last warp): lane l serves rows l + 32 q (q < 4). It fetches a stage's scales
 // kScaleAhead = 6 stages ahead into registers and decodes them into shared memory two stages
 // ahead. Why a warp of its own: in the warpgroup, the scale loads and their 64-bit address
 // arithmetic cost ~40 instructions a stage on the critical path, and the proxy fence of each
@@ -53,16 +56,20 @@
 // waits for it at the barrier: with 64-bit block indices (~255 instructions a stage) it
 // gained nothing; with 32-bit offsets from per-row pointers (~215) it does.
 //
-// Pipeline, stage i (one barrier a stage, named barrier 1 over all 160 threads):
-//   warpgroup: copy X(i + 2) and the packed weights of i + 3 (into the buffers of stage
-//   i - 1, whose wgmma and decoding are done); issue stage i's eight wgmma on its register
-//   operands and X buffer i % kXStages, commit; decode stage i + 1 into the other register
-//   set; wait for stage i's wgmma and this thread's copies of X(i + 1) and the packed
-//   weights of i + 2, make the shared writes visible to the tensor cores' (async) proxy;
+// Pipeline, stage i (one barrier a stage, named barrier 1 over all threads):
+//   warpgroups: copy X(i + 2) into the buffer of stage i - 2 and the packed weights of i + 3
+//   into that of i - 1 (their wgmma and decoding are done: the barrier ending stage i - 1);
+//   issue stage i's wgmma (four a row block) on its register operands and X buffer
+//   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
+//   barrier, while the next are decoded); decode stage i + 1 into the register set of i - 1;
+//   wait for this thread's copies of X(i + 1) and the packed weights of i + 2, make the
+//   shared writes visible to the tensor cores' (async) proxy;
 //   scale warp: write the scales of stage i + 2; fetch those of stage i + 6;
 //   barrier.
+// (Waiting for stage i's own wgmma before the barrier, with three X buffers, was 6% slower at
+// 128 tokens a CTA and as fast at 64: run 36.)
 //
-// Accumulators (m64n64k16, float32): block b, warp w, lane (g, t) holds
+// Accumulators (m64nTk16, float32): row block b, warp w of a warpgroup, lane (g, t) holds
 // acc[b][4j + 2h + e] = D[row 64b + 16w + g + 8h][token 8j + 2t + e].
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
@@ -85,7 +92,7 @@ using q4::shared_address;
 
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
-constexpr int kXStages = 3;    // activation buffers: copied two stages ahead
+constexpr int kXStages = 4;    // activation buffers: copied two stages ahead
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
@@ -94,22 +101,21 @@ constexpr int kScaleAhead = 6;                     // stages the scale warp fetc
 constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
 constexpr int kMmaBarrier = 2;                     // and the warpgroups', after the scale warp has left
 
-// The CTA's shape for TOKENS tokens (64, 128 or 256). 64: one warpgroup computes both row
-// blocks (wgmma N = 64), two CTAs an SM. 128 and 256 (many tokens): two warpgroups, one row
-// block each, share the activations, so a decoded weight feeds 2-4x the multiplies; their
-// wgmma N is 128 (256 tokens: two wgmma a k slice, one a 128-token half). One CTA an SM.
+// The CTA's shape for TOKENS tokens (64 or 128; the wgmma's N). 64: one warpgroup computes
+// both row blocks, two CTAs an SM. 128 (more tokens): two warpgroups, one row block each,
+// share the activations, so a decoded weight feeds twice the multiplies; one CTA an SM.
+// (256 tokens, two wgmma N = 128 a k slice, lost everywhere: 28672 x 8192 at 512 tokens 792
+// us against 623; the third warp a scheduler caps a thread at 168 registers and it spilled.)
 template <int TOKENS>
 struct WgmmaShape {
-  static_assert(TOKENS == 64 || TOKENS == 128 || TOKENS == 256, "TOKENS is 64, 128 or 256");
+  static_assert(TOKENS == 64 || TOKENS == 128, "TOKENS is 64 or 128");
   static constexpr int kTokens = TOKENS;
   static constexpr int kGroups = TOKENS == 64 ? 1 : 2;      // warpgroups: the wgmma and the weight decoding
   static constexpr int kMmaThreads = 128 * kGroups;
-  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp
-  static constexpr int kScaleWarp = kMmaThreads / 32;       // its warp index
+  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp (two of them, 64 rows each,
+  static constexpr int kScaleWarp = kMmaThreads / 32;       // measured no faster), its warp index
   static constexpr int kBlocks = 2 / kGroups;               // 64-row blocks a warpgroup
-  static constexpr int kN = TOKENS < 128 ? TOKENS : 128;    // the wgmma's N
-  static constexpr int kParts = TOKENS / kN;                // wgmma a row block and k slice
-  static constexpr int kAccs = kN / 2;                      // float32 accumulators of one wgmma, a thread
+  static constexpr int kAccs = TOKENS / 2;                  // float32 accumulators of one wgmma, a thread
   static constexpr int kXBytes = kTokens * 2 * kStageK;
   static constexpr int kXCopies = kXBytes / 16 / kMmaThreads;  // 16-byte activation copies a thread a stage
   static constexpr int kWCopies = kPBytes / 16 / kMmaThreads;  // and packed weight copies
@@ -131,7 +137,8 @@ __device__ __forceinline__ u32 sw128_offset(u32 row, u32 unit) { return row * 12
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory"); }
 // Shared writes of the generic proxy (cp.async) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
@@ -211,7 +218,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters) {
   using S = WgmmaShape<TOKENS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
-  constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kParts = S::kParts, kAccs = S::kAccs;
+  constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
   extern __shared__ __align__(16) u8 smem_raw[];
   // The swizzle atoms must start 1024-byte aligned in the shared window.
   const u32 raw_s = shared_address(smem_raw);
@@ -392,11 +399,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     return;  // the warpgroups go on alone (their barriers from here on are kMmaBarrier)
   }
 
-  // acc[b * kParts + p]: row block b, tokens kN p .. + kN (one wgmma's accumulators).
-  constexpr int kTiles = kBlocks * kParts;
-  float acc[kTiles][kAccs];
+  float acc[kBlocks][kAccs];  // acc[b]: this warpgroup's row block b
 #pragma unroll
-  for (int b = 0; b < kTiles; ++b)
+  for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
     for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
 
@@ -419,7 +424,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int d = 0; d < kPStages; ++d) {
       const int s = s0 + d;
       if (s >= stages) break;  // uniform over the CTA
-      // Into the buffers of stage s - 1: its wgmma and decoding are done (barrier below).
+      // X into the buffer of stage s - 2, packed weights into that of s - 1: their wgmma and
+      // decoding are done (the barrier ending stage s - 1).
       copy_x(s + 2);
       copy_w(s + 3);
       cp_async_commit();
@@ -428,28 +434,25 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int b = 0; b < kBlocks; ++b)
-#pragma unroll
-          for (int p = 0; p < kParts; ++p)  // tokens kN p ..: 128 rows of 128 bytes further
-            wgmma_m64k16<Fmt, S::kN>(acc[b * kParts + p], frag[d & 1][b][kk],
-                                      sw128_desc(xa + S::kN * 128 * p + 32 * kk));
+        for (int b = 0; b < kBlocks; ++b) wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
+      wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
-      wgmma_wait_all();
-#pragma unroll
-      for (int b = 0; b < kTiles; ++b) fence_accumulators(acc[b]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
       fence_proxy_async();
       named_barrier<kThreads>(kStageBarrier);
     }
   }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) fence_accumulators(acc[b]);
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
   if (ksplit > 1) {  // uniform over the launch
     const i64 ctas = gridDim.x;
-    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kTiles * kAccs * kMmaThreads) + tid;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
-    for (int b = 0; b < kTiles; ++b)
+    for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kMmaThreads, acc[b][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
@@ -463,15 +466,15 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)blockIdx.x * (kTiles * kAccs * kMmaThreads) + tid;
+    const float* tile_part = partial + (i64)blockIdx.x * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
-    for (int b = 0; b < kTiles; ++b)
+    for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
-      const float* part = tile_part + (p * ctas) * (kTiles * kAccs * kMmaThreads);
+      const float* part = tile_part + (p * ctas) * (kBlocks * kAccs * kMmaThreads);
 #pragma unroll
-      for (int b = 0; b < kTiles; ++b)
+      for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
         for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kMmaThreads);
     }
@@ -486,14 +489,11 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if (row >= N) continue;
       const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
 #pragma unroll
-      for (int p = 0; p < kParts; ++p)
+      for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
-        for (int j = 0; j < S::kN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = tok0 + S::kN * p + 8 * j + 2 * t + e;
-            if (tok < M)
-              out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b * kParts + p][4 * j + 2 * h + e], bv));
-          }
+        for (int e = 0; e < 2; ++e) {
+          const int tok = tok0 + 8 * j + 2 * t + e;
+          if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
+        }
     }
 }

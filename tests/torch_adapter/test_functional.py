@@ -136,7 +136,7 @@ def test_matmul_4bit_equals_dequantize_then_matmul(device, dtype, quant_type, M,
 
 
 def test_cpu_switch_point_does_not_depend_on_the_hosts_gpu(monkeypatch):
-    # On an H100 / H200 the fused range of 4096..8191-row weights is 64 tokens (gemm_4bit_wgmma);
+    # On an H100 / H200 the fused range of 4096..8191-row weights is 128 tokens (gemm_4bit_wgmma);
     # CPU tensors keep the range every device shares, so 40 rows dequantize and call torch's
     # GEMM whatever GPU the host has, and give the same bits.
     core = F._mm
@@ -145,7 +145,7 @@ def test_cpu_switch_point_does_not_depend_on_the_hosts_gpu(monkeypatch):
     expected = F.matmul_4bit(A, packed, state)
     monkeypatch.setattr(core._xp, "gpu_available", lambda: True)
     monkeypatch.setattr(core, "_wgmma_supported", lambda: True)
-    assert F.fused_max_m("float16", 4096, 64) == 64
+    assert F.fused_max_m("float16", 4096, 64) == 128
     assert F.fused_max_m("float16", 4096, 64, current_device=False) == 32
     monkeypatch.setattr(core, "matmul_4bit_bits", lambda *args: pytest.fail("a fused call for 40 CPU rows"))
     assert same_bytes(F.matmul_4bit(A, packed, state), expected)
