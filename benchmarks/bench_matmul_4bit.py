@@ -175,6 +175,7 @@ def main() -> int:
     parser.add_argument("--compare", help="first: these comma-separated forced paths side by side (fp16)")
     parser.add_argument("--rows", default="1,2,4,8,16", help="M values of --compare")
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
+    parser.add_argument("--prefill", action="store_true", help="after the table, 128 and 256 tokens on its shapes")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
     args = parser.parse_args()
@@ -195,6 +196,9 @@ def main() -> int:
     if not args.no_table:
         table(results, bw, stream)
     save(args.json, results)
+    if args.prefill:
+        prefill(results, stream)
+        save(args.json, results)
     if args.split:
         split_sweep(results, stream, lambda: save(args.json, results))
     if not args.quick:
@@ -231,6 +235,30 @@ def table(results: dict, bw: float, stream) -> None:
             tiled_s = f"{tiled:8.1f}" if tiled is not None else f"{'-':>8}"
             print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {tiled_s} {ours / t16:7.2f} "
                   f"{nbytes / ours * 1e-3:6.0f} {floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
+        del t_copies, w
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+PREFILL_ROWS = (128, 256)
+
+
+def prefill(results: dict, stream) -> None:
+    """Prefill-sized batches on the table's shapes: the default dispatch against torch fp16 and
+    against dequantize + cuBLAS (the path past the fused switch point)."""
+    print("\nprefill batches, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
+    print(f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'dequant':>8} {'x fp16':>7}  path")
+    results.setdefault("prefill", [])
+    for (N, K), _, _ in TABLE:
+        w = Weights(N, K)
+        t_copies = w.torch_copies()
+        for M in PREFILL_ROWS:
+            t16 = time_torch(torch_calls(t_copies, M, K))
+            ours = measure(ours_calls(w, M, "float16", None), stream)
+            dequant = measure(ours_calls(w, M, "float16", "dequant"), stream)
+            path = "fused" if M <= mm.fused_max_m("float16", N, K) else "dequant+cuBLAS"
+            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, dequant_us=dequant, path=path)
+            results["prefill"].append(row)
+            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {dequant:8.1f} {ours / t16:7.2f}  {path}")
         del t_copies, w
         cp.get_default_memory_pool().free_all_blocks()
 
