@@ -601,13 +601,17 @@ def _wgmma_tokens(M: int, N: int, K: int) -> int:
     may leave a last wave emptier: H100, run 36, us, 64 / 128 tokens a CTA: 28672 x 8192 at
     128 / 192 / 256 tokens 228 / 338 / 415 against 176 / 350 / 355; 11008 x 4096 at 128 / 192
     56 / 59 against 45 / 90; 8192 x 28672 at 192 365 against 284."""
-    if M <= 64:
-        return 64
+    return 64 if M <= 64 else _wgmma_tokens_above_64(M, N, K, _sm_count())
+
+
+@functools.lru_cache(maxsize=4096)
+def _wgmma_tokens_above_64(M: int, N: int, K: int, sms: int) -> int:
+    # (Memoised: the default dispatch asks on every call of a routed shape.)
     stages = -(-K // _WGMMA_STAGE_K)
 
     def cost(tokens: int) -> float:
         _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=tokens)
-        waves = -(-ctas * ksplit // (_wgmma_ctas_per_sm(tokens) * _sm_count()))
+        waves = -(-ctas * ksplit // (_wgmma_ctas_per_sm(tokens) * sms))
         return waves * -(-stages // ksplit) * _WGMMA_STAGE_COST[tokens]
 
     return min(_WGMMA_TOKEN_WIDTHS, key=cost)
@@ -675,7 +679,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
-        tokens = tokens or _wgmma_tokens(M, N, K)
+        tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
         expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
@@ -1022,7 +1026,7 @@ def _kernel_expressions(source: str) -> list[str]:
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
                 for t in _TILED_ARG.values()] + [
             f"gemm_4bit_wgmma<{f}, {n}, {t}, {tokens}>" for f in _MMA_STRUCT.values() for n in nested
-            for t in nested for tokens in _WGMMA_TOKEN_WIDTHS[1:]]  # fmt: skip
+            for t in ("false", "true") for tokens in _WGMMA_TOKEN_WIDTHS[1:]]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():

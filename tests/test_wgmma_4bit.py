@@ -89,14 +89,16 @@ def test_wgmma_tokens_rule(monkeypatch):
 
 def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     # The launch the default tensor-core path builds where _wgmma_default holds, with the GPU
-    # calls stubbed: gemm_4bit_wgmma, grid (CTAs, ksplit), one warpgroup, its shared memory.
+    # calls stubbed: gemm_4bit_wgmma, grid (CTAs, ksplit), block, shared memory, and the split
+    # workspace (accumulators a thread, warpgroup threads).
     from cupyquant import rawkernels
 
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
     monkeypatch.setattr(rawkernels, "get_function", lambda f, e: (f, e))
     monkeypatch.setattr(mm, "_allow_smem", lambda kernel, nbytes: None)
-    monkeypatch.setattr(mm, "_split_workspace", lambda ksplit, ctas, frag, threads: ("partial", "counters"))
+    workspaces = []
+    monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
     monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
@@ -106,7 +108,8 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     # Above 64 tokens, 128 a CTA on two warpgroups (here split in 2).
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
-    assert grid == (64, 2) and block == (288,) and smem == mm._wgmma_smem(128)
+    assert grid == (64, 2) and block == (288,) and args == ("partial", "counters") and smem == mm._wgmma_smem(128)
+    assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256)]
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
@@ -150,20 +153,24 @@ def test_unknown_fused_path_is_refused():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_wgmma_launch_constants_match_the_kernel(tmp_path):
-    # The launcher's shared-memory bytes and block size are the kernel's kSmemBytes and
-    # kThreads, for every TOKENS (a shortfall would go unnoticed: the kernel would address
-    # shared memory past its allocation, or wait at a barrier for threads never launched).
+    # The launcher's shared-memory bytes, block size and split-K partials a CTA are the
+    # kernel's kSmemBytes, kThreads and kBlocks * kAccs * kMmaThreads, for every TOKENS (a
+    # shortfall would go unnoticed: the kernel would address memory past its allocation, or
+    # wait at a barrier for threads never launched).
     source = tmp_path / "smem.cu"
     kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
-    prints = " ".join(f'std::printf("%d %d ", WgmmaShape<{t}>::kSmemBytes, WgmmaShape<{t}>::kThreads);'
-                      for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
+    prints = " ".join(f'{{ using S = WgmmaShape<{t}>; std::printf("%d %d %d ", S::kSmemBytes, S::kThreads, '
+                      f"S::kBlocks * S::kAccs * S::kMmaThreads); }}" for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
     source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ {prints} }}\n')
     exe = tmp_path / "smem"
     build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
              f"-I{rawkernels.KERNEL_DIR}", str(source), "-o", str(exe)]  # fmt: skip
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
-    expected = [v for t in mm._WGMMA_TOKEN_WIDTHS for v in (mm._wgmma_smem(t), mm._wgmma_threads(t))]
+    expected = []
+    for t in mm._WGMMA_TOKEN_WIDTHS:
+        threads = mm._wgmma_threads(t)
+        expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t) * (threads - 32)]
     assert [int(v) for v in printed.split()] == expected
 
 
@@ -265,8 +272,8 @@ def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_default_dispatch_takes_128_tokens(hopper, monkeypatch, fmt):
-    # 8192 x 2048 at 100 tokens: one 128-token chunk (64 CTAs, split 2) beats two 64-token
-    # chunks by the wave rule, so the default launches the two-warpgroup kernel.
+    # 8192 x 2048 at 100 tokens: one 128-token chunk (64 CTAs, split 2 on 132 SMs) beats two
+    # 64-token chunks by the wave rule, so the default launches the two-warpgroup kernel.
     M, N, K = 100, 8192, 2048
     assert mm._wgmma_tokens(M, N, K) == 128
     seen = []

@@ -24,11 +24,10 @@
 //   by side and share them through L2); dynamic shared memory kSmemBytes (below).
 //
 // Register operand: warp w of a warpgroup, lane (g, t) = (lane / 4, lane % 4) holds, for its
-// row block b and k slice kk of a stage, rows r = 64b + 16w + g (+ 8) and k = 16kk + 2t, + 1
-// (+ 8): that is byte
-// t of words 2kk and 2kk + 1 of the row's 32 packed bytes of the stage. Each byte becomes one
-// register through the byte table (code pair in A's format, lower k in the low half) times
-// the chunk's packed scale pair.
+// row block B (b with one warpgroup, wg with two) and k slice kk of a stage, rows r = 64B +
+// 16w + g (+ 8) and k = 16kk + 2t, + 1 (+ 8): that is byte t of words 2kk and 2kk + 1 of the
+// row's 32 packed bytes of the stage. Each byte becomes one register through the byte table
+// (code pair in A's format, lower k in the low half) times the chunk's packed scale pair.
 //
 // Stages of 64 k (one 128-byte swizzle atom of X a token):
 //   X        u16[T tokens][64]  8 / 16 KB, copied with cp.async (zeros past M and K),
@@ -69,8 +68,8 @@
 // (Waiting for stage i's own wgmma before the barrier, with three X buffers, was 6% slower at
 // 128 tokens a CTA and as fast at 64: run 36.)
 //
-// Accumulators (m64nTk16, float32): row block b, warp w of a warpgroup, lane (g, t) holds
-// acc[b][4j + 2h + e] = D[row 64b + 16w + g + 8h][token 8j + 2t + e].
+// Accumulators (m64nTk16, float32): warp w of a warpgroup, lane (g, t) holds, for its row
+// block B as above, acc[b][4j + 2h + e] = D[row 64B + 16w + g + 8h][token 8j + 2t + e].
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
@@ -92,7 +91,7 @@ using q4::shared_address;
 
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
-constexpr int kXStages = 4;    // activation buffers: copied two stages ahead
+constexpr int kXStages = 4;    // activation buffers: copied two stages ahead, while the previous stage's wgmma reads one
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
