@@ -53,7 +53,8 @@
 // 8192 at 64 tokens: 131.1 us with the scales in the warpgroup, 116.2 with this warp
 // (NOTES_matmul_4bit.md, run 35). The warp's own loop must stay short, since every stage
 // waits for it at the barrier: with 64-bit block indices (~255 instructions a stage) it
-// gained nothing; with 32-bit offsets from per-row pointers (~215) it does.
+// gained nothing; with 32-bit offsets from per-row pointers (~215) it does. (Two scale warps
+// of 64 rows each measured no faster: run 36.)
 //
 // Pipeline, stage i (one barrier a stage, named barrier 1 over all threads):
 //   warpgroups: copy X(i + 2) into the buffer of stage i - 2 and the packed weights of i + 3
@@ -91,7 +92,7 @@ using q4::shared_address;
 
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
-constexpr int kXStages = 4;    // activation buffers: copied two stages ahead, while the previous stage's wgmma reads one
+constexpr int kXStages = 4;    // activation buffers: two stages ahead, and the one the last stage's wgmma reads
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
@@ -111,8 +112,8 @@ struct WgmmaShape {
   static constexpr int kTokens = TOKENS;
   static constexpr int kGroups = TOKENS == 64 ? 1 : 2;      // warpgroups: the wgmma and the weight decoding
   static constexpr int kMmaThreads = 128 * kGroups;
-  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp (two of them, 64 rows each,
-  static constexpr int kScaleWarp = kMmaThreads / 32;       // measured no faster), its warp index
+  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp
+  static constexpr int kScaleWarp = kMmaThreads / 32;       // its warp index
   static constexpr int kBlocks = 2 / kGroups;               // 64-row blocks a warpgroup
   static constexpr int kAccs = TOKENS / 2;                  // float32 accumulators of one wgmma, a thread
   static constexpr int kXBytes = kTokens * 2 * kStageK;
@@ -137,7 +138,9 @@ __device__ __forceinline__ u32 sw128_offset(u32 row, u32 unit) { return row * 12
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int kPending>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
 // Shared writes of the generic proxy (cp.async) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
@@ -433,7 +436,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int b = 0; b < kBlocks; ++b) wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
+        for (int b = 0; b < kBlocks; ++b)
+          wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
