@@ -495,7 +495,8 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 # TOKENS 64: one warpgroup and a scale warp, two CTAs an SM; 128: two warpgroups (one row
 # block each) and a scale warp, one CTA an SM. K is split across CTAs where the unsplit
 # grid leaves SMs without their CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
-_WGMMA_TOKEN_WIDTHS = (64, 128)  # the kernel's TOKENS
+_WGMMA_GROUPS = {64: 1, 128: 2}  # the kernel's TOKENS -> its warpgroups (WgmmaShape::kGroups)
+_WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
 _WGMMA_MIN_SHARE = 16
@@ -504,7 +505,7 @@ _WGMMA_MIN_SHARE = 16
 def _wgmma_threads(tokens: int) -> int:
     """The block size of gemm_4bit_wgmma's TOKENS = ``tokens`` (the kernel's WgmmaShape::kThreads):
     its warpgroups (the split-K partials are theirs) and the scale warp."""
-    return 128 * (1 if tokens == 64 else 2) + 32
+    return 128 * _WGMMA_GROUPS[tokens] + 32
 
 
 def _wgmma_smem(tokens: int) -> int:
@@ -514,12 +515,13 @@ def _wgmma_smem(tokens: int) -> int:
 
 
 def _wgmma_ctas_per_sm(tokens: int) -> int:
-    return 2 if tokens == 64 else 1
+    """CTAs an SM (WgmmaShape::kCtasPerSm): two of one warpgroup, one of two."""
+    return 2 // _WGMMA_GROUPS[tokens]
 
 
 def _wgmma_accs(tokens: int) -> int:
     """float32 accumulators a warpgroup thread: 128 rows x ``tokens`` over its threads."""
-    return _WGMMA_ROWS * tokens // (_wgmma_threads(tokens) - 32)
+    return _WGMMA_ROWS * tokens // (128 * _WGMMA_GROUPS[tokens])
 
 
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
