@@ -124,19 +124,23 @@ def quantize_blockwise(bits: Any, fmt: str, blocksize: int, quant: str, absmax: 
     _write_through(out, 8 if quant in ("nf4", "fp4") else 16, launch)
 
 
-def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scales: Scales, out: Any) -> None:
-    """Decode ``out.size`` elements of packed 4-bit codes into ``out`` (storage of ``fmt``)."""
+def dequantize_4bit(packed: Any, fmt: str, blocksize: int, quant_type: str, scales: Scales, out: Any,
+                    tile_k: int = 0) -> None:  # fmt: skip
+    """Decode ``out.size`` elements of packed 4-bit codes into ``out`` (storage of ``fmt``).
+    ``tile_k`` > 0: ``packed`` is an (out.size / tile_k, tile_k) weight in tile order
+    (:mod:`cupyquant.tiled_4bit`); ``out`` is row-major either way."""
     n = out.size
     if n == 0:
         return
-    expr = f"dequantize_4bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}>"
+    tiled = ", true" if tile_k else ""
+    expr = f"dequantize_4bit<{_FMT_STRUCT[fmt]}, {blocksize}, {str(scales.nested).lower()}{tiled}>"
     kernel = get_function(_SOURCE, expr)
     packed = aligned(packed, 4)
     table = device_table(f"{quant_type}_values")
     grid = _grid(-(-n // _DEQUANT_VEC), _THREADS)
 
     def launch(target: Any) -> None:
-        kernel(grid, (_THREADS,), (packed, table, *scales.kernel_args(), target, np.int64(n)))
+        kernel(grid, (_THREADS,), (packed, table, *scales.kernel_args(), target, np.int64(n), np.int32(tile_k)))
 
     _write_through(out, 16, launch)
 
@@ -174,6 +178,7 @@ def _kernel_expressions() -> list[str]:
             out += [f"quantize_blockwise<{fmt}, {bs}, {_QUANT_ID[m]}, false>" for m in modes]
             for nested in ("false", "true"):
                 out.append(f"dequantize_4bit<{fmt}, {bs}, {nested}>")
+                out.append(f"dequantize_4bit<{fmt}, {bs}, {nested}, true>")
                 if bs >= 64:
                     out.append(f"dequantize_8bit<{fmt}, {bs}, {nested}>")
     out.append(f"quantize_blockwise<Float32, 256, {_QUANT_ID['8bit']}, true>")

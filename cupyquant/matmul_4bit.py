@@ -25,6 +25,8 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
   half; a chunk that overflows is redone in float32), then scaled and summed in float32.
+  On a tiled weight (:mod:`cupyquant.tiled_4bit`) ``gemv_4bit_tiled``: the same arithmetic,
+  a warp reading whole 1 KB tiles.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32.
@@ -128,6 +130,12 @@ _HALF_WARPS = 8
 _HALF_STATIC_SMEM = 4 * (256 * 32 + 256 + 8)  # byte table, nested code (plain: unused), warp maxima
 _CTA_RESERVED_SMEM = 1024  # shared memory the driver reserves a CTA (sm_80 and later)
 _HALF_MAX_ELEMENTS = 1 << 37
+# gemv_4bit_tiled (one fp16 / bf16 token on a tile-ordered weight, gemv_4bit.cu): (16-row
+# strips a CTA, tiles a warp in flight, CTAs an SM the registers are bounded for)
+# instantiated; 8 warps a CTA (8 / strips warps a strip), A always staged (2K bytes). The
+# pick is _tgemv_pick.
+_TGEMV_CONFIGS = ((1, 2, 3), (1, 3, 2), (2, 2, 3), (2, 3, 2), (4, 4, 2))
+_TGEMV_STATIC_SMEM = _HALF_STATIC_SMEM + 4 * 16 * _HALF_WARPS  # and the strips' part sums
 # gemm_4bit_small reads A in fragment order (permute_fragments runs first, a copy of A a
 # call) at 9..16 tokens on weights of at least _FRAG_MIN_N rows: each 16-byte activation load
 # of a warp then covers 16 sectors, not 32 (ncu, 28672 x 8192 at 16 tokens: L1 throughput
@@ -257,8 +265,11 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
         if fmt != "float32" and M <= fused_max_m(fmt, N, K) and _aligned(K, a_bits, packed):
             _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
-        # The tiled kernels cover 16-bit activations up to the fused switch point; the other
-        # paths (float32 activations, many tokens) take a bitsandbytes-layout copy.
+        if not _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
+            _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
+            return out_bits
+        # float32 activations up to the switch point: the CUDA-core GEMV reads the
+        # bitsandbytes layout only, so it gets a copy in that layout.
         packed = untile_bytes(packed, N, K)
     if _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
         _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
@@ -957,6 +968,69 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
 
 
+def _tgemv_fits(config: tuple[int, int, int], K: int, smem_per_sm: int) -> bool:
+    """Whether ``config``'s CTAs an SM fit ``smem_per_sm`` bytes with A (K values) staged."""
+    return config[2] * (_TGEMV_STATIC_SMEM + 2 * K + _CTA_RESERVED_SMEM) <= smem_per_sm
+
+
+def _tgemv_pick(N: int, K: int, smem_per_sm: int) -> tuple[int, int, int] | None:
+    """The gemv_4bit_tiled configuration for a tiled (N, K) weight: the first of the shape's
+    preferences whose CTAs fit ``smem_per_sm`` bytes with A staged; None where none does
+    (gemv_4bit_half serves those). H100, graph us, the preferred configuration first
+    (NOTES_matmul_4bit.md, run 37): under 512 strips (8192 rows) one strip a CTA, 4096 x
+    4096 1x2c3 7.3 (2x3c2 7.8), 4096 x 14336 16.3 (1x3c2 15.3, 2x3c2 18.2); K >= 8192 two
+    strips at 3 tiles in flight, 28672 x 8192 49.6 (2x2c3 50.4, 1x2c3 50.8), 8192 x 28672
+    46.7 (2x4c2 46.7, 1x3c2 48.8); shorter K, from 800 strips four, 14336 x 4096 16.1 (2x2c3
+    18.7), else two at 3 CTAs an SM, 11008 x 4096 12.7 (4x4c2 15.4)."""
+    strips = N // 16
+    if strips < 512:
+        preferred = ((1, 2, 3), (1, 3, 2))
+    elif K >= 8192:
+        preferred = ((2, 3, 2),)
+    elif strips >= 800:
+        preferred = ((4, 4, 2),)
+    else:
+        preferred = ((2, 2, 3), (2, 3, 2))
+    return next((c for c in preferred if _tgemv_fits(c, K, smem_per_sm)), None)
+
+
+def _tgemv_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
+    """gemv_4bit_tiled's domain: gemv_4bit_half's, on a tiled weight, with A staged."""
+    return _half_applies(fmt, M, N, K, aligned) and _tgemv_pick(N, K, _smem_per_sm()) is not None
+
+
+def _tgemv_config(path: str, N: int, K: int) -> tuple[int, int, int]:
+    """(strips, unroll, ctas) of "tgemv" (picked for the shape) or a forced "tgemv-<strips>x<unroll>c<ctas>"."""
+    if path == "tgemv":
+        config = _tgemv_pick(N, K, _smem_per_sm())
+        if config is None:
+            raise ValueError(f"gemv_4bit_tiled stages A in shared memory; K = {K} is too long for it")
+        return config
+    match = re.fullmatch(r"tgemv-(\d+)x(\d+)c(\d+)", path)
+    config = tuple(int(v) for v in match.groups()) if match else None
+    if config not in _TGEMV_CONFIGS:
+        raise ValueError(f"gemv_4bit_tiled is built for (strips, unroll, ctas) in {_TGEMV_CONFIGS}, got path {path!r}")
+    return config
+
+
+def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "tgemv"):
+    """(kernel, grid, block, args, shared bytes) of gemv_4bit_tiled (one fp16 / bf16 token,
+    ``packed`` in tile order)."""
+    from .rawkernels import get_function
+
+    strips, unroll, ctas = _tgemv_config(path, N, K)
+    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}"
+    kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
+    smem = 2 * K
+    limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
+    if _TGEMV_STATIC_SMEM + smem > limit:
+        raise ValueError(f"{path!r} stages A in {smem} bytes of shared memory (K = {K}); with the byte table that "
+                         f"exceeds the {limit} bytes a block may have")  # fmt: skip
+    _allow_smem(kernel, smem)
+    args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
+    return kernel, (-(-(N // 16) // strips),), (32 * _HALF_WARPS,), args, smem
+
+
 def _aligned(K: int, *arrays: Any) -> bool:
     return K % 32 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
 
@@ -964,19 +1038,30 @@ def _aligned(K: int, *arrays: Any) -> bool:
 def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str | None = None,
                   tiled: bool = False) -> None:  # fmt: skip
     """The fused kernels. ``path`` forces one (tests, benchmarks): "half" / "half-<rows>x<unroll>c<ctas>[s]"
-    (``gemv_4bit_half``, one fp16 / bf16 token), "gemv", "mma" (the
+    (``gemv_4bit_half``, one fp16 / bf16 token), "tgemv" / "tgemv-<strips>x<unroll>c<ctas>"
+    (``gemv_4bit_tiled``, one fp16 / bf16 token on a tiled weight), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
     to 16 tokens), "mma-frag" (``gemm_4bit_small`` on A in fragment order, up to 16 tokens),
     "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies. ``tiled``: ``packed`` is in tile
     order (16-bit activations, aligned; default paths only)."""
-    if path is not None and path != "gemv" and not path.startswith(("half", "mma", "tile", "stage", "wgmma")):
+    if path is not None and path != "gemv" and not path.startswith(("half", "tgemv", "mma", "tile", "stage", "wgmma")):
         raise ValueError(f"unknown fused path {path!r}")
+    if path is not None and path.startswith("tgemv") and not tiled:
+        raise ValueError(f"path {path!r} (gemv_4bit_tiled) needs a tiled weight")
     aligned = _aligned(K, a_bits, packed)
     if path is None:
         path = "half" if _half_applies(fmt, M, N, K, aligned) else "mma" if fmt != "float32" and aligned else "gemv"
-    if path.startswith("half"):
+        if path == "half" and tiled and _tgemv_applies(fmt, M, N, K, aligned):
+            path = "tgemv"
+    if path.startswith("tgemv"):
+        if not _half_applies(fmt, M, N, K, aligned):
+            raise ValueError("gemv_4bit_tiled needs one row of fp16 / bf16 activations, 16-byte aligned A and B, "
+                             "and N * K < 2^37")  # fmt: skip
+        kernel, grid, block, args, smem = _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path)
+        kernel(grid, block, args, shared_mem=smem)
+    elif path.startswith("half"):
         if not _half_applies(fmt, M, N, K, aligned):
             raise ValueError("gemv_4bit_half needs one row of fp16 / bf16 activations, K % 32 == 0, 16-byte "
                              "aligned A and B, and N * K < 2^37")  # fmt: skip
@@ -995,13 +1080,15 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
         _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
 
 
-def _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits) -> None:
-    """Dequantize W to A's format, then cublasGemmEx (float32 compute) into ``out_bits``."""
+def _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, tiled: bool = False) -> None:
+    """Dequantize W to A's format, then cublasGemmEx (float32 compute) into ``out_bits``;
+    ``tiled``: ``packed`` in tile order (the dequantize kernel reads it in place)."""
     from . import _gpu
 
     cp = _xp.cupy()
     weight = cp.empty(N * K, dtype=_xp.storage_dtype(fmt))
-    _gpu.dequantize_4bit(packed, fmt, qs.blocksize, qs.quant_type, _gpu_scales(qs, qs.absmax.size), weight)
+    scales = _gpu_scales(qs, qs.absmax.size)
+    _gpu.dequantize_4bit(packed, fmt, qs.blocksize, qs.quant_type, scales, weight, K if tiled else 0)
     beta = _ZERO
     if bias_bits is not None:
         out_bits.reshape(M, N)[...] = bias_bits  # C = bias, beta = 1: the bias is added in float32
@@ -1023,7 +1110,9 @@ def _kernel_expressions(source: str) -> list[str]:
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
-            for t in _TILED_ARG.values()]  # fmt: skip
+            for t in _TILED_ARG.values()] + [
+            f"gemv_4bit_tiled<{f}, {n}, {st}, {u}, {c}>"
+            for f in ("Float16", "BFloat16") for n in nested for st, u, c in _TGEMV_CONFIGS]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
                 for t in _TILED_ARG.values()] + [

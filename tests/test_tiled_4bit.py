@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cupyquant as cq
+from cupyquant import _reference as ref
 from cupyquant.tiled_4bit import tile_bytes, untile_bytes
 
 from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error
@@ -124,10 +125,10 @@ def test_gpu_public_api_takes_a_tiled_weight(cp):
 @pytest.mark.parametrize("M", (1, 2, 5, 8, 9, 16, 17, 40, 64, 100, 200, 300))
 @pytest.mark.parametrize("shape", ((64, 256), (256, 1152), (8192, 256)), ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gpu_tiled_matmul_sweep(cp, fmt, M, shape):
-    # Every path a tiled weight takes: the one-token GEMV, gemm_4bit_small (4 / 8 warps,
-    # fragment-order A on 8192 rows), the tile kernels above 16 tokens (gemm_4bit_wgmma from
-    # 33 on 8192 rows on an H100 / H200), and the row-major copy for float32 and for M past
-    # the fused switch point.
+    # Every path a tiled weight takes: the one-token GEMV (gemv_4bit_tiled), gemm_4bit_small
+    # (4 / 8 warps, fragment-order A on 8192 rows), the tile kernels above 16 tokens
+    # (gemm_4bit_wgmma from 33 on 8192 rows on an H100 / H200), dequantize + cuBLAS on the
+    # tiles past the fused switch point, and the row-major copy for float32 up to it.
     N, K = shape
     a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=M + N)
     out = _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True)
@@ -146,15 +147,110 @@ def test_gpu_tiled_formats(cp, fmt, quant_type, nested, M):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
-@pytest.mark.parametrize(("N", "K", "M"), ((4096, 512, 1), (8192, 256, 12), (8192, 1024, 40), (512, 640, 300)))
+@pytest.mark.parametrize(("N", "K", "M"), ((8192, 256, 12), (8192, 1024, 40), (512, 640, 300), (256, 8192, 700)))
 def test_gpu_tiled_equals_row_major_bit_for_bit(cp, fmt, N, K, M):
-    # Where both layouts run the same kernel (the one-token GEMV; gemm_4bit_small on
-    # fragment-order A; gemm_4bit_tile, or gemm_4bit_wgmma on an H100 / H200; dequantize +
-    # cuBLAS past the switch point) only the
-    # addresses of the weight loads differ: the outputs are identical.
+    # Where both layouts run the same kernel (gemm_4bit_small on fragment-order A;
+    # gemm_4bit_tile, or gemm_4bit_wgmma on an H100 / H200; dequantize + cuBLAS past the
+    # switch point, the dequantize kernel reading the tiles in place) only the addresses of
+    # the weight loads differ: the outputs are identical.
     a_bits, bias_bits, packed, qs, tiled, _ = _gpu_case(cp, N, K, M, fmt, seed=N + M)
     np.testing.assert_array_equal(_run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True),
                                   _run(cp, a_bits, fmt, M, packed, qs, bias_bits, False))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tiled_half_gemv_equals_row_major_bit_for_bit(cp, fmt):
+    # gemv_4bit_half on tile order (forced) reads each row's chunks as on the row-major
+    # layout: same configuration, same bits. (The default, gemv_4bit_tiled, adds in another order.)
+    N, K = 4096, 512
+    a_bits, bias_bits, packed, qs, tiled, _ = _gpu_case(cp, N, K, 1, fmt, seed=N)
+    config = mm._half_pick(N, K, mm._sm_count(), mm._smem_per_sm())
+    got = cp.empty(N, dtype=_xp_dtype(fmt))
+    mm._matmul_fused(a_bits, fmt, 1, N, K, tiled, qs, bias_bits, got, path=mm._half_path(config), tiled=True)
+    np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint16),
+                                  _run(cp, a_bits, fmt, 1, packed, qs, bias_bits, False).view(np.uint16))  # fmt: skip
+
+
+def _xp_dtype(fmt):
+    return np.float16 if fmt == "float16" else np.uint16
+
+
+# gemv_4bit_tiled: every instantiated configuration forced, and "tgemv" (the pick). (N, K):
+# one strip; 17 strips (the last CTA of 2 or 4 strips has strips past N); K = 128 (one tile,
+# parts with no tile); 4224 (33 tiles: a part's last batch partial); 8192 + 128.
+TGEMV_PATHS = ("tgemv", *(f"tgemv-{s}x{u}c{c}" for s, u, c in mm._TGEMV_CONFIGS))
+TGEMV_SHAPES = ((16, 128), (272, 4224), (48, 8320), (512, 640))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", TGEMV_PATHS)
+@pytest.mark.parametrize("shape", TGEMV_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tiled_gemv(cp, path, shape, quant_type, nested, fmt):
+    N, K = shape
+    a_bits, bias_bits, _, qs, tiled, expected = _gpu_case(cp, N, K, 1, fmt, quant_type, nested, nested, seed=K + N)
+    out = cp.full(N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16).view(_xp_dtype(fmt))
+    mm._matmul_fused(a_bits, fmt, 1, N, K, tiled, qs, bias_bits, out, path=path, tiled=True)
+    assert rel_error(cp.asnumpy(out), fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+def test_gpu_tiled_gemv_blocksizes(cp, blocksize):
+    N, K = 64, 4096
+    a_bits, packed, qs, bias_bits = make_case(N, K, 1, "float16", "nf4", blocksize, True, True, seed=blocksize)
+    expected = reference(a_bits, "float16", 1, packed, qs, bias_bits)
+    gqs = copy.deepcopy(qs).to(0)
+    tiled = cq.tile_4bit(cp.asarray(packed), gqs)
+    out = cq.matmul_4bit(
+        cp.asarray(a_bits).view(cp.float16).reshape(1, K), tiled, bias=cp.asarray(bias_bits).view(cp.float16)
+    )
+    assert rel_error(cp.asnumpy(out).reshape(-1), "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("magnitude", (1e-6, 3e-2, 5e3), ids=("1e-6", "3e-2", "5e3"))
+def test_gpu_tiled_gemv_fp16_activation_range(cp, magnitude):
+    # gemv_4bit_half's fp16 range guard, in the tiled kernel: tiny activations are scaled by
+    # a power of two (and the sums back), large ones may overflow an 8-product sum (redone in
+    # float32). See test_matmul_4bit.py's test_gpu_half_gemv_fp16_activation_range.
+    N, K = 48, 4096
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = packed.reshape(-1)
+    a_bits = ref.from_float32((rng.standard_normal(K) * magnitude).astype(np.float32), "float16")
+    expected = reference(a_bits, "float16", 1, packed, qs, None)
+    gqs = copy.deepcopy(qs).to(0)
+    tiled = cq.tile_4bit(cp.asarray(packed), gqs).data
+    out = _run(cp, cp.asarray(a_bits), "float16", 1, tiled, gqs, None, True)
+    assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float32", "float16", "bfloat16"))
+@pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_dequantize_reads_tiles_in_place(cp, fmt, blocksize, nested):
+    # The dequantize kernel on tile order (tile_k = K) writes the same row-major bits as on
+    # the bitsandbytes layout.
+    from cupyquant import _gpu
+    from cupyquant.blockwise import _gpu_scales
+
+    N, K = 48, 384
+    _, packed, qs, _ = make_case(N, K, 1, fmt, "fp4", blocksize, nested, False, seed=blocksize)
+    gqs = copy.deepcopy(qs).to(0)
+    gpacked = cp.asarray(packed)
+    tiled = cq.tile_4bit(gpacked, gqs).data
+    outs = []
+    for data, tile_k in ((gpacked, 0), (tiled, K)):
+        out = cp.empty(N * K, dtype=np.float32 if fmt == "float32" else np.uint16)
+        _gpu.dequantize_4bit(data, fmt, blocksize, "fp4", _gpu_scales(gqs, gqs.absmax.size), out, tile_k)
+        outs.append(cp.asnumpy(out))
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 @pytest.mark.gpu
@@ -194,21 +290,28 @@ def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
 
 @pytest.mark.gpu
 def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
-    # 1..64 tokens of fp16 run the tiled instantiations (40 tokens: gemm_4bit_tile, or
-    # gemm_4bit_wgmma on an H100 / H200), never a row-major copy of the weight.
-    from cupyquant import rawkernels
+    # 1..700 tokens of fp16 run the tiled instantiations (one token: gemv_4bit_tiled; 40
+    # tokens: gemm_4bit_tile, or gemm_4bit_wgmma on an H100 / H200; 700: the dequantize
+    # kernel on tile order), never a row-major copy of the weight.
+    from cupyquant import _gpu, rawkernels
 
     seen = []
     real_get = rawkernels.get_function
     monkeypatch.setattr(rawkernels, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
+    monkeypatch.setattr(_gpu, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
     monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
-    for M in (1, 2, 12, 40):
+    for M in (1, 2, 12, 40, 700):
         a_bits, bias_bits, _, qs, tiled, _ = _gpu_case(cp, 8192, 256, M, "float16", seed=M)
         _run(cp, a_bits, "float16", M, tiled, qs, bias_bits, True)
     kernels = [
-        e for e in seen if e.startswith(("gemv_4bit_half", "gemm_4bit_small", "gemm_4bit_tile", "gemm_4bit_wgmma"))
+        e
+        for e in seen
+        if e.startswith(
+            ("gemv_4bit", "gemm_4bit_small", "gemm_4bit_tile", "gemm_4bit_wgmma", "dequantize_4bit")
+        )  # fmt: skip
     ]
-    assert len(kernels) == 4 and all(e.endswith(", true>") for e in kernels), kernels
+    assert len(kernels) == 5 and kernels[0].startswith("gemv_4bit_tiled<"), kernels
+    assert all(e.endswith(", true>") for e in kernels[1:]), kernels
 
 
 def test_fused_tiled_refuses_other_paths():
@@ -251,3 +354,29 @@ def test_tiled_instantiations_compile_in_groups_of_their_own():
     assert plain in plain_group and tiled in tiled_group
     assert not set(plain_group) & set(tiled_group)
     assert all(e.count(",") == 6 for e in tiled_group) and len(plain_group) == len(tiled_group) == 32
+
+
+def test_tgemv_config_and_pick(monkeypatch):
+    for config in mm._TGEMV_CONFIGS:
+        assert mm._tgemv_config("tgemv-{}x{}c{}".format(*config), 64, 128) == config
+    with pytest.raises(ValueError, match=r"gemv_4bit_tiled is built for .* got path 'tgemv-3x3c3'"):
+        mm._tgemv_config("tgemv-3x3c3", 64, 128)
+    with pytest.raises(ValueError, match=r"got path 'tgemv-1x2'"):
+        mm._tgemv_config("tgemv-1x2", 64, 128)
+    sm = 228 * 1024  # an H100's shared memory an SM
+    for N, K in ((28672, 8192), (8192, 28672), (4096, 4096), (11008, 4096), (4096, 14336)):
+        config = mm._tgemv_pick(N, K, sm)
+        assert config in mm._TGEMV_CONFIGS and mm._tgemv_fits(config, K, sm), (N, K, config)
+    # A staged in shared memory: a CTA holds the byte table and 2K bytes of A
+    assert mm._tgemv_pick(4096, 96 * 1024, sm) is None
+    monkeypatch.setattr(mm, "_smem_per_sm", lambda: sm)
+    assert not mm._tgemv_applies("float16", 1, 4096, 96 * 1024, True)
+    assert mm._tgemv_applies("bfloat16", 1, 4096, 4096, True)
+    assert not mm._tgemv_applies("float16", 2, 4096, 4096, True)
+    assert not mm._tgemv_applies("float32", 1, 4096, 4096, True)
+
+
+def test_tgemv_path_needs_a_tiled_weight():
+    a_bits, packed, qs, _ = make_case(32, 256, 1, "float16", bias=False)
+    with pytest.raises(ValueError, match=r"path 'tgemv' \(gemv_4bit_tiled\) needs a tiled weight"):
+        mm._matmul_fused(a_bits, "float16", 1, 32, 256, packed, qs, None, a_bits[:32], path="tgemv")

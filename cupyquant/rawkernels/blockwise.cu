@@ -244,18 +244,32 @@ __device__ __forceinline__ float block_scale(i64 block, const float* __restrict_
   }
 }
 
-// dequantize_4bit<Fmt, BLOCKSIZE, NESTED>
-//   packed      u8[(n+1)/2], 4-byte aligned
+// Row-major index of element i of an (n / K, K) weight stored in 16-row x 128-column tiles
+// (cupyquant.tiled_4bit; K % 128 == 0): tile i / 2048 is (row tile, column tile) = divmod(.,
+// K / 128), and inside it element i % 2048 is (row, column) = divmod(., 128). Elements i ..
+// i + 7 (i % 8 == 0) stay in one row: contiguous in both orders.
+__device__ __forceinline__ i64 row_major_index(i64 i, int K) {
+  const u32 tiles_a_row = (u32)K >> 7;
+  const u32 tile = (u32)(i >> 11), in_tile = (u32)i & 2047u;
+  const u32 row_tile = tile / tiles_a_row, col_tile = tile - row_tile * tiles_a_row;
+  return (i64)(16u * row_tile + (in_tile >> 7)) * K + 128u * col_tile + (in_tile & 127u);
+}
+
+// dequantize_4bit<Fmt, BLOCKSIZE, NESTED, TILED>
+//   packed      u8[(n+1)/2], 4-byte aligned; TILED: an (n / tile_k, tile_k) weight stored in
+//               tile order (row_major_index): the threads read it as stored and write each
+//               group of 8 elements to its row-major place
 //   table       float32[16]: value of each code (FP4 index 8 is -0.0)
 //   absmax      float32[blocks] (NESTED = false)
 //   qabsmax u8[blocks], code2 float32[256], nested_absmax float32[ceil(blocks/256)],
 //   offset float32[1] (NESTED)
 //   out         Fmt::storage[n], 16-byte aligned
-template <class Fmt, int BLOCKSIZE, bool NESTED>
+//   tile_k      K of a TILED weight (unused otherwise)
+template <class Fmt, int BLOCKSIZE, bool NESTED, bool TILED = false>
 __global__ void __launch_bounds__(256)
 dequantize_4bit(const u8* __restrict__ packed, const float* __restrict__ table, const float* __restrict__ absmax,
                 const u8* __restrict__ qabsmax, const float* __restrict__ code2, const float* __restrict__ nested_absmax,
-                const float* __restrict__ offset, typename Fmt::storage* __restrict__ out, i64 n) {
+                const float* __restrict__ offset, typename Fmt::storage* __restrict__ out, i64 n, int tile_k) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
@@ -276,7 +290,8 @@ dequantize_4bit(const u8* __restrict__ packed, const float* __restrict__ table, 
   for (int g = 0; g < kDequantGroups; ++g) {
     const i64 start = group_start(g);
     if (start >= n) break;
-    const float scale = block_scale<NESTED>(start / BLOCKSIZE, absmax, qabsmax, code2, nested_absmax, offset);
+    const i64 e = TILED ? row_major_index(start, tile_k) : start;  // of the group's first element
+    const float scale = block_scale<NESTED>(e / BLOCKSIZE, absmax, qabsmax, code2, nested_absmax, offset);
     float v[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -284,7 +299,7 @@ dequantize_4bit(const u8* __restrict__ packed, const float* __restrict__ table, 
       v[2 * j] = __fmul_rn(lut[byte >> 4], scale);
       v[2 * j + 1] = __fmul_rn(lut[byte & 15u], scale);
     }
-    store8<Fmt>(out, start, n, v);
+    store8<Fmt>(out, e, n, v);
   }
 }
 

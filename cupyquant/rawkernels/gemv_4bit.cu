@@ -384,6 +384,62 @@ __device__ __forceinline__ void fetch_chunk(uint4 (&w)[ROWS], float (&sv)[ROWS],
 // read units 4c + i of 8 consecutive chunks c, hit 8 distinct 16-byte bank groups.
 __device__ __forceinline__ int staged_unit(int u) { return u ^ ((u >> 3) & 7); }
 
+// The 32 activations (four 16-byte units 4c .. 4c + 3) of chunk c from the staged copy at
+// shared address `stage`: units 4c + i sit at (4c ^ s) ^ i, s = (c >> 1) & 7.
+__device__ __forceinline__ void load_staged_chunk(u32 stage, int c, uint4 (&x)[4]) {
+  const u32 off0 = 16u * (u32)((4 * c) ^ ((c >> 1) & 7));
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(x[i].x), "=r"(x[i].y), "=r"(x[i].z), "=r"(x[i].w)
+                 : "r"(stage + (off0 ^ (16u * i))));
+}
+
+// 2^k in both fp16 halves of a word (-14 <= k <= 15).
+__device__ __forceinline__ u32 half2_power_of_two(int k) { return ((u32)(k + 15) << 10) * 0x10001u; }
+
+// The one-token kernels' activation prologue, run by every thread of a CTA of kHalfThreads:
+// STAGED copies A (K fp16 / bf16 values) into staged_a at staged_unit positions; for fp16 it
+// also finds A's largest magnitude and returns k such that the kernel may treat A as 2^k
+// times its value (a_scale_exponent; a staged copy is rescaled here, an unstaged A is scaled
+// by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
+// rescaled).
+template <class Fmt, bool STAGED>
+__device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, float* amax_s) {
+  constexpr bool kGuard = SumsInHalf<Fmt>::value;
+  const uint4* a16 = reinterpret_cast<const uint4*>(A);
+  u32 amax2 = 0u;
+  for (int u = threadIdx.x; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads) {
+    const uint4 v = q4::load_cached16(a16 + u);
+    if constexpr (STAGED) staged_a[staged_unit(u)] = v;
+    if constexpr (kGuard) amax2 = unit_absmax2(amax2, v);
+  }
+  if constexpr (kGuard) {
+    const float2 pair = pair_to_float2<Float16>(amax2);
+    float amax = fmaxf(pair.x, pair.y);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) amax_s[threadIdx.x >> 5] = amax;
+  }
+  __syncthreads();
+  int k = 0;  // A counts 2^k times its value from here on; the row sums are scaled back
+  if constexpr (kGuard) {
+    float m = amax_s[0];
+#pragma unroll
+    for (int i = 1; i < kHalfWarps; ++i) m = fmaxf(m, amax_s[i]);
+    k = a_scale_exponent(m);
+  }
+  if constexpr (STAGED && kGuard) {
+    if (k != 0) {  // k is the CTA's: the barrier is reached by all threads or none
+      const u32 scale2 = half2_power_of_two(k);
+      for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads)
+        staged_a[staged_unit(u)] = scale_unit(staged_a[staged_unit(u)], scale2);
+      __syncthreads();
+    }
+  }
+  return k;
+}
+
 // grid ceil(N / (8 * ROWS)), block 256; CTAS: the CTAs an SM the registers are bounded for.
 // STAGED: A is copied into dynamic shared memory first, 16-byte units at staged_unit
 // positions (ceil(K / 64) * 128 bytes); otherwise each warp reads it through L1, where a
@@ -423,39 +479,9 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
     fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
                               nested_absmax, chunk_shift, unit0);
   q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
-  // A's largest magnitude (fp16 only), found while A is staged (or in a pass of its own).
-  constexpr bool kGuard = SumsInHalf<Fmt>::value;
-  const uint4* a16 = reinterpret_cast<const uint4*>(A);
-  u32 amax2 = 0u;
-  for (int u = threadIdx.x; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads) {
-    const uint4 v = q4::load_cached16(a16 + u);
-    if constexpr (STAGED) staged_a[staged_unit(u)] = v;
-    if constexpr (kGuard) amax2 = unit_absmax2(amax2, v);
-  }
-  if constexpr (kGuard) {
-    const float2 pair = pair_to_float2<Float16>(amax2);
-    float amax = fmaxf(pair.x, pair.y);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lane == 0) amax_s[threadIdx.x >> 5] = amax;
-  }
-  __syncthreads();
-  int k = 0;  // A counts 2^k times its value from here on; the row sums are scaled back
-  if constexpr (kGuard) {
-    float m = amax_s[0];
-#pragma unroll
-    for (int i = 1; i < kHalfWarps; ++i) m = fmaxf(m, amax_s[i]);
-    k = a_scale_exponent(m);
-  }
-  const u32 scale2 = ((u32)(k + 15) << 10) * 0x10001u;           // 2^k in both fp16 halves
+  const int k = prepare_activations<Fmt, STAGED>(A, K, staged_a, amax_s);
+  const u32 scale2 = half2_power_of_two(k);
   const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
-  if constexpr (STAGED && kGuard) {
-    if (k != 0) {  // k is the CTA's: the barrier is reached by all threads or none
-      for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads)
-        staged_a[staged_unit(u)] = scale_unit(staged_a[staged_unit(u)], scale2);
-      __syncthreads();
-    }
-  }
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
@@ -471,19 +497,13 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       if (c >= chunks) break;
       uint4 x[4];
       if constexpr (STAGED) {
-        // units 4c + i sit at (4c ^ s) ^ i, s = (c >> 1) & 7
-        const u32 off0 = 16u * (u32)((4 * c) ^ ((c >> 1) & 7));
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(x[i].x), "=r"(x[i].y), "=r"(x[i].z), "=r"(x[i].w)
-                       : "r"(stage + (off0 ^ (16u * i))));
+        load_staged_chunk(stage, c, x);
       } else {
         const uint4* a = reinterpret_cast<const uint4*>(A + 32 * c);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           x[i] = q4::load_cached16(a + i);
-          if (kGuard && k != 0) x[i] = scale_unit(x[i], scale2);  // k is the CTA's: no divergence
+          if (SumsInHalf<Fmt>::value && k != 0) x[i] = scale_unit(x[i], scale2);  // k is the CTA's: no divergence
         }
       }
 #pragma unroll
@@ -503,6 +523,113 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
     if (lane == r && row < N) {
       const float b = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
       out[row] = Fmt::from_float(__fadd_rn(v, b));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// gemv_4bit_tiled<Fmt, NESTED, STRIPS, UNROLL, CTAS>: gemv_4bit_half's one-token product on
+// a weight stored in 16-row x 128-k tiles (cupyquant.tiled_4bit; N % 16 == 0, K % 128 ==
+// 0), read in the tiles' own order. Same arguments, same per-chunk arithmetic (chunk_dot_half,
+// the fp16 range guard, A staged in shared memory), so it differs from gemv_4bit_half only
+// in the order the float32 chunk sums are added.
+//
+// gemv_4bit_half on tiles reads each row's chunks across the tiles (a warp load: 8 runs of
+// 64 bytes, 1 KB apart). Here a warp reads whole tiles: lane l loads 16-byte units l and
+// l + 32 of a tile (its 1 KB is contiguous), which are chunk l % 4 of the tile's rows l / 4
+// and l / 4 + 8; both meet the same 32 activations. A CTA of 8 warps owns STRIPS strips of
+// 16 rows; the 8 / STRIPS warps of a strip (its parts) take its tiles in turn (part p:
+// tiles p, p + 8 / STRIPS, ...), so the warps of a CTA read neighbouring tiles. UNROLL
+// tiles a warp are in flight, each refilled with the tile UNROLL turns ahead once used.
+// A row's sum: over its four lanes (chunks l % 4 of every tile) by shuffles, then over the
+// strip's parts in order through shared memory; deterministic for a given configuration.
+//
+// grid ceil(N / (16 * STRIPS)), block 256, dynamic shared memory K * 2 bytes (staged A).
+template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS>
+__global__ void __launch_bounds__(kHalfThreads, CTAS)
+gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
+                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
+                const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
+                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
+  static_assert(kHalfWarps % STRIPS == 0, "the warps of a CTA split evenly over its strips");
+  constexpr int kParts = kHalfWarps / STRIPS;  // warps a strip
+  __shared__ __align__(16) u32 lut[256 * 32];
+  __shared__ float code2_s[NESTED ? 256 : 1];
+  __shared__ float amax_s[kHalfWarps];
+  __shared__ float part_sums[kHalfWarps][16];
+  extern __shared__ __align__(16) uint4 staged_a[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int strip = blockIdx.x * STRIPS + warp / kParts, part = warp % kParts;
+  const int tiles = K >> 7;   // 128-k tiles a row
+  const int chunks = K >> 5;  // 32-element chunks a row
+  const int chunk_shift = block_shift - 5;  // blocks hold >= 32 elements
+  const int tile_row = lane >> 2, tile_chunk = lane & 3;
+  // this lane's two rows (a strip past N, in the grid's last CTA, loads nothing)
+  const bool live = strip < (N >> 4);
+  const u32 row = (u32)(16 * strip + tile_row);
+  const u32 chunk0[2] = {row * (u32)chunks + (u32)tile_chunk, (row + 8u) * (u32)chunks + (u32)tile_chunk};
+  const u8* strip_bytes = packed + (u64)strip * (u64)tiles * 1024u + 16u * (u32)lane;
+
+  uint4 w[UNROLL][2];
+  float sv[UNROLL][2];
+  u32 sq[UNROLL][2];
+  auto fetch = [&](int u, int t) {  // tile t of the strip into slot u (nothing past the row)
+    if (live && t < tiles) {
+      const u8* p = strip_bytes + (u64)t * 1024u;
+      w[u][0] = q4::load_stream16(p);
+      w[u][1] = q4::load_stream16(p + 512);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        q4::scale_fetch<NESTED>((chunk0[h] + 4u * (u32)t) >> chunk_shift, absmax, qabsmax, nested_absmax, sv[u][h],
+                                sq[u][h]);
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) fetch(u, part + kParts * u);
+  q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+  const int k = prepare_activations<Fmt, true>(A, K, staged_a, amax_s);
+  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
+
+  const float off = NESTED ? __ldg(offset) : 0.0f;
+  const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
+  const u32 stage = q4::shared_address(staged_a);
+  float acc[2] = {0.0f, 0.0f};
+  constexpr int kStep = kParts * UNROLL;  // tiles a part advances per batch
+  for (int t0 = live ? part : tiles; t0 < tiles; t0 += kStep) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int t = t0 + kParts * u;
+      if (t >= tiles) break;
+      uint4 x[4];
+      load_staged_chunk(stage, 4 * t + tile_chunk, x);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float s = q4::scale_decode<NESTED>(sv[u][h], sq[u][h], code2_s, off);
+        acc[h] = fmaf(chunk_dot_half<Fmt>(w[u][h], x, lut_lane), s, acc[h]);
+      }
+      fetch(u, t + kStep);
+    }
+  }
+  // the four lanes of a row (chunks 0..3 of each tile), then the strip's parts in order
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], 1);
+    acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], 2);
+  }
+  if (tile_chunk == 0) {
+    part_sums[warp][tile_row] = acc[0];
+    part_sums[warp][tile_row + 8] = acc[1];
+  }
+  __syncthreads();
+  if (threadIdx.x < 16 * STRIPS) {
+    const int s = threadIdx.x >> 4, r = threadIdx.x & 15;
+    const int out_row = 16 * (blockIdx.x * STRIPS + s) + r;
+    if (out_row < N) {
+      float v = part_sums[s * kParts][r];
+#pragma unroll
+      for (int p = 1; p < kParts; ++p) v += part_sums[s * kParts + p][r];
+      const float b = has_bias ? Fmt::to_float(bias[out_row]) : 0.0f;
+      out[out_row] = Fmt::from_float(__fadd_rn(v * unscale, b));
     }
   }
 }
