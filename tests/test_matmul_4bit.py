@@ -661,6 +661,17 @@ def test_gpu_half_gemv_fp16_overflow_falls_back(cp, path):
     assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
 
 
+def activation_range_case(N, K, magnitude):
+    """One fp16 token of activations around ``magnitude`` against weights that keep the
+    outputs near 1: (a_bits, packed, QuantState, reference output)."""
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)
+    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = packed.reshape(-1)
+    a_bits = ref.from_float32((rng.standard_normal(K) * magnitude).astype(np.float32), "float16")
+    return a_bits, packed, qs, reference(a_bits, "float16", 1, packed, qs, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", HALF_PATHS)
 @pytest.mark.parametrize("magnitude", (1e-6, 1e-5, 3e-2, 5e3), ids=("1e-6", "1e-5", "3e-2", "5e3"))
@@ -670,13 +681,7 @@ def test_gpu_half_gemv_fp16_activation_range(cp, path, magnitude):
     # power-of-two scaling: 4.5e-2 relative error at 1e-6, 5.5e-4 with it); the kernel
     # multiplies them by a power of two first, and the sums back. Large ones (5e3) may overflow
     # an 8-product sum, which is then redone in float32.
-    N, K = 40, 4160
-    rng = np.random.default_rng(7)
-    W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)
-    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-    packed = packed.reshape(-1)
-    a_bits = ref.from_float32((rng.standard_normal(K) * magnitude).astype(np.float32), "float16")
-    expected = reference(a_bits, "float16", 1, packed, qs, None)
+    a_bits, packed, qs, expected = activation_range_case(40, 4160, magnitude)
     out = run_gpu(cp, a_bits, "float16", 1, packed, qs, None, path=path)
     assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import cupyquant as cq
-from cupyquant import _reference as ref
 from cupyquant.tiled_4bit import tile_bytes, untile_bytes
 
-from .test_matmul_4bit import TOLERANCE, make_case, reference, rel_error
+from .test_matmul_4bit import TOLERANCE, activation_range_case, make_case, reference, rel_error
 
 mm = importlib.import_module("cupyquant.matmul_4bit")
 
@@ -217,13 +216,7 @@ def test_gpu_tiled_gemv_fp16_activation_range(cp, magnitude):
     # gemv_4bit_half's fp16 range guard, in the tiled kernel: tiny activations are scaled by
     # a power of two (and the sums back), large ones may overflow an 8-product sum (redone in
     # float32). See test_matmul_4bit.py's test_gpu_half_gemv_fp16_activation_range.
-    N, K = 48, 4096
-    rng = np.random.default_rng(7)
-    W = (rng.standard_normal((N, K)) / (magnitude * np.sqrt(K))).astype(np.float32)
-    packed, qs = cq.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-    packed = packed.reshape(-1)
-    a_bits = ref.from_float32((rng.standard_normal(K) * magnitude).astype(np.float32), "float16")
-    expected = reference(a_bits, "float16", 1, packed, qs, None)
+    a_bits, packed, qs, expected = activation_range_case(48, 4096, magnitude)
     gqs = copy.deepcopy(qs).to(0)
     tiled = cq.tile_4bit(cp.asarray(packed), gqs).data
     out = _run(cp, cp.asarray(a_bits), "float16", 1, tiled, gqs, None, True)
