@@ -262,14 +262,15 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
             out2d[...] = bias_bits
         return out_bits
     if tiled:
-        if fmt != "float32" and M <= fused_max_m(fmt, N, K) and _aligned(K, a_bits, packed):
-            _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
-            return out_bits
-        if not _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
+        aligned = _aligned(K, a_bits, packed)
+        if not _fused_applies(fmt, M, N, K, aligned):
             _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
-        # float32 activations up to the switch point: the CUDA-core GEMV reads the
-        # bitsandbytes layout only, so it gets a copy in that layout.
+        if fmt != "float32" and aligned:
+            _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
+            return out_bits
+        # float32 activations (or unaligned arrays) up to the switch point: the CUDA-core
+        # GEMV reads the bitsandbytes layout only, so it gets a copy in that layout.
         packed = untile_bytes(packed, N, K)
     if _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
         _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
