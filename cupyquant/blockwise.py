@@ -364,18 +364,24 @@ def check_state_4bit(qs: QuantState) -> tuple[str, int, int]:
     return fmt, n, blocks
 
 
-def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any) -> Any:
+def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any, tiled: bool = False) -> Any:
     """:func:`dequantize_4bit` into a flat storage array ``out`` (bfloat16 as uint16 bits).
 
-    ``packed``: flat uint8 codes. For adapters that own their buffers; call inside the
-    arrays' device context. Returns ``out``.
+    ``packed``: flat uint8 codes; ``tiled``: the codes of the 2-D (N, K) weight are in the
+    tile order of :mod:`cupyquant.tiled_4bit` (``out`` is row-major either way). For
+    adapters that own their buffers; call inside the arrays' device context. Returns ``out``.
     """
     fmt, n, blocks = check_state_4bit(quant_state)
     if packed.size < (n + 1) // 2:
         raise ValueError(f"A holds {packed.size} bytes but quant_state.shape {quant_state.shape} needs {(n + 1) // 2}")
     if out.size != n:
         raise ValueError(f"out must hold {n} values, got {out.size}")
+    tile_k = _tile_k(quant_state) if tiled else 0
     if _xp.array_module(packed) is np:
+        if tiled:
+            from .tiled_4bit import untile_bytes
+
+            packed = untile_bytes(packed[: n // 2], n // tile_k, tile_k)
         absmax = _float_absmax(quant_state, blocks)
         out[...] = ref.dequantize_4bit(
             packed[: (n + 1) // 2], absmax, n, fmt, quant_state.blocksize, quant_state.quant_type
@@ -384,8 +390,16 @@ def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any) -> Any:
         from . import _gpu
 
         scales = _gpu_scales(quant_state, blocks)
-        _gpu.dequantize_4bit(packed, fmt, quant_state.blocksize, quant_state.quant_type, scales, out)
+        _gpu.dequantize_4bit(packed, fmt, quant_state.blocksize, quant_state.quant_type, scales, out, tile_k)
     return out
+
+
+def _tile_k(quant_state: QuantState) -> int:
+    """K of a tiled (N, K) weight's state (N % 16 == 0, K % 128 == 0, as tile order needs)."""
+    shape = quant_state.shape
+    if len(shape) != 2 or shape[0] % 16 or shape[1] % 128:
+        raise ValueError(f"tile order needs a 2-D (N, K) weight with N % 16 == 0 and K % 128 == 0, got {shape}")
+    return int(shape[1])
 
 
 def quantize_nf4(

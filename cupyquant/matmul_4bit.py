@@ -937,27 +937,34 @@ class FusedLaunch:
             )
 
 
-def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bias: bool) -> FusedLaunch | None:
+def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bias: bool,
+                  tiled: bool = False) -> FusedLaunch | None:  # fmt: skip
     """A :class:`FusedLaunch` for ``M`` rows of ``fmt`` activations against the CuPy
-    weight ``packed`` (bitsandbytes layout; not a Tiled4bit's tile-ordered bytes) /
-    ``quant_state``, or None where the fused kernels do not apply
-    (M above :func:`fused_max_m`, empty shapes). Call inside the weight's device context."""
+    weight ``packed`` / ``quant_state`` (bitsandbytes layout; ``tiled``: the tile order of
+    :mod:`cupyquant.tiled_4bit`), or None where the fused kernels do not apply (M above
+    :func:`fused_max_m`, empty shapes; on a tiled weight, float32 activations). Call inside
+    the weight's device context."""
     N, K = _weight_shape(quant_state)
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
     if M < 1 or N == 0 or K == 0 or not _fused_applies(fmt, M, N, K, aligned):
         return None
+    if tiled and (fmt == "float32" or not aligned):
+        return None  # the general path: the CUDA-core GEMV reads a row-major copy
     cp = _xp.cupy()
     # Stand-ins with the right dtype for the per-call pointers (replaced at each call).
     a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
     bias_stub = a_stub if has_bias else None
-    if _half_applies(fmt, M, N, K, aligned):
-        kernel, grid, block, args, smem = _half_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+    operands = (a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+    if tiled and _tgemv_applies(fmt, M, N, K, aligned):
+        kernel, grid, block, args, smem = _tgemv_launch(*operands)
+    elif _half_applies(fmt, M, N, K, aligned):
+        kernel, grid, block, args, smem = _half_launch(*operands, tiled=tiled)
     elif fmt != "float32" and aligned:
         if _frag_default(M, N):
             # A is copied into fragment order a call, into a buffer from the pool on the
             # call's stream: the general path does that.
             return None
-        kernel, grid, block, args, smem = _mma_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub)
+        kernel, grid, block, args, smem = _mma_launch(*operands, tiled=tiled)
         if len(grid) > 1 and grid[1] > 1:
             # gemm_4bit_tile_split (K split over grid.y) needs a workspace per launch: one kept
             # here would be shared by concurrent streams and recorded into CUDA graphs that

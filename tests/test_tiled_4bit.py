@@ -373,3 +373,15 @@ def test_tgemv_path_needs_a_tiled_weight():
     a_bits, packed, qs, _ = make_case(32, 256, 1, "float16", bias=False)
     with pytest.raises(ValueError, match=r"path 'tgemv' \(gemv_4bit_tiled\) needs a tiled weight"):
         mm._matmul_fused(a_bits, "float16", 1, 32, 256, packed, qs, None, a_bits[:32], path="tgemv")
+
+
+def test_numpy_dequantize_reads_tile_order():
+    from cupyquant.blockwise import dequantize_4bit_bits
+
+    _, packed, qs, _ = make_case(32, 384, 1, "float32", "fp4", 128, True, False)
+    expected = dequantize_4bit_bits(packed, qs, np.empty(32 * 384, dtype=np.float32))
+    got = dequantize_4bit_bits(tile_bytes(packed, 32, 384), qs, np.empty(32 * 384, dtype=np.float32), tiled=True)
+    np.testing.assert_array_equal(got, expected)
+    _, packed, qs, _ = make_case(40, 256, 1, "float32")
+    with pytest.raises(ValueError, match=r"N % 16 == 0 and K % 128 == 0, got \(40, 256\)"):
+        dequantize_4bit_bits(packed, qs, np.empty(40 * 256, dtype=np.float32), tiled=True)

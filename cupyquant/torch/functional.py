@@ -100,9 +100,15 @@ class QuantState(_ArrayQuantState):
 
     ``as_dict(packed=True)`` gives bitsandbytes' checkpoint entries; ``from_dict`` reads
     them (tensors, NumPy or CuPy arrays). ``to(device)`` moves the tensors in place.
+
+    ``tiled``: the packed bytes this state describes are in the tile order of
+    :mod:`cupyquant.tiled_4bit` (set by ``Linear4bit.tile_()``; False for every state
+    quantized or loaded). The functions of this module read such bytes in place;
+    checkpoints never hold them (``Linear4bit.state_dict`` writes the bitsandbytes layout).
     """
 
     _generation = 0
+    tiled = False
 
     def __init__(
         self,
@@ -202,11 +208,12 @@ class QuantState(_ArrayQuantState):
         """The prepared fused-kernel launch for ``M`` rows of ``fmt`` (None where the fused
         kernels do not apply), built on first use and cached with the array views."""
         nested_generation = self.state2._generation if self.state2 is not None else 0
-        key = ("launch", fmt, M, has_bias, packed.data_ptr(), nested_generation)
+        key = ("launch", fmt, M, has_bias, packed.data_ptr(), nested_generation, self.tiled)
         cached = self._kernel_views.get(key)
         if cached is None:
             with kernel_context(like):
-                launch = _mm.prepare_fused(fmt, M, self.packed_bytes(packed), self.kernel_state(fmt), has_bias)
+                packed_bytes, state = self.packed_bytes(packed), self.kernel_state(fmt)
+                launch = _mm.prepare_fused(fmt, M, packed_bytes, state, has_bias, self.tiled)
             cached = self._kernel_views[key] = (launch,)
         return cached[0]
 
@@ -235,10 +242,11 @@ class _OpState:
     """What the custom ops know of a state (its tensors and fields), with the methods of
     :class:`QuantState` the kernels use; rebuilt on every op call (nothing cached)."""
 
-    __slots__ = ("args",)
+    __slots__ = ("args", "tiled")
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, tiled: bool = False) -> None:
         self.args = args
+        self.tiled = tiled
 
     def kernel_state(self, fmt: str) -> _ArrayQuantState:
         return _state_from_tensors(*self.args, fmt)
@@ -487,9 +495,10 @@ def quantize_fp4(
 # ---------------------------------------------------------------------------------------
 # 4-bit dequantization
 # ---------------------------------------------------------------------------------------
-def _dequantize_4bit_into(packed: Any, state: _ArrayQuantState, out: Tensor) -> Tensor:
-    """Decode into ``out`` (a contiguous tensor of the state's format). Inside kernel_context."""
-    _bw.dequantize_4bit_bits(packed, state, _flat_storage(out))
+def _dequantize_4bit_into(packed: Any, state: _ArrayQuantState, out: Tensor, tiled: bool) -> Tensor:
+    """Decode into ``out`` (a contiguous tensor of the state's format); ``tiled``: ``packed``
+    in tile order. Inside kernel_context."""
+    _bw.dequantize_4bit_bits(packed, state, _flat_storage(out), tiled)
     return out
 
 
@@ -504,18 +513,19 @@ def _dequantize_4bit_op(
     quant_type: str,
     shape: list[int],
     dtype: torch.dtype,
+    tiled: bool = False,
 ) -> Tensor:
-    """Packed codes -> a ``shape`` tensor of ``dtype``."""
+    """Packed codes (``tiled``: in tile order) -> a ``shape`` tensor of ``dtype``."""
     out = torch.empty(shape, dtype=dtype, device=A.device)
     with kernel_context(A):
         state = _state_from_tensors(
             absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, float_format(out, "dtype")
         )
-        return _dequantize_4bit_into(_flat_bytes(A), state, out)
+        return _dequantize_4bit_into(_flat_bytes(A), state, out, tiled)
 
 
 @_dequantize_4bit_op.register_fake
-def _(A, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype):
+def _(A, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype, tiled=False):
     return A.new_empty(shape, dtype=dtype)
 
 
@@ -527,14 +537,15 @@ def dequantize_4bit_as(A: Tensor, quant_state: QuantState, dtype: torch.dtype, o
     """
     if torch.compiler.is_compiling():
         result = torch.ops.cupyquant.dequantize_4bit(
-            A, *quant_state.tensors(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), dtype
-        )
+            A, *quant_state.tensors(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), dtype,
+            quant_state.tiled,
+        )  # fmt: skip
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(quant_state.shape, dtype=dtype, device=A.device)
     with kernel_context(A):
         fmt = float_format(out, "dtype")
-        return _dequantize_4bit_into(quant_state.packed_bytes(A), quant_state.kernel_state(fmt), out)
+        return _dequantize_4bit_into(quant_state.packed_bytes(A), quant_state.kernel_state(fmt), out, quant_state.tiled)
 
 
 def _check_state_4bit(quant_state: Any) -> None:
@@ -631,7 +642,7 @@ def _matmul_4bit_kernels(
     if M > limit:
         weight = torch.empty((N, K), dtype=A.dtype, device=A.device)
         with kernel_context(A):
-            _dequantize_4bit_into(state.packed_bytes(packed), state.kernel_state(fmt), weight)
+            _dequantize_4bit_into(state.packed_bytes(packed), state.kernel_state(fmt), weight, state.tiled)
         return torch.nn.functional.linear(A, weight, bias)
     if A.is_cuda and isinstance(state, QuantState):
         out = _matmul_4bit_prepared(A, packed, state, fmt, M, N, bias)
@@ -647,6 +658,7 @@ def _matmul_4bit_kernels(
             state.kernel_state(fmt),
             None if bias is None else state.operand_view(bias),
             _flat_storage(out),
+            state.tiled,
         )
     return out
 
@@ -683,14 +695,16 @@ def _matmul_4bit_op(
     quant_type: str,
     shape: list[int],
     bias: Tensor | None,
+    tiled: bool = False,
 ) -> Tensor:
-    """``A (..., K) @ W^T + bias`` where W is the (N, K) = ``shape`` weight packed in B."""
-    state = _OpState(absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape)
+    """``A (..., K) @ W^T + bias`` where W is the (N, K) = ``shape`` weight packed in B
+    (``tiled``: in tile order)."""
+    state = _OpState(absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, tiled=tiled)
     return _matmul_4bit_kernels(A, B, state, shape[0], shape[1], bias)
 
 
 @_matmul_4bit_op.register_fake
-def _(A, B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, bias):
+def _(A, B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, bias, tiled=False):
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
@@ -741,8 +755,9 @@ def matmul_4bit_unchecked(A: Tensor, B: Tensor, quant_state: QuantState, bias: T
     """The unchecked product: the custom op while compiling, the kernels directly in eager."""
     if torch.compiler.is_compiling():
         return torch.ops.cupyquant.matmul_4bit(
-            A, B, *quant_state.tensors(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), bias
-        )
+            A, B, *quant_state.tensors(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), bias,
+            quant_state.tiled,
+        )  # fmt: skip
     N, K = quant_state.shape
     return _matmul_4bit_kernels(A, B, quant_state, N, K, bias)
 

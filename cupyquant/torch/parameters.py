@@ -228,6 +228,21 @@ class Params4bit(QuantizingMoves, torch.nn.Parameter):
     def _holds_codes(self) -> bool:
         return self.bnb_quantized
 
+    def set_tile_order(self, tiled: bool) -> None:
+        """Reorder the packed bytes into (``tiled``) or out of the tile order of
+        :mod:`cupyquant.tiled_4bit` and record it in the QuantState (``quant_state.tiled``);
+        nothing when they already are. The bytes go to a new tensor of the same shape and
+        dtype on the same device (one copy); the QuantState is shared, so the parameters
+        that share it (``.to`` returns one) must share the bytes too: use the module's."""
+        state = self.quant_state
+        if not self.bnb_quantized or state is None:
+            raise RuntimeError("the weight is not quantized yet: move it to its device first")
+        if state.tiled == tiled:
+            return
+        _check_tileable(state.shape)
+        self.data = tile_order_copy(self.data, state.shape, to_tiles=tiled)
+        state.tiled = tiled
+
     def double(self) -> Tensor:
         """float64 data before quantization; the packed codes unchanged after."""
         return self._same_unless_float(super().double)
@@ -273,6 +288,26 @@ class Params4bit(QuantizingMoves, torch.nn.Parameter):
         return self._copy_with(self.data)
 
 
+def _check_tileable(shape: tuple[int, ...] | None) -> None:
+    if shape is None or len(shape) != 2 or shape[0] % 16 or shape[1] % 128:
+        raise ValueError(f"tile order needs a 2-D (N, K) weight with N % 16 == 0 and K % 128 == 0, got shape {shape}")
+
+
+def tile_order_copy(data: Tensor, shape: tuple[int, int], to_tiles: bool) -> Tensor:
+    """A copy of packed codes ``data`` (any storage dtype, contiguous) of an (N, K) weight
+    with its first N * K / 2 bytes put into (``to_tiles``) or out of the tile order of
+    :mod:`cupyquant.tiled_4bit`; any padding bytes after them are copied as they are."""
+    N, K = shape
+    n = N * K // 2
+    src = data.contiguous().reshape(-1).view(torch.uint8)
+    out = torch.empty_like(data, memory_format=torch.contiguous_format)
+    dst = out.reshape(-1).view(torch.uint8)
+    blocks = (N // 16, 16, K // 128, 64) if to_tiles else (N // 16, K // 128, 16, 64)
+    dst[:n].view(N // 16, blocks[2], blocks[1], 64).copy_(src[:n].view(blocks).permute(0, 2, 1, 3))
+    dst[n:].copy_(src[n:])
+    return out
+
+
 def _rebuild_params4bit(data: Tensor, state: dict[str, Any]) -> Params4bit:
     attrs = {k: v for k, v in state.items() if k in Params4bit._ATTRS}
     return Params4bit(data, requires_grad=state["requires_grad"], **attrs)
@@ -283,10 +318,13 @@ def _rebuild_params4bit(data: Tensor, state: dict[str, Any]) -> Params4bit:
 # ---------------------------------------------------------------------------------------
 def save_weight_state(module: torch.nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
     """Add ``weight.absmax``, ``weight.quant_map``, ... (the packed QuantState) after
-    the ``weight`` entry nn.Module wrote. Nothing for a weight not yet quantized."""
+    the ``weight`` entry nn.Module wrote (replaced by a bitsandbytes-layout copy when the
+    weight is in tile order). Nothing for a weight not yet quantized."""
     state = getattr(module.weight, "quant_state", None)
     if state is None:
         return
+    if state.tiled:  # checkpoints hold the bitsandbytes layout
+        destination[prefix + "weight"] = tile_order_copy(module.weight.data, state.shape, to_tiles=False)
     for key, value in state.as_dict(packed=True).items():
         destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 

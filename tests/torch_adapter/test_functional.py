@@ -267,6 +267,25 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_custom_ops_read_tile_ordered_bytes():
+    # tiled=True: the ops read the packed bytes in the tile order of cupyquant.tiled_4bit
+    # (Linear4bit.tile_) and give the results of the bitsandbytes layout.
+    from cupyquant.torch.parameters import tile_order_copy
+
+    W = torch.randn(32, 256)
+    packed, state = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    tiled = tile_order_copy(packed, (32, 256), to_tiles=True)
+    A = torch.randn(2, 256)
+    fields = (*state.tensors(), 64, "nf4", [32, 256])
+    for op, args, expected in (
+        (torch.ops.cupyquant.dequantize_4bit.default, (tiled, *fields, torch.float32, True),
+         F.dequantize_4bit(packed, state)),
+        (torch.ops.cupyquant.matmul_4bit.default, (A, tiled, *fields, None, True), F.matmul_4bit(A, packed, state)),
+    ):  # fmt: skip
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        assert same_bytes(op(*args), expected)
+
+
 # ---------------------------------------------------------------------------------------
 # error paths
 # ---------------------------------------------------------------------------------------

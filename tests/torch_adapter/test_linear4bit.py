@@ -257,3 +257,99 @@ def test_compile_fullgraph_traces_the_forward(rows):
     compiled(x).sum().backward()
     expected = torch.autograd.grad(layer(x).sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# tile order (Linear4bit.tile_)
+# ---------------------------------------------------------------------------------------
+def _layer_pair(device, quant_storage=torch.uint8, compute_dtype=torch.float16, out_features=48, in_features=256):
+    torch.manual_seed(out_features + in_features)
+    linear = nn.Linear(in_features, out_features)
+    plain = Linear4bit.from_linear(
+        linear, device=device, quant_type="nf4", compute_dtype=compute_dtype, quant_storage=quant_storage
+    )
+    return plain, copy.deepcopy(plain).tile_()
+
+
+def _relative_error(y, expected):
+    return ((y.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 300])
+def test_tiled_layer_gives_the_default_layouts_output(device, quant_storage, compute_dtype, rows):
+    # Same weight, same product. The CPU path and the dequantize + GEMM path past the fused
+    # switch point give the same bits; the fused CUDA kernels on tiles may add in another
+    # order (the one-token GEMV, 8-warp blocks up to 8 tokens), so there the outputs agree
+    # to the kernels' tolerance.
+    plain, tiled = _layer_pair(device, quant_storage, compute_dtype)
+    assert tiled.weight.quant_state.tiled and not plain.weight.quant_state.tiled
+    assert not same_bytes(tiled.weight.data, plain.weight.data)
+    x = torch.randn(rows, 256, device=device, dtype=compute_dtype)
+    y, expected = tiled(x), plain(x)
+    if device.type == "cpu" or rows == 300:
+        assert same_bytes(y, expected)
+    else:
+        assert (
+            _relative_error(y, expected)
+            < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[compute_dtype]
+        )
+
+
+def test_tiled_layer_checkpoints_in_the_bitsandbytes_layout(device):
+    plain, tiled = _layer_pair(device, torch.float32)
+    expected = plain.state_dict()
+    saved = tiled.state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(same_bytes(saved[k], v) if isinstance(v, torch.Tensor) else saved[k] == v for k, v in expected.items())
+    assert tiled.weight.quant_state.tiled  # saving leaves the layer tiled
+    x = torch.randn(2, 256, device=device, dtype=torch.float16)
+    fresh = Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.float16)
+    fresh.load_state_dict(saved)  # a checkpoint loads as the bitsandbytes layout ...
+    assert not fresh.weight.quant_state.tiled and same_bytes(fresh.weight.data.to(device), plain.weight.data)
+    tiled.load_state_dict(expected)  # ... and into a tiled layer stays tiled
+    assert tiled.weight.quant_state.tiled and same_bytes(tiled(x), copy.deepcopy(plain).tile_()(x))
+    tiled.untile_()
+    assert not tiled.weight.quant_state.tiled and same_bytes(tiled.weight.data, plain.weight.data)
+
+
+def test_tiled_weight_dequantizes_and_backpropagates(device):
+    plain, tiled = _layer_pair(device, compute_dtype=torch.float32)
+    w = cqt.functional.dequantize_4bit(plain.weight, plain.weight.quant_state)
+    assert same_bytes(cqt.functional.dequantize_4bit(tiled.weight, tiled.weight.quant_state), w)
+    x = torch.randn(5, 256, device=device, requires_grad=True)
+    grads = [torch.autograd.grad(layer(x).square().sum(), x)[0] for layer in (plain, tiled)]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_tiled_layer_copies_and_moves(device):
+    plain, tiled = _layer_pair(device)
+    x = torch.randn(3, 256, device=device, dtype=torch.float16)
+    y = tiled(x)
+    for clone in (copy.deepcopy(tiled), pickle.loads(pickle.dumps(tiled))):
+        assert clone.weight.quant_state.tiled and same_bytes(clone(x), y)
+    moved = copy.deepcopy(tiled).cpu()
+    assert moved.weight.quant_state.tiled
+    assert same_bytes(moved(x.cpu()), copy.deepcopy(plain).cpu()(x.cpu()))
+    assert same_bytes(moved.to(device)(x), y)
+
+
+def test_tiled_layer_compiles(device):
+    torch._dynamo.reset()
+    plain, tiled = _layer_pair(device, compute_dtype=torch.bfloat16)
+    compiled = torch.compile(tiled, fullgraph=True, backend="aot_eager")
+    for rows in (1, 300):
+        x = torch.randn(rows, 256, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert same_bytes(compiled(x), tiled(x))
+
+
+def test_tile_errors():
+    with pytest.raises(RuntimeError, match=r"Linear4bit.weight is not quantized yet"):
+        Linear4bit(256, 48).tile_()
+    for shape in ((40, 256), (48, 192)):
+        layer = Linear4bit(shape[1], shape[0]).cpu()
+        with pytest.raises(ValueError, match=rf"N % 16 == 0 and K % 128 == 0, got shape \({shape[0]}, {shape[1]}\)"):
+            layer.tile_()
+        assert not layer.weight.quant_state.tiled
