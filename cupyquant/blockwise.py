@@ -376,11 +376,13 @@ def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any, tiled: 
         raise ValueError(f"A holds {packed.size} bytes but quant_state.shape {quant_state.shape} needs {(n + 1) // 2}")
     if out.size != n:
         raise ValueError(f"out must hold {n} values, got {out.size}")
-    tile_k = _tile_k(quant_state) if tiled else 0
+    tile_k = 0
+    if tiled:
+        from .tiled_4bit import check_tile_shape, untile_bytes  # tiled_4bit imports this module
+
+        tile_k = check_tile_shape(quant_state.shape)[1]
     if _xp.array_module(packed) is np:
         if tiled:
-            from .tiled_4bit import untile_bytes
-
             packed = untile_bytes(packed[: n // 2], n // tile_k, tile_k)
         absmax = _float_absmax(quant_state, blocks)
         out[...] = ref.dequantize_4bit(
@@ -392,14 +394,6 @@ def dequantize_4bit_bits(packed: Any, quant_state: QuantState, out: Any, tiled: 
         scales = _gpu_scales(quant_state, blocks)
         _gpu.dequantize_4bit(packed, fmt, quant_state.blocksize, quant_state.quant_type, scales, out, tile_k)
     return out
-
-
-def _tile_k(quant_state: QuantState) -> int:
-    """K of a tiled (N, K) weight's state (N % 16 == 0, K % 128 == 0, as tile order needs)."""
-    shape = quant_state.shape
-    if len(shape) != 2 or shape[0] % 16 or shape[1] % 128:
-        raise ValueError(f"tile order needs a 2-D (N, K) weight with N % 16 == 0 and K % 128 == 0, got {shape}")
-    return int(shape[1])
 
 
 def quantize_nf4(

@@ -37,6 +37,16 @@ TILE_ROWS = 16
 TILE_COLS = 128
 
 
+def check_tile_shape(shape: tuple[int, ...] | None) -> tuple[int, int]:
+    """(N, K) of a weight that tile order can hold (2-D, N % 16 == 0, K % 128 == 0), else ValueError."""
+    if shape is None or len(shape) != 2 or shape[0] % TILE_ROWS or shape[1] % TILE_COLS:
+        raise ValueError(
+            f"tile order needs a 2-D (N, K) weight with N % {TILE_ROWS} == 0 and K % {TILE_COLS} == 0, "
+            f"got shape {shape}"
+        )
+    return int(shape[0]), int(shape[1])
+
+
 def _tiled_shape(N: int, K: int) -> tuple[int, int, int, int]:
     """The packed (N, K / 2) bytes as (row tiles, rows a tile, column tiles, bytes a tile row)."""
     return N // TILE_ROWS, TILE_ROWS, K // TILE_COLS, TILE_COLS // 2

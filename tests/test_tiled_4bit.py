@@ -383,5 +383,5 @@ def test_numpy_dequantize_reads_tile_order():
     got = dequantize_4bit_bits(tile_bytes(packed, 32, 384), qs, np.empty(32 * 384, dtype=np.float32), tiled=True)
     np.testing.assert_array_equal(got, expected)
     _, packed, qs, _ = make_case(40, 256, 1, "float32")
-    with pytest.raises(ValueError, match=r"N % 16 == 0 and K % 128 == 0, got \(40, 256\)"):
+    with pytest.raises(ValueError, match=r"N % 16 == 0 and K % 128 == 0, got shape \(40, 256\)"):
         dequantize_4bit_bits(packed, qs, np.empty(40 * 256, dtype=np.float32), tiled=True)

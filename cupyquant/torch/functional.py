@@ -208,7 +208,7 @@ class QuantState(_ArrayQuantState):
         """The prepared fused-kernel launch for ``M`` rows of ``fmt`` (None where the fused
         kernels do not apply), built on first use and cached with the array views."""
         nested_generation = self.state2._generation if self.state2 is not None else 0
-        key = ("launch", fmt, M, has_bias, packed.data_ptr(), nested_generation, self.tiled)
+        key = ("launch", fmt, M, has_bias, packed.data_ptr(), nested_generation)
         cached = self._kernel_views.get(key)
         if cached is None:
             with kernel_context(like):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..tiled_4bit import check_tile_shape
 from . import functional as F
 from ._interop import FLOAT_DTYPES
 
@@ -239,7 +240,7 @@ class Params4bit(QuantizingMoves, torch.nn.Parameter):
             raise RuntimeError("the weight is not quantized yet: move it to its device first")
         if state.tiled == tiled:
             return
-        _check_tileable(state.shape)
+        check_tile_shape(state.shape)
         self.data = tile_order_copy(self.data, state.shape, to_tiles=tiled)
         state.tiled = tiled
 
@@ -288,15 +289,13 @@ class Params4bit(QuantizingMoves, torch.nn.Parameter):
         return self._copy_with(self.data)
 
 
-def _check_tileable(shape: tuple[int, ...] | None) -> None:
-    if shape is None or len(shape) != 2 or shape[0] % 16 or shape[1] % 128:
-        raise ValueError(f"tile order needs a 2-D (N, K) weight with N % 16 == 0 and K % 128 == 0, got shape {shape}")
-
-
 def tile_order_copy(data: Tensor, shape: tuple[int, int], to_tiles: bool) -> Tensor:
     """A copy of packed codes ``data`` (any storage dtype, contiguous) of an (N, K) weight
     with its first N * K / 2 bytes put into (``to_tiles``) or out of the tile order of
-    :mod:`cupyquant.tiled_4bit`; any padding bytes after them are copied as they are."""
+    :mod:`cupyquant.tiled_4bit`; any padding bytes after them are copied as they are.
+    (``tiled_4bit.tile_bytes`` / ``untile_bytes`` reorder NumPy and CuPy arrays into a new
+    array; here torch permutes straight into the destination: one copy, on the tensor's
+    own device and stream.)"""
     N, K = shape
     n = N * K // 2
     src = data.contiguous().reshape(-1).view(torch.uint8)
