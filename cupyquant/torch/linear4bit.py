@@ -161,8 +161,8 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
     def tile_(self) -> Linear4bit:
         """Keep the quantized weight in the tile order of :mod:`cupyquant.tiled_4bit` (16-row x
         128-column tiles of 1 KB); returns self. On CUDA with float16 / bfloat16 compute,
-        2..64 tokens run 5-16% faster (H100, 28672 x 8192: 16 tokens 60.0 against 69.5 us,
-        64 tokens 107.1 against 114.4; one token 49.2 against 48.0, see the README), and
+        2..64 tokens run up to 16% faster (H100, 28672 x 8192: 16 tokens 59.8 against 70.1
+        us, 64 tokens 108.2 against 117.0; one token 50.1 against 48.2, see the README), and
         past the fused switch point the dequantize kernel reads the tiles in place. float32
         compute of up to 4 rows copies the weight back to the bitsandbytes layout on every
         call: use the default layout there. On the CPU the results are the same, slower.
