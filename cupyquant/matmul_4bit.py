@@ -20,7 +20,7 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   of 4096+ rows, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's warpgroup
   MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
   the scales, K split likewise where the rows leave SMs idle; above 64 tokens, mostly 128
-  tokens a CTA on two warpgroups).
+  or 256 tokens a CTA on two warpgroups).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
@@ -75,18 +75,21 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   (27.0 vs 25.8).
 # * "tc-wgmma" (the same, _WGMMA_MIN_N <= N < _TILE_MIN_N and K < _WGMMA_LONG_K, on an H100 /
 #   H200: gemm_4bit_wgmma from 33 tokens, 128 tokens a CTA above 64; H100 run 36): wins at
-#   M = 128 (4096x4096: 24.6 vs 26.9), loses at M = 160 (32.4 vs 30.1).
-# * "tc-wgmma-long-k" (the same, N >= _WGMMA_MIN_N and K >= _WGMMA_LONG_K, on an H100 / H200;
-#   run 36): wins at M = 256 (28672x8192: 355 vs 406, 8192x28672: 302 vs 396, 4096x14336: 84
-#   vs 113), loses at M = 288 (527 vs 432, 576 vs 414): a 128-token chunk more.
-#   (Where K < _WGMMA_LONG_K, weights of >= _TILE_MIN_N rows keep "tc-tile": 11008x4096 at
-#   M = 192 58.6 vs 81.0, at 224 88.9 vs 81.2.)
+#   M = 128 (4096x4096: 24.6 vs 26.9), loses at M = 160 (32.4 vs 30.1; 256 tokens a CTA
+#   would take 35.8 there, run 39).
+# * "tc-wgmma-256" (the same, N >= _WGMMA_MIN_N and K >= _WGMMA_LONG_K, or N >= _TILE_MIN_N,
+#   on an H100 / H200: gemm_4bit_wgmma, 256 tokens a CTA from 129 where _wgmma_tokens says
+#   so; H100 run 39): wins at M = 256 (28672x8192: 280 vs 402, 8192x28672: 231 vs 392,
+#   4096x14336: 77 vs 113, 5120x13824: 91 vs 127, 11008x4096: 76 vs 82, 14336x4096 and
+#   13824x5120 on the one-chunk grid of 192 tokens: 72 vs 103, 86 vs 125); loses at M = 512
+#   on 28672x8192 (558 vs 546: a second 256-token chunk), so the range stops at 256. (Run
+#   36, before 256-token CTAs: K >= 8192 only, up to 256; 11008x4096 lost at 224 then.)
 # * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
 # * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
 #   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
 #   the general path for odd K is slower still).
-_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-long-k": 256, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
 _WGMMA_LONG_K = 8192
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
 # weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
@@ -161,7 +164,7 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
-    256 where K >= 8192, else 192 from 8192 rows and 128 below; elsewhere 192 for weights of
+    256 where K >= 8192 or the weight has 8192+ rows, else 128; elsewhere 192 for weights of
     at least 8192 rows, else 32. The torch adapter uses it to
     route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
@@ -175,10 +178,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     if K % 32 != 0:
         return _FUSED_MAX_M["gemv-16bit"]
     if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
-        if K >= _WGMMA_LONG_K:
-            return _FUSED_MAX_M["tc-wgmma-long-k"]
-        if N < _TILE_MIN_N:
-            return _FUSED_MAX_M["tc-wgmma"]
+        if K >= _WGMMA_LONG_K or N >= _TILE_MIN_N:
+            return _FUSED_MAX_M["tc-wgmma-256"]
+        return _FUSED_MAX_M["tc-wgmma"]
     if N >= _TILE_MIN_N:
         return _FUSED_MAX_M["tc-tile"]
     return _FUSED_MAX_M["tc"]
@@ -505,19 +507,26 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 # gemm_4bit_wgmma (rawkernels/gemm_4bit_wgmma.cu; Hopper's warpgroup MMA, compiled for sm_90a and
 # run only on compute capability 9.0): 128 weight rows x TOKENS tokens a CTA, K in stages of 64.
 # TOKENS 64: one warpgroup and a scale warp, two CTAs an SM; 128: two warpgroups (one row
-# block each) and a scale warp, one CTA an SM. K is split across CTAs where the unsplit
-# grid leaves SMs without their CTAs, each split keeping at least _WGMMA_MIN_SHARE stages.
-_WGMMA_GROUPS = {64: 1, 128: 2}  # the kernel's TOKENS -> its warpgroups (WgmmaShape::kGroups)
+# block each) and a scale warp, one CTA an SM; 256: as 128 with a scale warpgroup. K is
+# split across CTAs where the unsplit grid leaves SMs without their CTAs, each split keeping
+# at least _WGMMA_MIN_SHARE stages.
+_WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its warpgroups (WgmmaShape::kGroups)
 _WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
 _WGMMA_MIN_SHARE = 16
 
 
+def _wgmma_mma_threads(tokens: int) -> int:
+    """The threads of gemm_4bit_wgmma's warpgroups that multiply (WgmmaShape::kMmaThreads; the
+    split-K partials are theirs)."""
+    return 128 * _WGMMA_GROUPS[tokens]
+
+
 def _wgmma_threads(tokens: int) -> int:
     """The block size of gemm_4bit_wgmma's TOKENS = ``tokens`` (the kernel's WgmmaShape::kThreads):
-    its warpgroups (the split-K partials are theirs) and the scale warp."""
-    return 128 * _WGMMA_GROUPS[tokens] + 32
+    its warpgroups and the scale warp (a scale warpgroup at 256 tokens)."""
+    return _wgmma_mma_threads(tokens) + (128 if tokens == 256 else 32)
 
 
 def _wgmma_smem(tokens: int) -> int:
@@ -602,19 +611,22 @@ def _wgmma_path(path: str) -> tuple[int | None, int | None]:
     return (None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit))
 
 
-# The time of a CTA's K stage with 64 / 128 tokens a CTA, each at its CTAs an SM, relative.
-# H100, run 36 of NOTES_matmul_4bit.md: 28672 x 8192 at 128 tokens (two waves either way),
-# 228 us on 64-token CTAs against 176 on 128-token ones.
-_WGMMA_STAGE_COST = {64: 1.0, 128: 0.78}
+# The time of a CTA's K stage with 64 / 128 / 256 tokens a CTA, each at its CTAs an SM,
+# relative. H100, NOTES_matmul_4bit.md: 28672 x 8192 at 128 tokens (two waves either way),
+# 228 us on 64-token CTAs against 176 on 128-token ones (run 36); at 256 tokens 377 us on
+# 128-token CTAs (four waves) against 268-281 on 256-token ones (two), run 39.
+_WGMMA_STAGE_COST = {64: 1.0, 128: 0.78, 256: 1.14}
 
 
 def _wgmma_tokens(M: int, N: int, K: int) -> int:
     """The default dispatch's tokens a gemm_4bit_wgmma CTA: 64 up to 64 tokens, above that the
     width whose grid takes the least time by the waves of CTAs it needs (the default split)
-    times their stages times _WGMMA_STAGE_COST. A 128-token CTA does more work a stage, but
-    may leave a last wave emptier: H100, run 36, us, 64 / 128 tokens a CTA: 28672 x 8192 at
-    128 / 192 / 256 tokens 228 / 338 / 415 against 176 / 350 / 355; 11008 x 4096 at 128 / 192
-    56 / 59 against 45 / 90; 8192 x 28672 at 192 365 against 284."""
+    times their stages times _WGMMA_STAGE_COST. A wider CTA does more work a stage, but may
+    leave a last wave emptier. It picked the fastest width at every point of H100 run 39, us,
+    64 / 128 / 256 tokens a CTA: 28672 x 8192 at 128 tokens 229 / 177 / 267, at 192 341 / 349
+    / 271, at 256 416 / 356 / 280; 8192 x 28672 at 192 345 / 278 / 230; 11008 x 4096 at 192
+    57 / 88 / 71; 14336 x 4096 at 192 97 / 90 / 72; 4096 x 14336 at 256 99 / 83 / 77; 5120 x
+    13824 at 256 176 / 139 / 91; 4096 x 4096 at 128 27 / 25 / 36."""
     return 64 if M <= 64 else _wgmma_tokens_above_64(M, N, K, _sm_count())
 
 
@@ -699,9 +711,10 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
         _allow_smem(kernel, smem)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
-        # (The partials are the warpgroups', not the scale warp's.)
+        # (The partials are the multiplying warpgroups', not the scale warps'.)
         split = ksplit > 1
-        workspace = _split_workspace(ksplit, ctas, _wgmma_accs(tokens), threads - 32) if split else (out_bits, out_bits)
+        workspace = (_split_workspace(ksplit, ctas, _wgmma_accs(tokens), _wgmma_mma_threads(tokens)) if split
+                     else (out_bits, out_bits))  # fmt: skip
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):

@@ -43,8 +43,10 @@ def test_wgmma_split_rule(monkeypatch):
     assert expr == "gemm_4bit_wgmma<{}, {}, false, 128>"
     expr, *_ = mm._pick_wgmma(300, 64, 256, tiled=True, tokens=128)
     assert expr == "gemm_4bit_wgmma<{}, {}, true, 128>"
-    with pytest.raises(ValueError, match=r"built for \(64, 128\) tokens a CTA, got 256"):
-        mm._pick_wgmma(17, 64, 256, tokens=256)
+    # 256 tokens a CTA: 28672 x 8192 at 512 tokens, 448 CTAs.
+    assert mm._pick_wgmma(512, 28672, 8192, tokens=256)[1:] == (2, 448, 1)
+    with pytest.raises(ValueError, match=r"built for \(64, 128, 256\) tokens a CTA, got 512"):
+        mm._pick_wgmma(17, 64, 256, tokens=512)
 
 
 def test_wgmma_default_rule(monkeypatch):
@@ -63,12 +65,12 @@ def test_wgmma_default_rule(monkeypatch):
 
 def test_fused_range_on_hopper(monkeypatch):
     # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096+ rows up to 256 tokens where K
-    # >= 8192, else up to 128 below 8192 rows (wider ones keep 192); elsewhere (and with no GPU)
-    # 192 from 8192 rows, else 32.
+    # >= 8192 or the weight has 8192+ rows, else up to 128; elsewhere (and with no GPU) 192
+    # from 8192 rows, else 32.
     monkeypatch.setattr(mm._xp, "gpu_available", lambda: True)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
     shapes = ((4096, 4096), (4095, 4096), (8192, 28672), (28672, 8192), (4096, 14336), (11008, 4096), (4095, 8192))
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 256, 256, 256, 192, 32]
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 256, 256, 256, 256, 32]
     assert mm.fused_max_m("bfloat16", 4096, 4096) == 128
     assert mm.fused_max_m("float32", 4096, 4096) == 4  # the CUDA-core GEMV's range
     assert mm.fused_max_m("float16", 28672, 8192, current_device=False) == 192  # the CPU path's
@@ -78,12 +80,13 @@ def test_fused_range_on_hopper(monkeypatch):
 
 def test_wgmma_tokens_rule(monkeypatch):
     # 64 tokens a CTA up to 64 tokens; above, the width whose grid takes the fewest waves of
-    # cost-weighted stages: 128 where a 64-token grid needs as many waves or more, 64 where
-    # 128-token CTAs would leave a last wave mostly empty (run 36 of NOTES_matmul_4bit.md).
+    # cost-weighted stages: the fastest measured at each point of runs 36 and 39 of
+    # NOTES_matmul_4bit.md (64 where wider CTAs would leave a last wave mostly empty).
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    picks = {(64, 28672, 8192): 64, (65, 28672, 8192): 128, (128, 28672, 8192): 128, (192, 28672, 8192): 64,
-             (256, 28672, 8192): 128, (192, 11008, 4096): 64, (192, 8192, 28672): 128, (192, 14336, 4096): 128,
-             (96, 4096, 4096): 128, (256, 4096, 14336): 128}  # fmt: skip
+    picks = {(64, 28672, 8192): 64, (65, 28672, 8192): 128, (128, 28672, 8192): 128, (160, 28672, 8192): 256,
+             (256, 28672, 8192): 256, (192, 11008, 4096): 64, (192, 8192, 28672): 256, (192, 14336, 4096): 256,
+             (96, 4096, 4096): 128, (128, 4096, 4096): 128, (256, 4096, 14336): 256, (100, 8192, 28672): 128,
+             (256, 5120, 13824): 256}  # fmt: skip
     assert {shape: mm._wgmma_tokens(*shape) for shape in picks} == picks
 
 
@@ -109,15 +112,20 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
     assert grid == (64, 2) and block == (288,) and args == ("partial", "counters") and smem == mm._wgmma_smem(128)
-    assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256)]
+    # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2).
+    kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits)
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256>")
+    assert grid == (64, 2) and block == (384,) and args == ("partial", "counters") and smem == mm._wgmma_smem(256)
+    assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
-    assert len(expressions) == 16 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert len(expressions) == 24 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
     assert "gemm_4bit_wgmma<MmaHalf, false, true, 128>" in expressions
+    assert "gemm_4bit_wgmma<MmaBFloat16, true, false, 256>" in expressions
 
 
 @pytest.fixture
@@ -170,7 +178,7 @@ def test_wgmma_launch_constants_match_the_kernel(tmp_path):
     expected = []
     for t in mm._WGMMA_TOKEN_WIDTHS:
         threads = mm._wgmma_threads(t)
-        expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t) * (threads - 32)]
+        expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t) * mm._wgmma_mma_threads(t)]
     assert [int(v) for v in printed.split()] == expected
 
 
@@ -185,12 +193,13 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 # 65 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles;
 # one stage, half empty (K = 32) and full (K = 64).
 WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
-WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t128", "wgmma-t128-k1", "wgmma-t128-k3")
+WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t128", "wgmma-t128-k1", "wgmma-t128-k3",
+               "wgmma-t256-k1", "wgmma-t256-k3")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", WGMMA_PATHS)
-@pytest.mark.parametrize("M", (1, 17, 40, 64, 65, 130, 300))
+@pytest.mark.parametrize("M", (1, 17, 40, 64, 65, 130, 300, 513))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
@@ -209,7 +218,7 @@ def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
 def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
     for N, K in ((37, 96), (130, 640)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
-        for path in ("wgmma-t64-k1", "wgmma-t64-k2", "wgmma-t128-k1", "wgmma-t128-k2"):
+        for path in ("wgmma-t64-k1", "wgmma-t64-k2", "wgmma-t128-k1", "wgmma-t128-k2", "wgmma-t256-k1", "wgmma-t256-k2"):
             out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
             err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
             assert err < TOLERANCE[fmt], f"{N}x{K} {path}: {err}"
@@ -286,11 +295,12 @@ def test_gpu_default_dispatch_takes_128_tokens(hopper, monkeypatch, fmt):
 
 
 @pytest.mark.gpu
-def test_gpu_long_k_fused_range(hopper, monkeypatch):
-    # K >= 8192 on an H100 / H200: up to 256 tokens fused (gemm_4bit_wgmma), 257 dequantize +
-    # cuBLAS; both against the reference.
-    N, K = 4096, 8192
-    assert mm.fused_max_m("float16", N, K) == 256
+@pytest.mark.parametrize("shape", ((4096, 8192), (8192, 2048)), ids=("long-k", "wide"))
+def test_gpu_256_token_fused_range(hopper, monkeypatch, shape):
+    # K >= 8192 or 8192+ rows on an H100 / H200: up to 256 tokens fused (gemm_4bit_wgmma, 256
+    # tokens a CTA), 257 dequantize + cuBLAS; both against the reference.
+    N, K = shape
+    assert mm.fused_max_m("float16", N, K) == 256 and mm._wgmma_tokens(256, N, K) == 256
     ran = []
     for name in ("_matmul_fused", "_matmul_dequant_gemm"):
         real = getattr(mm, name)

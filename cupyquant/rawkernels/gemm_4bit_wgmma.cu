@@ -12,11 +12,13 @@
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
 // The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA computing
-// D[128 rows][T tokens] (T = TOKENS, 64 or 128; WgmmaShape) over its share of K with wgmma
-// m64nTk16 on two row blocks of 64: A = 64 weight rows x 16 k from registers, B = X (the
-// activations, T tokens x 16 k) K-major in shared memory with the 128-byte swizzle. T = 64:
-// one warpgroup computes both row blocks (b = 0, 1), plus a scale warp (160 threads); T =
-// 128: warpgroup wg computes row block wg, plus a scale warp (288 threads). A weight is
+// D[128 rows][T tokens] (T = TOKENS, 64, 128 or 256; WgmmaShape) over its share of K with
+// wgmma m64nNk16 (N = min(T, 128)) on two row blocks of 64: A = 64 weight rows x 16 k from
+// registers, B = X (the activations, N tokens x 16 k) K-major in shared memory with the
+// 128-byte swizzle. T = 64: one warpgroup computes both row blocks (b = 0, 1), plus a scale
+// warp (160 threads); T = 128: warpgroup wg computes row block wg, plus a scale warp (288
+// threads); T = 256: as 128 with two wgmma a k slice (tokens 0..127 and 128..255), plus a
+// scale warpgroup (384 threads; setmaxnreg moves registers to the multiplying ones). A weight is
 // W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
 //   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = group *
@@ -45,7 +47,8 @@
 //   the compiler moved a just-loaded 16-byte vector between registers, which waits for the
 //   load: every stage then waited a DRAM latency.)
 //
-// The scale warp (the last warp): lane l serves rows l + 32 q (q < 4). It fetches a stage's scales
+// The scale warp (the last warp; at T = 256 the last warpgroup): scale thread l serves rows
+// l + 32 q (q < 4; at T = 256 row l only). It fetches a stage's scales
 // kScaleAhead = 6 stages ahead into registers and decodes them into shared memory two stages
 // ahead. Why a warp of its own: in the warpgroup, the scale loads and their 64-bit address
 // arithmetic cost ~40 instructions a stage on the critical path, and the proxy fence of each
@@ -69,8 +72,8 @@
 // (Waiting for stage i's own wgmma before the barrier, with three X buffers, was 6% slower at
 // 128 tokens a CTA and as fast at 64: run 36.)
 //
-// Accumulators (m64nTk16, float32): warp w of a warpgroup, lane (g, t) holds, for its row
-// block B as above, acc[b][4j + 2h + e] = D[row 64B + 16w + g + 8h][token 8j + 2t + e].
+// Accumulators (m64nNk16, float32): warp w of a warpgroup, lane (g, t) holds, for its row
+// block B as above, acc[b][hf][4j + 2h + e] = D[row 64B + 16w + g + 8h][token N hf + 8j + 2t + e].
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
@@ -96,26 +99,36 @@ constexpr int kXStages = 4;    // activation buffers: two stages ahead, and the 
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
-constexpr int kScaleRows = kRows / 32;             // rows a lane of the scale warp serves
 constexpr int kScaleAhead = 6;                     // stages the scale warp fetches ahead
 constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
 constexpr int kMmaBarrier = 2;                     // and the warpgroups', after the scale warp has left
 
-// The CTA's shape for TOKENS tokens (64 or 128; the wgmma's N). 64: one warpgroup computes
-// both row blocks, two CTAs an SM. 128 (more tokens): two warpgroups, one row block each,
-// share the activations, so a decoded weight feeds twice the multiplies; one CTA an SM.
-// (256 tokens, two wgmma N = 128 a k slice, lost everywhere: 28672 x 8192 at 512 tokens 792
-// us against 623; the third warp a scheduler caps a thread at 168 registers and it spilled.)
+// The CTA's shape for TOKENS tokens (64, 128 or 256). 64: one warpgroup computes both row
+// blocks, two CTAs an SM. 128 (more tokens): two warpgroups, one row block each, share the
+// activations, so a decoded weight feeds twice the multiplies; one CTA an SM. 256: as 128,
+// each warpgroup issuing two wgmma N = 128 a k slice (128 accumulators a thread), and the
+// scales served by a whole warpgroup, so that setmaxnreg can hand its registers to the two
+// that multiply. (Without that, 256 tokens spilled under the 168 registers a thread that
+// three warps a scheduler leave, and lost everywhere: 28672 x 8192 at 512 tokens 792 us
+// against 623 on 128-token CTAs, run 36.)
 template <int TOKENS>
 struct WgmmaShape {
-  static_assert(TOKENS == 64 || TOKENS == 128, "TOKENS is 64 or 128");
+  static_assert(TOKENS == 64 || TOKENS == 128 || TOKENS == 256, "TOKENS is 64, 128 or 256");
   static constexpr int kTokens = TOKENS;
   static constexpr int kGroups = TOKENS == 64 ? 1 : 2;      // warpgroups: the wgmma and the weight decoding
   static constexpr int kMmaThreads = 128 * kGroups;
-  static constexpr int kThreads = kMmaThreads + 32;         // and the scale warp
-  static constexpr int kScaleWarp = kMmaThreads / 32;       // its warp index
+  static constexpr int kScaleThreads = TOKENS == 256 ? 128 : 32;  // the scale warp(s)
+  static constexpr int kThreads = kMmaThreads + kScaleThreads;
+  static constexpr int kScaleWarp = kMmaThreads / 32;       // the first scale warp's index
+  static constexpr int kScaleRows = kRows / kScaleThreads;  // rows a scale thread serves
   static constexpr int kBlocks = 2 / kGroups;               // 64-row blocks a warpgroup
-  static constexpr int kAccs = TOKENS / 2;                  // float32 accumulators of one wgmma, a thread
+  static constexpr int kWgmmaN = TOKENS < 128 ? TOKENS : 128;  // the wgmma's N
+  static constexpr int kHalves = TOKENS / kWgmmaN;          // wgmma a row block and k slice
+  static constexpr int kAccs = TOKENS / 2;                  // float32 accumulators of a row block, a thread
+  // setmaxnreg (256 tokens; 0: none): launched at 168 registers a thread (384 threads, one
+  // CTA an SM), the scale warpgroup gives up 88 a thread and the other two take 40 of them.
+  static constexpr int kScaleRegs = TOKENS == 256 ? 80 : 0;
+  static constexpr int kMmaRegs = TOKENS == 256 ? 208 : 0;
   static constexpr int kXBytes = kTokens * 2 * kStageK;
   static constexpr int kXCopies = kXBytes / 16 / kMmaThreads;  // 16-byte activation copies a thread a stage
   static constexpr int kWCopies = kPBytes / 16 / kMmaThreads;  // and packed weight copies
@@ -221,6 +234,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   using S = WgmmaShape<TOKENS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
+  constexpr int kWgmmaN = S::kWgmmaN, kHalves = S::kHalves, kScaleRows = S::kScaleRows;
   extern __shared__ __align__(16) u8 smem_raw[];
   // The swizzle atoms must start 1024-byte aligned in the shared window.
   const u32 raw_s = shared_address(smem_raw);
@@ -315,8 +329,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
   };
 
-  if (warp == S::kScaleWarp) {
-    // Row n0 + lane + 32 q (clamped to the last row; its scales are zeroed when stored). The
+  if (warp >= S::kScaleWarp) {
+    if constexpr (S::kScaleRegs > 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(S::kScaleRegs));
+    const int st = tid - kMmaThreads;  // this scale thread
+    // Row n0 + st + kScaleThreads q (clamped to the last row; its scales are zeroed when stored). The
     // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
     // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
     // per-row pointers, so a fetch is a few instructions. Both chunks lie in one block unless
@@ -331,7 +347,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     bool row_ok[kScaleRows];
 #pragma unroll
     for (int q = 0; q < kScaleRows; ++q) {
-      const int row = n0 + lane + 32 * q;
+      const int row = n0 + st + S::kScaleThreads * q;
       row_ok[q] = row < N;
       const i64 e = (i64)min(row, N - 1) * K + k0, b0 = e >> block_shift;
       r0[q] = (u32)(e - (b0 << block_shift));
@@ -374,7 +390,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         const u32 c1 = two_blocks ? c[q][1] : c[q][0];
         const float s0 = row_ok[q] ? q4::scale_decode<NESTED>(v[q][0], c[q][0], code2_s, off) : 0.0f;
         const float s1 = row_ok[q] && exists1 ? q4::scale_decode<NESTED>(v1, c1, code2_s, off) : 0.0f;
-        store_shared8(ss + (u32)(s % kPStages) * kSBytes + 8 * (lane + 32 * q), pack2<Fmt>(s0, s0),
+        store_shared8(ss + (u32)(s % kPStages) * kSBytes + 8 * (st + S::kScaleThreads * q), pack2<Fmt>(s0, s0),
                       pack2<Fmt>(s1, s1));
       }
     };
@@ -401,11 +417,15 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     return;  // the warpgroups go on alone (their barriers from here on are kMmaBarrier)
   }
 
-  float acc[kBlocks][kAccs];  // acc[b]: this warpgroup's row block b
+  if constexpr (S::kMmaRegs > 0) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(S::kMmaRegs));
+  // acc[b][hf]: this warpgroup's row block b, tokens kWgmmaN hf .. + kWgmmaN
+  float acc[kBlocks][kHalves][kWgmmaN / 2];
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-    for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
+    for (int hf = 0; hf < kHalves; ++hf)
+#pragma unroll
+      for (int i = 0; i < kWgmmaN / 2; ++i) acc[b][hf][i] = 0.0f;
 
   u32 frag[2][kBlocks][4][4];  // two register sets: stage s uses set s % 2
   copy_x(0);
@@ -437,7 +457,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int b = 0; b < kBlocks; ++b)
-          wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
+#pragma unroll
+          for (int hf = 0; hf < kHalves; ++hf)  // tokens kWgmmaN hf ..: 128-byte rows further
+            wgmma_m64k16<Fmt, kWgmmaN>(acc[b][hf], frag[d & 1][b][kk], sw128_desc(xa + 128 * kWgmmaN * hf + 32 * kk));
       wgmma_commit();
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
@@ -448,7 +470,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int b = 0; b < kBlocks; ++b) fence_accumulators(acc[b]);
+  for (int b = 0; b < kBlocks; ++b)
+#pragma unroll
+    for (int hf = 0; hf < kHalves; ++hf) fence_accumulators(acc[b][hf]);
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
   if (ksplit > 1) {  // uniform over the launch
@@ -457,7 +481,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-      for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kMmaThreads, acc[b][i]);
+      for (int hf = 0; hf < kHalves; ++hf)
+#pragma unroll
+        for (int i = 0; i < kWgmmaN / 2; ++i)
+          __stcg(mine + (b * kAccs + hf * kWgmmaN / 2 + i) * kMmaThreads, acc[b][hf][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (tid == 0) {
@@ -473,13 +500,18 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-      for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
+      for (int hf = 0; hf < kHalves; ++hf)
+#pragma unroll
+        for (int i = 0; i < kWgmmaN / 2; ++i) acc[b][hf][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
       const float* part = tile_part + (p * ctas) * (kBlocks * kAccs * kMmaThreads);
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-        for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kMmaThreads);
+        for (int hf = 0; hf < kHalves; ++hf)
+#pragma unroll
+          for (int i = 0; i < kWgmmaN / 2; ++i)
+            acc[b][hf][i] += __ldcg(part + (b * kAccs + hf * kWgmmaN / 2 + i) * kMmaThreads);
     }
   }
 
@@ -492,11 +524,13 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if (row >= N) continue;
       const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
 #pragma unroll
-      for (int j = 0; j < kTokens / 8; ++j)
+      for (int hf = 0; hf < kHalves; ++hf)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tok = tok0 + 8 * j + 2 * t + e;
-          if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
-        }
+        for (int j = 0; j < kWgmmaN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int tok = tok0 + kWgmmaN * hf + 8 * j + 2 * t + e;
+            if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][hf][4 * j + 2 * h + e], bv));
+          }
     }
 }
