@@ -535,6 +535,25 @@ def _wgmma_smem(tokens: int) -> int:
     return 4 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024
 
 
+# TOKENS whose kernel moves registers between its warpgroups with setmaxnreg -> the
+# registers a thread it must be launched with (WgmmaShape: the scale warpgroup gives up
+# 168 - 80, the two that multiply take 208 - 168). Launched with fewer, the warpgroups would
+# wait forever for registers the CTA never had.
+_WGMMA_SETMAXNREG = {256: 168}
+_CHECKED_KERNELS: set[int] = set()  # id() of the kernels whose registers were checked
+
+
+def _check_launch_registers(kernel: Any, tokens: int) -> None:
+    """Refuse a setmaxnreg kernel the compiler did not give the registers it redistributes."""
+    if id(kernel) in _CHECKED_KERNELS:
+        return
+    if kernel.num_regs != _WGMMA_SETMAXNREG[tokens]:
+        raise RuntimeError(f"gemm_4bit_wgmma with {tokens} tokens a CTA must be compiled to "
+                           f"{_WGMMA_SETMAXNREG[tokens]} registers a thread (its setmaxnreg budget), "
+                           f"got {kernel.num_regs}")  # fmt: skip
+    _CHECKED_KERNELS.add(id(kernel))
+
+
 def _wgmma_ctas_per_sm(tokens: int) -> int:
     """CTAs an SM (WgmmaShape::kCtasPerSm): two of one warpgroup, one of two."""
     return 2 // _WGMMA_GROUPS[tokens]
@@ -708,6 +727,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
         expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
+        if tokens in _WGMMA_SETMAXNREG:
+            _check_launch_registers(kernel, tokens)
         threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
         _allow_smem(kernel, smem)
         # The workspace is read only when K is split; unsplit launches pass the output twice.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -100,6 +101,7 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
     monkeypatch.setattr(rawkernels, "get_function", lambda f, e: (f, e))
     monkeypatch.setattr(mm, "_allow_smem", lambda kernel, nbytes: None)
+    monkeypatch.setattr(mm, "_check_launch_registers", lambda kernel, tokens: None)
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
     monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
@@ -167,19 +169,42 @@ def test_wgmma_launch_constants_match_the_kernel(tmp_path):
     # wait at a barrier for threads never launched).
     source = tmp_path / "smem.cu"
     kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
-    prints = " ".join(f'{{ using S = WgmmaShape<{t}>; std::printf("%d %d %d ", S::kSmemBytes, S::kThreads, '
-                      f"S::kBlocks * S::kAccs * S::kMmaThreads); }}" for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
+    prints = " ".join(f'{{ using S = WgmmaShape<{t}>; std::printf("%d %d %d %d %d ", S::kSmemBytes, S::kThreads, '
+                      f"S::kBlocks * S::kAccs * S::kMmaThreads, S::kScaleRegs, S::kMmaRegs); }}"
+                      for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
     source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ {prints} }}\n')
     exe = tmp_path / "smem"
     build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
              f"-I{rawkernels.KERNEL_DIR}", str(source), "-o", str(exe)]  # fmt: skip
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
+    values = [int(v) for v in printed.split()]
     expected = []
-    for t in mm._WGMMA_TOKEN_WIDTHS:
+    for i, t in enumerate(mm._WGMMA_TOKEN_WIDTHS):
         threads = mm._wgmma_threads(t)
         expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t) * mm._wgmma_mma_threads(t)]
-    assert [int(v) for v in printed.split()] == expected
+        scale_regs, mma_regs = values[5 * i + 3 : 5 * i + 5]
+        if t in mm._WGMMA_SETMAXNREG:  # the registers launched with: all an SM has, over the CTA, in 8s
+            launch = mm._WGMMA_SETMAXNREG[t]
+            assert launch == 65536 // threads // 8 * 8
+            released = (threads - mm._wgmma_mma_threads(t)) * (launch - scale_regs)
+            taken = mm._wgmma_mma_threads(t) * (mma_regs - launch)
+            assert scale_regs < launch < mma_regs and taken <= released
+        else:
+            assert scale_regs == mma_regs == 0
+    assert [v for i, v in enumerate(values) if i % 5 < 3] == expected
+
+
+def test_setmaxnreg_kernel_needs_its_launch_registers():
+    # 256 tokens a CTA: setmaxnreg hands 168 - 80 registers of the scale warpgroup's threads
+    # to the others (208 - 168 each); a build with fewer would hang, so it is refused.
+    short = types.SimpleNamespace(num_regs=160)
+    with pytest.raises(RuntimeError, match="compiled to 168 registers a thread .* got 160"):
+        mm._check_launch_registers(short, 256)
+    exact = types.SimpleNamespace(num_regs=168)
+    mm._check_launch_registers(exact, 256)
+    assert id(exact) in mm._CHECKED_KERNELS
+    mm._CHECKED_KERNELS.discard(id(exact))
 
 
 def test_wgmma_refused_off_hopper(monkeypatch):
