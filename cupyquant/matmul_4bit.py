@@ -147,6 +147,11 @@ _TGEMV_STATIC_SMEM = _HALF_STATIC_SMEM + 4 * 16 * _HALF_WARPS  # and the strips'
 # 8192 x 28672 80.0 / 81.1; 4096 x 4096 13.5 / 12.1 (the extra launch costs more than it
 # saves there), and at 1..8 tokens it lost on every shape (4096 x 4096: 10.6 / 8.8).
 _FRAG_MIN_N = 8192
+# gemm_4bit_small's EARLY kernel (the first batch of weights requested before the byte table
+# is built) for 8-warp CTAs from this K; H100 run 41 of NOTES_matmul_4bit.md (gemm_4bit.cu).
+_SMALL_EARLY_MIN_K = 8192
+# The forced paths of gemm_4bit_small (_mma_launch), each built for tiled weights too.
+_SMALL_PATHS = ("mma-rt1", "mma-rt2", "mma-frag", "mma-frag-rt1", "mma-frag-rt2", "mma-w4", "mma-w8")
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -350,6 +355,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     grid short of that target and the 8-warp grid fits one wave of 2 CTAs an SM (H100, run 21,
     us, 8 / 4 warps: 4096 x 4096 at 2 / 16 tokens 8.3 / 8.9 and 10.5 / 12.0, 8192 x 28672 at
     16 tokens 72.7 / 80.1; 11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5).
+    8-warp CTAs with K >= _SMALL_EARLY_MIN_K take the EARLY kernel (gemm_4bit.cu).
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))
@@ -374,7 +380,9 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
             ksplit, _ = split(warp_tiles, _MMA_WARPS)
             short = ksplit == _MMA_WARPS and warp_tiles * chunks * ksplit < target
             warps = 8 if short and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
-        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{_TILED_ARG[tiled]}>"
+        early = warps == 8 and K >= _SMALL_EARLY_MIN_K  # the first batch requested before the table
+        flags = f", {str(tiled).lower()}, true" if early else _TILED_ARG[tiled]  # TILED[, EARLY]
+        kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{flags}>"
     else:
         rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
         kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
@@ -703,17 +711,19 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     launches ``permute_fragments`` here, on the current stream, and the kernel's A is that
     copy (so a prepared launch never takes that path).
 
-    ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), default path only: up
-    to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 32 of
-    NOTES_matmul_4bit.md), above that ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds,
-    else the tile kernels whatever N, split by the default rule."""
+    ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), the default path, the
+    forced ``gemm_4bit_small`` and wgmma ones only: up to 16 tokens ``gemm_4bit_small`` (8 warps
+    a CTA up to 8 tokens, H100 run 32 of NOTES_matmul_4bit.md), above that ``gemm_4bit_wgmma``
+    where :func:`_wgmma_default` holds, else the tile kernels whatever N, split by the default
+    rule."""
     from .rawkernels import get_function
 
     smem = 0
     warps = _MMA_WARPS
     tile_args: tuple[Any, ...] = ()
-    if tiled and path != "mma" and not path.startswith("wgmma"):
-        raise ValueError(f"a tiled weight takes the default tensor-core path or wgmma, got path {path!r}")
+    if tiled and path != "mma" and path not in _SMALL_PATHS and not path.startswith("wgmma"):
+        raise ValueError(f"a tiled weight takes the default tensor-core path, gemm_4bit_small's or wgmma, "
+                         f"got path {path!r}")  # fmt: skip
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
         if _wgmma_default(M, N, K):
             path = "wgmma"
@@ -1167,6 +1177,8 @@ def _kernel_expressions(source: str) -> list[str]:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, {w}{t}>"
                     for mt in (1, 2) for rt in (1, 2) for a in frag_flags for w in (4, 8)
                     for t in _TILED_ARG.values()]  # fmt: skip
+            out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, 8, {t}, true>"
+                    for mt in (1, 2) for rt in (1, 2) for a in frag_flags for t in ("false", "true")]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}{t}>" for mt, rt in _TILE_CONFIGS for t in _TILED_ARG.values()]

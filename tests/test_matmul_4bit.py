@@ -695,6 +695,46 @@ def test_forced_small_kernel_paths_refuse_more_than_16_tokens(monkeypatch):
             mm._mma_launch(None, "float16", 17, 300, 640, None, None, None, None, path=path)
 
 
+def test_small_early_rule(monkeypatch):
+    # gemm_4bit_small's EARLY kernel (first batch before the byte table): 8-warp CTAs with K >=
+    # 8192 only (run 41 of NOTES_matmul_4bit.md: it wins there, loses on K = 4096 and would
+    # cost 4-warp CTAs their fourth CTA an SM).
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    assert mm._pick_mma(16, 8192, 28672, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 8, false, true>"
+    assert mm._pick_mma(2, 28672, 8192, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true, true>"
+    assert mm._pick_mma(16, 28672, 8192, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 4>"  # 4 warps
+    assert mm._pick_mma(16, 4096, 4096)[0] == "gemm_4bit_small<{}, {}, 2, 2, false, 8>"  # K < 8192
+    assert mm._pick_mma(2, 14336, 4096, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true>"
+    expressions = set(mm._kernel_expressions("gemm_4bit.cu"))
+    assert "gemm_4bit_small<MmaBFloat16, true, 2, 2, true, 8, false, true>" in expressions
+    assert "gemm_4bit_small<MmaHalf, false, 1, 1, false, 8, true, true>" in expressions
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("M", (2, 8, 16))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
+    # EARLY only moves the first batch's loads before the table: the same bits, on 8-warp CTAs
+    # with whole batches, a batch cut short and (row-major, K % 128 = 64) a segment K cuts.
+    shapes = ((272, 2048), (144, 1152)) if tiled else ((272, 2048), (48, 4160))
+    for N, K in shapes:
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
+        ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+        data = cq.tile_4bit(gp, gqs).data if tiled else gp
+        outs = []
+        for min_k in (1 << 30, 0):  # never EARLY, always EARLY (where 8 warps)
+            monkeypatch.setattr(mm, "_SMALL_EARLY_MIN_K", min_k)
+            kernel, _, _, _, _, warps = mm._pick_mma(M, N, K, frag=mm._frag_default(M, N),
+                                                     warps=8, tiled=tiled)  # fmt: skip
+            assert warps == 8 and kernel.endswith(", true>" if min_k == 0 else f"8{mm._TILED_ARG[tiled]}>")
+            out = cp.full(M * N, np.nan, dtype=ga.dtype)
+            mm._matmul_fused(ga, fmt, M, N, K, data, gqs, gb, out, path="mma-w8", tiled=tiled)
+            outs.append(cp.asnumpy(out))
+        np.testing.assert_array_equal(outs[1].view(np.uint16), outs[0].view(np.uint16))
+        assert rel_error(outs[1], fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
 def test_half_config_rejects_unbuilt():
     for config in mm._HALF_CONFIGS:
         assert mm._half_config(mm._half_path(config), 64, 64) == config

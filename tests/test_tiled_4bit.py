@@ -308,10 +308,11 @@ def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
 
 
 def test_fused_tiled_refuses_other_paths():
-    with pytest.raises(
-        ValueError, match="a tiled weight takes the default tensor-core path or wgmma, got path 'mma-w4'"
-    ):
-        mm._mma_launch(None, "float16", 4, 64, 256, None, None, None, None, path="mma-w4", tiled=True)
+    # gemm_4bit_mma ("mma-wide") and gemm_4bit_stage read the bitsandbytes layout only.
+    for path in ("mma-wide", "stage"):
+        message = f"default tensor-core path, gemm_4bit_small's or wgmma, got path '{path}'"
+        with pytest.raises(ValueError, match=message):
+            mm._mma_launch(None, "float16", 4, 64, 256, None, None, None, None, path=path, tiled=True)
 
 
 def test_tiled_reference_restores_bytes():

@@ -321,7 +321,14 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
 //    pointers that step by one segment; only the last, partial segment is checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
-template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false>
+// EARLY: the first batch of weights is requested before the byte table is built, so that
+// its trip to DRAM overlaps the table's loads and the barrier that publishes it. It pays on
+// 8-warp CTAs with long K and costs elsewhere (H100, run 41 of NOTES_matmul_4bit.md, us,
+// without / with: 8192 x 28672 at 16 tokens 72.8 / 66.3, tiled 61.3 / 52.5; 28672 x 8192
+// tiled at 2 tokens 58.1 / 54.6; but 4096 x 4096 at 16 tokens 10.6 / 11.1, and 4-warp CTAs
+// lost their fourth CTA an SM to the registers it holds: 28672 x 8192 at 16 tokens 70.4 /
+// 94.0).
+template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false>
 __global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -332,8 +339,6 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;  // bytes from a row's segment to the next
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
-  fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
-  __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -419,11 +424,8 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j) ap[j] += count * a_step;
   };
 
-  int seg = seg_begin;
-  for (; seg + kBatch <= full_end; seg += kBatch) {
-    uint4 w[kBatch][RT][2];
-    float v[kBatch][RT][2];
-    u32 q[kBatch][RT][2];
+  // A batch of kBatch whole segments: its weights and scales requested, then multiplied.
+  auto fetch_batch = [&](uint4 (&w)[kBatch][RT][2], float (&v)[kBatch][RT][2], u32 (&q)[kBatch][RT][2]) {
 #pragma unroll
     for (int d = 0; d < kBatch; ++d)
 #pragma unroll
@@ -434,9 +436,41 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
           q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
                                   v[d][rt][h], q[d][rt][h]);
         }
+  };
+  auto multiply_batch = [&](const uint4 (&w)[kBatch][RT][2], const float (&v)[kBatch][RT][2],
+                            const u32 (&q)[kBatch][RT][2]) {
 #pragma unroll
     for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
     advance(kBatch);
+  };
+
+  int seg = seg_begin;
+  if constexpr (EARLY) {  // one register set for every batch, the first one requested before the table
+    uint4 w[kBatch][RT][2];
+    float v[kBatch][RT][2];
+    u32 q[kBatch][RT][2];
+    const bool first_batch = seg + kBatch <= full_end;
+    if (first_batch) fetch_batch(w, v, q);
+    fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
+    __syncthreads();
+    if (first_batch) {
+      multiply_batch(w, v, q);
+      seg += kBatch;
+    }
+    for (; seg + kBatch <= full_end; seg += kBatch) {
+      fetch_batch(w, v, q);
+      multiply_batch(w, v, q);
+    }
+  } else {
+    fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
+    __syncthreads();
+    for (; seg + kBatch <= full_end; seg += kBatch) {
+      uint4 w[kBatch][RT][2];
+      float v[kBatch][RT][2];
+      u32 q[kBatch][RT][2];
+      fetch_batch(w, v, q);
+      multiply_batch(w, v, q);
+    }
   }
   for (; seg < seg_end; ++seg) {  // fewer than a batch left, or the segment that K cuts
     const bool valid = seg * kSegment + 32 * t < K;
