@@ -339,6 +339,10 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;  // bytes from a row's segment to the next
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
+  if constexpr (!EARLY) {
+    fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
+    __syncthreads();
+  }
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -461,9 +465,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       fetch_batch(w, v, q);
       multiply_batch(w, v, q);
     }
-  } else {
-    fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
-    __syncthreads();
+  } else {  // (the table was built first)
     for (; seg + kBatch <= full_end; seg += kBatch) {
       uint4 w[kBatch][RT][2];
       float v[kBatch][RT][2];
