@@ -150,8 +150,11 @@ _FRAG_MIN_N = 8192
 # gemm_4bit_small's EARLY kernel (the first batch of weights requested before the byte table
 # is built) for 8-warp CTAs from this K; H100 run 41 of NOTES_matmul_4bit.md (gemm_4bit.cu).
 _SMALL_EARLY_MIN_K = 8192
-# The forced paths of gemm_4bit_small (_mma_launch), each built for tiled weights too.
-_SMALL_PATHS = ("mma-rt1", "mma-rt2", "mma-frag", "mma-frag-rt1", "mma-frag-rt2", "mma-w4", "mma-w8")
+# The forced paths of gemm_4bit_small (_mma_launch; each built for tiled weights too): row tiles
+# a warp, warps a CTA, or A in fragment order ("mma-frag*").
+_SMALL_PATH_RT = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}
+_SMALL_PATH_WARPS = {"mma-w4": 4, "mma-w8": 8}
+_SMALL_PATHS = ("mma-frag", *_SMALL_PATH_RT, *_SMALL_PATH_WARPS)
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -519,6 +522,7 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 # split across CTAs where the unsplit grid leaves SMs without their CTAs, each split keeping
 # at least _WGMMA_MIN_SHARE stages.
 _WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its warpgroups (WgmmaShape::kGroups)
+_WGMMA_SCALE_THREADS = {64: 32, 128: 32, 256: 128}  # and its scale threads (WgmmaShape::kScaleThreads)
 _WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
@@ -534,7 +538,7 @@ def _wgmma_mma_threads(tokens: int) -> int:
 def _wgmma_threads(tokens: int) -> int:
     """The block size of gemm_4bit_wgmma's TOKENS = ``tokens`` (the kernel's WgmmaShape::kThreads):
     its warpgroups and the scale warp (a scale warpgroup at 256 tokens)."""
-    return _wgmma_mma_threads(tokens) + (128 if tokens == 256 else 32)
+    return _wgmma_mma_threads(tokens) + _WGMMA_SCALE_THREADS[tokens]
 
 
 def _wgmma_smem(tokens: int) -> int:
@@ -779,9 +783,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     else:
         if path not in ("mma", "mma-wide") and M > 8 * _MMA_TOKEN_TILES[1]:
             raise ValueError(f"path {path!r} forces gemm_4bit_small, which takes up to 16 tokens, got M = {M}")
-        rt = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}.get(path)
-        frag = path.startswith("mma-frag") or (path in ("mma", "mma-w4", "mma-w8") and _frag_default(M, N))
-        warps = {"mma-w4": 4, "mma-w8": 8}.get(path, 8 if tiled and M <= 8 else None)
+        rt = _SMALL_PATH_RT.get(path)
+        frag = path.startswith("mma-frag") or (path in ("mma", *_SMALL_PATH_WARPS) and _frag_default(M, N))
+        warps = _SMALL_PATH_WARPS.get(path, 8 if tiled and M <= 8 else None)
         kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps, tiled)
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy

@@ -716,23 +716,31 @@ def test_small_early_rule(monkeypatch):
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
     # EARLY only moves the first batch's loads before the table: the same bits, on 8-warp CTAs
-    # with whole batches, a batch cut short and (row-major, K % 128 = 64) a segment K cuts.
-    shapes = ((272, 2048), (144, 1152)) if tiled else ((272, 2048), (48, 4160))
-    for N, K in shapes:
+    # whose warps have several whole batches (K = 8192 and more, split 8 ways at most), one or
+    # two row tiles a warp, and a last batch cut short or (row-major, K % 128 = 64) a segment
+    # K cuts.
+    shapes = ((272, 8192), (144, 8320)) if tiled else ((272, 8192), (48, 8256))
+    paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
+    for (N, K), path in ((shape, path) for shape in shapes for path in paths):
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
         data = cq.tile_4bit(gp, gqs).data if tiled else gp
+        rt, frag = mm._SMALL_PATH_RT.get(path), mm._frag_default(M, N)
         outs = []
-        for min_k in (1 << 30, 0):  # never EARLY, always EARLY (where 8 warps)
-            monkeypatch.setattr(mm, "_SMALL_EARLY_MIN_K", min_k)
-            kernel, _, _, _, _, warps = mm._pick_mma(M, N, K, frag=mm._frag_default(M, N),
-                                                     warps=8, tiled=tiled)  # fmt: skip
-            assert warps == 8 and kernel.endswith(", true>" if min_k == 0 else f"8{mm._TILED_ARG[tiled]}>")
-            out = cp.full(M * N, np.nan, dtype=ga.dtype)
-            mm._matmul_fused(ga, fmt, M, N, K, data, gqs, gb, out, path="mma-w8", tiled=tiled)
+        for early in (False, True):
+            monkeypatch.setattr(mm, "_SMALL_EARLY_MIN_K", 0 if early else 1 << 30)
+            kernel, tiles, _, _, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8, tiled=tiled)
+            flags = f", {str(tiled).lower()}, true" if early else mm._TILED_ARG[tiled]
+            used_rt = rt or int(kernel.split(", ")[3])
+            assert warps == 8 and kernel == (f"gemm_4bit_small<{{}}, {{}}, {tiles}, {used_rt}, "
+                                             f"{str(frag).lower()}, 8{flags}>")  # fmt: skip
+            # NaN bit patterns in the storage dtype, so that an unwritten output shows
+            out = cp.full(M * N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)
+            mm._matmul_fused(ga, fmt, M, N, K, data, gqs, gb, out.view(ga.dtype), path=path, tiled=tiled)
             outs.append(cp.asnumpy(out))
-        np.testing.assert_array_equal(outs[1].view(np.uint16), outs[0].view(np.uint16))
-        assert rel_error(outs[1], fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+        np.testing.assert_array_equal(outs[1], outs[0])
+        result = outs[1].view(np.float16) if fmt == "float16" else outs[1]
+        assert rel_error(result, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt], (N, K, path)
 
 
 def test_half_config_rejects_unbuilt():

@@ -326,6 +326,9 @@ def test_gpu_256_token_fused_range(hopper, monkeypatch, shape):
     # tokens a CTA), 257 dequantize + cuBLAS; both against the reference.
     N, K = shape
     assert mm.fused_max_m("float16", N, K) == 256 and mm._wgmma_tokens(256, N, K) == 256
+    seen = []  # (the hopper fixture's wrapper, wrapped again)
+    real_get = rawkernels.get_function
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: seen.append(e) or real_get(f, e))
     ran = []
     for name in ("_matmul_fused", "_matmul_dequant_gemm"):
         real = getattr(mm, name)
@@ -338,6 +341,7 @@ def test_gpu_256_token_fused_range(hopper, monkeypatch, shape):
         assert ran == [expected], (M, ran)
         err = rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits))
         assert err < TOLERANCE["float16"], (M, err)
+    assert "gemm_4bit_wgmma<MmaHalf, true, false, 256>" in seen, seen
 
 
 def _default_wgmma_case(cp, fmt="float16", M=40, N=8192, K=2048):

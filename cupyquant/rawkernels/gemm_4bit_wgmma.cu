@@ -62,7 +62,7 @@
 // Pipeline, stage i (one barrier a stage, named barrier 1 over all threads):
 //   warpgroups: copy X(i + 2) into the buffer of stage i - 2 and the packed weights of i + 3
 //   into that of i - 1 (their wgmma and decoding are done: the barrier ending stage i - 1);
-//   issue stage i's wgmma (four a row block) on its register operands and X buffer
+//   issue stage i's wgmma (four a row block, eight at T = 256) on its register operands and X buffer
 //   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
 //   barrier, while the next are decoded); decode stage i + 1 into the register set of i - 1;
 //   wait for this thread's copies of X(i + 1) and the packed weights of i + 2, make the
