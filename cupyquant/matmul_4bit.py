@@ -29,7 +29,8 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   a warp reading whole 1 KB tiles.
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
-  float32 exactly as the reference and accumulates in float32.
+  float32 exactly as the reference and accumulates in float32. A tiled weight is read in
+  place (an unaligned A is copied first).
 
 The cuBLAS call goes through ctypes to the libcublas CuPy loaded, on CuPy's handle and the
 current stream, because CuPy's binding refuses to run during stream capture.
@@ -272,15 +273,15 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
             out2d[...] = bias_bits
         return out_bits
     if tiled:
-        aligned = _aligned(K, a_bits, packed)
-        if not _fused_applies(fmt, M, N, K, aligned):
+        if a_bits.data.ptr % 16:  # the fused kernels read A in 16-byte units: an aligned copy
+            a_bits = a_bits.copy()
+        if not _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
             _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
-        if fmt != "float32" and aligned:
+        if packed.data.ptr % 16 == 0:
             _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
-        # float32 activations (or unaligned arrays) up to the switch point: the CUDA-core
-        # GEMV reads the bitsandbytes layout only, so it gets a copy in that layout.
+        # a weight at an odd address (a view): the general kernels read the bitsandbytes layout
         packed = untile_bytes(packed, N, K)
     if _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
         _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits)
@@ -388,7 +389,7 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{flags}>"
     else:
         rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
-        kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}>"
+        kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}{_TILED_ARG[tiled]}>"
     ksplit, ctas = split(warp_tiles, warps)
     return kernel, tiles, chunks, ksplit, ctas, warps
 
@@ -725,14 +726,13 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     smem = 0
     warps = _MMA_WARPS
     tile_args: tuple[Any, ...] = ()
-    if tiled and path != "mma" and path not in _SMALL_PATHS and not path.startswith("wgmma"):
-        raise ValueError(f"a tiled weight takes the default tensor-core path, gemm_4bit_small's or wgmma, "
-                         f"got path {path!r}")  # fmt: skip
+    if tiled and path.startswith("stage"):
+        raise ValueError(f"gemm_4bit_stage reads the bitsandbytes layout only, got path {path!r} for a tiled weight")
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
         if _wgmma_default(M, N, K):
             path = "wgmma"
         else:
-            path = "tile" if N >= _TILE_MIN_N or tiled else "mma-wide"
+            path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>]": defaults by the rule
         tokens, forced = _wgmma_path(path)
         if not _wgmma_supported():
@@ -850,13 +850,17 @@ def _split_workspace(ksplit: int, ctas: int, frag: int, threads: int = 32 * _MMA
     return partial, cp.zeros(ctas, dtype=np.uint32)
 
 
-def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool):
-    """(kernel, grid, block, args, shared bytes) of the CUDA-core GEMV."""
+def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool, tiled: bool = False):
+    """(kernel, grid, block, args, shared bytes) of the CUDA-core GEMV; ``tiled`` (aligned
+    only): ``packed`` in tile order."""
     from .rawkernels import get_function
 
+    if tiled and not aligned:
+        raise ValueError("the CUDA-core GEMV reads a tiled weight only with K % 32 == 0 and 16-byte aligned A and B")
     mr = 1 if M == 1 else 4
     rows = 4 if mr == 1 else 2
-    expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {rows}, {str(aligned).lower()}>"
+    flags = f"{str(aligned).lower()}{_TILED_ARG[tiled]}"
+    expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {rows}, {flags}>"
     kernel = get_function("gemv_4bit.cu", expr)
     grid = (-(-N // (_GEMV_WARPS * rows)), -(-M // mr))
     args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
@@ -933,8 +937,8 @@ def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     kernel(grid, block, args, shared_mem=smem)
 
 
-def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool) -> None:
-    kernel, grid, block, args, _ = _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
+def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool, tiled: bool = False) -> None:
+    kernel, grid, block, args, _ = _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned, tiled)
     kernel(grid, block, args)
 
 
@@ -996,8 +1000,8 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
     if M < 1 or N == 0 or K == 0 or not _fused_applies(fmt, M, N, K, aligned):
         return None
-    if tiled and (fmt == "float32" or not aligned):
-        return None  # the general path: the CUDA-core GEMV reads a row-major copy
+    if tiled and not aligned:
+        return None  # the general path copies the weight into the bitsandbytes layout
     cp = _xp.cupy()
     # Stand-ins with the right dtype for the per-call pointers (replaced at each call).
     a_stub = cp.empty(0, dtype=_xp.storage_dtype(fmt))
@@ -1019,7 +1023,7 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
             # outlive it. The general path allocates it per call, in stream order.
             return None
     else:
-        launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned)
+        launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned, tiled)
         kernel, grid, block, args, smem = launch
     return FusedLaunch(kernel, grid, block, args, keep=(packed, quant_state, args), shared_mem=smem)
 
@@ -1131,9 +1135,7 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
             )
         _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path, tiled)
     else:
-        if tiled:
-            raise ValueError("a tiled weight needs fp16 / bf16 activations and 16-byte aligned arrays")
-        _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned)
+        _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned, tiled)
 
 
 def _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, tiled: bool = False) -> None:
@@ -1164,6 +1166,8 @@ def _kernel_expressions(source: str) -> list[str]:
     if source == "gemv_4bit.cu":
         return [f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, {a}>"
                 for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
+            f"gemv_4bit<{f}, {n}, {mr}, {4 if mr == 1 else 2}, true, true>"
+            for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4)] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in _TILED_ARG.values()] + [
@@ -1184,7 +1188,7 @@ def _kernel_expressions(source: str) -> list[str]:
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, 8, {t}, true>"
                     for mt in (1, 2) for rt in (1, 2) for a in frag_flags for t in ("false", "true")]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
-            out += [f"gemm_4bit_mma<{f}, {n}, {mt}>" for mt in _MMA_TOKEN_TILES]
+            out += [f"gemm_4bit_mma<{f}, {n}, {mt}{t}>" for mt in _MMA_TOKEN_TILES for t in _TILED_ARG.values()]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}{t}>" for mt, rt in _TILE_CONFIGS for t in _TILED_ARG.values()]
             out += [f"gemm_4bit_tile_split<{f}, {n}, {mt}, {rt}{t}>"
                     for mt, rt in _TILE_SPLIT_CONFIGS for t in _TILED_ARG.values()]  # fmt: skip

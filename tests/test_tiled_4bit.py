@@ -127,7 +127,7 @@ def test_gpu_tiled_matmul_sweep(cp, fmt, M, shape):
     # Every path a tiled weight takes: the one-token GEMV (gemv_4bit_tiled), gemm_4bit_small
     # (4 / 8 warps, fragment-order A on 8192 rows), the tile kernels above 16 tokens
     # (gemm_4bit_wgmma from 33 on 8192 rows on an H100 / H200), dequantize + cuBLAS on the
-    # tiles past the fused switch point, and the row-major copy for float32 up to it.
+    # tiles past the fused switch point, and for float32 up to it gemv_4bit's TILED build.
     N, K = shape
     a_bits, bias_bits, packed, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=M + N)
     out = _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True)
@@ -282,6 +282,45 @@ def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize(("fmt", "M", "N", "K"), (
+    ("float32", 1, 272, 1152), ("float32", 3, 4096, 512), ("float32", 4, 64, 4096),
+    ("float16", 17, 272, 1152), ("bfloat16", 20, 4096, 512), ("float16", 32, 256, 4096),
+))  # fmt: skip
+def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, quant_type, nested, fmt, M, N, K):
+    # float32 rows (the CUDA-core GEMV) and 17..32 tokens on weights under 8192 rows
+    # (gemm_4bit_mma) run the same kernel on both layouts: only the weight addresses differ,
+    # so the outputs are identical, and no row-major copy of the tiles is made. 272 rows are
+    # 17 row tiles: a CTA's last warps lie past N.
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, quant_type, 64, nested, True, seed=M + N)
+    expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
+    gqs, gpacked = copy.deepcopy(qs).to(0), cp.asarray(packed)
+    a_bits, bias_bits, tiled = cp.asarray(a_bits), cp.asarray(bias_bits), cq.tile_4bit(gpacked, gqs).data
+    row_major = _run(cp, a_bits, fmt, M, gpacked, gqs, bias_bits, False)
+    monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
+    got = _run(cp, a_bits, fmt, M, tiled, gqs, bias_bits, True)
+    np.testing.assert_array_equal(got, row_major)
+    assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("fmt", "M"), (("float32", 1), ("float32", 4), ("float16", 1), ("bfloat16", 12)))
+def test_gpu_tiled_unaligned_activations(cp, monkeypatch, fmt, M):
+    # A at an odd address: the tiled path multiplies an aligned copy of A, never a row-major
+    # copy of the weight, and gives the bits of the aligned call.
+    N, K = 256, 1152
+    a_bits, bias_bits, _, qs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=11)
+    shifted = cp.empty(M * K + 1, dtype=a_bits.dtype)
+    shifted[1:] = a_bits
+    assert shifted[1:].data.ptr % 16 != 0
+    monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
+    got = _run(cp, shifted[1:], fmt, M, tiled, qs, bias_bits, True)
+    np.testing.assert_array_equal(got, _run(cp, a_bits, fmt, M, tiled, qs, bias_bits, True))
+    assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
 def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
     # 1..700 tokens of fp16 run the tiled instantiations (one token: gemv_4bit_tiled; 40
     # tokens: gemm_4bit_tile, or gemm_4bit_wgmma on an H100 / H200; 700: the dequantize
@@ -307,12 +346,27 @@ def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
     assert all(e.endswith(", true>") for e in kernels[1:]), kernels
 
 
-def test_fused_tiled_refuses_other_paths():
-    # gemm_4bit_mma ("mma-wide") and gemm_4bit_stage read the bitsandbytes layout only.
-    for path in ("mma-wide", "stage"):
-        message = f"default tensor-core path, gemm_4bit_small's or wgmma, got path '{path}'"
-        with pytest.raises(ValueError, match=message):
+def test_fused_tiled_refuses_the_stage_kernel():
+    # gemm_4bit_stage reads the bitsandbytes layout only; every other kernel has a TILED build.
+    for path in ("stage", "stage-1x4c2w4"):
+        with pytest.raises(ValueError, match=f"gemm_4bit_stage reads the bitsandbytes layout only, got path '{path}'"):
             mm._mma_launch(None, "float16", 4, 64, 256, None, None, None, None, path=path, tiled=True)
+
+
+def test_tiled_float32_gemv_and_narrow_mma_expressions(monkeypatch):
+    # float32 activations up to 4 rows run gemv_4bit's TILED build; 17..32 fp16 / bf16 tokens
+    # on weights under _TILE_MIN_N rows run gemm_4bit_mma's (both registered for compiling).
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    gemv = mm._kernel_expressions("gemv_4bit.cu")
+    for mr, rows in ((1, 4), (4, 2)):
+        assert f"gemv_4bit<Float32, true, {mr}, {rows}, true, true>" in gemv
+    assert not any(e.startswith("gemv_4bit<") and e.endswith("false, true>") for e in gemv)  # TILED needs ALIGNED
+    for M in (17, 32):
+        expr = mm._pick_mma(M, 4096, 4096, wide=True, tiled=True)[0]
+        assert expr == "gemm_4bit_mma<{}, {}, 4, true>", expr
+        assert expr.format("MmaHalf", "true") in mm._kernel_expressions("gemm_4bit.cu")
+    with pytest.raises(ValueError, match="reads a tiled weight only with K % 32 == 0 and 16-byte aligned A and B"):
+        mm._gemv_launch(None, "float32", 1, 64, 256, None, None, None, None, aligned=False, tiled=True)
 
 
 def test_tiled_reference_restores_bytes():

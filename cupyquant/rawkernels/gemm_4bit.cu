@@ -11,7 +11,7 @@
 //   A        u16[M, K]                fp16 or bf16 activations, row-major, 16-byte aligned
 //   packed   u8[(N*K + 1) / 2]        W (N, K) flattened row-major, flat element 2j in the
 //                                     HIGH nibble of byte j; 16-byte aligned
-//            or, TILED (gemm_4bit_small, gemm_4bit_tile, gemm_4bit_tile_split; N % 16 == 0,
+//            or, TILED (every kernel here but gemm_4bit_stage; N % 16 == 0,
 //            K % 128 == 0), the same bytes in 16-row x 128-k tiles: tile (r, s) = rows
 //            16r..16r+15, segment s, at byte ((r * K / 128 + s) * 16 + row % 16) * 64, each
 //            row's 64 bytes of the segment in order (cupyquant/tiled_4bit.py). A warp's
@@ -67,6 +67,7 @@ using q4::fill_byte_table;
 using q4::lut_at;
 using q4::pack2;
 using q4::shared_address;
+using q4::tiled_chunk;
 
 // The table entry of the byte at bit position p of `word`, lane's replica. The byte
 // offset (byte << 7) | (lane << 2) is one shift and one lop3; the table's own address
@@ -91,12 +92,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-}
-
-// TILED layout (see the data layout above): the lane's 16 bytes of row `row` (0..15) of
-// 16-row tile `tile`, segment `seg`, 32-element chunk t, with `segments` = K / 128.
-__device__ __forceinline__ const u8* tiled_chunk(const u8* packed, int tile, int segments, int seg, int row, int t) {
-  return packed + (((i64)tile * segments + seg) * 16 + row) * 64 + 16 * t;
 }
 
 // The A fragments of mma step s (0..7) of a segment for RT row tiles: bytes 2s and 2s + 1
@@ -186,9 +181,10 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int t
 
 }  // namespace
 
-// gemm_4bit_mma<Fmt, NESTED, MT>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16); MT n8 token tiles per CTA.
+// gemm_4bit_mma<Fmt, NESTED, MT, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16); MT n8 token tiles per
+// CTA; TILED: the weight in tile order.
 //   grid (ceil(ceil(N / 16) / (4 / ksplit)) * token_chunks), block 128; ksplit in {1, 2, 4}.
-template <class Fmt, bool NESTED, int MT>
+template <class Fmt, bool NESTED, int MT, bool TILED = false>
 __global__ void __launch_bounds__(kMmaThreads)
 gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
               const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -233,8 +229,13 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
     for (int d = 0; d < kInFlight; ++d) {
       const int k0 = (seg0 + d) * kSegment + 32 * t;
       if (seg0 + d < seg_end && k0 < K) {
-        w_lo[d] = q4::load_stream16(packed + ((start_lo + k0) >> 1));
-        w_hi[d] = q4::load_stream16(packed + ((start_hi + k0) >> 1));
+        if constexpr (TILED) {  // N % 16 == 0 and K % 128 == 0: every segment is whole
+          w_lo[d] = q4::load_stream16(tiled_chunk(packed, tile, segments, seg0 + d, g, t));
+          w_hi[d] = q4::load_stream16(tiled_chunk(packed, tile, segments, seg0 + d, g + 8, t));
+        } else {
+          w_lo[d] = q4::load_stream16(packed + ((start_lo + k0) >> 1));
+          w_hi[d] = q4::load_stream16(packed + ((start_hi + k0) >> 1));
+        }
         q4::scale_fetch<NESTED>((start_lo + k0) >> block_shift, absmax, qabsmax, nested_absmax, v_lo[d], q_lo[d]);
         q4::scale_fetch<NESTED>((start_hi + k0) >> block_shift, absmax, qabsmax, nested_absmax, v_hi[d], q_hi[d]);
       } else {

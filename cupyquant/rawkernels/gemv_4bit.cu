@@ -42,15 +42,19 @@ constexpr int kUnroll = 2;
 
 }  // namespace
 
-// gemv_4bit<Fmt, NESTED, MR, ROWS, ALIGNED>
+// gemv_4bit<Fmt, NESTED, MR, ROWS, ALIGNED, TILED>
 //   grid (ceil(N / (4 * ROWS)), ceil(M / MR)), block 128.
-template <class Fmt, bool NESTED, int MR, int ROWS, bool ALIGNED>
+// TILED (with ALIGNED): the weight is in the tile order of gemm_4bit.cu's data layout (N % 16
+// == 0, K % 128 == 0, cupyquant/tiled_4bit.py); chunk c of a row is then its 16 bytes in
+// segment c / 4 of the row's tile. Everything else, the scales included, is unchanged.
+template <class Fmt, bool NESTED, int MR, int ROWS, bool ALIGNED, bool TILED = false>
 __global__ void __launch_bounds__(kGemvThreads, 3)
 gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
           const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
           const float* __restrict__ nested_absmax, const float* __restrict__ offset,
           const typename Fmt::storage* __restrict__ bias, typename Fmt::storage* __restrict__ out, int M, int N, int K,
           int block_shift, int has_bias) {
+  static_assert(ALIGNED || !TILED, "the tile order needs the aligned path");
   __shared__ float2 lut[256 * kLutReplicas];
   __shared__ float code2_s[NESTED ? 256 : 1];
   for (int i = threadIdx.x; i < 256 * kLutReplicas; i += kGemvThreads) {
@@ -95,7 +99,12 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
         for (int r = 0; r < ROWS; ++r) {
           if (c < chunks) {
             const i64 e = row_start[r] + 32 * c;
-            w[u][r] = q4::load_stream16(packed + (e >> 1));
+            if constexpr (TILED) {
+              const int row = min(row0 + r, N - 1);
+              w[u][r] = q4::load_stream16(q4::tiled_chunk(packed, row >> 4, K >> 7, c >> 2, row & 15, c & 3));
+            } else {
+              w[u][r] = q4::load_stream16(packed + (e >> 1));
+            }
             q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, sv[u][r], sq[u][r]);
           } else {
             w[u][r] = make_uint4(0, 0, 0, 0);

@@ -103,6 +103,13 @@ __device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) {
 
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// The tile order of cupyquant/tiled_4bit.py (N % 16 == 0, K % 128 == 0; gemm_4bit.cu's data
+// layout): the 16 bytes of 32-element chunk t (0..3) of row `row` (0..15) of 16-row tile
+// `tile`, 128-k segment `seg`, with `segments` = K / 128.
+__device__ __forceinline__ const u8* tiled_chunk(const u8* packed, int tile, int segments, int seg, int row, int t) {
+  return packed + (((i64)tile * segments + seg) * 16 + row) * 64 + 16 * t;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..tiled_4bit import TILE_COLS, TILE_ROWS
 from .autograd import matmul_4bit
 from .parameters import PackedWeightStateDict, Params4bit
 
@@ -43,6 +44,14 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
     The weight is a :class:`Params4bit`; it is quantized on the layer's first move to a
     device (``.to(device)``, ``.cuda()``, ``.cpu()``), or comes quantized from
     ``load_state_dict`` / :meth:`from_linear`.
+
+    On CUDA the layer keeps the quantized bytes in the tile order of
+    :mod:`cupyquant.tiled_4bit` (16-row x 128-column tiles of 1 KB) where the shape allows
+    it (out_features % 16 == 0, in_features % 128 == 0): they are reordered once, when the
+    weight is quantized, loaded or moved there, and 2..64 tokens run up to 25% faster (see
+    :meth:`tile_`). ``state_dict`` writes the bitsandbytes layout whatever the order, and
+    ``weight.quant_state.tiled`` tells which order ``weight.data`` holds. :meth:`untile_`
+    keeps the bitsandbytes layout instead.
 
     Compute dtype: ``compute_dtype`` when given. Otherwise the first input decides: a
     float32 or bfloat16 input sets it to that dtype; a float16 input leaves it unset
@@ -87,6 +96,9 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         self.compute_dtype = compute_dtype
         self.compute_type_is_set = compute_dtype is not None
         self.quant_storage = quant_storage
+        # The order of the quantized bytes: None follows the device (tiles on CUDA where the
+        # shape allows, the bitsandbytes layout elsewhere); tile_() / untile_() fix it.
+        self.tile_order: bool | None = None
 
     @classmethod
     def from_linear(
@@ -123,6 +135,7 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
             layer.bias = nn.Parameter(
                 linear.bias.detach().to(device, copy=True), requires_grad=linear.bias.requires_grad
             )
+        layer._arrange_weight()
         return layer
 
     @property
@@ -160,27 +173,50 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
 
     def tile_(self) -> Linear4bit:
         """Keep the quantized weight in the tile order of :mod:`cupyquant.tiled_4bit` (16-row x
-        128-column tiles of 1 KB); returns self. On CUDA with float16 / bfloat16 compute,
-        2..64 tokens run up to 16% faster (H100, 28672 x 8192: 16 tokens 59.8 against 70.1
-        us, 64 tokens 108.2 against 117.0; one token 50.1 against 48.2, see the README), and
-        past the fused switch point the dequantize kernel reads the tiles in place. float32
-        compute of up to 4 rows copies the weight back to the bitsandbytes layout on every
-        call: use the default layout there. On the CPU the results are the same, slower.
+        128-column tiles of 1 KB) on every device, from now on; returns self. This is what a
+        layer on CUDA does by default where the shape allows it; on the CPU the results are
+        the same, slower (the reference path reorders the bytes a call).
 
-        ``state_dict`` still writes the bitsandbytes layout, and loading a checkpoint into a
-        tiled layer tiles the loaded weight. ``weight.quant_state.tiled`` records the order,
-        which this package's ``dequantize_4bit`` / ``matmul_4bit`` read; code that
-        interprets ``weight.data`` byte by byte without the state must call
-        :meth:`untile_` first. Needs a quantized weight with out_features % 16 == 0 and
-        in_features % 128 == 0.
+        On CUDA with float16 / bfloat16 compute 2..64 tokens run up to 25% faster (H100,
+        8192 x 28672 at 16 tokens 53.8 against 66.7 us, 28672 x 8192 at 64 tokens 107.0
+        against 117.1; one token 47.0 against 47.2 and 50.0 against 48.5, see the README);
+        every other path reads the tiles in place.
+
+        ``state_dict`` still writes the bitsandbytes layout, and a loaded checkpoint is tiled.
+        ``weight.quant_state.tiled`` records the order, which this package's
+        ``dequantize_4bit`` / ``matmul_4bit`` read; code that interprets ``weight.data``
+        byte by byte without the state must call :meth:`untile_` first. Needs a quantized
+        weight with out_features % 16 == 0 and in_features % 128 == 0.
         """
         self._quantized_weight().set_tile_order(True)
+        self.tile_order = True
         return self
 
     def untile_(self) -> Linear4bit:
-        """Put the weight back in the bitsandbytes layout (undoes :meth:`tile_`); returns self."""
+        """Keep the weight in the bitsandbytes layout on every device, from now on; returns self."""
         self._quantized_weight().set_tile_order(False)
+        self.tile_order = False
         return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        # .to() / .cuda() / .cpu() quantize or move the weight; then put it in its device's order
+        super()._apply(fn, recurse)
+        self._arrange_weight()
+        return self
+
+    def _arrange_weight(self) -> None:
+        """Put a quantized weight in the order :attr:`tile_order` asks for; by default tiles on
+        CUDA where the shape allows them, the bitsandbytes layout on the CPU."""
+        weight = self.weight
+        if not getattr(weight, "bnb_quantized", False) or getattr(weight, "quant_state", None) is None:
+            return
+        tiled = getattr(self, "tile_order", None)  # layers pickled before it existed: None
+        if tiled is None:
+            if weight.device.type not in ("cuda", "cpu"):
+                return
+            N, K = weight.quant_state.shape
+            tiled = weight.device.type == "cuda" and N % TILE_ROWS == 0 and K % TILE_COLS == 0
+        weight.set_tile_order(tiled)
 
     def _quantized_weight(self) -> Params4bit:
         if getattr(self.weight, "quant_state", None) is None:
@@ -191,11 +227,9 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         return self.weight
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # a tiled layer stays tiled: the checkpoint's bitsandbytes bytes are reordered once
-        tiled = getattr(getattr(self.weight, "quant_state", None), "tiled", False)
+        # the checkpoint holds the bitsandbytes layout: reorder it once, as the layer keeps it
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if tiled and getattr(self.weight, "quant_state", None) is not None:
-            self.weight.set_tile_order(True)
+        self._arrange_weight()
 
     def extra_repr(self) -> str:
         w = self.weight

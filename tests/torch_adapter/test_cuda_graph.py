@@ -52,9 +52,12 @@ def test_replay_reads_the_quant_state_in_place():
         torch.testing.assert_close(y, layer(x))
 
 
-def test_forward_at_one_row_does_not_copy_the_weight():
-    layer = LinearNF4(4096, 4096, compute_dtype=torch.float16).cuda()
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+@pytest.mark.parametrize(("dtype", "rows"), [(torch.float16, 1), (torch.float32, 1), (torch.float32, 4)])
+def test_fused_forward_does_not_copy_the_weight(dtype, rows):
+    # The layer keeps its weight in tile order on CUDA; every fused kernel reads it in place.
+    layer = LinearNF4(4096, 4096, compute_dtype=dtype).cuda()
+    assert layer.weight.quant_state.tiled
+    x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
     with torch.no_grad():
         layer(x)
         torch.cuda.synchronize()
@@ -62,7 +65,7 @@ def test_forward_at_one_row_does_not_copy_the_weight():
         before = torch.cuda.memory_allocated()
         layer(x)
         torch.cuda.synchronize()
-    # the output (8 KiB) and small scratch at most; a weight copy would be >= 8 MiB
+    # the output (<= 64 KiB) and small scratch at most; a weight copy would be >= 8 MiB
     assert torch.cuda.max_memory_allocated() - before < (1 << 20)
 
 

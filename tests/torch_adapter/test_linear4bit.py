@@ -267,7 +267,7 @@ def _layer_pair(device, quant_storage=torch.uint8, compute_dtype=torch.float16, 
     linear = nn.Linear(in_features, out_features)
     plain = Linear4bit.from_linear(
         linear, device=device, quant_type="nf4", compute_dtype=compute_dtype, quant_storage=quant_storage
-    )
+    ).untile_()
     return plain, copy.deepcopy(plain).tile_()
 
 
@@ -343,6 +343,34 @@ def test_tiled_layer_compiles(device):
         x = torch.randn(rows, 256, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             assert same_bytes(compiled(x), tiled(x))
+
+
+def test_layer_order_follows_the_device(device):
+    # By default a layer keeps tiles on CUDA where the shape allows (out % 16, in % 128) and
+    # the bitsandbytes layout on the CPU, reordering when quantized, loaded or moved;
+    # tile_() / untile_() fix the order for good. The product is the same either way.
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 48)
+    layer = Linear4bit.from_linear(linear, device=device, quant_type="nf4", compute_dtype=torch.float16)
+    assert layer.tile_order is None and layer.weight.quant_state.tiled == on_cuda
+    plain = copy.deepcopy(layer).untile_()
+    x = torch.randn(3, 256, device=device, dtype=torch.float16)
+    assert same_bytes(layer.state_dict()["weight"], plain.state_dict()["weight"])
+    moved = copy.deepcopy(layer).cpu()
+    assert not moved.weight.quant_state.tiled and same_bytes(moved.weight.data, plain.weight.data.cpu())
+    back = moved.to(device)
+    assert back.weight.quant_state.tiled == on_cuda and same_bytes(back(x), layer(x))
+    fresh = Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.float16).to(device)
+    fresh.load_state_dict(plain.state_dict())
+    assert fresh.weight.quant_state.tiled == on_cuda and same_bytes(fresh(x), layer(x))
+    quantized = Linear4bit(256, 48, quant_type="nf4").to(device)  # quantized on the move
+    assert quantized.weight.quant_state.tiled == on_cuda
+    assert not plain.to(device).weight.quant_state.tiled and copy.deepcopy(plain).cpu().tile_order is False
+    pinned = copy.deepcopy(plain).tile_().cpu()
+    assert pinned.weight.quant_state.tiled and same_bytes(pinned(x.cpu()), moved(x.cpu()))
+    odd = Linear4bit.from_linear(nn.Linear(256, 40), device=device)  # 40 rows: no tiles
+    assert not odd.weight.quant_state.tiled
 
 
 def test_tile_errors():
