@@ -1,4 +1,6 @@
-"""``Linear4bit`` in the bitsandbytes layout (``untile_()``) against its CUDA default, tiles.
+"""``Linear4bit`` in the bitsandbytes layout (``untile_()``) against tiles (``tile_()``).
+
+Tiles are a CUDA layer's default for fp16 / bf16 compute, the bitsandbytes layout for float32.
 
 The forward of the layer (NF4 bs64 nested, no bias) with fp16 compute at 1 / 16 / 64 / 128
 tokens and float32 compute at 1 / 4 tokens (the CUDA-core GEMV) on PERFORMANCE.md's
@@ -27,13 +29,12 @@ REPEATS = 10
 
 
 def _layers(n: int, k: int, dtype: torch.dtype) -> tuple[list[nn.Module], list[nn.Module]]:
-    """Copies of one quantized layer, in the bitsandbytes layout and tiled (the default)."""
+    """Copies of one quantized layer, in the bitsandbytes layout and tiled."""
     linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-    tiled = cqt.Linear4bit.from_linear(linear, quant_type="nf4", compute_dtype=dtype)
-    assert tiled.weight.quant_state.tiled, "a CUDA layer of this shape keeps tiles"
+    base = cqt.Linear4bit.from_linear(linear, quant_type="nf4", compute_dtype=dtype)
     copies = max(2, math.ceil(ROTATION_BYTES / (n * k / 2)))
-    plain = [copy.deepcopy(tiled).untile_() for _ in range(copies)]
-    return plain, [copy.deepcopy(tiled) for _ in range(copies)]
+    plain = [copy.deepcopy(base).untile_() for _ in range(copies)]
+    return plain, [copy.deepcopy(base).tile_() for _ in range(copies)]
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     for dtype, tokens in TOKENS.items():
         name = str(dtype).removeprefix("torch.")
         print(f"Linear4bit forward, NF4 bs64 nested, {name} compute; us a call (graph replay): "
-              "bitsandbytes layout (untile_()) / tiles (the default)")  # fmt: skip
+              "bitsandbytes layout / tiles")  # fmt: skip
         print(f"{'N x K':>13} " + " ".join(f"{'M=' + str(m):>15}" for m in tokens))
         with torch.inference_mode():
             for n, k in SHAPES:

@@ -86,6 +86,12 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
     for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
 
   const int chunks = (K + 31) >> 5;
+  const u8* tile_lane[ROWS];  // TILED: this lane's first chunk (chunk `lane`) of each row
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = min(row0 + r, N - 1);
+    tile_lane[r] = TILED ? q4::tiled_chunk(packed, row >> 4, K >> 7, lane >> 2, row & 15, lane & 3) : packed;
+  }
   if constexpr (ALIGNED) {
     for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
       // Issue every load of UNROLL chunks first, then decode: more bytes in flight per warp.
@@ -99,12 +105,8 @@ gemv_4bit(const typename Fmt::storage* __restrict__ A, const u8* __restrict__ pa
         for (int r = 0; r < ROWS; ++r) {
           if (c < chunks) {
             const i64 e = row_start[r] + 32 * c;
-            if constexpr (TILED) {
-              const int row = min(row0 + r, N - 1);
-              w[u][r] = q4::load_stream16(q4::tiled_chunk(packed, row >> 4, K >> 7, c >> 2, row & 15, c & 3));
-            } else {
-              w[u][r] = q4::load_stream16(packed + (e >> 1));
-            }
+            // TILED: chunk c = lane + 32 j lies (c - lane) / 4 segments = (c - lane) * 256 bytes past chunk lane
+            w[u][r] = q4::load_stream16(TILED ? tile_lane[r] + (i64)(c - lane) * 256 : packed + (e >> 1));
             q4::scale_fetch<NESTED>(e >> block_shift, absmax, qabsmax, nested_absmax, sv[u][r], sq[u][r]);
           } else {
             w[u][r] = make_uint4(0, 0, 0, 0);

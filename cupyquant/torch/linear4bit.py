@@ -47,11 +47,11 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
 
     On CUDA the layer keeps the quantized bytes in the tile order of
     :mod:`cupyquant.tiled_4bit` (16-row x 128-column tiles of 1 KB) where the shape allows
-    it (out_features % 16 == 0, in_features % 128 == 0): they are reordered once, when the
-    weight is quantized, loaded or moved there, and 2..64 tokens run up to 25% faster (see
-    :meth:`tile_`). ``state_dict`` writes the bitsandbytes layout whatever the order, and
-    ``weight.quant_state.tiled`` tells which order ``weight.data`` holds. :meth:`untile_`
-    keeps the bitsandbytes layout instead.
+    it (out_features % 16 == 0, in_features % 128 == 0) and ``compute_dtype`` is not
+    float32: they are reordered once, when the weight is quantized, loaded or moved there,
+    and 2..64 fp16 / bf16 tokens run up to 25% faster (see :meth:`tile_`). ``state_dict``
+    writes the bitsandbytes layout whatever the order, and ``weight.quant_state.tiled``
+    tells which order ``weight.data`` holds. :meth:`tile_` / :meth:`untile_` fix the order.
 
     Compute dtype: ``compute_dtype`` when given. Otherwise the first input decides: a
     float32 or bfloat16 input sets it to that dtype; a float16 input leaves it unset
@@ -96,8 +96,8 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         self.compute_dtype = compute_dtype
         self.compute_type_is_set = compute_dtype is not None
         self.quant_storage = quant_storage
-        # The order of the quantized bytes: None follows the device (tiles on CUDA where the
-        # shape allows, the bitsandbytes layout elsewhere); tile_() / untile_() fix it.
+        # The order of the quantized bytes: None follows the device and compute dtype (see
+        # _arrange_weight); tile_() / untile_() fix it.
         self.tile_order: bool | None = None
 
     @classmethod
@@ -178,9 +178,10 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         the same, slower (the reference path reorders the bytes a call).
 
         On CUDA with float16 / bfloat16 compute 2..64 tokens run up to 25% faster (H100,
-        8192 x 28672 at 16 tokens 53.8 against 66.7 us, 28672 x 8192 at 64 tokens 107.0
-        against 117.1; one token 47.0 against 47.2 and 50.0 against 48.5, see the README);
-        every other path reads the tiles in place.
+        8192 x 28672 at 16 tokens 54.1 against 67.7 us, 28672 x 8192 at 64 tokens 107.8
+        against 117.4; one token 47.2 against 47.0 and 50.6 against 48.7, see the README);
+        every other path reads the tiles in place. float32 compute gains nothing (its
+        kernels do not use tensor cores) and one float32 token runs 4-9% slower on tiles.
 
         ``state_dict`` still writes the bitsandbytes layout, and a loaded checkpoint is tiled.
         ``weight.quant_state.tiled`` records the order, which this package's
@@ -205,8 +206,11 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         return self
 
     def _arrange_weight(self) -> None:
-        """Put a quantized weight in the order :attr:`tile_order` asks for; by default tiles on
-        CUDA where the shape allows them, the bitsandbytes layout on the CPU."""
+        """Put a quantized weight in the order :attr:`tile_order` asks for. By default tiles on
+        CUDA where the shape allows them, unless the compute dtype is float32 (the tiles
+        speed up the tensor-core kernels only, and one float32 token runs 4-9% slower on
+        them: H100, README); the bitsandbytes layout on the CPU, whose reference path would
+        reorder tiles a call."""
         weight = self.weight
         if not getattr(weight, "bnb_quantized", False) or getattr(weight, "quant_state", None) is None:
             return
@@ -215,7 +219,8 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
             if weight.device.type not in ("cuda", "cpu"):
                 return
             N, K = weight.quant_state.shape
-            tiled = weight.device.type == "cuda" and N % TILE_ROWS == 0 and K % TILE_COLS == 0
+            tileable = N % TILE_ROWS == 0 and K % TILE_COLS == 0
+            tiled = weight.device.type == "cuda" and tileable and self.compute_dtype != torch.float32
         weight.set_tile_order(tiled)
 
     def _quantized_weight(self) -> Params4bit:

@@ -54,9 +54,11 @@ def test_replay_reads_the_quant_state_in_place():
 
 @pytest.mark.parametrize(("dtype", "rows"), [(torch.float16, 1), (torch.float32, 1), (torch.float32, 4)])
 def test_fused_forward_does_not_copy_the_weight(dtype, rows):
-    # The layer keeps its weight in tile order on CUDA; every fused kernel reads it in place.
+    # Tile order (a CUDA layer's default for fp16, tile_() for float32): every fused kernel
+    # reads it in place.
     layer = LinearNF4(4096, 4096, compute_dtype=dtype).cuda()
-    assert layer.weight.quant_state.tiled
+    assert layer.weight.quant_state.tiled == (dtype != torch.float32)
+    layer.tile_()
     x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
     with torch.no_grad():
         layer(x)

@@ -359,7 +359,7 @@ def test_layer_order_follows_the_device(device):
     assert same_bytes(layer.state_dict()["weight"], plain.state_dict()["weight"])
     moved = copy.deepcopy(layer).cpu()
     assert not moved.weight.quant_state.tiled and same_bytes(moved.weight.data, plain.weight.data.cpu())
-    back = moved.to(device)
+    back = moved.to(device)  # Module.to moves in place: moved is back
     assert back.weight.quant_state.tiled == on_cuda and same_bytes(back(x), layer(x))
     fresh = Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.float16).to(device)
     fresh.load_state_dict(plain.state_dict())
@@ -368,9 +368,12 @@ def test_layer_order_follows_the_device(device):
     assert quantized.weight.quant_state.tiled == on_cuda
     assert not plain.to(device).weight.quant_state.tiled and copy.deepcopy(plain).cpu().tile_order is False
     pinned = copy.deepcopy(plain).tile_().cpu()
-    assert pinned.weight.quant_state.tiled and same_bytes(pinned(x.cpu()), moved(x.cpu()))
+    assert pinned.weight.quant_state.tiled and same_bytes(pinned(x.cpu()), copy.deepcopy(plain).cpu()(x.cpu()))
     odd = Linear4bit.from_linear(nn.Linear(256, 40), device=device)  # 40 rows: no tiles
     assert not odd.weight.quant_state.tiled
+    # float32 compute: no tensor-core kernel reads the weight, so it keeps the bitsandbytes layout
+    full = Linear4bit.from_linear(linear, device=device, quant_type="nf4", compute_dtype=torch.float32)
+    assert not full.weight.quant_state.tiled and same_bytes(full.weight.data, plain.weight.data)
 
 
 def test_tile_errors():
