@@ -716,11 +716,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     launches ``permute_fragments`` here, on the current stream, and the kernel's A is that
     copy (so a prepared launch never takes that path).
 
-    ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), the default path, the
-    forced ``gemm_4bit_small`` and wgmma ones only: up to 16 tokens ``gemm_4bit_small`` (8 warps
-    a CTA up to 8 tokens, H100 run 32 of NOTES_matmul_4bit.md), above that ``gemm_4bit_wgmma``
-    where :func:`_wgmma_default` holds, else the tile kernels whatever N, split by the default
-    rule."""
+    ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), every path but
+    "stage": up to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 32 of
+    NOTES_matmul_4bit.md), above that as for the bitsandbytes layout (the TILED builds)."""
     from .rawkernels import get_function
 
     smem = 0
@@ -994,7 +992,7 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     """A :class:`FusedLaunch` for ``M`` rows of ``fmt`` activations against the CuPy
     weight ``packed`` / ``quant_state`` (bitsandbytes layout; ``tiled``: the tile order of
     :mod:`cupyquant.tiled_4bit`), or None where the fused kernels do not apply (M above
-    :func:`fused_max_m`, empty shapes; on a tiled weight, float32 activations). Call inside
+    :func:`fused_max_m`, empty shapes; a tiled weight at an odd address). Call inside
     the weight's device context."""
     N, K = _weight_shape(quant_state)
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
@@ -1105,7 +1103,7 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies. ``tiled``: ``packed`` is in tile
-    order (16-bit activations, aligned; default paths only)."""
+    order (aligned; not the "stage" paths)."""
     if path is not None and path != "gemv" and not path.startswith(("half", "tgemv", "mma", "tile", "stage", "wgmma")):
         raise ValueError(f"unknown fused path {path!r}")
     if path is not None and path.startswith("tgemv") and not tiled:

@@ -10,13 +10,14 @@ its peak. :func:`tile_4bit` stores the same bytes tile after tile, each tile's 1
     byte offset of (row, column pair j of the tile) = ((r * K / 128 + s) * 16 + row % 16) * 64 + j
 
 The scales (``quant_state``) are unchanged. H100, NF4, graph us (benchmarks/
-NOTES_matmul_4bit.md, runs 31-33 and 37): 28672 x 8192 at 16 tokens 59.8 against 70.1 in
-the bitsandbytes layout, 2 tokens 57.3 against 60.7; one token (gemv_4bit_tiled, a warp
-reading whole tiles) 49.6 against 48.3, 8192 x 28672 46.7 against 46.6. Past the fused
-switch point (:func:`cupyquant.matmul_4bit.fused_max_m`) the dequantize kernel reads the
-tiles in place (28672 x 8192 at 4096 tokens 2944 against 2934 us); float32 activations up
-to it take a copy in the bitsandbytes layout, and 17..32 tokens on weights under 8192 rows
-are slower than the bitsandbytes layout (4096 x 4096 at 32 tokens: 21.3 against 17.4 us).
+NOTES_matmul_4bit.md, runs 31-33, 37 and 42): 28672 x 8192 at 16 tokens 59.8 against 70.1
+in the bitsandbytes layout, 2 tokens 57.3 against 60.7; one token (gemv_4bit_tiled, a warp
+reading whole tiles) 49.6 against 48.3, 8192 x 28672 46.7 against 46.6. Every kernel but
+gemm_4bit_stage (which the dispatch never gives a tiled weight) has a build that reads the
+tiles in place: float32 rows run the CUDA-core GEMV on them, 17..32 tokens on weights
+under 8192 rows gemm_4bit_mma, and past the fused switch point
+(:func:`cupyquant.matmul_4bit.fused_max_m`) the dequantize kernel (28672 x 8192 at 4096
+tokens 2944 against 2934 us). ``Linear4bit`` keeps its weight tiled on CUDA by default.
 Checkpoints keep the bitsandbytes layout: :meth:`Tiled4bit.untile` gives it back.
 """
 

@@ -102,8 +102,9 @@ class QuantState(_ArrayQuantState):
     them (tensors, NumPy or CuPy arrays). ``to(device)`` moves the tensors in place.
 
     ``tiled``: the packed bytes this state describes are in the tile order of
-    :mod:`cupyquant.tiled_4bit` (set by ``Linear4bit.tile_()``; False for every state
-    quantized or loaded). The functions of this module read such bytes in place;
+    :mod:`cupyquant.tiled_4bit` (set by a ``Linear4bit`` that keeps its weight tiled, the
+    default on CUDA, or ``Params4bit.set_tile_order``; False for every state quantized or
+    loaded by this module). The functions of this module read such bytes in place;
     checkpoints never hold them (``Linear4bit.state_dict`` writes the bitsandbytes layout).
     """
 
