@@ -355,11 +355,14 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     (N >= 8192 on 132 SMs: 60.9 vs 79.4 us at 28672x8192), else 1 (8.8 vs 11.2 us at
     4096x4096). K is split across a CTA's warps while the grid has fewer than
     _WARPS_PER_SM_TARGET warps an SM and every split keeps _MMA_IN_FLIGHT segments (8 warps:
-    half that). Default ``warps``: 8 where 4 warps a CTA, K split 4 ways, still leave the
-    grid short of that target and the 8-warp grid fits one wave of 2 CTAs an SM (H100, run 21,
-    us, 8 / 4 warps: 4096 x 4096 at 2 / 16 tokens 8.3 / 8.9 and 10.5 / 12.0, 8192 x 28672 at
-    16 tokens 72.7 / 80.1; 11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5).
-    8-warp CTAs with K >= _SMALL_EARLY_MIN_K take the EARLY kernel (gemm_4bit.cu).
+    half that). Default ``warps``: 8 where the 8-warp grid fits one wave of 2 CTAs an SM and
+    either 4 warps a CTA, K split 4 ways, still leave the grid short of that target (H100,
+    run 21, us, 8 / 4 warps: 4096 x 4096 at 2 / 16 tokens 8.3 / 8.9 and 10.5 / 12.0, 8192 x
+    28672 at 16 tokens 72.7 / 80.1) or 9..16 tokens meet K >= _SMALL_EARLY_MIN_K (run 42:
+    28672 x 8192 at 9 / 12 / 16 tokens 66.4 / 67.1 / 66.8 against 68.8 / 69.7 / 69.2, tiled
+    56.5 / 57.9 / 57.9 against 58.4 / 60.2 / 60.0); else 4 (11008 x 4096 at 16 tokens, 1.3
+    waves of 8 warps, 23.5 / 17.5). 8-warp CTAs with K >= _SMALL_EARLY_MIN_K take the EARLY
+    kernel (gemm_4bit.cu).
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))
@@ -383,7 +386,8 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
         if warps is None:
             ksplit, _ = split(warp_tiles, _MMA_WARPS)
             short = ksplit == _MMA_WARPS and warp_tiles * chunks * ksplit < target
-            warps = 8 if short and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
+            long_k = tiles == 2 and K >= _SMALL_EARLY_MIN_K  # the EARLY kernel's gain, 9..16 tokens
+            warps = 8 if (short or long_k) and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
         early = warps == 8 and K >= _SMALL_EARLY_MIN_K  # the first batch requested before the table
         flags = f", {str(tiled).lower()}, true" if early else _TILED_ARG[tiled]  # TILED[, EARLY]
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{flags}>"

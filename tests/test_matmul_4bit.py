@@ -702,7 +702,8 @@ def test_small_early_rule(monkeypatch):
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     assert mm._pick_mma(16, 8192, 28672, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 8, false, true>"
     assert mm._pick_mma(2, 28672, 8192, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true, true>"
-    assert mm._pick_mma(16, 28672, 8192, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 4>"  # 4 warps
+    assert mm._pick_mma(16, 28672, 8192, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 8, false, true>"
+    assert mm._pick_mma(16, 28672, 8192, frag=True, warps=4)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 4>"
     assert mm._pick_mma(16, 4096, 4096)[0] == "gemm_4bit_small<{}, {}, 2, 2, false, 8>"  # K < 8192
     assert mm._pick_mma(2, 14336, 4096, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true>"
     expressions = set(mm._kernel_expressions("gemm_4bit.cu"))
@@ -789,13 +790,17 @@ def test_gpu_frag_is_the_default_at_9_to_16_tokens_on_wide_weights(cp, monkeypat
 
 
 def test_mma_warps_rule(monkeypatch):
-    # 8 warps a CTA where 4 warps with K split 4 ways leave fewer than the target warps an SM
-    # and the 8-warp grid is one wave (run 21); (token tiles, chunks, ksplit, CTAs, warps).
+    # 8 warps a CTA where the 8-warp grid is one wave and either 4 warps with K split 4 ways
+    # leave fewer than the target warps an SM (run 21) or 9..16 tokens meet K >= 8192 (run
+    # 42); (token tiles, chunks, ksplit, CTAs, warps).
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     assert mm._pick_mma(16, 4096, 4096)[1:] == (2, 1, 8, 128, 8)
     assert mm._pick_mma(4, 4096, 4096)[1:] == (1, 1, 8, 256, 8)
     assert mm._pick_mma(16, 8192, 28672)[1:] == (2, 1, 8, 256, 8)
     assert mm._pick_mma(16, 11008, 4096)[1:] == (2, 1, 4, 344, 4)  # 8 warps: 344 CTAs, 1.3 waves
-    assert mm._pick_mma(16, 28672, 8192)[1:] == (2, 1, 2, 448, 4)  # 4 warps reach the target
+    assert mm._pick_mma(16, 28672, 8192)[1:] == (2, 1, 2, 224, 8)  # K >= 8192: 8 warps, one wave
+    assert mm._pick_mma(8, 28672, 8192)[1:] == (1, 1, 2, 448, 4)  # 1..8 tokens: 4 warps reach the target
+    assert mm._pick_mma(16, 14336, 4096)[-1] == 4  # K < 8192: 4 warps reach the target
+    assert mm._pick_mma(16, 128256, 8192)[-1] == 4  # 8 warps: 501 CTAs, two waves
     assert mm._pick_mma(16, 4096, 4096, warps=4)[1:] == (2, 1, 4, 128, 4)
     assert mm._pick_mma(40, 4096, 4096)[-1] == 4  # gemm_4bit_mma: always 4
