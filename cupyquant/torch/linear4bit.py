@@ -181,7 +181,7 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         8192 x 28672 at 16 tokens 54.1 against 67.7 us, 28672 x 8192 at 64 tokens 107.8
         against 117.4; one token 47.2 against 47.0 and 50.6 against 48.7, see the README);
         every other path reads the tiles in place. float32 compute gains nothing (its
-        kernels do not use tensor cores) and one float32 token runs 4-9% slower on tiles.
+        kernels do not use tensor cores) and one float32 token runs 4-14% slower on tiles.
 
         ``state_dict`` still writes the bitsandbytes layout, and a loaded checkpoint is tiled.
         ``weight.quant_state.tiled`` records the order, which this package's
@@ -208,7 +208,7 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
     def _arrange_weight(self) -> None:
         """Put a quantized weight in the order :attr:`tile_order` asks for. By default tiles on
         CUDA where the shape allows them, unless the compute dtype is float32 (the tiles
-        speed up the tensor-core kernels only, and one float32 token runs 4-9% slower on
+        speed up the tensor-core kernels only, and one float32 token runs 4-14% slower on
         them: H100, README); the bitsandbytes layout on the CPU, whose reference path would
         reorder tiles a call."""
         weight = self.weight
