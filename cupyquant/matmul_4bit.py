@@ -273,12 +273,12 @@ def matmul_4bit_bits(a_bits: Any, fmt: str, M: int, packed: Any, quant_state: Qu
             out2d[...] = bias_bits
         return out_bits
     if tiled:
-        if a_bits.data.ptr % 16:  # the fused kernels read A in 16-byte units: an aligned copy
-            a_bits = a_bits.copy()
-        if not _fused_applies(fmt, M, N, K, _aligned(K, a_bits, packed)):
+        if not _fused_applies(fmt, M, N, K, _aligned(K, packed)):
             _matmul_dequant_gemm(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
         if packed.data.ptr % 16 == 0:
+            if a_bits.data.ptr % 16:  # the fused kernels read A in 16-byte units: an aligned copy
+                a_bits = a_bits.copy()
             _matmul_fused(a_bits, fmt, M, N, K, packed, quant_state, bias_bits, out_bits, tiled=True)
             return out_bits
         # a weight at an odd address (a view): the general kernels read the bitsandbytes layout
@@ -360,7 +360,8 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     run 21, us, 8 / 4 warps: 4096 x 4096 at 2 / 16 tokens 8.3 / 8.9 and 10.5 / 12.0, 8192 x
     28672 at 16 tokens 72.7 / 80.1) or 9..16 tokens meet K >= _SMALL_EARLY_MIN_K (run 42:
     28672 x 8192 at 9 / 12 / 16 tokens 66.4 / 67.1 / 66.8 against 68.8 / 69.7 / 69.2, tiled
-    56.5 / 57.9 / 57.9 against 58.4 / 60.2 / 60.0); else 4 (11008 x 4096 at 16 tokens, 1.3
+    56.5 / 57.9 / 57.9 against 58.4 / 60.2 / 60.0; run 43 checks the other weights it moves:
+    65536 x 8192, 32000 x 8192, 53248 x 16384 gain 1.5-20 us, 14336 x 8192 ties); else 4 (11008 x 4096 at 16 tokens, 1.3
     waves of 8 warps, 23.5 / 17.5). 8-warp CTAs with K >= _SMALL_EARLY_MIN_K take the EARLY
     kernel (gemm_4bit.cu).
     """
@@ -721,8 +722,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     copy (so a prepared launch never takes that path).
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), every path but
-    "stage": up to 16 tokens ``gemm_4bit_small`` (8 warps a CTA up to 8 tokens, H100 run 32 of
-    NOTES_matmul_4bit.md), above that as for the bitsandbytes layout (the TILED builds)."""
+    "stage": up to 16 tokens ``gemm_4bit_small`` (always 8 warps a CTA up to 8 tokens, H100
+    run 32 of NOTES_matmul_4bit.md; 9..16 by :func:`_pick_mma`'s rule), above that as for
+    the bitsandbytes layout (the TILED builds)."""
     from .rawkernels import get_function
 
     smem = 0

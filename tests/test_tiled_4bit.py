@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import types
 
 import numpy as np
 import pytest
@@ -292,7 +293,8 @@ def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, qua
     # float32 rows (the CUDA-core GEMV) and 17..32 tokens on weights under 8192 rows
     # (gemm_4bit_mma) run the same kernel on both layouts: only the weight addresses differ,
     # so the outputs are identical, and no row-major copy of the tiles is made. 272 rows are
-    # 17 row tiles: a CTA's last warps lie past N.
+    # 17 row tiles: with gemm_4bit_mma's 4 warps a CTA (K split 2 ways at 17 tokens), the
+    # last CTA's second tile lies past N.
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, quant_type, 64, nested, True, seed=M + N)
     expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
     gqs, gpacked = copy.deepcopy(qs).to(0), cp.asarray(packed)
@@ -367,6 +369,34 @@ def test_tiled_float32_gemv_and_narrow_mma_expressions(monkeypatch):
         assert expr.format("MmaHalf", "true") in mm._kernel_expressions("gemm_4bit.cu")
     with pytest.raises(ValueError, match="reads a tiled weight only with K % 32 == 0 and 16-byte aligned A and B"):
         mm._gemv_launch(None, "float32", 1, 64, 256, None, None, None, None, aligned=False, tiled=True)
+
+
+class _Asked(Exception):
+    """Raised by a stand-in get_function with the kernel expression the launcher asked for."""
+
+
+@pytest.mark.parametrize(("M", "N", "tiled", "expected"), (
+    (20, 4096, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
+    (32, 272, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
+    (20, 4096, False, "gemm_4bit_mma<MmaHalf, true, 4>"),
+    (20, 8192, True, "gemm_4bit_tile"),  # 8192+ rows: the tile kernels, either layout
+))  # fmt: skip
+def test_default_dispatch_of_17_to_32_tokens(monkeypatch, M, N, tiled, expected):
+    # The launcher's own routing (not _pick_mma forced wide): a tiled weight under
+    # _TILE_MIN_N rows takes gemm_4bit_mma's TILED build, as the bitsandbytes layout takes
+    # its plain one (before, tiles went to the tile kernels whatever N).
+    from cupyquant import rawkernels
+
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
+
+    def asked(filename, expression):
+        raise _Asked(expression)
+
+    monkeypatch.setattr(rawkernels, "get_function", asked)
+    with pytest.raises(_Asked) as got:
+        mm._mma_launch(None, "float16", M, N, 4096, None, types.SimpleNamespace(nested=True), None, None, tiled=tiled)
+    assert str(got.value).startswith(expected), str(got.value)
 
 
 def test_tiled_reference_restores_bytes():

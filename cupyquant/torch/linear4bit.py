@@ -47,11 +47,15 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
 
     On CUDA the layer keeps the quantized bytes in the tile order of
     :mod:`cupyquant.tiled_4bit` (16-row x 128-column tiles of 1 KB) where the shape allows
-    it (out_features % 16 == 0, in_features % 128 == 0) and ``compute_dtype`` is not
-    float32: they are reordered once, when the weight is quantized, loaded or moved there,
-    and 2..64 fp16 / bf16 tokens run up to 25% faster (see :meth:`tile_`). ``state_dict``
-    writes the bitsandbytes layout whatever the order, and ``weight.quant_state.tiled``
-    tells which order ``weight.data`` holds. :meth:`tile_` / :meth:`untile_` fix the order.
+    it (out_features % 16 == 0, in_features % 128 == 0), unless ``compute_dtype`` is
+    float32 when they are arranged: they are reordered once, when the weight is quantized,
+    loaded or moved there, and 2..64 fp16 / bf16 tokens run up to 25% faster (see
+    :meth:`tile_`). A layer whose compute dtype is left to its first input keeps the tiles
+    whatever that input is (one float32 token then runs 4-14% slower: pass
+    ``compute_dtype=torch.float32`` or call :meth:`untile_` for float32 compute).
+    ``state_dict`` writes the bitsandbytes layout whatever the order, and
+    ``weight.quant_state.tiled`` tells which order ``weight.data`` holds. :meth:`tile_` /
+    :meth:`untile_` fix the order.
 
     Compute dtype: ``compute_dtype`` when given. Otherwise the first input decides: a
     float32 or bfloat16 input sets it to that dtype; a float16 input leaves it unset

@@ -374,6 +374,29 @@ def test_layer_order_follows_the_device(device):
     # float32 compute: no tensor-core kernel reads the weight, so it keeps the bitsandbytes layout
     full = Linear4bit.from_linear(linear, device=device, quant_type="nf4", compute_dtype=torch.float32)
     assert not full.weight.quant_state.tiled and same_bytes(full.weight.data, plain.weight.data)
+    # a compute dtype left to the first input: arranged before it is known, tiled it stays
+    auto = Linear4bit.from_linear(linear, device=device, quant_type="nf4")
+    y = auto(x.float())
+    assert auto.compute_dtype == torch.float32 and auto.weight.quant_state.tiled == on_cuda
+    assert same_bytes(y, copy.deepcopy(auto).untile_()(x.float()))
+
+
+def test_layer_order_on_load(device):
+    # A pinned order survives load_state_dict; a meta layer given the checkpoint's CPU tensors
+    # (assign=True) holds the bitsandbytes layout until it moves to CUDA.
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(1)
+    source = Linear4bit.from_linear(nn.Linear(256, 48), device=device, quant_type="nf4", compute_dtype=torch.float16)
+    checkpoint = source.state_dict()
+    x = torch.randn(2, 256, device=device, dtype=torch.float16)
+    pinned = copy.deepcopy(source).untile_()
+    pinned.load_state_dict(checkpoint)
+    assert pinned.tile_order is False and not pinned.weight.quant_state.tiled and same_bytes(pinned(x), source(x))
+    meta = Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.float16, device="meta")
+    meta.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in checkpoint.items()}, assign=True)
+    assert meta.weight.device.type == "cpu" and not meta.weight.quant_state.tiled
+    meta.to(device)
+    assert meta.weight.quant_state.tiled == on_cuda and same_bytes(meta(x), source(x))
 
 
 def test_tile_errors():
