@@ -39,9 +39,14 @@ TILE_ROWS = 16
 TILE_COLS = 128
 
 
+def tileable(shape: tuple[int, ...] | None) -> bool:
+    """Whether tile order can hold a weight of ``shape``: 2-D (N, K), N % 16 == 0, K % 128 == 0."""
+    return shape is not None and len(shape) == 2 and shape[0] % TILE_ROWS == 0 and shape[1] % TILE_COLS == 0
+
+
 def check_tile_shape(shape: tuple[int, ...] | None) -> tuple[int, int]:
-    """(N, K) of a weight that tile order can hold (2-D, N % 16 == 0, K % 128 == 0), else ValueError."""
-    if shape is None or len(shape) != 2 or shape[0] % TILE_ROWS or shape[1] % TILE_COLS:
+    """(N, K) of a weight that tile order can hold (see :func:`tileable`), else ValueError."""
+    if not tileable(shape):
         raise ValueError(
             f"tile order needs a 2-D (N, K) weight with N % {TILE_ROWS} == 0 and K % {TILE_COLS} == 0, "
             f"got shape {shape}"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..tiled_4bit import TILE_COLS, TILE_ROWS
+from ..tiled_4bit import tileable
 from .autograd import matmul_4bit
 from .parameters import PackedWeightStateDict, Params4bit
 
@@ -222,9 +222,8 @@ class Linear4bit(PackedWeightStateDict, nn.Linear):
         if tiled is None:
             if weight.device.type not in ("cuda", "cpu"):
                 return
-            N, K = weight.quant_state.shape
-            tileable = N % TILE_ROWS == 0 and K % TILE_COLS == 0
-            tiled = weight.device.type == "cuda" and tileable and self.compute_dtype != torch.float32
+            on_cuda = weight.device.type == "cuda"
+            tiled = on_cuda and tileable(tuple(weight.quant_state.shape)) and self.compute_dtype != torch.float32
         weight.set_tile_order(tiled)
 
     def _quantized_weight(self) -> Params4bit:
