@@ -110,14 +110,17 @@ _MMA_TOKEN_TILES = (1, 2, 4, 8)  # n8 token tiles a CTA: up to 8, 16, 32, 64 tok
 # CTA, row tiles a warp) instantiated.
 _TILE_STAGES = 4
 _TILE_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2))
-# CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA, 4 weight rows a warp for every
-# number of activation rows. At 2..4 rows (4 a CTA, each lane reads 32 activations a row
-# per 16 weight bytes) 4 weight rows halve the activation loads a weight byte against the 2
-# built before; same bits. H100, float32, us at 2 / 4 rows, 2 weight rows -> 4 (run 44 of
-# NOTES_matmul_4bit.md): 28672 x 8192 556 / 575 -> 299 / 324, 8192 x 28672 600 / 606 ->
-# 434 / 441, 4096 x 4096 63.0 / 63.7 -> 26.2 / 26.6, 11008 x 4096 115.6 / 115.8 -> 69.1 / 69.6.
+# CUDA-core GEMV geometry (gemv_4bit.cu): 4 warps a CTA, 4 weight rows a warp at one
+# activation row; at 2..4 (4 a CTA, each lane reads 32 activations a row per 16 weight
+# bytes) 4, or 8 where that still gives every SM a CTA: more weight rows a warp share each
+# activation load. Same bits at any count. H100, float32, us at 2 / 4 rows (runs 44-45 of
+# NOTES_matmul_4bit.md), 2 weight rows a warp / 4 / 8: 28672 x 8192 556 / 575, 299 / 325,
+# 300 / 305; 8192 x 28672 600 / 606, 435 / 443, 258 / 262; 11008 x 4096 115.6 / 115.8,
+# 69.1 / 70.0, 57.7 / 58.4; 4096 x 4096 (128 CTAs of 8 rows) 63.0 / 63.7, 26.3 / 26.7,
+# 29.2 / 32.0.
 _GEMV_WARPS = 4
 _GEMV_ROWS = 4
+_GEMV_ROWS_WIDE = 8
 # gemm_4bit_stage: (token tiles, row tiles a warp, weight stages a warp, segments a stage,
 # warps a CTA) instantiated; a stage holds `chunk` segments of the warp's 16 * rt rows
 # (1 KB * rt * chunk); the warps of a CTA share one byte table. The default (first entry)
@@ -860,6 +863,13 @@ def _split_workspace(ksplit: int, ctas: int, frag: int, threads: int = 32 * _MMA
     return partial, cp.zeros(ctas, dtype=np.uint32)
 
 
+def _gemv_rows(M: int, N: int, sms: int) -> int:
+    """Weight rows a warp of gemv_4bit for M activation rows and N weight rows on ``sms`` SMs."""
+    if M > 1 and -(-N // (_GEMV_WARPS * _GEMV_ROWS_WIDE)) >= sms:
+        return _GEMV_ROWS_WIDE
+    return _GEMV_ROWS
+
+
 def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned: bool, tiled: bool = False):
     """(kernel, grid, block, args, shared bytes) of the CUDA-core GEMV; ``tiled`` (aligned
     only): ``packed`` in tile order."""
@@ -868,10 +878,11 @@ def _gemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     if tiled and not aligned:
         raise ValueError("the CUDA-core GEMV reads a tiled weight only with K % 32 == 0 and 16-byte aligned A and B")
     mr = 1 if M == 1 else 4
+    rows = _gemv_rows(M, N, _sm_count())
     flags = f"{str(aligned).lower()}{_TILED_ARG[tiled]}"
-    expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {_GEMV_ROWS}, {flags}>"
+    expr = f"gemv_4bit<{_GEMV_STRUCT[fmt]}, {str(qs.nested).lower()}, {mr}, {rows}, {flags}>"
     kernel = get_function("gemv_4bit.cu", expr)
-    grid = (-(-N // (_GEMV_WARPS * _GEMV_ROWS)), -(-M // mr))
+    grid = (-(-N // (_GEMV_WARPS * rows)), -(-M // mr))
     args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
     return kernel, grid, (32 * _GEMV_WARPS,), args, 0
 
@@ -1173,10 +1184,11 @@ def _kernel_expressions(source: str) -> list[str]:
     """Every instantiation the launchers above can ask of ``source``."""
     nested = ("false", "true")
     if source == "gemv_4bit.cu":
-        return [f"gemv_4bit<{f}, {n}, {mr}, {_GEMV_ROWS}, {a}>"
-                for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4) for a in nested] + [
-            f"gemv_4bit<{f}, {n}, {mr}, {_GEMV_ROWS}, true, true>"
-            for f in _GEMV_STRUCT.values() for n in nested for mr in (1, 4)] + [
+        rows = ((1, _GEMV_ROWS), (4, _GEMV_ROWS), (4, _GEMV_ROWS_WIDE))
+        return [f"gemv_4bit<{f}, {n}, {mr}, {r}, {a}>"
+                for f in _GEMV_STRUCT.values() for n in nested for mr, r in rows for a in nested] + [
+            f"gemv_4bit<{f}, {n}, {mr}, {r}, true, true>"
+            for f in _GEMV_STRUCT.values() for n in nested for mr, r in rows] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in _TILED_ARG.values()] + [

@@ -478,6 +478,37 @@ def test_gpu_float32_gemv(cp, M, nested):
         assert err < TOLERANCE["float32"], f"{N}x{K}: {err}"
 
 
+def test_gemv_rows_rule():
+    # 8 weight rows a warp at 2..4 activation rows where the grid (N / 32 CTAs) still gives
+    # every SM a CTA; 4 otherwise, and always at one row.
+    assert mm._gemv_rows(2, 28672, 132) == 8 and mm._gemv_rows(4, 8192, 132) == 8
+    assert mm._gemv_rows(4, 4193, 132) == 8 and mm._gemv_rows(4, 4192, 132) == 4  # 132 CTAs, 131
+    assert mm._gemv_rows(3, 4096, 132) == 4 and mm._gemv_rows(1, 28672, 132) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (2, 3, 4))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_float32_gemv_rows_same_bits(cp, monkeypatch, M, nested):
+    # 8 weight rows a warp (one SM counted) against 4 (a thousand): each row's sums run in the
+    # same order, so the bits are the same; aligned, unaligned (K % 32 != 0) and tiled weights.
+    for N, K in ((64, 256), (21, 77), (67, 1184), (48, 1152)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, "float32", "nf4", 64, nested, True, seed=M + N)
+        outs = []
+        for sms in (1, 1000):
+            monkeypatch.setattr(mm, "_sm_count", lambda sms=sms: sms)
+            outs.append(run_gpu(cp, a_bits, "float32", M, packed, qs, bias_bits, path="gemv"))
+            if N % 16 == 0 and K % 128 == 0:
+                ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+                tiled = cq.tile_4bit(gp, gqs)
+                out = cp.full(M * N, np.nan, dtype=np.float32)
+                mm._matmul_fused(ga, "float32", M, N, K, tiled.data, gqs, gb, out, path="gemv", tiled=True)
+                np.testing.assert_array_equal(cp.asnumpy(out).view(np.uint32), outs[-1].view(np.uint32))
+        np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+        err = rel_error(outs[0], "float32", reference(a_bits, "float32", M, packed, qs, bias_bits))
+        assert err < TOLERANCE["float32"], f"{N}x{K}: {err}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", (1, 3, 20))
