@@ -939,7 +939,9 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     from .rawkernels import get_function
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
-    flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}{_TILED_ARG[tiled]}"
+    grid = -(-N // (_HALF_WARPS * rows))
+    order = f", {str(tiled).lower()}, true" if _prologue_first(grid, ctas, K) else _TILED_ARG[tiled]
+    flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 128 * -(-K // 64) if staged else 0
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
@@ -949,7 +951,23 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     if smem:
         _allow_smem(kernel, smem)
     args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
-    return kernel, (-(-N // (_HALF_WARPS * rows)),), (32 * _HALF_WARPS,), args, smem
+    return kernel, (grid,), (32 * _HALF_WARPS,), args, smem
+
+
+# The longest K for which the one-token kernels issue their prologue's loads first. H100, run
+# 46 of NOTES_matmul_4bit.md, us, one fp16 token, row-major / tiled, weights first ->
+# prologue first: 4096 x 4096 7.35 / 7.23 -> 6.95 / 6.42; 11008 x 4096 12.66 / 12.61 ->
+# 12.20 / 11.89; 4096 x 11008 13.57 / 13.13 -> 13.51 / 12.89; but 8192 x 28672 46.89 /
+# 46.31 -> 47.74 / 47.47 (a CTA's long stream of weights starts later).
+_PROLOGUE_FIRST_MAX_K = 16384
+
+
+def _prologue_first(grid: int, ctas: int, K: int) -> bool:
+    """Whether the one-token kernels take their PROLOGUE_FIRST build (gemv_4bit.cu): where their
+    grid of ``ctas``-an-SM CTAs is one wave (a later wave's CTAs do better starting their
+    weights at once: 28672 x 8192 tiled 49.6 against 50.7 us) and K is at most
+    _PROLOGUE_FIRST_MAX_K."""
+    return grid <= ctas * _sm_count() and K <= _PROLOGUE_FIRST_MAX_K
 
 
 def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma", tiled: bool = False) -> None:
@@ -1099,7 +1117,8 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     from .rawkernels import get_function
 
     strips, unroll, ctas = _tgemv_config(path, N, K)
-    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}"
+    grid = -(-(N // 16) // strips)
+    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{', true' if _prologue_first(grid, ctas, K) else ''}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 2 * K
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
@@ -1108,7 +1127,7 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
                          f"exceeds the {limit} bytes a block may have")  # fmt: skip
     _allow_smem(kernel, smem)
     args = _gemv_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits)
-    return kernel, (-(-(N // 16) // strips),), (32 * _HALF_WARPS,), args, smem
+    return kernel, (grid,), (32 * _HALF_WARPS,), args, smem
 
 
 def _aligned(K: int, *arrays: Any) -> bool:
@@ -1191,9 +1210,10 @@ def _kernel_expressions(source: str) -> list[str]:
             for f in _GEMV_STRUCT.values() for n in nested for mr, r in rows] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
-            for t in _TILED_ARG.values()] + [
-            f"gemv_4bit_tiled<{f}, {n}, {st}, {u}, {c}>"
-            for f in ("Float16", "BFloat16") for n in nested for st, u, c in _TGEMV_CONFIGS]  # fmt: skip
+            for t in (*_TILED_ARG.values(), ", false, true", ", true, true")] + [
+            f"gemv_4bit_tiled<{f}, {n}, {st}, {u}, {c}{first}>"
+            for f in ("Float16", "BFloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
+            for first in ("", ", true")]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
                 for t in _TILED_ARG.values()] + [

@@ -626,6 +626,39 @@ def test_gpu_half_gemv(cp, path, shape, quant_type, nested, fmt):
     assert rel_error(out, fmt, reference(a_bits, fmt, 1, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
+def test_prologue_first_rule(monkeypatch):
+    # The one-token kernels issue their prologue's loads first where the grid is one wave and
+    # K is at most 16384.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    assert mm._prologue_first(256, 3, 4096) and mm._prologue_first(396, 3, 16384)
+    assert not mm._prologue_first(397, 3, 4096) and not mm._prologue_first(896, 2, 8192)
+    assert not mm._prologue_first(256, 2, 16416) and not mm._prologue_first(256, 2, 28672)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", (*HALF_PATHS, "tgemv", *(f"tgemv-{s}x{u}c{c}" for s, u, c in mm._TGEMV_CONFIGS)))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_one_token_prologue_order_same_bits(cp, monkeypatch, path, nested, fmt):
+    # The prologue's loads before the weights' (a thousand SMs counted: one wave) or after them
+    # (one SM: many waves) change only when bytes arrive: the same bits, for the row-major and
+    # tiled kernels; K = 4224 stages A past the head's two units a thread, K = 256 within them.
+    for N, K in ((272, 4224), (48, 256)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, 1, fmt, "nf4", 64, nested, True, seed=K)
+        ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+        tiled = path.startswith("tgemv")
+        weight = cq.tile_4bit(gp, gqs).data if tiled else gp
+        outs = []
+        for sms in (1000, 1):
+            monkeypatch.setattr(mm, "_sm_count", lambda sms=sms: sms)
+            out = cp.full(N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)  # NaN
+            mm._matmul_fused(ga, fmt, 1, N, K, weight, gqs, gb, out.view(ga.dtype), path=path, tiled=tiled)
+            outs.append(cp.asnumpy(out))
+        np.testing.assert_array_equal(outs[0], outs[1])
+        got = outs[0].view(np.float16) if fmt == "float16" else outs[0]
+        assert rel_error(got, fmt, reference(a_bits, fmt, 1, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocksize", cq.BLOCKSIZES_4BIT)
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))

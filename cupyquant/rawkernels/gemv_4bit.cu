@@ -415,13 +415,37 @@ __device__ __forceinline__ u32 half2_power_of_two(int k) { return ((u32)(k + 15)
 // times its value (a_scale_exponent; a staged copy is rescaled here, an unstaged A is scaled
 // by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
 // rescaled).
-template <class Fmt, bool STAGED>
-__device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, float* amax_s) {
+// A's first kHeadUnits 16-byte units a thread (units threadIdx.x + kHalfThreads q), loaded
+// before the weights (as q4::ByteTableInputs) and handed to prepare_activations (HEAD).
+constexpr int kHeadUnits = 2;
+struct ActivationHead {
+  uint4 unit[kHeadUnits];
+
+  __device__ __forceinline__ void load(const u16* __restrict__ A, int K) {
+#pragma unroll
+    for (int q = 0; q < kHeadUnits; ++q) {
+      const int u = threadIdx.x + kHalfThreads * q;
+      if (u < (K >> 3)) unit[q] = q4::load_cached16(reinterpret_cast<const uint4*>(A) + u);
+    }
+  }
+};
+
+template <class Fmt, bool STAGED, bool HEAD>
+__device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, float* amax_s,
+                                                   const ActivationHead& head) {
   constexpr bool kGuard = SumsInHalf<Fmt>::value;
   const uint4* a16 = reinterpret_cast<const uint4*>(A);
   u32 amax2 = 0u;
-  for (int u = threadIdx.x; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads) {
-    const uint4 v = q4::load_cached16(a16 + u);
+  // (q: the head's slot while q < kHeadUnits)
+  for (int u = threadIdx.x, q = 0; (STAGED || kGuard) && u < (K >> 3); u += kHalfThreads, ++q) {
+    uint4 v;
+    if (HEAD && q < kHeadUnits) {
+      v = head.unit[0];
+#pragma unroll
+      for (int i = 1; i < kHeadUnits; ++i) v = q == i ? head.unit[i] : v;
+    } else {
+      v = q4::load_cached16(a16 + u);
+    }
     if constexpr (STAGED) staged_a[staged_unit(u)] = v;
     if constexpr (kGuard) amax2 = unit_absmax2(amax2, v);
   }
@@ -456,7 +480,14 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
 // positions (ceil(K / 64) * 128 bytes); otherwise each warp reads it through L1, where a
 // lane's four 16-byte loads 64 bytes apart touch twice the sectors they use. TILED: the
 // weight in 16-row x 128-k tiles (fetch_chunk).
-template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false>
+// PROLOGUE_FIRST: the prologue's global loads (the byte table's inputs, A's head) are issued
+// before the first UNROLL batches of weights, not after them: a load issued after a warp's
+// weight loads waits behind them, and the table and A gate every multiply. The launcher
+// takes it where the grid is one wave (H100, one fp16 token, 4096 x 4096: 7.40 -> 7.12 us,
+// NOTES_matmul_4bit.md run 46). In longer grids the weights first do better (28672 x 8192
+// tiled: 49.6 against 50.7): a CTA of a later wave then starts its weight stream at once.
+template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false,
+          bool PROLOGUE_FIRST = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -481,6 +512,13 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
     unit0[r] = TILED ? (row >> 4) * (u32)(chunks >> 2) * 64u + (row & 15u) * 4u : 0u;
   }
 
+  constexpr bool kHead = STAGED || SumsInHalf<Fmt>::value;  // prepare_activations reads A
+  q4::ByteTableInputs<Fmt, NESTED, kHalfThreads> table_inputs;
+  ActivationHead head;
+  if constexpr (PROLOGUE_FIRST) {
+    table_inputs.load(table, code2);
+    if (kHead) head.load(A, K);
+  }
   uint4 w[UNROLL][ROWS];
   float sv[UNROLL][ROWS];
   u32 sq[UNROLL][ROWS];
@@ -489,8 +527,12 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   for (int u = 0; u < UNROLL; ++u)
     fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
                               nested_absmax, chunk_shift, unit0);
-  q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
-  const int k = prepare_activations<Fmt, STAGED>(A, K, staged_a, amax_s);
+  if constexpr (PROLOGUE_FIRST) {
+    table_inputs.fill(lut, code2_s);
+  } else {
+    q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+  }
+  const int k = prepare_activations<Fmt, STAGED, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
   const u32 scale2 = half2_power_of_two(k);
   const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
   if (row0 >= N) return;  // no barrier follows
@@ -555,8 +597,9 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // A row's sum: over its four lanes (chunks l % 4 of every tile) by shuffles, then over the
 // strip's parts in order through shared memory; deterministic for a given configuration.
 //
-// grid ceil(N / (16 * STRIPS)), block 256, dynamic shared memory K * 2 bytes (staged A).
-template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS>
+// grid ceil(N / (16 * STRIPS)), block 256, dynamic shared memory K * 2 bytes (staged A);
+// PROLOGUE_FIRST as gemv_4bit_half's.
+template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -581,6 +624,12 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 chunk0[2] = {row * (u32)chunks + (u32)tile_chunk, (row + 8u) * (u32)chunks + (u32)tile_chunk};
   const u8* strip_bytes = packed + (u64)strip * (u64)tiles * 1024u + 16u * (u32)lane;
 
+  q4::ByteTableInputs<Fmt, NESTED, kHalfThreads> table_inputs;
+  ActivationHead head;
+  if constexpr (PROLOGUE_FIRST) {
+    table_inputs.load(table, code2);
+    head.load(A, K);
+  }
   uint4 w[UNROLL][2];
   float sv[UNROLL][2];
   u32 sq[UNROLL][2];
@@ -597,8 +646,12 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   };
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) fetch(u, part + kParts * u);
-  q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
-  const int k = prepare_activations<Fmt, true>(A, K, staged_a, amax_s);
+  if constexpr (PROLOGUE_FIRST) {
+    table_inputs.fill(lut, code2_s);
+  } else {
+    q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+  }
+  const int k = prepare_activations<Fmt, true, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
   const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
 
   const float off = NESTED ? __ldg(offset) : 0.0f;

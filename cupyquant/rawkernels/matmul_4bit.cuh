@@ -89,6 +89,36 @@ __device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const 
   }
 }
 
+// fill_byte_table in two steps, for kernels that issue its global loads before their weight
+// loads (a load issued after a warp's weight loads waits behind them): load() fetches this
+// thread's inputs into registers, fill() writes its entries. Thread t writes entries
+// b = t / 8 + (kThreads / 8) j, j < kFills: the pair (table[b / 16], table[b % 16]), whose
+// second code is the same for every j when kThreads % 128 == 0.
+template <class Fmt, bool NESTED, int kThreads>
+struct ByteTableInputs {
+  static_assert(kThreads % 128 == 0, "a thread's entries share their low nibble");
+  static constexpr int kFills = 256 * 8 / kThreads;
+  float high[kFills];  // table[b / 16] of entry j
+  float low;           // table[b % 16]
+  float code2;         // NESTED: code2[t] (t < 256)
+
+  __device__ __forceinline__ void load(const float* __restrict__ table, const float* __restrict__ code2_g) {
+    low = __ldg(table + ((threadIdx.x >> 3) & 15));
+#pragma unroll
+    for (int j = 0; j < kFills; ++j) high[j] = __ldg(table + (threadIdx.x >> 7) + (kThreads / 128) * j);
+    code2 = NESTED && threadIdx.x < 256 ? __ldg(code2_g + threadIdx.x) : 0.0f;
+  }
+
+  __device__ __forceinline__ void fill(u32* lut, float* code2_s) const {
+#pragma unroll
+    for (int j = 0; j < kFills; ++j) {
+      const u32 v = pack2<Fmt>(high[j], low);
+      reinterpret_cast<uint4*>(lut)[threadIdx.x + kThreads * j] = make_uint4(v, v, v, v);
+    }
+    if (NESTED && threadIdx.x < 256) code2_s[threadIdx.x] = code2;
+  }
+};
+
 // Byte b (0..3) of `word`, zero-extended: one PRMT.
 __device__ __forceinline__ u32 byte_of(u32 word, int b) { return __byte_perm(word, 0u, 0x4440u | (u32)b); }
 
