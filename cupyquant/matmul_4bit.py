@@ -940,7 +940,7 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
     grid = -(-N // (_HALF_WARPS * rows))
-    order = f", {str(tiled).lower()}, true" if _prologue_first(grid, ctas, K) else _TILED_ARG[tiled]
+    order = f", {str(tiled).lower()}, true" if _prologue_first(grid, ctas, _HALF_WARPS * rows, K) else _TILED_ARG[tiled]
     flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 128 * -(-K // 64) if staged else 0
@@ -954,20 +954,24 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
     return kernel, (grid,), (32 * _HALF_WARPS,), args, smem
 
 
-# The longest K for which the one-token kernels issue their prologue's loads first. H100, run
-# 46 of NOTES_matmul_4bit.md, us, one fp16 token, row-major / tiled, weights first ->
-# prologue first: 4096 x 4096 7.35 / 7.23 -> 6.95 / 6.42; 11008 x 4096 12.66 / 12.61 ->
-# 12.20 / 11.89; 4096 x 11008 13.57 / 13.13 -> 13.51 / 12.89; but 8192 x 28672 46.89 /
-# 46.31 -> 47.74 / 47.47 (a CTA's long stream of weights starts later).
-_PROLOGUE_FIRST_MAX_K = 16384
+# The most packed weight bytes a CTA of the one-token kernels for which they issue their
+# prologue's loads first: where a CTA's stream of weights is short, the prologue's latency
+# is what its multiplies wait for; a longer stream does better started at once. H100, run 46
+# of NOTES_matmul_4bit.md, us, one fp16 token, row-major / tiled, weights first -> prologue
+# first (bytes a CTA): 4096 x 4096 (16 rows, 32 KB) 7.35 / 7.23 -> 6.95 / 6.42; 11008 x
+# 4096 (32 rows, 64 KB) 12.66 / 12.61 -> 12.20 / 11.89; 4096 x 14336 (16 rows, 112 KB)
+# 16.39 / 16.20 -> 16.36 / 15.86; 14336 x 4096 tiled (64 rows, 128 KB) 15.91 -> 15.62; but
+# 8192 x 16384 (32 rows, 256 KB) 29.23 / 28.48 -> 29.99 / 29.07 and 8192 x 28672 (448 KB)
+# 46.89 / 46.31 -> 47.74 / 47.47.
+_PROLOGUE_FIRST_MAX_CTA_BYTES = 128 * 1024
 
 
-def _prologue_first(grid: int, ctas: int, K: int) -> bool:
-    """Whether the one-token kernels take their PROLOGUE_FIRST build (gemv_4bit.cu): where their
-    grid of ``ctas``-an-SM CTAs is one wave (a later wave's CTAs do better starting their
-    weights at once: 28672 x 8192 tiled 49.6 against 50.7 us) and K is at most
-    _PROLOGUE_FIRST_MAX_K."""
-    return grid <= ctas * _sm_count() and K <= _PROLOGUE_FIRST_MAX_K
+def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:
+    """Whether the one-token kernels take their PROLOGUE_FIRST build (gemv_4bit.cu) for a grid
+    of ``grid`` CTAs of ``rows`` weight rows, ``ctas`` an SM: where the grid is one wave (a
+    later wave's CTAs do better starting their weights at once: 28672 x 8192 tiled 49.6
+    against 50.7 us) and a CTA's weights are at most _PROLOGUE_FIRST_MAX_CTA_BYTES."""
+    return grid <= ctas * _sm_count() and rows * K // 2 <= _PROLOGUE_FIRST_MAX_CTA_BYTES
 
 
 def _launch_mma(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "mma", tiled: bool = False) -> None:
@@ -1118,7 +1122,8 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
 
     strips, unroll, ctas = _tgemv_config(path, N, K)
     grid = -(-(N // 16) // strips)
-    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{', true' if _prologue_first(grid, ctas, K) else ''}"
+    first = ", true" if _prologue_first(grid, ctas, 16 * strips, K) else ""
+    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{first}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 2 * K
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")

@@ -628,11 +628,11 @@ def test_gpu_half_gemv(cp, path, shape, quant_type, nested, fmt):
 
 def test_prologue_first_rule(monkeypatch):
     # The one-token kernels issue their prologue's loads first where the grid is one wave and
-    # K is at most 16384.
+    # a CTA's packed weights are at most 128 KB.
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    assert mm._prologue_first(256, 3, 4096) and mm._prologue_first(396, 3, 16384)
-    assert not mm._prologue_first(397, 3, 4096) and not mm._prologue_first(896, 2, 8192)
-    assert not mm._prologue_first(256, 2, 16416) and not mm._prologue_first(256, 2, 28672)
+    assert mm._prologue_first(256, 3, 16, 4096) and mm._prologue_first(396, 3, 64, 4096)
+    assert mm._prologue_first(256, 3, 16, 14336) and not mm._prologue_first(256, 2, 32, 16384)
+    assert not mm._prologue_first(397, 3, 16, 4096) and not mm._prologue_first(896, 2, 32, 8192)
 
 
 @pytest.mark.gpu
