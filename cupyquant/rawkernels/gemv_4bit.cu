@@ -409,12 +409,6 @@ __device__ __forceinline__ void load_staged_chunk(u32 stage, int c, uint4 (&x)[4
 // 2^k in both fp16 halves of a word (-14 <= k <= 15).
 __device__ __forceinline__ u32 half2_power_of_two(int k) { return ((u32)(k + 15) << 10) * 0x10001u; }
 
-// The one-token kernels' activation prologue, run by every thread of a CTA of kHalfThreads:
-// STAGED copies A (K fp16 / bf16 values) into staged_a at staged_unit positions; for fp16 it
-// also finds A's largest magnitude and returns k such that the kernel may treat A as 2^k
-// times its value (a_scale_exponent; a staged copy is rescaled here, an unstaged A is scaled
-// by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
-// rescaled).
 // A's first kHeadUnits 16-byte units a thread (units threadIdx.x + kHalfThreads q), loaded
 // before the weights (as q4::ByteTableInputs) and handed to prepare_activations (HEAD).
 constexpr int kHeadUnits = 2;
@@ -430,6 +424,12 @@ struct ActivationHead {
   }
 };
 
+// The one-token kernels' activation prologue, run by every thread of a CTA of kHalfThreads:
+// STAGED copies A (K fp16 / bf16 values) into staged_a at staged_unit positions; for fp16 it
+// also finds A's largest magnitude and returns k such that the kernel may treat A as 2^k
+// times its value (a_scale_exponent; a staged copy is rescaled here, an unstaged A is scaled
+// by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
+// rescaled). HEAD: A's first units come from `head` (ActivationHead::load, called earlier).
 template <class Fmt, bool STAGED, bool HEAD>
 __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, float* amax_s,
                                                    const ActivationHead& head) {
