@@ -117,7 +117,8 @@ _TILE_CONFIGS = ((4, 1), (4, 2), (8, 1), (8, 2))
 # NOTES_matmul_4bit.md), 2 weight rows a warp / 4 / 8: 28672 x 8192 556 / 575, 299 / 325,
 # 300 / 305; 8192 x 28672 600 / 606, 435 / 443, 258 / 262; 11008 x 4096 115.6 / 115.8,
 # 69.1 / 70.0, 57.7 / 58.4; 4096 x 4096 (128 CTAs of 8 rows) 63.0 / 63.7, 26.3 / 26.7,
-# 29.2 / 32.0.
+# 29.2 / 32.0. (8 rows keep ~400 bytes a thread in local memory at the 168-register cap;
+# measured with that.)
 _GEMV_WARPS = 4
 _GEMV_ROWS = 4
 _GEMV_ROWS_WIDE = 8
@@ -969,8 +970,9 @@ _PROLOGUE_FIRST_MAX_CTA_BYTES = 128 * 1024
 def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:
     """Whether the one-token kernels take their PROLOGUE_FIRST build (gemv_4bit.cu) for a grid
     of ``grid`` CTAs of ``rows`` weight rows, ``ctas`` an SM: where the grid is one wave (a
-    later wave's CTAs do better starting their weights at once: 28672 x 8192 tiled 49.6
-    against 50.7 us) and a CTA's weights are at most _PROLOGUE_FIRST_MAX_CTA_BYTES."""
+    later wave's CTAs do better starting their weights at once: 28672 x 8192 tiled 49.8 us,
+    50.5 with the prologue first) and a CTA's weights are at most
+    _PROLOGUE_FIRST_MAX_CTA_BYTES."""
     return grid <= ctas * _sm_count() and rows * K // 2 <= _PROLOGUE_FIRST_MAX_CTA_BYTES
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import cupyquant as cq
 from cupyquant import _reference as ref
+from cupyquant import rawkernels
 from cupyquant.blockwise import dequantize_4bit_bits
 from cupyquant.quant_state import QuantState
 
@@ -635,25 +636,42 @@ def test_prologue_first_rule(monkeypatch):
     assert not mm._prologue_first(397, 3, 16, 4096) and not mm._prologue_first(896, 2, 32, 8192)
 
 
+# Every built one-token configuration, forced (the picked ones also depend on the SM count):
+# gemv_4bit_half on both layouts, gemv_4bit_tiled on tiles.
+ONE_TOKEN_CASES = [
+    *((mm._half_path(c), tiled) for c in mm._HALF_CONFIGS for tiled in (False, True)),
+    *((f"tgemv-{s}x{u}c{c}", True) for s, u, c in mm._TGEMV_CONFIGS),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", (*HALF_PATHS, "tgemv", *(f"tgemv-{s}x{u}c{c}" for s, u, c in mm._TGEMV_CONFIGS)))
+@pytest.mark.parametrize(("path", "tiled"), ONE_TOKEN_CASES, ids=lambda v: v if isinstance(v, str) else f"tiled={v}")
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
-def test_gpu_one_token_prologue_order_same_bits(cp, monkeypatch, path, nested, fmt):
+def test_gpu_one_token_prologue_order_same_bits(cp, monkeypatch, path, tiled, nested, fmt):
     # The prologue's loads before the weights' (a thousand SMs counted: one wave) or after them
-    # (one SM: many waves) change only when bytes arrive: the same bits, for the row-major and
-    # tiled kernels; K = 4224 stages A past the head's two units a thread, K = 256 within them.
-    for N, K in ((272, 4224), (48, 256)):
+    # (one SM: 5+ waves of 17 strips) change only when bytes arrive: the same bits, from the
+    # other build of the same configuration. K = 256: A within the head's first unit a thread;
+    # K = 3200: 400 units, a second head unit for some threads, none past it.
+    built = []
+    real_get = rawkernels.get_function
+    monkeypatch.setattr(rawkernels, "get_function", lambda f, e: built.append(e) or real_get(f, e))
+    for N, K in ((272, 256), (272, 3200)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 1, fmt, "nf4", 64, nested, True, seed=K)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
-        tiled = path.startswith("tgemv")
         weight = cq.tile_4bit(gp, gqs).data if tiled else gp
-        outs = []
+        outs, kernels = [], []
         for sms in (1000, 1):
             monkeypatch.setattr(mm, "_sm_count", lambda sms=sms: sms)
+            built.clear()
             out = cp.full(N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)  # NaN
             mm._matmul_fused(ga, fmt, 1, N, K, weight, gqs, gb, out.view(ga.dtype), path=path, tiled=tiled)
             outs.append(cp.asnumpy(out))
+            kernels.append(built[-1])
+        # the PROLOGUE_FIRST build (the other's template arguments, then PROLOGUE_FIRST = true,
+        # after TILED = false on gemv_4bit_half's bitsandbytes layout), then the other
+        assert kernels[0] != kernels[1] and kernels[0].startswith(kernels[1][:-1]), kernels
+        assert kernels[0].endswith(", true>"), kernels
         np.testing.assert_array_equal(outs[0], outs[1])
         got = outs[0].view(np.float16) if fmt == "float16" else outs[0]
         assert rel_error(got, fmt, reference(a_bits, fmt, 1, packed, qs, bias_bits)) < TOLERANCE[fmt]

@@ -486,8 +486,8 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
 // takes it where the grid is one wave and a CTA's weights are short (_prologue_first in
 // matmul_4bit.py; H100, one fp16 token, 4096 x 4096: 7.35 -> 6.95 us, tiled 7.23 -> 6.42,
 // NOTES_matmul_4bit.md run 46). Elsewhere the weights first do better (28672 x 8192 tiled:
-// 49.6 against 50.7 us): a CTA of a later wave, or with a long stream of weights, then
-// starts that stream at once.
+// 49.8 against 50.5 us with the prologue first): a CTA of a later wave, or with a long
+// stream of weights, then starts that stream at once.
 template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false,
           bool PROLOGUE_FIRST = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)

@@ -91,12 +91,13 @@ __device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const 
 
 // fill_byte_table in two steps, for kernels that issue its global loads before their weight
 // loads (a load issued after a warp's weight loads waits behind them): load() fetches this
-// thread's inputs into registers, fill() writes its entries. Thread t writes entries
-// b = t / 8 + (kThreads / 8) j, j < kFills: the pair (table[b / 16], table[b % 16]), whose
-// second code is the same for every j when kThreads % 128 == 0.
+// thread's inputs into registers, fill() writes its entries. Thread t writes the uint4s
+// i = t + kThreads j, j < kFills, of entry (byte) b = i / 8: the pair (table[b / 16],
+// table[b % 16]), whose second code is the same for every j as kThreads % 128 == 0.
 template <class Fmt, bool NESTED, int kThreads>
 struct ByteTableInputs {
-  static_assert(kThreads % 128 == 0, "a thread's entries share their low nibble");
+  // (kThreads divides the 2048 uint4s and covers code2's 256 values with one each)
+  static_assert(kThreads >= 256 && 2048 % kThreads == 0, "kThreads is 256, 512, 1024 or 2048");
   static constexpr int kFills = 256 * 8 / kThreads;
   float high[kFills];  // table[b / 16] of entry j
   float low;           // table[b % 16]
