@@ -150,6 +150,11 @@ _HALF_MAX_ELEMENTS = 1 << 37
 # pick is _tgemv_pick.
 _TGEMV_CONFIGS = ((1, 2, 3), (1, 3, 2), (2, 2, 3), (2, 3, 2), (4, 4, 2))
 _TGEMV_STATIC_SMEM = _HALF_STATIC_SMEM + 4 * 16 * _HALF_WARPS  # and the strips' part sums
+# The tiles a warp of gemv_4bit_tiled requests before its prologue in the bf16 PROLOGUE_FIRST
+# builds (the kernel's AHEAD; the fp16 ones request all UNROLL). H100, run 48 of
+# NOTES_matmul_4bit.md, bf16 us, one token, all / 1: 4096 x 4096 6.71-6.75 / 6.43-6.48,
+# 11008 x 4096 12.12-12.13 / 11.83-11.84, 4096 x 11008 12.88 / 12.66-12.69; fp16 6.48 / 6.70-6.72.
+_TGEMV_BF16_AHEAD = 1
 # gemm_4bit_small reads A in fragment order (permute_fragments runs first, a copy of A a
 # call) at 9..16 tokens on weights of at least _FRAG_MIN_N rows: each 16-byte activation load
 # of a warp then covers 16 sectors, not 32 (ncu, 28672 x 8192 at 16 tokens: L1 throughput
@@ -1124,8 +1129,9 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
 
     strips, unroll, ctas = _tgemv_config(path, N, K)
     grid = -(-(N // 16) // strips)
-    first = ", true" if _prologue_first(grid, ctas, 16 * strips, K) else ""
-    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{first}"
+    first = _prologue_first(grid, ctas, 16 * strips, K)
+    order = (f", true, {_TGEMV_BF16_AHEAD}" if fmt == "bfloat16" else ", true") if first else ""
+    flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 2 * K
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
@@ -1220,7 +1226,7 @@ def _kernel_expressions(source: str) -> list[str]:
             for t in (*_TILED_ARG.values(), ", false, true", ", true, true")] + [
             f"gemv_4bit_tiled<{f}, {n}, {st}, {u}, {c}{first}>"
             for f in ("Float16", "BFloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
-            for first in ("", ", true")]  # fmt: skip
+            for first in ("", ", true" if f == "Float16" else f", true, {_TGEMV_BF16_AHEAD}")]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
                 for t in _TILED_ARG.values()] + [

@@ -600,8 +600,13 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // strip's parts in order through shared memory; deterministic for a given configuration.
 //
 // grid ceil(N / (16 * STRIPS)), block 256, dynamic shared memory K * 2 bytes (staged A);
-// PROLOGUE_FIRST as gemv_4bit_half's.
-template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false>
+// PROLOGUE_FIRST as gemv_4bit_half's. AHEAD: the tiles a warp requests before the prologue
+// (the rest of its first UNROLL right after the prologue's barrier). The launcher takes 1
+// for bf16 with PROLOGUE_FIRST: without fp16's range check its prologue is short, and fewer
+// weight bytes requested ahead let its loads land sooner (H100, one token, 4096 x 4096 6.73
+// -> 6.45 us, 11008 x 4096 12.12 -> 11.83; fp16 loses 0.1-0.2 with it; NOTES_matmul_4bit.md
+// run 48).
+template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false, int AHEAD = UNROLL>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -647,7 +652,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     }
   };
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) fetch(u, part + kParts * u);
+  for (int u = 0; u < AHEAD; ++u) fetch(u, part + kParts * u);
   if constexpr (PROLOGUE_FIRST) {
     table_inputs.fill(lut, code2_s);
   } else {
@@ -655,6 +660,8 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
   const int k = prepare_activations<Fmt, true, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
   const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
+#pragma unroll
+  for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
