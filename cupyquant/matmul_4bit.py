@@ -946,7 +946,7 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
 
     rows, unroll, ctas, staged = _half_config(path, N, K)
     grid = -(-N // (_HALF_WARPS * rows))
-    order = f", {str(tiled).lower()}, true" if _prologue_first(grid, ctas, _HALF_WARPS * rows, K) else _TILED_ARG[tiled]
+    order = _half_order(tiled, _prologue_first(grid, ctas, _HALF_WARPS * rows, K))
     flags = f"{str(qs.nested).lower()}, {rows}, {unroll}, {ctas}, {str(staged).lower()}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_half<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 128 * -(-K // 64) if staged else 0
@@ -970,6 +970,19 @@ def _half_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: st
 # 8192 x 16384 (32 rows, 256 KB) 29.23 / 28.48 -> 29.99 / 29.07 and 8192 x 28672 (448 KB)
 # 46.89 / 46.31 -> 47.74 / 47.47.
 _PROLOGUE_FIRST_MAX_CTA_BYTES = 128 * 1024
+
+
+def _half_order(tiled: bool, first: bool) -> str:
+    """gemv_4bit_half's trailing template arguments: TILED, then PROLOGUE_FIRST where ``first``."""
+    return f", {str(tiled).lower()}, true" if first else _TILED_ARG[tiled]
+
+
+def _tgemv_order(fmt: str, first: bool) -> str:
+    """gemv_4bit_tiled's trailing template arguments: PROLOGUE_FIRST where ``first``, then
+    AHEAD for bf16 (_TGEMV_BF16_AHEAD)."""
+    if not first:
+        return ""
+    return f", true, {_TGEMV_BF16_AHEAD}" if fmt == "bfloat16" else ", true"
 
 
 def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:
@@ -1129,8 +1142,7 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
 
     strips, unroll, ctas = _tgemv_config(path, N, K)
     grid = -(-(N // 16) // strips)
-    first = _prologue_first(grid, ctas, 16 * strips, K)
-    order = (f", true, {_TGEMV_BF16_AHEAD}" if fmt == "bfloat16" else ", true") if first else ""
+    order = _tgemv_order(fmt, _prologue_first(grid, ctas, 16 * strips, K))
     flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 2 * K
@@ -1223,10 +1235,10 @@ def _kernel_expressions(source: str) -> list[str]:
             for f in _GEMV_STRUCT.values() for n in nested for mr, r in rows] + [
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
-            for t in (*_TILED_ARG.values(), ", false, true", ", true, true")] + [
-            f"gemv_4bit_tiled<{f}, {n}, {st}, {u}, {c}{first}>"
-            for f in ("Float16", "BFloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
-            for first in ("", ", true" if f == "Float16" else f", true, {_TGEMV_BF16_AHEAD}")]  # fmt: skip
+            for t in (_half_order(tiled, first) for tiled in (False, True) for first in (False, True))] + [
+            f"gemv_4bit_tiled<{_GEMV_STRUCT[f]}, {n}, {st}, {u}, {c}{_tgemv_order(f, first)}>"
+            for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
+            for first in (False, True)]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
                 for t in _TILED_ARG.values()] + [
