@@ -564,8 +564,9 @@ def _wgmma_threads(tokens: int) -> int:
 
 def _wgmma_smem(tokens: int) -> int:
     """Its dynamic shared memory (WgmmaShape::kSmemBytes): 4 activation stages of 128 bytes a
-    token, 4 stages of packed weights and scales, the byte table, code2, the flag, alignment."""
-    return 4 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 1024
+    token, 4 stages of packed weights and scales, the byte table, code2, the flag, an mbarrier
+    an activation stage, alignment."""
+    return 4 * 128 * tokens + 4 * (4096 + 1024) + 4 * (256 * 32 + 256) + 16 + 4 * 8 + 1024
 
 
 # TOKENS whose kernel moves registers between its warpgroups with setmaxnreg -> the
@@ -635,9 +636,10 @@ def _wgmma_supported() -> bool:
 
 
 def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False,
-                tokens: int = 64) -> tuple[str, int, int, int]:  # fmt: skip
+                tokens: int = 64, image: bool = False) -> tuple[str, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma`` with
-    ``tokens`` tokens a CTA; ``ksplit`` None picks the split that fills the SMs with their CTAs."""
+    ``tokens`` tokens a CTA; ``ksplit`` None picks the split that fills the SMs with their CTAs.
+    ``image``: the X_IMAGE build, which reads the activations from :func:`_wgmma_x_image`'s copy."""
     if tokens not in _WGMMA_TOKEN_WIDTHS:
         raise ValueError(f"gemm_4bit_wgmma is built for {_WGMMA_TOKEN_WIDTHS} tokens a CTA, got {tokens}")
     chunks = -(-M // tokens)
@@ -649,18 +651,67 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
     share = -(-stages // ksplit)
     ksplit = -(-stages // share)  # trimmed so that no split is empty
+    return _wgmma_expression(tiled, tokens, image), chunks, ctas, ksplit
+
+
+def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
+    """``gemm_4bit_wgmma``'s instantiation, with the format and NESTED left as ``{}``
+    (trailing template arguments at their defaults are left out)."""
+    if image:
+        return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, true>"
     if tokens == 64:
-        return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>", chunks, ctas, ksplit
-    return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>", chunks, ctas, ksplit
+        return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>"
+    return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>"
 
 
-def _wgmma_path(path: str) -> tuple[int | None, int | None]:
-    """(tokens, ksplit) of a "wgmma[-t<tokens>][-k<ksplit>]" path; None where the default rule picks."""
-    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?", path)
+def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
+    """A (M x K 16-bit) copied into the X_IMAGE build's activation image for ``tokens``
+    tokens a CTA: each CTA stage's shared-memory buffer as it lies there (128-byte swizzle,
+    zeros past M and K), so that one bulk copy moves it. A fresh array from the current pool,
+    written on the current stream."""
+    from .rawkernels import get_function
+
+    chunks, stages = -(-M // tokens), -(-K // _WGMMA_STAGE_K)
+    if chunks * tokens > _MAX_GRID_Y:
+        raise ValueError(f"the activation image takes up to {_MAX_GRID_Y} padded tokens, got {chunks * tokens}")
+    image = _xp.cupy().empty(chunks * tokens * stages * _WGMMA_STAGE_K, dtype=np.uint16)
+    kernel = get_function("gemm_4bit_wgmma.cu", "wgmma_x_image")
+    grid = (-(-stages * 8 // 256), chunks * tokens)
+    kernel(grid, (256,), (a_bits, image, np.int32(M), np.int32(K), np.int32(tokens)))
+    return image
+
+
+_MAX_GRID_Y = 65535
+
+
+def _wgmma_path(path: str) -> tuple[int | None, int | None, bool | None]:
+    """(tokens, ksplit, image) of a "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]" path (-bulk:
+    the X_IMAGE build, -threads: the threads copy the activations); None where the default rule
+    picks."""
+    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
-    tokens, ksplit = match.groups()
-    return (None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit))
+    tokens, ksplit, copies = match.groups()
+    return ((None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit)),
+            (None if copies is None else copies == "bulk"))  # fmt: skip
+
+
+def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
+    """Whether the default tensor-core dispatch runs gemm_4bit_wgmma's X_IMAGE build."""
+    if M <= 8 * _MMA_TOKEN_TILES[1] or not _wgmma_default(M, N, K):
+        return False
+    return _wgmma_image_default(M, N, K, _wgmma_tokens(M, N, K))
+
+
+def _wgmma_image_default(M: int, N: int, K: int, tokens: int) -> bool:
+    """Whether the default dispatch runs gemm_4bit_wgmma's X_IMAGE build (activations copied
+    into an image first, then one bulk copy a stage): on 256-token CTAs, where the threads'
+    copies of 32 KB a stage cost the most. H100, run 49 of NOTES_matmul_4bit.md, us, the
+    image (its pass included) against the threads' copies: at 256 tokens 28672 x 8192 245 /
+    276, 8192 x 28672 233 / 237, 11008 x 4096 64 / 71, 14336 x 4096 65 / 73; at 512 501 / 582,
+    439 / 513. On 64- and 128-token CTAs it is as fast or slower (64 tokens: 114.8 / 114.8,
+    109.2 / 106.8; 128: 167 / 156 on 8192 x 28672, 48.6 / 45.7 on 11008 x 4096)."""
+    return tokens == 256
 
 
 # The time of a CTA's K stage with 64 / 128 / 256 tokens a CTA, each at its CTAs an SM,
@@ -753,12 +804,13 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>]": defaults by the rule
-        tokens, forced = _wgmma_path(path)
+        tokens, forced, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
-        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens)
+        image = _wgmma_image_default(M, N, K, tokens) if image is None else image
+        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens, image)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         if tokens in _WGMMA_SETMAXNREG:
             _check_launch_registers(kernel, tokens)
@@ -769,6 +821,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         split = ksplit > 1
         workspace = (_split_workspace(ksplit, ctas, _wgmma_accs(tokens), _wgmma_mma_threads(tokens)) if split
                      else (out_bits, out_bits))  # fmt: skip
+        if image:  # the activation image first (same stream); the kernel reads that copy
+            a_bits = _wgmma_x_image(a_bits, M, K, tokens)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
         return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
@@ -1074,9 +1128,9 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     elif _half_applies(fmt, M, N, K, aligned):
         kernel, grid, block, args, smem = _half_launch(*operands, tiled=tiled)
     elif fmt != "float32" and aligned:
-        if _frag_default(M, N):
-            # A is copied into fragment order a call, into a buffer from the pool on the
-            # call's stream: the general path does that.
+        if _frag_default(M, N) or _wgmma_image_routed(M, N, K):
+            # A is copied into fragment order or into the activation image a call, into a
+            # buffer from the pool on the call's stream: the general path does that.
             return None
         kernel, grid, block, args, smem = _mma_launch(*operands, tiled=tiled)
         if len(grid) > 1 and grid[1] > 1:
@@ -1240,10 +1294,10 @@ def _kernel_expressions(source: str) -> list[str]:
             for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
             for first in (False, True)]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
-        return [f"gemm_4bit_wgmma<{f}, {n}{t}>" for f in _MMA_STRUCT.values() for n in nested
-                for t in _TILED_ARG.values()] + [
-            f"gemm_4bit_wgmma<{f}, {n}, {t}, {tokens}>" for f in _MMA_STRUCT.values() for n in nested
-            for t in ("false", "true") for tokens in _WGMMA_TOKEN_WIDTHS[1:]]  # fmt: skip
+        return ["wgmma_x_image"] + [
+            _wgmma_expression(tiled, tokens, image).format(f, n) for image in (False, True)
+            for tokens in _WGMMA_TOKEN_WIDTHS for tiled in (False, True) for f in _MMA_STRUCT.values()
+            for n in nested]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")
     for f in _MMA_STRUCT.values():

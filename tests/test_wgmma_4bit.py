@@ -4,6 +4,7 @@ split-K determinism."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import shutil
 import subprocess
@@ -105,6 +106,8 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
     monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
+    images = []
+    monkeypatch.setattr(mm, "_wgmma_x_image", lambda a, M, K, tokens: images.append((M, K, tokens)) or "image")
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
@@ -114,18 +117,28 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
     assert grid == (64, 2) and block == (288,) and args == ("partial", "counters") and smem == mm._wgmma_smem(128)
-    # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2).
+    assert images == []  # the threads copy the activations of 64- and 128-token CTAs
+    # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2), reading the
+    # activation image made first.
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits)
-    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256>")
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
     assert grid == (64, 2) and block == (384,) and args == ("partial", "counters") and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
+    assert images == [(200, 28672, 256)]
+    # A forced path may ask for either copy.
+    kernel, *_ = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits, path="wgmma-threads")
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256>")
+    kernel, *_ = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits, path="wgmma-bulk")
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128, true>")
+    assert images == [(200, 28672, 256), (100, 28672, 128)]
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
-    assert len(expressions) == 24 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert len(expressions) == 49 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert "wgmma_x_image" in expressions and "gemm_4bit_wgmma<MmaHalf, true, false, 64, true>" in expressions
     assert "gemm_4bit_wgmma<MmaHalf, false, true, 128>" in expressions
     assert "gemm_4bit_wgmma<MmaBFloat16, true, false, 256>" in expressions
 
@@ -156,6 +169,9 @@ def test_unknown_fused_path_is_refused():
         "wgmma-k2-t128",
         "wgmma-k2-k2",
         "wgmma-t128-k2-k2",
+        "wgmma-bulk-k2",
+        "wgmma-t64-bulk-threads",
+        "wgmma-copies",
     ):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
@@ -219,7 +235,8 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 # one stage, half empty (K = 32) and full (K = 64).
 WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
 WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t128", "wgmma-t128-k1", "wgmma-t128-k3",
-               "wgmma-t256-k1", "wgmma-t256-k3")  # fmt: skip
+               "wgmma-t256-k1", "wgmma-t256-k3", "wgmma-k3-bulk", "wgmma-t128-k1-bulk", "wgmma-t256-k1-bulk",
+               "wgmma-t256-k3-bulk")  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -243,7 +260,8 @@ def test_gpu_wgmma_sweep(hopper, path, M, fmt, shape):
 def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
     for N, K in ((37, 96), (130, 640)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
-        for path in (f"wgmma-t{tokens}-k{split}" for tokens in (64, 128, 256) for split in (1, 2)):
+        paths = [f"wgmma-t{tokens}-k{split}" for tokens in (64, 128, 256) for split in (1, 2)]
+        for path in paths + [f"wgmma-t{tokens}-k2-bulk" for tokens in (64, 128, 256)]:
             out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
             err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
             assert err < TOLERANCE[fmt], f"{N}x{K} {path}: {err}"
@@ -272,6 +290,50 @@ def test_gpu_wgmma_tiled_equals_row_major(hopper, path, M, fmt, nested):
         tiled = _run_tiled(hopper, a_bits, fmt, M, packed, qs, bias_bits, path)
         np.testing.assert_array_equal(tiled.view(np.uint16), row_major.view(np.uint16))
         assert rel_error(tiled, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+def _x_image_reference(a_bits, M, K, tokens):
+    """The X_IMAGE build's activation image in NumPy: [chunk][stage][token][8 units of 8 k],
+    unit u of token r stored at unit u ^ (r % 8) of its 128-byte row, zeros past M and K."""
+    chunks, stages = -(-M // tokens), -(-K // 64)
+    padded = np.zeros((chunks * tokens, stages * 64), dtype=np.uint16)
+    padded[:M, :K] = np.asarray(a_bits).reshape(M, K)
+    units = padded.reshape(chunks, tokens, stages, 8, 8).transpose(0, 2, 1, 3, 4)  # [c][st][r][u][8]
+    image = np.empty_like(units)
+    r = np.arange(tokens)[:, None]
+    image[:, :, r, np.arange(8)[None, :] ^ (r % 8)] = units
+    return image.reshape(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", (64, 128, 256))
+@pytest.mark.parametrize("shape", ((70, 96), (256, 128), (3, 4160)), ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_wgmma_x_image_layout(cp, tokens, shape):
+    # The image is each CTA stage's swizzled shared-memory buffer: checked here against the
+    # layout written out in NumPy (K % 64 == 32 and M short of a chunk included).
+    M, K = shape
+    a_bits = np.random.default_rng(M).integers(1, 2**16, size=M * K, dtype=np.uint16)
+    image = mm._wgmma_x_image(cp.asarray(a_bits), M, K, tokens)
+    np.testing.assert_array_equal(cp.asnumpy(image), _x_image_reference(a_bits, M, K, tokens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
+    # The X_IMAGE build changes only how the activations reach shared memory: the same bits
+    # as the threads' copies, for every width, split and partial chunk.
+    cases = (((272, 1024), 70), ((304, 4224), 513), ((144, 128), 33)) if tiled else (
+        ((272, 1024), 70), ((300, 4128), 513), ((37, 96), 33))
+    for (N, K), M in cases:
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=N + M)
+        run = functools.partial(_run_tiled if tiled else run_gpu, hopper, a_bits, fmt, M, packed, qs, bias_bits)
+        for tokens in (64, 128, 256):
+            for split in ("-k1", "-k3", ""):
+                threads = run(path=f"wgmma-t{tokens}{split}-threads")
+                bulk = run(path=f"wgmma-t{tokens}{split}-bulk")
+                np.testing.assert_array_equal(bulk.view(np.uint16), threads.view(np.uint16), err_msg=f"{tokens}{split}")
+        assert rel_error(bulk, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu

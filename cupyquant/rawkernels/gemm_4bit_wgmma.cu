@@ -134,10 +134,10 @@ struct WgmmaShape {
   static constexpr int kWCopies = kPBytes / 16 / kMmaThreads;  // and packed weight copies
   static constexpr int kCtasPerSm = TOKENS == 64 ? 2 : 1;
   // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
-  // u32[256][32] | code2 float[256] | the split-K flag, plus 1 KB to align the X buffers to
-  // the swizzle atom's 1024 bytes.
+  // u32[256][32] | code2 float[256] | the split-K flag (16 bytes) | an mbarrier an X buffer
+  // (X_IMAGE), plus 1 KB to align the X buffers to the swizzle atom's 1024 bytes.
   static constexpr int kSmemBytes =
-      kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 1024;
+      kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 8 * kXStages + 1024;
 };
 
 // A shared-memory matrix descriptor: K-major rows of 128 bytes with the 128-byte swizzle,
@@ -217,6 +217,29 @@ __device__ __forceinline__ void named_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kCount) : "memory");
 }
 
+// The X_IMAGE build's copies: one bulk copy a stage (the TMA unit's, off the threads), which
+// counts its bytes on the buffer's mbarrier; the warpgroups wait for the barrier's phase.
+__device__ __forceinline__ void mbarrier_init(u32 bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+// The initialised barriers become visible to the bulk copies' (async) proxy.
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+// Arrives on `bar` (its one expected arrival) and expects `bytes` from the copy issued next.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
+  u32 done;
+  do {
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+
 }  // namespace
 
 // gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16);
@@ -224,7 +247,7 @@ __device__ __forceinline__ void named_barrier(int id) {
 // memory allows two, and they overlap one CTA's decoding with the other's barrier waits. Ten
 // warps an SM put three on some of its four schedulers, whose register files then bound a
 // thread to 168 registers.)
-template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64>
+template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false>
 __global__ void __launch_bounds__(WgmmaShape<TOKENS>::kThreads, WgmmaShape<TOKENS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -246,6 +269,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + kPStages * (kPBytes + kSBytes));
   float* code2_s = reinterpret_cast<float*>(lut + 256 * 32);
   int* last_flag = reinterpret_cast<int*>(code2_s + 256);
+  const u32 x_bars = shared_address(last_flag) + 16;  // X_IMAGE: the mbarrier of X buffer b at + 8 b
   q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -272,6 +296,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 x_dst = sw128_offset(x_tok, tid & 7);           // copy q: + kXTokStep q rows of 128 bytes
   auto copy_x = [&](int s) {
     if (s >= stages) return;
+    if constexpr (X_IMAGE) return;  // the scale warp's first thread issues the bulk copies
     const u32 base = xs + (u32)(s % kXStages) * kXBytes + x_dst;
     const bool k_ok = x_k0 + kStageK * s < K;  // K % 32 == 0: a unit is wholly in or out
 #pragma unroll
@@ -332,6 +357,22 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   if (warp >= S::kScaleWarp) {
     if constexpr (S::kScaleRegs > 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(S::kScaleRegs));
     const int st = tid - kMmaThreads;  // this scale thread
+    // X_IMAGE: scale thread 0 copies X, stage s as the loop below enters stage s - 2 (after
+    // the barrier that ends stage s - 3, whose wgmma read that buffer last). A is the image;
+    // this CTA's stages start at x_image.
+    const bool x_issuer = X_IMAGE && st == 0;
+    const u8* x_image = reinterpret_cast<const u8*>(A) + ((i64)chunk * stages_all + st_begin) * kXBytes;
+    auto issue_x = [&](int s) {
+      if (x_issuer && s < stages)
+        bulk_copy(xs + (u32)(s % kXStages) * kXBytes, x_image + (i64)s * kXBytes, kXBytes, x_bars + 8 * (s % kXStages));
+    };
+    if (x_issuer) {
+#pragma unroll
+      for (int b = 0; b < kXStages; ++b) mbarrier_init(x_bars + 8 * b);
+      fence_mbarrier_init();  // (the warpgroups wait on them only after the first stage barrier)
+    }
+    issue_x(0);
+    issue_x(1);
     // Row n0 + st + kScaleThreads q (clamped to the last row; its scales are zeroed when stored). The
     // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
     // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
@@ -409,6 +450,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       for (int d = 0; d < kScaleAhead; ++d) {
         const int s = s0 + d;
         if (s >= stages) break;  // uniform over the CTA
+        issue_x(s + 2);
         store(s + 2, vr[(d + 2) % kScaleAhead], cr[(d + 2) % kScaleAhead]);
         fetch(s + kScaleAhead, vr[d], cr[d]);
         named_barrier<kThreads>(kStageBarrier);
@@ -437,7 +479,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   cp_async_commit();
   named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
   cp_async_wait<1>();                      // X(0) and the packed weights of stages 0 and 1
-  fence_proxy_async();
+  if constexpr (!X_IMAGE) fence_proxy_async();
   named_barrier<kThreads>(kStageBarrier);  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
@@ -452,6 +494,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       copy_w(s + 3);
       cp_async_commit();
       const u32 xa = xs + (u32)(s % kXStages) * kXBytes;
+      if constexpr (X_IMAGE) mbarrier_wait(x_bars + 8 * (s % kXStages), (s / kXStages) & 1);  // X(s) landed
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -464,7 +507,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
-      fence_proxy_async();
+      if constexpr (!X_IMAGE) fence_proxy_async();  // (bulk copies write through the async proxy already)
       named_barrier<kThreads>(kStageBarrier);
     }
   }
@@ -533,4 +576,22 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
             if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][hf][4 * j + 2 * h + e], bv));
           }
     }
+}
+
+// wgmma_x_image: A (u16[M, K], row-major) into the X_IMAGE build's activation image, every
+// stage's shared-memory X buffer as it lies there: image[chunk][stage][token r of TOKENS]
+// [128 bytes], unit u (k 8 u .. + 8 of the stage) at byte 16 (u ^ (r & 7)) of the token's
+// row (the 128-byte swizzle), zeros past M and K. One bulk copy then moves a stage.
+//   grid (ceil(stages * 8 / 256), chunks * TOKENS), block 256: thread j of row y is unit j % 8
+//   of stage j / 8 of padded token y (reads run along the token's row).
+extern "C" __global__ void __launch_bounds__(256)
+wgmma_x_image(const u16* __restrict__ A, u16* __restrict__ image, int M, int K, int tokens) {
+  const int stages = (K + kStageK - 1) / kStageK;
+  const int j = blockIdx.x * 256 + threadIdx.x, y = blockIdx.y;
+  if (j >= stages * 8) return;
+  const int st = j >> 3, u = j & 7, r = y % tokens, k = kStageK * st + 8 * u;
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (y < M && k < K) v = *reinterpret_cast<const uint4*>(A + (i64)y * K + k);  // K % 32 == 0: whole units
+  const i64 row = ((i64)(y / tokens) * stages + st) * tokens + r;
+  *reinterpret_cast<uint4*>(reinterpret_cast<u8*>(image) + row * 128 + ((u ^ (r & 7)) << 4)) = v;
 }
