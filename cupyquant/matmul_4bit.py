@@ -20,7 +20,8 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   of 4096+ rows, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's warpgroup
   MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
   the scales, K split likewise where the rows leave SMs idle; above 64 tokens, mostly 128
-  or 256 tokens a CTA on two warpgroups).
+  or 256 tokens a CTA on two warpgroups; 256-token CTAs read the activations from an image
+  of their shared-memory buffers, one bulk copy a stage).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
@@ -90,7 +91,16 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 # * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
 #   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
 #   the general path for odd K is slower still).
-_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-tile": 192, "gemv-float32": 4, "gemv-16bit": 1}
+# * "tc-wgmma-512" (the same, N >= _TILE_MIN_N and K >= _WGMMA_LONG_K, where 512 tokens on
+#   256-token CTAs fill _WGMMA_FULL_WAVES of their waves, _wgmma_fills_waves; H100 run 49, with
+#   the activation image): wins at 320..512 on 8192x28672 (393 / 383 / 378 at 320 / 384 / 512
+#   vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at 320 / 512), at 384..512 on
+#   28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near tie), loses at 640 on all
+#   three (731 / 748 / 232 vs 664 / 556 / 174). Where the grid leaves SMs idle it loses at
+#   512: 11008x4096 (172 CTAs on 132 SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
+_FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-wgmma-512": 512, "tc-tile": 192,
+                "gemv-float32": 4, "gemv-16bit": 1}  # fmt: skip
+_WGMMA_FULL_WAVES = 0.8
 _WGMMA_LONG_K = 8192
 # Weights with at least this many rows run 17.."tc-tile" tokens on gemm_4bit_tile (64 * rt
 # weight rows a CTA; gemm_4bit_tile_split where K is long and the rows few, see
@@ -188,8 +198,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
-    256 where K >= 8192 or the weight has 8192+ rows, else 128; elsewhere 192 for weights of
-    at least 8192 rows, else 32. The torch adapter uses it to
+    512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens keeps the
+    SMs busy (:func:`_wgmma_fills_waves`), else 256 where K >= 8192 or the weight has 8192+
+    rows, else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch adapter uses it to
     route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
     kernels (call it in the weight's device context); False gives the switch point every
@@ -202,12 +213,24 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     if K % 32 != 0:
         return _FUSED_MAX_M["gemv-16bit"]
     if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
+        wide = N >= _TILE_MIN_N and K >= _WGMMA_LONG_K
+        if wide and _wgmma_fills_waves(_FUSED_MAX_M["tc-wgmma-512"], N, K, _sm_count()):
+            return _FUSED_MAX_M["tc-wgmma-512"]
         if K >= _WGMMA_LONG_K or N >= _TILE_MIN_N:
             return _FUSED_MAX_M["tc-wgmma-256"]
         return _FUSED_MAX_M["tc-wgmma"]
     if N >= _TILE_MIN_N:
         return _FUSED_MAX_M["tc-tile"]
     return _FUSED_MAX_M["tc"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _wgmma_fills_waves(M: int, N: int, K: int, sms: int) -> bool:
+    """Whether M tokens on 256-token gemm_4bit_wgmma CTAs (the default split) fill at least
+    _WGMMA_FULL_WAVES of the waves they take on ``sms`` SMs, one CTA an SM."""
+    _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=256)
+    blocks = ctas * ksplit
+    return blocks >= _WGMMA_FULL_WAVES * -(-blocks // sms) * sms
 
 
 def _weight_shape(quant_state: QuantState) -> tuple[int, int]:

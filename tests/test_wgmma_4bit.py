@@ -66,13 +66,18 @@ def test_wgmma_default_rule(monkeypatch):
 
 
 def test_fused_range_on_hopper(monkeypatch):
-    # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096+ rows up to 256 tokens where K
-    # >= 8192 or the weight has 8192+ rows, else up to 128; elsewhere (and with no GPU) 192
-    # from 8192 rows, else 32.
+    # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096+ rows up to 512 tokens where K
+    # >= 8192, the weight has 8192+ rows and 512 tokens on 256-token CTAs fill 80% of their
+    # waves; else up to 256 where K >= 8192 or the weight has 8192+ rows, else up to 128;
+    # elsewhere (and with no GPU) 192 from 8192 rows, else 32.
     monkeypatch.setattr(mm._xp, "gpu_available", lambda: True)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     shapes = ((4096, 4096), (4095, 4096), (8192, 28672), (28672, 8192), (4096, 14336), (11008, 4096), (4095, 8192))
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 256, 256, 256, 256, 32]
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 512, 512, 256, 256, 32]
+    # 11008 x 8192 at 512 tokens: 172 CTAs on 132 SMs, 65% of two waves; 8192 x 8192: 128 CTAs.
+    assert mm.fused_max_m("float16", 11008, 8192) == 256 and mm.fused_max_m("float16", 8192, 8192) == 512
+    assert mm.fused_max_m("float16", 14336, 4096) == 256  # K < 8192
     assert mm.fused_max_m("bfloat16", 4096, 4096) == 128
     assert mm.fused_max_m("float32", 4096, 4096) == 4  # the CUDA-core GEMV's range
     assert mm.fused_max_m("float16", 28672, 8192, current_device=False) == 192  # the CPU path's
@@ -323,8 +328,11 @@ def test_gpu_wgmma_x_image_layout(cp, tokens, shape):
 def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
     # The X_IMAGE build changes only how the activations reach shared memory: the same bits
     # as the threads' copies, for every width, split and partial chunk.
-    cases = (((272, 1024), 70), ((304, 4224), 513), ((144, 128), 33)) if tiled else (
-        ((272, 1024), 70), ((300, 4128), 513), ((37, 96), 33))
+    cases = (
+        (((272, 1024), 70), ((304, 4224), 513), ((144, 128), 33))
+        if tiled
+        else (((272, 1024), 70), ((300, 4128), 513), ((37, 96), 33))
+    )
     for (N, K), M in cases:
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=N + M)
         run = functools.partial(_run_tiled if tiled else run_gpu, hopper, a_bits, fmt, M, packed, qs, bias_bits)
@@ -403,7 +411,7 @@ def test_gpu_256_token_fused_range(hopper, monkeypatch, shape):
         assert ran == [expected], (M, ran)
         err = rel_error(out, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits))
         assert err < TOLERANCE["float16"], (M, err)
-    assert "gemm_4bit_wgmma<MmaHalf, true, false, 256>" in seen, seen
+    assert "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>" in seen, seen
 
 
 def _default_wgmma_case(cp, fmt="float16", M=40, N=8192, K=2048):

@@ -32,10 +32,19 @@
 // (code pair in A's format, lower k in the low half) times the chunk's packed scale pair.
 //
 // Stages of 64 k (one 128-byte swizzle atom of X a token):
-//   X        u16[T tokens][64]  8 / 16 KB, copied with cp.async (zeros past M and K),
+//   X        u16[T tokens][64]  8 / 16 / 32 KB, copied with cp.async (zeros past M and K),
 //            kXStages buffers, two stages ahead; token r's 16-byte unit u (8 k) at byte
 //            r * 128 + ((u ^ (r & 7)) << 4), the swizzle the descriptor names (a quarter
-//            warp's copies of 8 units of one token then hit 8 distinct bank groups);
+//            warp's copies of 8 units of one token then hit 8 distinct bank groups).
+//            X_IMAGE builds read A from an image of these buffers instead (wgmma_x_image,
+//            below, written first by its own launch): the scale warp's first thread moves a
+//            stage with one bulk copy (cp.async.bulk, the TMA unit's), which counts its bytes
+//            on the buffer's mbarrier, and the warpgroups wait for that barrier's phase before
+//            their wgmma. The threads then issue no X copies, and since the bulk copy and the
+//            wgmma both use the async proxy, the stage's proxy fence goes too. It pays where a
+//            stage's X is largest: 256 tokens a CTA, 8 copies a thread a stage otherwise
+//            (28672 x 8192 at 512 tokens 582 -> 501 us; at 64 and 128 tokens no gain, run 49
+//            of NOTES_matmul_4bit.md, as run 36 found before 256-token CTAs existed);
 //   packed   the stage's 4 KB of packed weights, row r's 32 bytes at byte 32 r, copied with
 //            cp.async three stages ahead (kPStages buffers): thread c copies chunk c (and
 //            c + 128 with one warpgroup), chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's
@@ -60,7 +69,8 @@
 // of 64 rows each measured no faster: run 36.)
 //
 // Pipeline, stage i (one barrier a stage, named barrier 1 over all threads):
-//   warpgroups: copy X(i + 2) into the buffer of stage i - 2 and the packed weights of i + 3
+//   warpgroups: copy X(i + 2) into the buffer of stage i - 2 (X_IMAGE: the scale warp's first
+//   thread, as it enters stage i) and the packed weights of i + 3
 //   into that of i - 1 (their wgmma and decoding are done: the barrier ending stage i - 1);
 //   issue stage i's wgmma (four a row block, eight at T = 256) on its register operands and X buffer
 //   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
