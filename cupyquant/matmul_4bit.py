@@ -200,8 +200,8 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
     512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens keeps the
     SMs busy (:func:`_wgmma_fills_waves`), else 256 where K >= 8192 or the weight has 8192+
-    rows, else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch adapter uses it to
-    route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
+    rows, else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch
+    adapter uses it to route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
     kernels (call it in the weight's device context); False gives the switch point every
     device shares (the CPU path's, so that its results do not depend on the host's GPU).
@@ -687,6 +687,9 @@ def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
     return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>"
 
 
+_MAX_GRID_Y = 65535  # wgmma_x_image's grid: a padded token a block row
+
+
 def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     """A (M x K 16-bit) copied into the X_IMAGE build's activation image for ``tokens``
     tokens a CTA: each CTA stage's shared-memory buffer as it lies there (128-byte swizzle,
@@ -702,9 +705,6 @@ def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     grid = (-(-stages * 8 // 256), chunks * tokens)
     kernel(grid, (256,), (a_bits, image, np.int32(M), np.int32(K), np.int32(tokens)))
     return image
-
-
-_MAX_GRID_Y = 65535
 
 
 def _wgmma_path(path: str) -> tuple[int | None, int | None, bool | None]:
@@ -794,8 +794,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
     ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
     ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``),
-    "wgmma[-t<tokens>][-k<ksplit>]" (``gemm_4bit_wgmma``; tokens a CTA and split by the
-    default rules, or forced), "stage" /
+    "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]" (``gemm_4bit_wgmma``; tokens a CTA, split
+    and how the activations reach shared memory by the default rules, or forced), "stage" /
     "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
@@ -826,7 +826,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             path = "wgmma"
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
-    if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>]": defaults by the rule
+    if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]": defaults by the rules
         tokens, forced, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "

@@ -13,12 +13,13 @@
 //
 // The product is computed transposed, as in gemm_4bit.cu: D = W * X^T, a CTA computing
 // D[128 rows][T tokens] (T = TOKENS, 64, 128 or 256; WgmmaShape) over its share of K with
-// wgmma m64nNk16 (N = min(T, 128)) on two row blocks of 64: A = 64 weight rows x 16 k from
-// registers, B = X (the activations, N tokens x 16 k) K-major in shared memory with the
-// 128-byte swizzle. T = 64: one warpgroup computes both row blocks (b = 0, 1), plus a scale
-// warp (160 threads); T = 128: warpgroup wg computes row block wg, plus a scale warp (288
-// threads); T = 256: as 128 with two wgmma a k slice (tokens 0..127 and 128..255), plus a
-// scale warpgroup (384 threads; setmaxnreg moves registers to the multiplying ones). A weight is
+// wgmma m64nTk16 on two row blocks of 64: A = 64 weight rows x 16 k from registers, B = X
+// (the activations, T tokens x 16 k) K-major in shared memory with the 128-byte swizzle.
+// T = 64: one warpgroup computes both row blocks (b = 0, 1), plus a scale warp (160
+// threads); T = 128: warpgroup wg computes row block wg, plus a scale warp (288 threads);
+// T = 256: as 128, plus a scale warpgroup (384 threads; setmaxnreg moves registers to the
+// multiplying ones). (At T = 256 one m64n256k16 a k slice is 4-9% faster than two m64n128k16
+// on tokens 0..127 and 128..255, with the same bits: run 49.) A weight is
 // W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
 //   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = group *
@@ -72,7 +73,7 @@
 //   warpgroups: copy X(i + 2) into the buffer of stage i - 2 (X_IMAGE: the scale warp's first
 //   thread, as it enters stage i) and the packed weights of i + 3
 //   into that of i - 1 (their wgmma and decoding are done: the barrier ending stage i - 1);
-//   issue stage i's wgmma (four a row block, eight at T = 256) on its register operands and X buffer
+//   issue stage i's wgmma (four a row block) on its register operands and X buffer
 //   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
 //   barrier, while the next are decoded); decode stage i + 1 into the register set of i - 1;
 //   wait for this thread's copies of X(i + 1) and the packed weights of i + 2, make the
@@ -83,7 +84,7 @@
 // 128 tokens a CTA and as fast at 64: run 36.)
 //
 // Accumulators (m64nNk16, float32): warp w of a warpgroup, lane (g, t) holds, for its row
-// block B as above, acc[b][hf][4j + 2h + e] = D[row 64B + 16w + g + 8h][token N hf + 8j + 2t + e].
+// block B as above, acc[b][4j + 2h + e] = D[row 64B + 16w + g + 8h][token 8j + 2t + e].
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
@@ -105,7 +106,8 @@ using q4::shared_address;
 
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
-constexpr int kXStages = 4;    // activation buffers: two stages ahead, and the one the last stage's wgmma reads
+constexpr int kXAhead = 2;  // stages the X copies run ahead (three ahead, five buffers: slower, run 49)
+constexpr int kXStages = kXAhead + 2;    // activation buffers: two stages ahead, and the one the last stage's wgmma reads
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
@@ -116,7 +118,7 @@ constexpr int kMmaBarrier = 2;                     // and the warpgroups', after
 // The CTA's shape for TOKENS tokens (64, 128 or 256). 64: one warpgroup computes both row
 // blocks, two CTAs an SM. 128 (more tokens): two warpgroups, one row block each, share the
 // activations, so a decoded weight feeds twice the multiplies; one CTA an SM. 256: as 128,
-// each warpgroup issuing two wgmma N = 128 a k slice (128 accumulators a thread), and the
+// each warpgroup issuing wgmma N = 256 (128 accumulators a thread), and the
 // scales served by a whole warpgroup, so that setmaxnreg can hand its registers to the two
 // that multiply. (Without that, 256 tokens spilled under the 168 registers a thread that
 // three warps a scheduler leave, and lost everywhere: 28672 x 8192 at 512 tokens 792 us
@@ -132,8 +134,6 @@ struct WgmmaShape {
   static constexpr int kScaleWarp = kMmaThreads / 32;       // the first scale warp's index
   static constexpr int kScaleRows = kRows / kScaleThreads;  // rows a scale thread serves
   static constexpr int kBlocks = 2 / kGroups;               // 64-row blocks a warpgroup
-  static constexpr int kWgmmaN = TOKENS < 128 ? TOKENS : 128;  // the wgmma's N
-  static constexpr int kHalves = TOKENS / kWgmmaN;          // wgmma a row block and k slice
   static constexpr int kAccs = TOKENS / 2;                  // float32 accumulators of a row block, a thread
   // setmaxnreg (256 tokens; 0: none): launched at 168 registers a thread (384 threads, one
   // CTA an SM), the scale warpgroup gives up 88 a thread and the other two take 40 of them.
@@ -179,6 +179,8 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 #define CQ_D64_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define CQ_D128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define CQ_D128_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define CQ_D256 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define CQ_D256_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 #define CQ_WGMMA_N64(type) \
   asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " CQ_D64 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;" \
                : CQ_D64_OPERANDS \
@@ -188,19 +190,29 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
                : CQ_D128_OPERANDS \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
+#define CQ_WGMMA_N256(type) \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " CQ_D256 ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;" \
+               : CQ_D256_OPERANDS \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+
 // D[64 x N] += A[64 x 16] * B[16 x N]: A from registers (the warp's 16 rows), B K-major in
 // shared memory (descriptor).
 template <class Fmt, int N>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b) {
-  static_assert(N == 64 || N == 128, "the wgmma N built here is 64 or 128");
+  static_assert(N == 64 || N == 128 || N == 256, "the wgmma N built here is 64, 128 or 256");
   if constexpr (N == 64) {
     if constexpr (Fmt::kIsHalf) CQ_WGMMA_N64("f16"); else CQ_WGMMA_N64("bf16");
+  } else if constexpr (N == 256) {
+    if constexpr (Fmt::kIsHalf) CQ_WGMMA_N256("f16"); else CQ_WGMMA_N256("bf16");
   } else {
     if constexpr (Fmt::kIsHalf) CQ_WGMMA_N128("f16"); else CQ_WGMMA_N128("bf16");
   }
 }
 #undef CQ_WGMMA_N64
 #undef CQ_WGMMA_N128
+#undef CQ_WGMMA_N256
+#undef CQ_D256
+#undef CQ_D256_OPERANDS
 #undef CQ_D64
 #undef CQ_D64_OPERANDS
 #undef CQ_D128
@@ -252,8 +264,8 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 
 }  // namespace
 
-// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16);
-// TOKENS a CTA (WgmmaShape). (64 tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared
+// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16);
+// TOKENS a CTA (WgmmaShape); X_IMAGE: A is wgmma_x_image's image of A (above). (64 tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared
 // memory allows two, and they overlap one CTA's decoding with the other's barrier waits. Ten
 // warps an SM put three on some of its four schedulers, whose register files then bound a
 // thread to 168 registers.)
@@ -267,7 +279,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   using S = WgmmaShape<TOKENS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
-  constexpr int kWgmmaN = S::kWgmmaN, kHalves = S::kHalves, kScaleRows = S::kScaleRows;
+  constexpr int kScaleRows = S::kScaleRows;
   extern __shared__ __align__(16) u8 smem_raw[];
   // The swizzle atoms must start 1024-byte aligned in the shared window.
   const u32 raw_s = shared_address(smem_raw);
@@ -367,9 +379,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   if (warp >= S::kScaleWarp) {
     if constexpr (S::kScaleRegs > 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(S::kScaleRegs));
     const int st = tid - kMmaThreads;  // this scale thread
-    // X_IMAGE: scale thread 0 copies X, stage s as the loop below enters stage s - 2 (after
-    // the barrier that ends stage s - 3, whose wgmma read that buffer last). A is the image;
-    // this CTA's stages start at x_image.
+    // X_IMAGE: scale thread 0 copies X, stage s as the loop below enters stage s - 2, after
+    // the barrier that ends stage s - 3 (the warpgroups passed it having waited for the wgmma
+    // of stage s - 4, the buffer's last reader). A is the image; this CTA's stages start at
+    // x_image.
     const bool x_issuer = X_IMAGE && st == 0;
     const u8* x_image = reinterpret_cast<const u8*>(A) + ((i64)chunk * stages_all + st_begin) * kXBytes;
     auto issue_x = [&](int s) {
@@ -381,8 +394,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       for (int b = 0; b < kXStages; ++b) mbarrier_init(x_bars + 8 * b);
       fence_mbarrier_init();  // (the warpgroups wait on them only after the first stage barrier)
     }
-    issue_x(0);
-    issue_x(1);
+#pragma unroll
+    for (int s = 0; s < kXAhead; ++s) issue_x(s);
     // Row n0 + st + kScaleThreads q (clamped to the last row; its scales are zeroed when stored). The
     // share's first element of the row lies r0 into block b0; the stage's chunk h (k 32 h ..
     // + 32) then lies in block b0 + ((r0 + 64 s + 32 h) >> block_shift): 32-bit offsets from
@@ -460,7 +473,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       for (int d = 0; d < kScaleAhead; ++d) {
         const int s = s0 + d;
         if (s >= stages) break;  // uniform over the CTA
-        issue_x(s + 2);
+        issue_x(s + kXAhead);
         store(s + 2, vr[(d + 2) % kScaleAhead], cr[(d + 2) % kScaleAhead]);
         fetch(s + kScaleAhead, vr[d], cr[d]);
         named_barrier<kThreads>(kStageBarrier);
@@ -470,14 +483,12 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
 
   if constexpr (S::kMmaRegs > 0) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(S::kMmaRegs));
-  // acc[b][hf]: this warpgroup's row block b, tokens kWgmmaN hf .. + kWgmmaN
-  float acc[kBlocks][kHalves][kWgmmaN / 2];
+  // acc[b]: this warpgroup's row block b, all kTokens tokens
+  float acc[kBlocks][kAccs];
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-    for (int hf = 0; hf < kHalves; ++hf)
-#pragma unroll
-      for (int i = 0; i < kWgmmaN / 2; ++i) acc[b][hf][i] = 0.0f;
+    for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
 
   u32 frag[2][kBlocks][4][4];  // two register sets: stage s uses set s % 2
   copy_x(0);
@@ -509,10 +520,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int b = 0; b < kBlocks; ++b)
-#pragma unroll
-          for (int hf = 0; hf < kHalves; ++hf)  // tokens kWgmmaN hf ..: 128-byte rows further
-            wgmma_m64k16<Fmt, kWgmmaN>(acc[b][hf], frag[d & 1][b][kk], sw128_desc(xa + 128 * kWgmmaN * hf + 32 * kk));
+        for (int b = 0; b < kBlocks; ++b) wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
@@ -523,9 +531,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int b = 0; b < kBlocks; ++b)
-#pragma unroll
-    for (int hf = 0; hf < kHalves; ++hf) fence_accumulators(acc[b][hf]);
+  for (int b = 0; b < kBlocks; ++b) fence_accumulators(acc[b]);
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
   if (ksplit > 1) {  // uniform over the launch
@@ -534,10 +540,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf)
-#pragma unroll
-        for (int i = 0; i < kWgmmaN / 2; ++i)
-          __stcg(mine + (b * kAccs + hf * kWgmmaN / 2 + i) * kMmaThreads, acc[b][hf][i]);
+      for (int i = 0; i < kAccs; ++i) __stcg(mine + (b * kAccs + i) * kMmaThreads, acc[b][i]);
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (tid == 0) {
@@ -553,18 +556,13 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf)
-#pragma unroll
-        for (int i = 0; i < kWgmmaN / 2; ++i) acc[b][hf][i] = 0.0f;
+      for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
       const float* part = tile_part + (p * ctas) * (kBlocks * kAccs * kMmaThreads);
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
-        for (int hf = 0; hf < kHalves; ++hf)
-#pragma unroll
-          for (int i = 0; i < kWgmmaN / 2; ++i)
-            acc[b][hf][i] += __ldcg(part + (b * kAccs + hf * kWgmmaN / 2 + i) * kMmaThreads);
+        for (int i = 0; i < kAccs; ++i) acc[b][i] += __ldcg(part + (b * kAccs + i) * kMmaThreads);
     }
   }
 
@@ -577,14 +575,12 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if (row >= N) continue;
       const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
 #pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf)
+      for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
-        for (int j = 0; j < kWgmmaN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = tok0 + kWgmmaN * hf + 8 * j + 2 * t + e;
-            if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][hf][4 * j + 2 * h + e], bv));
-          }
+        for (int e = 0; e < 2; ++e) {
+          const int tok = tok0 + 8 * j + 2 * t + e;
+          if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
+        }
     }
 }
 
