@@ -707,50 +707,16 @@ def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     return image
 
 
-def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, bool | None]:
-    """(tokens, ksplit, last-wave split, image) of a
-    "wgmma[-t<tokens>][-k<ksplit>][-l<split>][-bulk|-threads]" path (-l: the balanced last
-    wave's split, 1 for none; -bulk: the X_IMAGE build, -threads: the threads copy the
-    activations); None where the default rule picks."""
-    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-l(\d+))?(?:-(bulk|threads))?", path)
+def _wgmma_path(path: str) -> tuple[int | None, int | None, bool | None]:
+    """(tokens, ksplit, image) of a "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]" path (-bulk:
+    the X_IMAGE build, -threads: the threads copy the activations); None where the default rule
+    picks."""
+    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
-    *numbers, copies = match.groups()
-    tokens, ksplit, last = (None if v is None else int(v) for v in numbers)
-    return tokens, ksplit, last, (None if copies is None else copies == "bulk")
-
-
-# The most ways a short last wave's tiles are split (each split keeps _WGMMA_MIN_SHARE stages).
-_WGMMA_LAST_SPLIT_MAX = 8
-
-
-def _wgmma_last_wave(ctas: int, K: int, tokens: int, sms: int, forced: int | None = None) -> tuple[int, int]:
-    """(whole tiles, split) of an unsplit gemm_4bit_wgmma grid of ``ctas`` tiles: the tiles of
-    the full waves run whole, and those of a short last wave are split ``split`` ways so that
-    they fill the SMs. The split minimises the waves the split tiles take, each 1 / split of
-    a whole tile's; (0, 1) where the last wave is full, there is no full wave before it, no
-    split shortens it, or the CTA is not 256 tokens wide (the only build with the balanced
-    wave). ``forced``: that split (1: none)."""
-    if tokens != 256:
-        return 0, 1
-    slots = _wgmma_ctas_per_sm(tokens) * sms
-    waves, rest = divmod(ctas, slots)
-    if waves == 0 or rest == 0:
-        return 0, 1
-    stages = -(-K // _WGMMA_STAGE_K)
-    if forced is None:
-        splits = range(1, max(1, min(_WGMMA_LAST_SPLIT_MAX, stages // _WGMMA_MIN_SHARE)) + 1)
-        forced = min(splits, key=lambda k: (-(-rest * k // slots) / k, k))
-    if forced < 1:
-        raise ValueError(f"the last wave's split must be >= 1, got {forced}")
-    split = -(-stages // -(-stages // forced))  # trimmed so that no split is empty
-    return (0, 1) if split == 1 else (waves * slots, split)
-
-
-def _wgmma_balances_last_wave(M: int, N: int, K: int) -> bool:
-    """Whether the default dispatch balances gemm_4bit_wgmma's last wave (the split then by
-    :func:`_wgmma_last_wave`'s rule)."""
-    return False
+    tokens, ksplit, copies = match.groups()
+    return ((None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit)),
+            (None if copies is None else copies == "bulk"))  # fmt: skip
 
 
 def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
@@ -861,7 +827,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]": defaults by the rules
-        tokens, forced, forced_last, image = _wgmma_path(path)
+        tokens, forced, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
@@ -875,21 +841,13 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         _allow_smem(kernel, smem)
         # The workspace is read only when K is split; unsplit launches pass the output twice.
         # (The partials are the multiplying warpgroups', not the scale warps'.)
-        whole, split_tiles, grid = 0, ctas, (ctas, ksplit)
-        if ksplit == 1:  # a last wave the tiles leave short is split (forced: "-l<split>")
-            if forced_last is None and not _wgmma_balances_last_wave(M, N, K):
-                forced_last = 1
-            whole, last_split = _wgmma_last_wave(ctas, K, tokens, _sm_count(), forced_last)
-            if whole:
-                ksplit, split_tiles = last_split, ctas - whole
-                grid = (whole + ksplit * split_tiles, 1)
-        workspace = (_split_workspace(ksplit, split_tiles, _wgmma_accs(tokens), _wgmma_mma_threads(tokens))
-                     if ksplit > 1 else (out_bits, out_bits))  # fmt: skip
+        split = ksplit > 1
+        workspace = (_split_workspace(ksplit, ctas, _wgmma_accs(tokens), _wgmma_mma_threads(tokens)) if split
+                     else (out_bits, out_bits))  # fmt: skip
         if image:  # the activation image first (same stream); the kernel reads that copy
             a_bits = _wgmma_x_image(a_bits, M, K, tokens)
-        args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace,
-                         np.int32(whole))  # fmt: skip
-        return kernel, grid, (threads,), args, smem
+        args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
+        return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
         mt = rt = ks = None
         if path != "tile":
@@ -1123,9 +1081,8 @@ def _launch_gemv(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, aligned:
     kernel(grid, block, args)
 
 
-# Positions of the per-call pointers in both kernels' argument lists, and of the split-K
-# workspace in the tensor-core kernels' (_mma_args; unsplit gemm_4bit_wgmma passes out there).
-_ARG_A, _ARG_BIAS, _ARG_OUT, _ARG_WORKSPACE = 0, 8, 9, 17
+# Positions of the per-call pointers in both kernels' argument lists.
+_ARG_A, _ARG_BIAS, _ARG_OUT = 0, 8, 9
 
 
 _CTYPE_OF = {"int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32, "float32": ctypes.c_float}
@@ -1199,13 +1156,10 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
             # buffer from the pool on the call's stream: the general path does that.
             return None
         kernel, grid, block, args, smem = _mma_launch(*operands, tiled=tiled)
-        if (len(grid) > 1 and grid[1] > 1) or (
-            len(args) > _ARG_WORKSPACE and args[_ARG_WORKSPACE] is not args[_ARG_OUT]
-        ):
-            # K split across CTAs (gemm_4bit_tile_split over grid.y, gemm_4bit_wgmma over grid.y
-            # or in a balanced last wave) needs a workspace per launch: one kept here would be
-            # shared by concurrent streams and recorded into CUDA graphs that outlive it. The
-            # general path allocates it per call, in stream order.
+        if len(grid) > 1 and grid[1] > 1:
+            # gemm_4bit_tile_split (K split over grid.y) needs a workspace per launch: one kept
+            # here would be shared by concurrent streams and recorded into CUDA graphs that
+            # outlive it. The general path allocates it per call, in stream order.
             return None
     else:
         launch = _gemv_launch(a_stub, fmt, M, N, K, packed, quant_state, bias_stub, a_stub, aligned, tiled)

@@ -110,24 +110,24 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_check_launch_registers", lambda kernel, tokens: None)
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
-    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-3:])
+    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
     images = []
     monkeypatch.setattr(mm, "_wgmma_x_image", lambda a, M, K, tokens: images.append((M, K, tokens)) or "image")
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
-    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(64)
+    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._wgmma_smem(64)
     # Above 64 tokens, 128 a CTA on two warpgroups (here split in 2).
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
-    assert grid == (64, 2) and block == (288,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(128)
+    assert grid == (64, 2) and block == (288,) and args == ("partial", "counters") and smem == mm._wgmma_smem(128)
     assert images == []  # the threads copy the activations of 64- and 128-token CTAs
     # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2), reading the
     # activation image made first.
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
-    assert grid == (64, 2) and block == (384,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(256)
+    assert grid == (64, 2) and block == (384,) and args == ("partial", "counters") and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
     assert images == [(200, 28672, 256)]
     # A forced path may ask for either copy.
@@ -136,46 +136,6 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, *_ = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits, path="wgmma-bulk")
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128, true>")
     assert images == [(200, 28672, 256), (100, 28672, 128)]
-    # 28672 x 8192 at 512 tokens on 256-token CTAs: 448 tiles; balanced ("-l5", or the rule
-    # where _wgmma_balances_last_wave holds), three full waves whole and the last 52 split 5
-    # ways after them (one grid row); the workspace holds the split tiles only.
-    qs.shape = (28672, 8192)
-    launch = functools.partial(mm._mma_launch, a_bits, "float16", 512, 28672, 8192, packed, qs, None, a_bits)
-    kernel, grid, block, args, smem = launch(path="wgmma-t256-l5")
-    assert grid == (396 + 5 * 52, 1) and args == ("partial", "counters", 396)
-    assert workspaces[-1] == (5, 52, 128, 256)
-    kernel, grid, block, args, smem = launch(path="wgmma-t256")  # not by default
-    assert grid == (448, 1) and args[2] == 0
-    monkeypatch.setattr(mm, "_wgmma_balances_last_wave", lambda M, N, K: True)
-    kernel, grid, block, args, smem = launch(path="wgmma-t256")
-    assert grid == (396 + 5 * 52, 1) and args[2] == 396
-    kernel, grid, block, args, smem = launch(path="wgmma-t256-l1-threads")  # forced off
-    assert grid == (448, 1) and args[2] == 0
-    kernel, grid, block, args, smem = launch(path="wgmma-t256-l2")
-    assert grid == (396 + 2 * 52, 1) and args == ("partial", "counters", 396)
-
-
-def test_wgmma_last_wave_rule():
-    # (whole tiles, split) on 132 SMs. 448 tiles of 256 tokens (one CTA an SM), 128 stages:
-    # 3 waves whole, the 52 left split 5 ways take 2 rounds of 1/5 of a tile (0.4 of a wave).
-    assert mm._wgmma_last_wave(448, 8192, 256, 132) == (396, 5)
-    # 224 tiles: one wave whole, 92 split 7 ways (5 rounds of 1/7).
-    assert mm._wgmma_last_wave(224, 8192, 256, 132) == (132, 7)
-    # 64 stages keep 16 each: at most 4 ways; 2 and 4 take half a wave, the smaller wins.
-    assert mm._wgmma_last_wave(448, 4096, 256, 132) == (396, 2)
-    # Only the 256-token kernel balances; no full wave before the last (split-K's domain), a
-    # full last wave, or nothing to gain: none.
-    assert mm._wgmma_last_wave(448, 8192, 64, 132) == (0, 1)
-    assert mm._wgmma_last_wave(128, 28672, 256, 132) == (0, 1)
-    assert mm._wgmma_last_wave(264, 8192, 256, 132) == (0, 1)
-    # Too few stages to split (10): none; a forced split is trimmed (10 stages by 4: shares of
-    # 3, so 4 splits; by 8: shares of 2, so 5).
-    assert mm._wgmma_last_wave(9, 640, 256, 4) == (0, 1)
-    assert mm._wgmma_last_wave(9, 640, 256, 4, forced=4) == (8, 4)
-    assert mm._wgmma_last_wave(9, 640, 256, 4, forced=8) == (8, 5)
-    assert mm._wgmma_last_wave(9, 640, 256, 4, forced=1) == (0, 1)
-    with pytest.raises(ValueError, match="last wave's split must be >= 1, got 0"):
-        mm._wgmma_last_wave(9, 640, 256, 4, forced=0)
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
@@ -217,10 +177,6 @@ def test_unknown_fused_path_is_refused():
         "wgmma-bulk-k2",
         "wgmma-t64-bulk-threads",
         "wgmma-copies",
-        "wgmma-l",
-        "wgmma-l2-k2",
-        "wgmma-l2-t256",
-        "wgmma-bulk-l2",
     ):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
@@ -386,39 +342,6 @@ def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
                 bulk = run(path=f"wgmma-t{tokens}{split}-bulk")
                 np.testing.assert_array_equal(bulk.view(np.uint16), threads.view(np.uint16), err_msg=f"{tokens}{split}")
         assert rel_error(bulk, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("copies", ("bulk", "threads"))
-@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
-@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
-def test_gpu_wgmma_last_wave(hopper, monkeypatch, copies, fmt, tiled):
-    # With 2 SMs counted, small weights leave a short last wave: its tiles are split (the rule's
-    # split, and forced ones), summed in split order (the same bits every run), and against the
-    # reference; the whole tiles before them as unsplit.
-    monkeypatch.setattr(mm, "_sm_count", lambda: 2)
-    monkeypatch.setattr(mm, "_wgmma_balances_last_wave", lambda M, N, K: True)
-    lasts = []
-    real_last = mm._wgmma_last_wave
-    monkeypatch.setattr(mm, "_wgmma_last_wave", lambda *a: lasts.append(real_last(*a)) or lasts[-1])
-    # 513 tokens on 3 row groups: 9 tiles on 2 SMs; row-major also with K % 64 == 32 (a
-    # half-empty last stage).
-    run = _run_tiled if tiled else run_gpu
-    M = 513
-    for N, K in ((272, 2048), (272, 4224)) if tiled else ((272, 2048), (300, 4128)):
-        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=K)
-        whole = run(hopper, a_bits, fmt, M, packed, qs, bias_bits, f"wgmma-t256-l1-{copies}")
-        for path in (f"wgmma-t256-{copies}", f"wgmma-t256-l2-{copies}", f"wgmma-t256-l3-{copies}"):
-            lasts.clear()
-            out = run(hopper, a_bits, fmt, M, packed, qs, bias_bits, path)
-            assert lasts and lasts[-1][0] > 0, (N, K, path, lasts)  # whole tiles, then split ones
-            np.testing.assert_array_equal(run(hopper, a_bits, fmt, M, packed, qs, bias_bits, path), out)
-            err = rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits))
-            assert err < TOLERANCE[fmt], (N, K, path, err)
-            # The whole tiles' rows are the unsplit launch's, bit for bit.
-            rows = min(N, (lasts[-1][0] // -(-M // 256)) * 128)
-            view = out.reshape(M, N).view(np.uint16)[:, :rows]
-            np.testing.assert_array_equal(view, whole.reshape(M, N).view(np.uint16)[:, :rows])
 
 
 @pytest.mark.gpu

@@ -22,12 +22,9 @@
 // on tokens 0..127 and 128..255, with the same bits: run 49.) A weight is
 // W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
-//   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, tile blockIdx.x = group *
+//   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = group *
 //   token_chunks + chunk (the CTAs that read the same weights for different tokens run side
-//   by side and share them through L2); dynamic shared memory kSmemBytes (below). Or, with
-//   whole_tiles > 0, a balanced last wave: grid (whole_tiles + ksplit * (tiles - whole_tiles)),
-//   the first whole_tiles CTAs compute their tiles whole and the rest split the remaining
-//   tiles ksplit ways (below).
+//   by side and share them through L2); dynamic shared memory kSmemBytes (below).
 //
 // Register operand: warp w of a warpgroup, lane (g, t) = (lane / 4, lane % 4) holds, for its
 // row block B (b with one warpgroup, wg with two) and k slice kk of a stage, rows r = 64B +
@@ -91,13 +88,9 @@
 //
 // Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
-// fragment order [split][slot][r][thread], and the CTA that counts in last sums the
+// fragment order [split][blockIdx.x][r][thread], and the CTA that counts in last sums the
 // partials of its tile in split order 0, 1, ... (its own as stored), so the result does not
-// depend on which CTA finishes last. It resets the counter for the next launch. A tile's
-// slot is its index among the split tiles: the tile itself, or with a balanced last wave
-// tile - whole_tiles. (Why the last wave: one CTA an SM of 256 tokens on 28672 x 8192 at 512
-// tokens makes 448 tiles, 3.39 waves on 132 SMs, and the fourth would run 52 tiles on 132
-// SMs; split 5 ways, they take 0.4 of a wave's time.)
+// depend on which CTA finishes last. It resets the counter for the next launch.
 #include "matmul_4bit.cuh"
 
 namespace {
@@ -282,8 +275,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
-                int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters,
-                int whole_tiles) {
+                int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters) {
   using S = WgmmaShape<TOKENS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
@@ -307,32 +299,14 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   // Warp wq of warpgroup wg computes rows 16 wq .. + 16 of its row blocks: both (one
   // warpgroup), or block wg.
   const int wg = warp >> 2, wq = warp & 3;
-  // This CTA's tile, its split of K (of nsplit) and the tile's slot among the split ones
-  // (partials and counters); uniform over the CTA. Split-K: tile blockIdx.x, split blockIdx.y.
-  // A balanced last wave (256 tokens a CTA, whole_tiles > 0, grid.y = 1): CTA x < whole_tiles
-  // computes tile x whole; the CTAs after them split each remaining tile ksplit ways, tile by
-  // tile. (Built into the 256-token kernel only: the index arithmetic kept live to the
-  // epilogue made the 64-token one spill.)
-  constexpr bool kBalanced = TOKENS == 256;
-  const bool balanced = kBalanced && whole_tiles > 0;
-  int tile = blockIdx.x, split = blockIdx.y, nsplit = ksplit;
-  if (balanced) {
-    const int r = (int)blockIdx.x - whole_tiles;
-    if (r < 0) {
-      nsplit = 1;
-    } else {
-      tile = whole_tiles + r / ksplit;
-      split = r % ksplit;
-    }
-  }
-  const int chunk = tile % token_chunks;
-  const int n0 = (tile / token_chunks) * kRows, tok0 = chunk * kTokens;
+  const int chunk = blockIdx.x % token_chunks;
+  const int n0 = (blockIdx.x / token_chunks) * kRows, tok0 = chunk * kTokens;
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = shared_address(lut) + 4 * lane;
   // This CTA's share of the stages (all of them when ksplit = 1); uniform over the CTA.
   const int stages_all = (K + kStageK - 1) / kStageK;
-  const int share = (stages_all + nsplit - 1) / nsplit;
-  const int st_begin = min(stages_all, split * share);
+  const int share = (stages_all + ksplit - 1) / ksplit;
+  const int st_begin = min(stages_all, (int)blockIdx.y * share);
   const int stages = min(stages_all, st_begin + share) - st_begin;
 
   // Activations of local stage s into X buffer s % kXStages: copy q of this thread is unit
@@ -560,13 +534,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   for (int b = 0; b < kBlocks; ++b) fence_accumulators(acc[b]);
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
-  if (nsplit > 1) {  // uniform over the CTA
-    // The tile's slot among the split tiles, and their count. (Read from blockIdx again where
-    // there is no balanced wave, so that nothing stays live across the main loop.)
-    const int slot = kBalanced ? tile - whole_tiles : (int)blockIdx.x;
-    const i64 ctas = kBalanced && whole_tiles > 0 ? ((int)gridDim.x - whole_tiles) / ksplit : (int)gridDim.x;
-    if constexpr (!kBalanced) split = blockIdx.y;
-    float* mine = partial + ((i64)split * ctas + slot) * (kBlocks * kAccs * kMmaThreads) + tid;
+  if (ksplit > 1) {  // uniform over the launch
+    const i64 ctas = gridDim.x;
+    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
@@ -574,20 +544,20 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (tid == 0) {
-      *last_flag = atomicAdd(counters + slot, 1u) == (u32)nsplit - 1;
-      if (*last_flag) counters[slot] = 0;  // every split has counted: reset for the next launch
+      *last_flag = atomicAdd(counters + blockIdx.x, 1u) == (u32)ksplit - 1;
+      if (*last_flag) counters[blockIdx.x] = 0;  // every split has counted: reset for the next launch
     }
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (!*last_flag) return;
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)slot * (kBlocks * kAccs * kMmaThreads) + tid;
+    const float* tile_part = partial + (i64)blockIdx.x * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
-    for (int p = 0; p < nsplit; ++p) {
+    for (int p = 0; p < ksplit; ++p) {
       const float* part = tile_part + (p * ctas) * (kBlocks * kAccs * kMmaThreads);
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b)
