@@ -457,3 +457,21 @@ def test_gpu_wgmma_graph_capture(hopper):
     out = hopper.zeros(M * N, dtype=np.float16)
     eager = replays_equal_eager(hopper, lambda: mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out), out)
     assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_image_graph_capture(hopper, monkeypatch):
+    # 256 tokens on 8192 x 2048: 256-token CTAs reading the activation image, K split in 2.
+    # The image pass and the split workspace run inside the graph; two replays give the eager
+    # result bit for bit.
+    M, N, K = 256, 8192, 2048
+    assert mm._wgmma_image_routed(M, N, K)
+    images = []
+    real_image = mm._wgmma_x_image
+    monkeypatch.setattr(mm, "_wgmma_x_image", lambda *a: images.append(a[1:]) or real_image(*a))
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", seed=19)
+    ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
+    out = hopper.zeros(M * N, dtype=np.float16)
+    eager = replays_equal_eager(hopper, lambda: mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out), out)
+    assert images == [(M, K, 256)] * 2  # eagerly, then under capture
+    assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]
