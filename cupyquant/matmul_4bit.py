@@ -37,7 +37,8 @@ The cuBLAS call goes through ctypes to the libcublas CuPy loaded, on CuPy's hand
 current stream, because CuPy's binding refuses to run during stream capture.
 
 Some calls take temporaries from CuPy's current memory pool, in stream order: A in fragment
-order (9..16 tokens on wide weights), the split-K workspace, the dequantized weight. A CUDA
+order (9..16 tokens on wide weights), the activation image of 256-token ``gemm_4bit_wgmma``
+CTAs (129..512 tokens on an H100 / H200), the split-K workspace, the dequantized weight. A CUDA
 graph captured through this API keeps their addresses, so keep those blocks from being
 handed out again while the graph lives (capture with a pool of its own, or hold the pool's
 memory; the torch adapter's graphs use torch's graph pool and need nothing).
@@ -83,9 +84,10 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   on an H100 / H200: gemm_4bit_wgmma, 256 tokens a CTA from 129 where _wgmma_tokens says
 #   so; H100 run 39): wins at M = 256 (28672x8192: 280 vs 402, 8192x28672: 231 vs 392,
 #   4096x14336: 77 vs 113, 5120x13824: 91 vs 127, 11008x4096: 76 vs 82, 14336x4096 and
-#   13824x5120 on the one-chunk grid of 192 tokens: 72 vs 103, 86 vs 125); loses at M = 512
-#   on 28672x8192 (558 vs 546: a second 256-token chunk), so the range stops at 256. (Run
-#   36, before 256-token CTAs: K >= 8192 only, up to 256; 11008x4096 lost at 224 then.)
+#   13824x5120 on the one-chunk grid of 192 tokens: 72 vs 103, 86 vs 125); lost at M = 512
+#   on 28672x8192 (558 vs 546: a second 256-token chunk) before the activation image, so the
+#   range stopped at 256 ("tc-wgmma-512" below moves it where the image wins). (Run 36,
+#   before 256-token CTAs: K >= 8192 only, up to 256; 11008x4096 lost at 224 then.)
 # * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
 # * "gemv" with fp16 / bf16 (K % 32 != 0 or unaligned arrays; H200): wins at M = 1 (9.2 vs
@@ -93,9 +95,10 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   the general path for odd K is slower still).
 # * "tc-wgmma-512" (the same, N >= _TILE_MIN_N and K >= _WGMMA_LONG_K, where 512 tokens on
 #   256-token CTAs fill _WGMMA_FULL_WAVES of their waves, _wgmma_fills_waves; H100 run 49, with
-#   the activation image): wins at 320..512 on 8192x28672 (393 / 383 / 378 at 320 / 384 / 512
-#   vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at 320 / 512), at 384..512 on
-#   28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near tie), loses at 640 on all
+#   the activation image, two m64n128k16 a k slice): wins at 320..512 on 8192x28672 (393 /
+#   383 / 378 at 320 / 384 / 512 vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at
+#   320 / 512), at 384..512 on 28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near
+#   tie; 456-490 with one m64n256k16), loses at 640 on all
 #   three (731 / 748 / 232 vs 664 / 556 / 174). Where the grid leaves SMs idle it loses at
 #   512: 11008x4096 (172 CTAs on 132 SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
 _FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-wgmma-512": 512, "tc-tile": 192,
@@ -198,8 +201,8 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
 
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
-    512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens keeps the
-    SMs busy (:func:`_wgmma_fills_waves`), else 256 where K >= 8192 or the weight has 8192+
+    512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens fills at
+    least 80% of its waves of CTAs, else 256 where K >= 8192 or the weight has 8192+
     rows, else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch
     adapter uses it to route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
@@ -226,8 +229,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _wgmma_fills_waves(M: int, N: int, K: int, sms: int) -> bool:
-    """Whether M tokens on 256-token gemm_4bit_wgmma CTAs (the default split) fill at least
-    _WGMMA_FULL_WAVES of the waves they take on ``sms`` SMs, one CTA an SM."""
+    """Whether M tokens on 256-token gemm_4bit_wgmma CTAs (the default split, for the current
+    device's SMs: ``sms`` is its count, the memo's key) fill at least _WGMMA_FULL_WAVES of the
+    waves they take on ``sms`` SMs, one CTA an SM."""
     _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=256)
     blocks = ctas * ksplit
     return blocks >= _WGMMA_FULL_WAVES * -(-blocks // sms) * sms
@@ -806,9 +810,10 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
 
     A ``gemm_4bit_tile_split`` launch also carries its workspace (float32 partial sums and
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
-    current CuPy pool on the current stream; a prepared launch keeps its own. Fragment order
-    launches ``permute_fragments`` here, on the current stream, and the kernel's A is that
-    copy (so a prepared launch never takes that path).
+    current CuPy pool on the current stream (so a prepared launch never takes a split path).
+    Fragment order launches ``permute_fragments`` here, and the X_IMAGE build of
+    ``gemm_4bit_wgmma`` its ``wgmma_x_image``, on the current stream, and the kernel's A is
+    that copy (so a prepared launch never takes those paths either).
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), every path but
     "stage": up to 16 tokens ``gemm_4bit_small`` (always 8 warps a CTA up to 8 tokens, H100
@@ -1095,8 +1100,9 @@ class FusedLaunch:
     a call writes only the activation, bias and output addresses into it and launches on
     the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
     per-call host cost is that one driver call. The prepared arguments assume a 16-byte
-    aligned, contiguous A of M x K values (check with :meth:`accepts`). Split-K launches,
-    which need a workspace a call, are never prepared (:func:`prepare_fused`).
+    aligned, contiguous A of M x K values (check with :meth:`accepts`). Launches that need a
+    buffer a call (a split-K workspace, A in fragment order, the activation image) are never
+    prepared (:func:`prepare_fused`).
     """
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
@@ -1133,8 +1139,9 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     """A :class:`FusedLaunch` for ``M`` rows of ``fmt`` activations against the CuPy
     weight ``packed`` / ``quant_state`` (bitsandbytes layout; ``tiled``: the tile order of
     :mod:`cupyquant.tiled_4bit`), or None where the fused kernels do not apply (M above
-    :func:`fused_max_m`, empty shapes; a tiled weight at an odd address). Call inside
-    the weight's device context."""
+    :func:`fused_max_m`, empty shapes; a tiled weight at an odd address) or the launch needs
+    a buffer a call (split K, A in fragment order, the activation image). Call inside the
+    weight's device context."""
     N, K = _weight_shape(quant_state)
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
     if M < 1 or N == 0 or K == 0 or not _fused_applies(fmt, M, N, K, aligned):

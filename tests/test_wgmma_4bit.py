@@ -316,6 +316,8 @@ def _x_image_reference(a_bits, M, K, tokens):
 def test_gpu_wgmma_x_image_layout(cp, tokens, shape):
     # The image is each CTA stage's swizzled shared-memory buffer: checked here against the
     # layout written out in NumPy (K % 64 == 32 and M short of a chunk included).
+    if not mm._wgmma_supported():
+        pytest.skip("wgmma_x_image is built with gemm_4bit_wgmma, for compute capability 9.0 only")
     M, K = shape
     a_bits = np.random.default_rng(M).integers(1, 2**16, size=M * K, dtype=np.uint16)
     image = mm._wgmma_x_image(cp.asarray(a_bits), M, K, tokens)
@@ -465,7 +467,7 @@ def test_gpu_wgmma_image_graph_capture(hopper, monkeypatch):
     # The image pass and the split workspace run inside the graph; two replays give the eager
     # result bit for bit.
     M, N, K = 256, 8192, 2048
-    assert mm._wgmma_image_routed(M, N, K)
+    assert mm._wgmma_image_routed(M, N, K) and mm._pick_wgmma(M, N, K, tokens=256)[3] == 2
     images = []
     real_image = mm._wgmma_x_image
     monkeypatch.setattr(mm, "_wgmma_x_image", lambda *a: images.append(a[1:]) or real_image(*a))
@@ -474,4 +476,6 @@ def test_gpu_wgmma_image_graph_capture(hopper, monkeypatch):
     out = hopper.zeros(M * N, dtype=np.float16)
     eager = replays_equal_eager(hopper, lambda: mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out), out)
     assert images == [(M, K, 256)] * 2  # eagerly, then under capture
+    # The image is a buffer a call: prepare_fused leaves the launch to the general path.
+    assert mm.prepare_fused("float16", M, gp, gqs, True) is None and len(images) == 2
     assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]

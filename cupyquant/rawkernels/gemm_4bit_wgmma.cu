@@ -7,7 +7,8 @@
 // at 255 registers). Here the activations stay in shared memory, where the tensor cores read
 // them asynchronously; the threads only decode weights into the wgmma's register operand.
 //
-// Data layout: as gemm_4bit.cu (A u16[M, K] row-major; packed in the bitsandbytes layout, or
+// Data layout: as gemm_4bit.cu (A u16[M, K] row-major, or its image in X_IMAGE builds;
+// packed in the bitsandbytes layout, or
 // TILED in 16-row x 128-k tiles, cupyquant/tiled_4bit.py; table, scales, bias, out). Requires
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
@@ -44,7 +45,7 @@
 //            their wgmma. The threads then issue no X copies, and since the bulk copy and the
 //            wgmma both use the async proxy, the stage's proxy fence goes too. It pays where a
 //            stage's X is largest: 256 tokens a CTA, 8 copies a thread a stage otherwise
-//            (28672 x 8192 at 512 tokens 582 -> 501 us; at 64 and 128 tokens no gain, run 49
+//            (28672 x 8192 at 512 tokens 582 -> 501-512 us; at 64 and 128 tokens no gain, run 49
 //            of NOTES_matmul_4bit.md, as run 36 found before 256-token CTAs existed);
 //   packed   the stage's 4 KB of packed weights, row r's 32 bytes at byte 32 r, copied with
 //            cp.async three stages ahead (kPStages buffers): thread c copies chunk c (and
@@ -77,7 +78,8 @@
 //   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
 //   barrier, while the next are decoded); decode stage i + 1 into the register set of i - 1;
 //   wait for this thread's copies of X(i + 1) and the packed weights of i + 2, make the
-//   shared writes visible to the tensor cores' (async) proxy;
+//   shared writes visible to the tensor cores' (async) proxy (X_IMAGE: the packed weights
+//   only, and no proxy fence; the warpgroups wait for X(i)'s mbarrier before its wgmma);
 //   scale warp: write the scales of stage i + 2; fetch those of stage i + 6;
 //   barrier.
 // (Waiting for stage i's own wgmma before the barrier, with three X buffers, was 6% slower at
@@ -106,8 +108,8 @@ using q4::shared_address;
 
 constexpr int kRows = 128;     // weight rows a CTA: two row blocks of the wgmma's M = 64
 constexpr int kStageK = 64;    // k a stage: one 128-byte swizzle atom a token
-constexpr int kXAhead = 2;  // stages the X copies run ahead (three ahead, five buffers: slower, run 49)
-constexpr int kXStages = kXAhead + 2;    // activation buffers: two stages ahead, and the one the last stage's wgmma reads
+constexpr int kXAhead = 2;  // stages the X copies run ahead (three in five buffers: slower, run 49)
+constexpr int kXStages = kXAhead + 2;  // X buffers: two ahead, and the one the last stage's wgmma reads
 constexpr int kPStages = 4;    // packed weight buffers (copied three stages ahead) and scale buffers (two)
 constexpr int kPBytes = kRows * kStageK / 2;
 constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k chunk
@@ -245,7 +247,9 @@ __device__ __forceinline__ void mbarrier_init(u32 bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
 }
 // The initialised barriers become visible to the bulk copies' (async) proxy.
-__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
 
 // Arrives on `bar` (its one expected arrival) and expects `bytes` from the copy issued next.
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
@@ -264,11 +268,11 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 
 }  // namespace
 
-// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16);
-// TOKENS a CTA (WgmmaShape); X_IMAGE: A is wgmma_x_image's image of A (above). (64 tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared
-// memory allows two, and they overlap one CTA's decoding with the other's barrier waits. Ten
-// warps an SM put three on some of its four schedulers, whose register files then bound a
-// thread to 168 registers.)
+// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE>: Fmt is MmaHalf (fp16) or MmaBFloat16
+// (bf16); TOKENS a CTA (WgmmaShape); X_IMAGE: A is wgmma_x_image's image of A (below). (64
+// tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they
+// overlap one CTA's decoding with the other's barrier waits. Ten warps an SM put three on
+// some of its four schedulers, whose register files then bound a thread to 168 registers.)
 template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false>
 __global__ void __launch_bounds__(WgmmaShape<TOKENS>::kThreads, WgmmaShape<TOKENS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
@@ -520,7 +524,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-        for (int b = 0; b < kBlocks; ++b) wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
+        for (int b = 0; b < kBlocks; ++b)
+          wgmma_m64k16<Fmt, kTokens>(acc[b], frag[d & 1][b][kk], sw128_desc(xa + 32 * kk));
       wgmma_commit();
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
