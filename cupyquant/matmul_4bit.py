@@ -98,9 +98,9 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   the activation image, two m64n128k16 a k slice): wins at 320..512 on 8192x28672 (393 /
 #   383 / 378 at 320 / 384 / 512 vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at
 #   320 / 512), at 384..512 on 28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near
-#   tie; 456-490 with one m64n256k16), loses at 640 on all
-#   three (731 / 748 / 232 vs 664 / 556 / 174). Where the grid leaves SMs idle it loses at
-#   512: 11008x4096 (172 CTAs on 132 SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
+#   tie; 456-490 with one m64n256k16), loses at 640 on all three (731 / 748 / 232 vs 664 /
+#   556 / 174). Where the grid leaves SMs idle it loses at 512: 11008x4096 (172 CTAs on 132
+#   SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
 _FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-wgmma-512": 512, "tc-tile": 192,
                 "gemv-float32": 4, "gemv-16bit": 1}  # fmt: skip
 _WGMMA_FULL_WAVES = 0.8
@@ -202,9 +202,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     fp16 / bf16 switch points measured on an H100, float32 ones on an H200
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
     512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens fills at
-    least 80% of its waves of CTAs, else 256 where K >= 8192 or the weight has 8192+
-    rows, else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch
-    adapter uses it to route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
+    least 80% of its waves of CTAs, else 256 where K >= 8192 or the weight has 8192+ rows,
+    else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch adapter
+    uses it to route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
     kernels (call it in the weight's device context); False gives the switch point every
     device shares (the CPU path's, so that its results do not depend on the host's GPU).
@@ -727,17 +727,18 @@ def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
     """Whether the default tensor-core dispatch runs gemm_4bit_wgmma's X_IMAGE build."""
     if M <= 8 * _MMA_TOKEN_TILES[1] or not _wgmma_default(M, N, K):
         return False
-    return _wgmma_image_default(M, N, K, _wgmma_tokens(M, N, K))
+    return _wgmma_image_default(_wgmma_tokens(M, N, K))
 
 
-def _wgmma_image_default(M: int, N: int, K: int, tokens: int) -> bool:
+def _wgmma_image_default(tokens: int) -> bool:
     """Whether the default dispatch runs gemm_4bit_wgmma's X_IMAGE build (activations copied
-    into an image first, then one bulk copy a stage): on 256-token CTAs, where the threads'
-    copies of 32 KB a stage cost the most. H100, run 49 of NOTES_matmul_4bit.md, us, the
-    image (its pass included) against the threads' copies: at 256 tokens 28672 x 8192 245 /
-    276, 8192 x 28672 233 / 237, 11008 x 4096 64 / 71, 14336 x 4096 65 / 73; at 512 501 / 582,
-    439 / 513. On 64- and 128-token CTAs it is as fast or slower (64 tokens: 114.8 / 114.8,
-    109.2 / 106.8; 128: 167 / 156 on 8192 x 28672, 48.6 / 45.7 on 11008 x 4096)."""
+    into an image first, then one bulk copy a stage) on CTAs of ``tokens`` tokens: on 256,
+    where the threads' copies of 32 KB a stage cost the most. H100, run 49 of
+    NOTES_matmul_4bit.md, us, the image (its pass included) against the threads' copies: at
+    256 tokens 28672 x 8192 245 / 276, 8192 x 28672 233 / 237, 11008 x 4096 64 / 71, 14336 x
+    4096 65 / 73; at 512 tokens 28672 x 8192 501 / 582, 8192 x 28672 439 / 513. On 64- and
+    128-token CTAs it is as fast or slower (64 tokens: 28672 x 8192 114.8 / 114.8, 8192 x
+    28672 109.2 / 106.8; 128: 8192 x 28672 167 / 156, 11008 x 4096 48.6 / 45.7)."""
     return tokens == 256
 
 
@@ -837,7 +838,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
-        image = _wgmma_image_default(M, N, K, tokens) if image is None else image
+        image = _wgmma_image_default(tokens) if image is None else image
         expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens, image)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         if tokens in _WGMMA_SETMAXNREG:
