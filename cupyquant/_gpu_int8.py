@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _cublas
-from ._xp import FLOAT_FORMATS, aligned, cupy, device_attribute
+from ._xp import FLOAT_FORMATS, MAX_GRID_Y, aligned, cupy, device_attribute
 from .rawkernels import get_function, register_expressions
 
 _SOURCE = "int8.cu"
@@ -27,7 +27,6 @@ _OUTLIER_CACHE = 32  # kOutlierCache in int8.cu: outlier columns int8_outlier_we
 # int8_row_quant_wide's FLAGS (int8.cu): none, u8[K] flags (zeroed first), or each row's own
 # outlier bitmap u32[M * _rowbits_stride(K)] (every word written, so nothing to zero)
 _NO_FLAGS, _BYTE_FLAGS, _ROW_BITS = 0, 1, 2
-_MAX_GRID_Y = 65535
 # Columns a thread of int8_mm_dequant_outliers takes (the cuBLAS path with outlier columns;
 # H100: 4 the fastest of 1, 2, 4 at M = 512 and 4096 on both benchmark shapes).
 _DEQUANT_COLUMNS = 4
@@ -153,13 +152,13 @@ def _kernel(expr: str, smem: int = 0) -> Any:
 
 
 def _slabs(rows: int) -> int:
-    return max(1, min(_MAX_GRID_Y, -(-rows // _ROWS_PER_SLAB)))
+    return max(1, min(MAX_GRID_Y, -(-rows // _ROWS_PER_SLAB)))
 
 
 def _dequant_slabs(rows: int) -> int:
     """Grid rows of the dequantization kernels: a slab of _DEQUANT_ROWS rows each (slabs
     past the grid limit are walked grid-strided)."""
-    return max(1, min(_MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
+    return max(1, min(MAX_GRID_Y, -(-rows // _DEQUANT_ROWS)))
 
 
 def _blocks(n: int, per_block: int) -> int:

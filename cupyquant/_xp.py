@@ -16,6 +16,7 @@ import numpy as np
 # The floating formats the kernels read and write. bfloat16 travels as its 16 raw bits
 # (uint16), because NumPy and CuPy have no native bfloat16 dtype.
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z)
 
 
 def is_cupy_array(a: Any) -> bool:

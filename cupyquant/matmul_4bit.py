@@ -691,9 +691,6 @@ def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
     return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>"
 
 
-_MAX_GRID_Y = 65535  # wgmma_x_image's grid: a padded token a block row
-
-
 def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     """A (M x K 16-bit) copied into the X_IMAGE build's activation image for ``tokens``
     tokens a CTA: each CTA stage's shared-memory buffer as it lies there (128-byte swizzle,
@@ -702,8 +699,8 @@ def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     from .rawkernels import get_function
 
     chunks, stages = -(-M // tokens), -(-K // _WGMMA_STAGE_K)
-    if chunks * tokens > _MAX_GRID_Y:
-        raise ValueError(f"the activation image takes up to {_MAX_GRID_Y} padded tokens, got {chunks * tokens}")
+    if chunks * tokens > _xp.MAX_GRID_Y:
+        raise ValueError(f"the activation image takes up to {_xp.MAX_GRID_Y} padded tokens, got {chunks * tokens}")
     image = _xp.cupy().empty(chunks * tokens * stages * _WGMMA_STAGE_K, dtype=np.uint16)
     kernel = get_function("gemm_4bit_wgmma.cu", "wgmma_x_image")
     grid = (-(-stages * 8 // 256), chunks * tokens)
