@@ -8,6 +8,7 @@ calls, so that weights are read from DRAM, not L2, and launch gaps do not count.
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 from torch import nn
@@ -45,11 +46,22 @@ def time_graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_cupy_graph(calls: list, repeats: int, stream=None) -> float:
+def replay_for(replay, synchronize, seconds: float) -> None:
+    """Replays a graph back to back for ``seconds`` (a warm-up to the power limit's steady
+    state: a card drawing its limit lowers its clocks over the first tens of milliseconds,
+    so a short burst right after idle, or right after other work, times something else)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        replay()
+        synchronize()
+
+
+def time_cupy_graph(calls: list, repeats: int, stream=None, warm_seconds: float = 0.0) -> float:
     """Median microseconds a call over ``repeats`` replays of one CuPy graph of ``calls``
     (callables issuing work on the current CuPy stream), captured on ``stream`` (a fresh
-    non-blocking one by default). Every call runs once first: kernels compile, and the
-    memory pool holds the blocks the captured calls allocate."""
+    non-blocking one by default), after ``warm_seconds`` of replays (:func:`replay_for`).
+    Every call runs once first: kernels compile, and the memory pool holds the blocks the
+    captured calls allocate."""
     import cupy
 
     stream = stream if stream is not None else cupy.cuda.Stream(non_blocking=True)
@@ -63,6 +75,7 @@ def time_cupy_graph(calls: list, repeats: int, stream=None) -> float:
         graph = stream.end_capture()
         graph.launch(stream)  # the first replay uploads the graph
         stream.synchronize()
+        replay_for(lambda: graph.launch(stream), stream.synchronize, warm_seconds)
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         times = []
         for _ in range(repeats):

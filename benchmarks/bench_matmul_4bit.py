@@ -2,13 +2,15 @@
 
 Prints the GPU, then PERFORMANCE.md's table (NF4, blocksize 64, nested absmax, fp16
 activations): microseconds per call from CUDA events around CUDA-graph replays of 20
-calls, the weight copies rotated so the 50 MB L2 does not hold them; GB/s (bytes the call
-must move: packed weights, scales, activations, output); the ratio to torch fp16 measured
-in the same process; and the bandwidth floor (those bytes at the measured device-to-device
-copy rate). Then the sweep that sets ``fused_max_m``: each fused kernel against
-dequantize + cuBLAS over M, and the eager (no graph) per-call time.
+calls, each started after REST_SECONDS idle (--steady: after WARM_SECONDS of its own
+replays, the power limit's steady state), the weight copies rotated so the 50 MB L2 does
+not hold them; GB/s (bytes the call must move: packed weights, scales, activations,
+output); the ratio to torch fp16 measured in the same process; and the bandwidth floor
+(those bytes at the measured device-to-device copy rate). Then the sweep that sets
+``fused_max_m``: each fused kernel against dequantize + cuBLAS over M, and the eager (no
+graph) per-call time.
 
-    PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--stage] [--json FILE] [--sass DIR]
+    PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--steady] [--stage] [--json FILE] [--sass DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 import cupy as cp
-from _graph_timing import time_cupy_graph
+from _graph_timing import replay_for, time_cupy_graph
 
 import cupyquant as cq
 
@@ -34,6 +36,13 @@ mm = importlib.import_module("cupyquant.matmul_4bit")
 
 CALLS = 20  # calls per captured graph
 REPEATS = 10  # timed replays; the median is reported
+# How each timing of the table and the prefill rows starts: after REST_SECONDS idle (each a
+# short burst from the same rest, as PERFORMANCE.md times), or with --steady after
+# WARM_SECONDS of its own replays (the power limit's steady state). Timed straight after the
+# other side, the second paid for the first's heat: H100, 28672 x 8192 at 512 tokens, fp16
+# then 4-bit 330.8 / 554.7 us, 4-bit then fp16 453.3 / 337.7 (NOTES_matmul_4bit.md, run 54).
+REST_SECONDS = 1.0
+WARM_SECONDS = 0.0
 ROTATE_BYTES = 400e6  # weight copies per shape: at least this many bytes
 
 TABLE = (  # PERFORMANCE.md: (N, K), M values, targets in us (None: a ratio target)
@@ -53,7 +62,17 @@ def gpu_name() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def time_torch(calls) -> float:
+def settling() -> str:
+    return f"each after {WARM_SECONDS:g} s of its replays" if WARM_SECONDS else f"each after {REST_SECONDS:g} s idle"
+
+
+def settled(timer, *args):
+    """``timer(*args)`` (a timing function) started as REST_SECONDS / WARM_SECONDS say."""
+    time.sleep(REST_SECONDS)
+    return timer(*args, WARM_SECONDS)
+
+
+def time_torch(calls, warm_seconds: float = 0.0) -> float:
     import torch
 
     stream = torch.cuda.Stream()
@@ -67,6 +86,7 @@ def time_torch(calls) -> float:
             f()
     graph.replay()
     torch.cuda.synchronize()
+    replay_for(graph.replay, torch.cuda.synchronize, warm_seconds)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(REPEATS):
@@ -177,8 +197,12 @@ def main() -> int:
     parser.add_argument("--no-table", action="store_true", help="skip PERFORMANCE.md's table")
     parser.add_argument("--prefill", action="store_true", help="after the table, 128 and 256 tokens on its shapes")
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--steady", action="store_true", help="time the table and prefill rows after 1 s of replays")
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
     args = parser.parse_args()
+    if args.steady:
+        global REST_SECONDS, WARM_SECONDS
+        REST_SECONDS, WARM_SECONDS = 0.0, 1.0
     stream = cp.cuda.Stream(non_blocking=True)
     results: dict = {"gpu": gpu_name(), "table": [], "sweep": [], "gemv_sweep": []}
     bw = copy_bandwidth()
@@ -212,7 +236,9 @@ def main() -> int:
 
 def table(results: dict, bw: float, stream) -> None:
     """PERFORMANCE.md's table: our default dispatch against torch fp16, with the bandwidth floor."""
-    print("4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
+    print(
+        f"4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls, {settling()})"
+    )
     print("tiled: the same weight as cupyquant.tile_4bit (16-row x 128-column tiles), fused rows only")
     header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'tiled':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
               f"{'x floor':>7} {'target':>7}  path")  # fmt: skip
@@ -221,13 +247,13 @@ def table(results: dict, bw: float, stream) -> None:
         w = Weights(N, K)
         t_copies = w.torch_copies()
         for M, target in zip(ms, targets, strict=True):
-            t16 = time_torch(torch_calls(t_copies, M, K))
-            ours = measure(ours_calls(w, M, "float16", None), stream)
+            t16 = settled(time_torch, torch_calls(t_copies, M, K))
+            ours = settled(measure, ours_calls(w, M, "float16", None), stream)
             nbytes = moved_bytes(w, M)
             floor = nbytes / bw * 1e6
             fused = M <= mm.fused_max_m("float16", N, K)
             path = "fused" if fused else "dequant+cuBLAS"
-            tiled = measure(ours_calls(w, M, "float16", "tiled"), stream) if fused else None
+            tiled = settled(measure, ours_calls(w, M, "float16", "tiled"), stream) if fused else None
             target_s = f"{target}" if target is not None else ("1.25x" if M == 512 else "1.1x")
             row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, tiled_us=tiled, gbps=nbytes / ours * 1e-3,
                        floor_us=floor, path=path, target=target_s)  # fmt: skip
@@ -245,16 +271,16 @@ PREFILL_ROWS = (128, 256)
 def prefill(results: dict, stream) -> None:
     """Prefill-sized batches on the table's shapes: the default dispatch against torch fp16 and
     against dequantize + cuBLAS (the path past the fused switch point)."""
-    print("\nprefill batches, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls)")
+    print(f"\nprefill batches, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls, {settling()})")
     print(f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'dequant':>8} {'x fp16':>7}  path")
     results.setdefault("prefill", [])
     for (N, K), _, _ in TABLE:
         w = Weights(N, K)
         t_copies = w.torch_copies()
         for M in PREFILL_ROWS:
-            t16 = time_torch(torch_calls(t_copies, M, K))
-            ours = measure(ours_calls(w, M, "float16", None), stream)
-            dequant = measure(ours_calls(w, M, "float16", "dequant"), stream)
+            t16 = settled(time_torch, torch_calls(t_copies, M, K))
+            ours = settled(measure, ours_calls(w, M, "float16", None), stream)
+            dequant = settled(measure, ours_calls(w, M, "float16", "dequant"), stream)
             path = "fused" if M <= mm.fused_max_m("float16", N, K) else "dequant+cuBLAS"
             row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, dequant_us=dequant, path=path)
             results["prefill"].append(row)
@@ -268,9 +294,9 @@ def save(path: str | None, results: dict) -> None:
         Path(path).write_text(json.dumps(results, indent=1))
 
 
-def measure(calls, stream) -> float:
+def measure(calls, stream, warm_seconds: float = 0.0) -> float:
     try:
-        return time_cupy_graph(calls, REPEATS, stream)
+        return time_cupy_graph(calls, REPEATS, stream, warm_seconds)
     except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
         print(f"  failed: {type(exc).__name__}: {exc}")
         return float("nan")
