@@ -47,9 +47,9 @@ def time_graph(layers: list[nn.Module], x: torch.Tensor, repeats: int) -> float:
 
 
 def replay_for(replay, synchronize, seconds: float) -> None:
-    """Replays a graph back to back for ``seconds`` (a warm-up to the power limit's steady
-    state: a card drawing its limit lowers its clocks over the first tens of milliseconds,
-    so a short burst right after idle, or right after other work, times something else)."""
+    """Replays a graph back to back for ``seconds``: a warm-up to the power limit's steady
+    state (a card at its limit lowers its clocks under sustained load, so a short burst
+    right after idle, or right after other work, times something else)."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         replay()

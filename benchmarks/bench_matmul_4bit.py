@@ -62,6 +62,12 @@ def gpu_name() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def time_at_steady_state() -> None:
+    """--steady: every table and prefill timing after 1 s of its own replays, no rest."""
+    global REST_SECONDS, WARM_SECONDS
+    REST_SECONDS, WARM_SECONDS = 0.0, 1.0
+
+
 def settling() -> str:
     return f"each after {WARM_SECONDS:g} s of its replays" if WARM_SECONDS else f"each after {REST_SECONDS:g} s idle"
 
@@ -201,8 +207,7 @@ def main() -> int:
     parser.add_argument("--sass", help="dump the kernels' SASS (nvcc + cuobjdump) into this folder")
     args = parser.parse_args()
     if args.steady:
-        global REST_SECONDS, WARM_SECONDS
-        REST_SECONDS, WARM_SECONDS = 0.0, 1.0
+        time_at_steady_state()
     stream = cp.cuda.Stream(non_blocking=True)
     results: dict = {"gpu": gpu_name(), "table": [], "sweep": [], "gemv_sweep": []}
     bw = copy_bandwidth()
