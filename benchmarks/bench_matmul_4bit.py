@@ -1,14 +1,14 @@
 """4-bit linear forward ``out = x @ W^T``: cupyquant against torch fp16 (cuBLAS), one run.
 
 Prints the GPU, then PERFORMANCE.md's table (NF4, blocksize 64, nested absmax, fp16
-activations): microseconds per call from CUDA events around CUDA-graph replays of 20
-calls, each started after REST_SECONDS idle (--steady: after WARM_SECONDS of its own
-replays, the power limit's steady state), the weight copies rotated so the 50 MB L2 does
-not hold them; GB/s (bytes the call must move: packed weights, scales, activations,
-output); the ratio to torch fp16 measured in the same process; and the bandwidth floor
-(those bytes at the measured device-to-device copy rate). Then the sweep that sets
-``fused_max_m``: each fused kernel against dequantize + cuBLAS over M, and the eager (no
-graph) per-call time.
+activations; bitsandbytes too where it is importable): microseconds per call from CUDA
+events around CUDA-graph replays of 20 calls, each started after REST_SECONDS idle
+(--steady: after WARM_SECONDS of its own replays, the power limit's steady state), the
+weight copies rotated so the 50 MB L2 does not hold them; GB/s (bytes the call must move:
+packed weights, scales, activations, output); the ratio to torch fp16 measured in the same
+process; and the bandwidth floor (those bytes at the measured device-to-device copy rate).
+Then the sweep that sets ``fused_max_m``: each fused kernel against dequantize + cuBLAS
+over M, and the eager (no graph) per-call time.
 
     PYTHONPATH=. python3 benchmarks/bench_matmul_4bit.py [--quick] [--steady] [--stage] [--json FILE] [--sass DIR]
 """
@@ -147,6 +147,33 @@ class Weights:
         base = torch.from_dlpack(self.fp16)
         return [base.clone() for _ in range(count)]
 
+    def bnb_copies(self, bnb):
+        """The fp16 weight quantized by bitsandbytes (NF4, blocksize 64, nested): as many
+        (packed, QuantState) copies as ours."""
+        import torch
+
+        packed, state = bnb.functional.quantize_4bit(torch.from_dlpack(self.fp16), blocksize=64,
+                                                     compress_statistics=True, quant_type="nf4")  # fmt: skip
+        return [(packed.clone(), copy.deepcopy(state)) for _ in self.copies]
+
+
+def bitsandbytes_module():
+    """bitsandbytes where it is importable (the table then times it too), else None."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def bnb_calls(bnb, copies, M: int, K: int):
+    """bitsandbytes' 4-bit forward, as its Linear4bit calls it, on the rotated copies."""
+    import torch
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    count = len(copies)
+    return [lambda c=copies[i % count]: bnb.matmul_4bit(x, c[0].t(), quant_state=c[1]) for i in range(CALLS)]
+
 
 def ours_calls(w: Weights, M: int, fmt: str, path: str | None):
     rng = cp.random.default_rng(M)
@@ -245,14 +272,18 @@ def table(results: dict, bw: float, stream) -> None:
         f"4-bit linear forward, NF4 bs64 nested, fp16 activations; us per call (graph replay of 20 calls, {settling()})"
     )
     print("tiled: the same weight as cupyquant.tile_4bit (16-row x 128-column tiles), fused rows only")
-    header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'4bit':>8} {'tiled':>8} {'x fp16':>7} {'GB/s':>6} {'floor':>7} "
-              f"{'x floor':>7} {'target':>7}  path")  # fmt: skip
+    bnb = bitsandbytes_module()
+    print(f"bnb: bitsandbytes {bnb.__version__} (matmul_4bit)" if bnb else "bnb: bitsandbytes is not importable")
+    header = (f"{'N x K':>13} {'M':>5} {'fp16':>8} {'bnb':>8} {'4bit':>8} {'tiled':>8} {'x fp16':>7} {'GB/s':>6} "
+              f"{'floor':>7} {'x floor':>7} {'target':>7}  path")  # fmt: skip
     print(header)
     for (N, K), ms, targets in TABLE:
         w = Weights(N, K)
         t_copies = w.torch_copies()
+        b_copies = w.bnb_copies(bnb) if bnb else None
         for M, target in zip(ms, targets, strict=True):
             t16 = settled(time_torch, torch_calls(t_copies, M, K))
+            tb = settled(time_torch, bnb_calls(bnb, b_copies, M, K)) if bnb else None
             ours = settled(measure, ours_calls(w, M, "float16", None), stream)
             nbytes = moved_bytes(w, M)
             floor = nbytes / bw * 1e6
@@ -260,13 +291,14 @@ def table(results: dict, bw: float, stream) -> None:
             path = "fused" if fused else "dequant+cuBLAS"
             tiled = settled(measure, ours_calls(w, M, "float16", "tiled"), stream) if fused else None
             target_s = f"{target}" if target is not None else ("1.25x" if M == 512 else "1.1x")
-            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, ours_us=ours, tiled_us=tiled, gbps=nbytes / ours * 1e-3,
-                       floor_us=floor, path=path, target=target_s)  # fmt: skip
+            row = dict(N=N, K=K, M=M, torch_fp16_us=t16, bnb_us=tb, ours_us=ours, tiled_us=tiled,
+                       gbps=nbytes / ours * 1e-3, floor_us=floor, path=path, target=target_s)  # fmt: skip
             results["table"].append(row)
             tiled_s = f"{tiled:8.1f}" if tiled is not None else f"{'-':>8}"
-            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {ours:8.1f} {tiled_s} {ours / t16:7.2f} "
+            bnb_s = f"{tb:8.1f}" if tb is not None else f"{'-':>8}"
+            print(f"{N:>6}x{K:<6} {M:>5} {t16:8.1f} {bnb_s} {ours:8.1f} {tiled_s} {ours / t16:7.2f} "
                   f"{nbytes / ours * 1e-3:6.0f} {floor:7.1f} {ours / floor:7.2f} {target_s:>7}  {path}")  # fmt: skip
-        del t_copies, w
+        del t_copies, b_copies, w
         cp.get_default_memory_pool().free_all_blocks()
 
 
