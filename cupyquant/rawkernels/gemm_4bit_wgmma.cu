@@ -603,6 +603,7 @@ wgmma_x_image(const u16* __restrict__ A, u16* __restrict__ image, int M, int K, 
   const int st = j >> 3, u = j & 7, r = y % tokens, k = kStageK * st + 8 * u;
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
   if (y < M && k < K) v = *reinterpret_cast<const uint4*>(A + (i64)y * K + k);  // K % 32 == 0: whole units
-  const i64 row = ((i64)(y / tokens) * stages + st) * tokens + r;
-  *reinterpret_cast<uint4*>(reinterpret_cast<u8*>(image) + row * 128 + ((u ^ (r & 7)) << 4)) = v;
+  // The stage's buffer, then token r's unit u in it (tokens % 8 == 0, so r's swizzle is the buffer's).
+  const i64 buffer = ((i64)(y / tokens) * stages + st) * tokens * 128;
+  *reinterpret_cast<uint4*>(reinterpret_cast<u8*>(image) + buffer + sw128_offset(r, u)) = v;
 }
