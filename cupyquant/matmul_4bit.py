@@ -681,6 +681,56 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
     return _wgmma_expression(tiled, tokens, image), chunks, ctas, ksplit
 
 
+# A balanced last wave (gemm_4bit_wgmma's split_from): where the tiles of one-CTA-an-SM
+# widths fill some waves of the SMs and leave the last one short, the last wave's tiles are
+# split over K and spread over the SMs. Each split keeps at least _WGMMA_TAIL_MIN_SHARE
+# stages, and the split is taken where the split tiles' rounds of CTAs, a share each, take at
+# most _WGMMA_TAIL_MAX_COST of the wave they replace (see _wgmma_tail_split).
+_WGMMA_TAIL_MIN_SHARE = 32
+_WGMMA_TAIL_MAX_COST = 0.6
+
+
+def _wgmma_tail_split(ctas: int, tokens: int, stages: int, sms: int) -> int:
+    """The K split of a balanced last wave for ``ctas`` unsplit tiles of ``tokens`` tokens
+    and ``stages`` stages on ``sms`` SMs, 1 for none: the split whose CTAs, in rounds over
+    the SMs, take the fewest tile-times, where that is at most _WGMMA_TAIL_MAX_COST. Only
+    for widths of one CTA an SM (the 64-token build splits every tile or none)."""
+    if _wgmma_ctas_per_sm(tokens) != 1 or ctas <= sms or ctas % sms == 0:
+        return 1
+    tail = ctas % sms
+    best, best_cost = 1, 1.0
+    for split in range(2, stages // _WGMMA_TAIL_MIN_SHARE + 1):
+        cost = -(-tail * split // sms) / split
+        if cost < best_cost:
+            best, best_cost = split, cost
+    return best if best_cost <= _WGMMA_TAIL_MAX_COST else 1
+
+
+def _wgmma_split_from(ctas: int, ksplit: int, tokens: int, stages: int, sms: int,
+                      balance: int | None = None) -> tuple[int, int]:  # fmt: skip
+    """(split_from, ksplit) of a gemm_4bit_wgmma launch of ``ctas`` tiles whose grid rule gave
+    ``ksplit``: tiles split_from.. are split ksplit ways. Every tile where ksplit > 1; else the
+    last wave's tiles ``balance`` ways (None: :func:`_wgmma_tail_split`'s rule; 1: none),
+    trimmed so that no split is empty."""
+    if ksplit > 1:
+        if balance not in (None, 1):
+            raise ValueError(f"a balanced last wave splits the tiles of an unsplit grid, got ksplit {ksplit}")
+        return 0, ksplit
+    if balance is None:
+        balance = _wgmma_tail_split(ctas, tokens, stages, sms)
+    if balance < 1:
+        raise ValueError(f"a balanced last wave's split must be >= 1, got {balance}")
+    if balance == 1:
+        return ctas, 1
+    if _wgmma_ctas_per_sm(tokens) != 1:
+        raise ValueError(f"a balanced last wave needs one CTA an SM (128 or 256 tokens), got {tokens} tokens")
+    tail = ctas % sms if ctas > sms else ctas
+    if tail == 0:  # the waves are full
+        return ctas, 1
+    share = -(-stages // balance)
+    return ctas - tail, -(-stages // share)
+
+
 def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
     """``gemm_4bit_wgmma``'s instantiation, with the format and NESTED left as ``{}``
     (trailing template arguments at their defaults are left out)."""
@@ -708,16 +758,16 @@ def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     return image
 
 
-def _wgmma_path(path: str) -> tuple[int | None, int | None, bool | None]:
-    """(tokens, ksplit, image) of a "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]" path (-bulk:
-    the X_IMAGE build, -threads: the threads copy the activations); None where the default rule
-    picks."""
-    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-(bulk|threads))?", path)
+def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, bool | None]:
+    """(tokens, ksplit, balance, image) of a "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-bulk|-threads]"
+    path (-k: every tile split; -b: the last wave's tiles split, 1 for none; -bulk: the X_IMAGE
+    build, -threads: the threads copy the activations); None where the default rule picks."""
+    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-b(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
-    tokens, ksplit, copies = match.groups()
-    return ((None if tokens is None else int(tokens)), (None if ksplit is None else int(ksplit)),
-            (None if copies is None else copies == "bulk"))  # fmt: skip
+    tokens, ksplit, balance, copies = match.groups()
+    number = lambda v: None if v is None else int(v)  # noqa: E731
+    return number(tokens), number(ksplit), number(balance), (None if copies is None else copies == "bulk")
 
 
 def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
@@ -830,26 +880,28 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]": defaults by the rules
-        tokens, forced, image = _wgmma_path(path)
+        tokens, forced, balance, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
         image = _wgmma_image_default(tokens) if image is None else image
         expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens, image)
+        split_from, ksplit = _wgmma_split_from(ctas, ksplit, tokens, -(-K // _WGMMA_STAGE_K), _sm_count(), balance)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         if tokens in _WGMMA_SETMAXNREG:
             _check_launch_registers(kernel, tokens)
         threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
         _allow_smem(kernel, smem)
-        # The workspace is read only when K is split; unsplit launches pass the output twice.
-        # (The partials are the multiplying warpgroups', not the scale warps'.)
-        split = ksplit > 1
-        workspace = (_split_workspace(ksplit, ctas, _wgmma_accs(tokens), _wgmma_mma_threads(tokens)) if split
-                     else (out_bits, out_bits))  # fmt: skip
+        # The workspace is read only when K is split (tiles split_from..); unsplit launches pass
+        # the output twice. (The partials are the multiplying warpgroups', not the scale warps'.)
+        split_tiles = ctas - split_from
+        workspace = (_split_workspace(ksplit, split_tiles, _wgmma_accs(tokens), _wgmma_mma_threads(tokens))
+                     if ksplit > 1 else (out_bits, out_bits))  # fmt: skip
         if image:  # the activation image first (same stream); the kernel reads that copy
             a_bits = _wgmma_x_image(a_bits, M, K, tokens)
-        args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace)
+        args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace,
+                         np.int32(split_from))  # fmt: skip
         return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
         mt = rt = ks = None

@@ -110,24 +110,24 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_check_launch_registers", lambda kernel, tokens: None)
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
-    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-2:])
+    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-3:])  # the workspace and split_from
     images = []
     monkeypatch.setattr(mm, "_wgmma_x_image", lambda a, M, K, tokens: images.append((M, K, tokens)) or "image")
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>")
-    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters") and smem == mm._wgmma_smem(64)
+    assert grid == (64, 4) and block == (160,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(64)
     # Above 64 tokens, 128 a CTA on two warpgroups (here split in 2).
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
-    assert grid == (64, 2) and block == (288,) and args == ("partial", "counters") and smem == mm._wgmma_smem(128)
+    assert grid == (64, 2) and block == (288,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(128)
     assert images == []  # the threads copy the activations of 64- and 128-token CTAs
     # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2), reading the
     # activation image made first.
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
-    assert grid == (64, 2) and block == (384,) and args == ("partial", "counters") and smem == mm._wgmma_smem(256)
+    assert grid == (64, 2) and block == (384,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
     assert images == [(200, 28672, 256)]
     # A forced path may ask for either copy.
@@ -136,6 +136,13 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, *_ = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits, path="wgmma-bulk")
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128, true>")
     assert images == [(200, 28672, 256), (100, 28672, 128)]
+    # 512 tokens on 28672 x 8192: 448 unsplit tiles, the last wave's 52 split in 2 (the grid's
+    # second row holds their second halves; the whole tiles' CTAs there return at once).
+    workspaces.clear()
+    qs.shape = (28672, 8192)
+    kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 512, 28672, 8192, packed, qs, None, a_bits)
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
+    assert grid == (448, 2) and args == ("partial", "counters", 396) and workspaces == [(2, 52, 128, 256)]
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
@@ -177,9 +184,41 @@ def test_unknown_fused_path_is_refused():
         "wgmma-bulk-k2",
         "wgmma-t64-bulk-threads",
         "wgmma-copies",
+        "wgmma-b2-k2",
+        "wgmma-b",
+        "wgmma-bulk-b2",
     ):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
+
+
+def test_wgmma_balanced_last_wave_rule():
+    # 28672 x 8192 at 512 tokens on 256-token CTAs: 448 tiles on 132 SMs, three full waves and
+    # 52 tiles; split 2 (104 CTAs, one round of half a tile) beats 3 (156: two rounds of a
+    # third) and ties 4, and 5+ would leave shares under 32 of the 128 stages.
+    assert mm._wgmma_tail_split(448, 256, 128, 132) == 2
+    assert mm._wgmma_split_from(448, 1, 256, 128, 132) == (396, 2)
+    # 224 tiles (256 tokens): 92 past the first wave; split 2 takes two rounds of half a tile,
+    # no better than the wave it replaces.
+    assert mm._wgmma_tail_split(224, 256, 128, 132) == 1
+    # Full waves, a single wave, short K (one share of 32 stages), and two CTAs an SM: none.
+    assert mm._wgmma_tail_split(396, 256, 128, 132) == 1
+    assert mm._wgmma_tail_split(100, 256, 128, 132) == 1
+    assert mm._wgmma_tail_split(140, 128, 63, 132) == 1
+    assert mm._wgmma_tail_split(280, 64, 128, 132) == 1
+    assert mm._wgmma_split_from(448, 1, 256, 128, 132, balance=1) == (448, 1)
+    # Forced: the last wave's tiles, trimmed so that no split is empty (5 stages in shares of
+    # 2 -> 3); every tile where one wave holds them all; a split grid keeps its split.
+    assert mm._wgmma_split_from(15, 1, 128, 5, 4, balance=4) == (12, 3)
+    assert mm._wgmma_split_from(3, 1, 128, 65, 4, balance=2) == (0, 2)
+    assert mm._wgmma_split_from(16, 1, 128, 65, 4, balance=2) == (16, 1)
+    assert mm._wgmma_split_from(64, 4, 64, 448, 132) == (0, 4)
+    with pytest.raises(ValueError, match="splits the tiles of an unsplit grid, got ksplit 4"):
+        mm._wgmma_split_from(64, 4, 64, 448, 132, balance=2)
+    with pytest.raises(ValueError, match="needs one CTA an SM .* got 64 tokens"):
+        mm._wgmma_split_from(300, 1, 64, 128, 132, balance=2)
+    with pytest.raises(ValueError, match="split must be >= 1, got 0"):
+        mm._wgmma_split_from(300, 1, 256, 128, 132, balance=0)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -344,6 +383,49 @@ def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
                 bulk = run(path=f"wgmma-t{tokens}{split}-bulk")
                 np.testing.assert_array_equal(bulk.view(np.uint16), threads.view(np.uint16), err_msg=f"{tokens}{split}")
         assert rel_error(bulk, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+def _tile_blocks(M, N, tokens):
+    """(tile, token slice, row slice) of gemm_4bit_wgmma's tiles: tile = row group * chunks + chunk."""
+    chunks = -(-M // tokens)
+    for group in range(-(-N // 128)):
+        for chunk in range(chunks):
+            tokens_of = slice(chunk * tokens, (chunk + 1) * tokens)
+            yield group * chunks + chunk, tokens_of, slice(128 * group, 128 * (group + 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("copies", ("threads", "bulk"))
+@pytest.mark.parametrize("tokens", (128, 256))
+def test_gpu_wgmma_balanced_last_wave(hopper, monkeypatch, tiled, fmt, copies, tokens):
+    # On 4 counted SMs, 640 rows at 300 tokens: 5 row groups x 3 or 2 token chunks = 15 or 10
+    # tiles, the last wave's 3 or 2 split. The whole tiles come out with the bits of the
+    # unsplit launch, the split ones with those of the launch that splits every tile the same
+    # way, and the default rule (on 7 or 9 SMs: one tile past the full waves) splits it in 2.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 4)
+    M, N, K = 300, 640, 4224  # 66 stages: shares of 33 / 22 / 17 stages (K % 128 == 0 for tiles)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=tokens)
+    launch = functools.partial(_run_tiled if tiled else run_gpu, hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    run = lambda path: launch(path=path).view(np.uint16).reshape(M, N)  # noqa: E731
+    path = f"wgmma-t{tokens}"
+    whole = run(f"{path}-k1-{copies}")
+    tiles = 5 * -(-M // tokens)
+    for balance in (2, 3, 4):
+        split_from, ksplit = mm._wgmma_split_from(tiles, 1, tokens, 66, 4, balance)
+        assert split_from == tiles - tiles % 4 and ksplit == balance
+        balanced = run(f"{path}-b{balance}-{copies}")
+        split = run(f"{path}-k{balance}-{copies}")
+        for tile, tokens_of, rows in _tile_blocks(M, N, tokens):
+            expected = split if tile >= split_from else whole
+            np.testing.assert_array_equal(balanced[tokens_of, rows], expected[tokens_of, rows],
+                                          err_msg=f"balance {balance}, tile {tile}")  # fmt: skip
+    bits = balanced.view(np.float16) if fmt == "float16" else balanced
+    assert rel_error(bits, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+    monkeypatch.setattr(mm, "_sm_count", lambda: 7 if tokens == 128 else 9)  # one tile past the full waves
+    assert mm._wgmma_split_from(tiles, 1, tokens, 66, mm._sm_count()) == (tiles - 1, 2)
+    np.testing.assert_array_equal(run(f"{path}-{copies}"), run(f"{path}-b2-{copies}"))
 
 
 @pytest.mark.gpu

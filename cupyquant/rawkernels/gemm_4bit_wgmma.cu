@@ -23,9 +23,10 @@
 // on tokens 0..127 and 128..255, with the same bits: run 49.) A weight is
 // W(row, k) = code[q] * scale, each rounded to A's format and multiplied there (as in
 // gemm_4bit.cu); products are summed in float32.
-//   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = group *
+//   grid (ceil(N / 128) * token_chunks, ksplit), block kThreads, blockIdx.x = tile = group *
 //   token_chunks + chunk (the CTAs that read the same weights for different tokens run side
-//   by side and share them through L2); dynamic shared memory kSmemBytes (below).
+//   by side and share them through L2), blockIdx.y = split of K (the tiles from split_from
+//   on; below); dynamic shared memory kSmemBytes (below).
 //
 // Register operand: warp w of a warpgroup, lane (g, t) = (lane / 4, lane % 4) holds, for its
 // row block B (b with one warpgroup, wg with two) and k slice kk of a stage, rows r = 64B +
@@ -88,11 +89,20 @@
 // Accumulators (m64nNk16, float32): warp w of a warpgroup, lane (g, t) holds, for its row
 // block B as above, acc[b][4j + 2h + e] = D[row 64B + 16w + g + 8h][token 8j + 2t + e].
 //
-// Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split. Split p takes the p-th
+// Split-K (ksplit > 1, blockIdx.y = split): as gemm_4bit_tile_split, for tiles split_from
+// .. on (all of them, or those of a balanced last wave: below). Split p takes the p-th
 // contiguous share of ceil(stages / ksplit) stages, stores its accumulators to `partial` in
-// fragment order [split][blockIdx.x][r][thread], and the CTA that counts in last sums the
-// partials of its tile in split order 0, 1, ... (its own as stored), so the result does not
-// depend on which CTA finishes last. It resets the counter for the next launch.
+// fragment order [split][tile - split_from][r][thread], and the CTA that counts in last sums
+// the partials of its tile in split order 0, 1, ... (its own as stored), so the result does
+// not depend on which CTA finishes last. It resets the counter for the next launch. The
+// tiles before split_from are computed whole by their split-0 CTAs (the others return at
+// once), as in an unsplit launch: same bits as there, and the split tiles' as where all are
+// split.
+// Balanced last wave (one CTA an SM): where the tiles fill some waves of the SMs and leave
+// the last one short, that wave's tiles (the last ones) are split. Dispatched in grid order,
+// split 0 of them follows the whole tiles and split 1.. come next, so the shares start
+// together as the full waves end and spread the last wave's work over the SMs; the empty
+// CTAs of the whole tiles' splits 1.. are dispatched last.
 #include "matmul_4bit.cuh"
 
 namespace {
@@ -279,11 +289,20 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
-                int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters) {
+                int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters,
+                int split_from) {
   using S = WgmmaShape<TOKENS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
   constexpr int kScaleRows = S::kScaleRows;
+  // Tiles before split_from are computed whole, by their CTAs of split 0 (see "Split-K"
+  // above). Not with two CTAs an SM (64 tokens): that build sits at its register limit, and
+  // the tail's arithmetic made it spill, so it splits every tile or none.
+  constexpr bool kTailSplit = S::kCtasPerSm == 1;
+  if constexpr (kTailSplit) {
+    if (blockIdx.y > 0 && (int)blockIdx.x < split_from) return;
+  }
+  const int nsplit = !kTailSplit || (int)blockIdx.x >= split_from ? ksplit : 1;  // uniform over the CTA
   extern __shared__ __align__(16) u8 smem_raw[];
   // The swizzle atoms must start 1024-byte aligned in the shared window.
   const u32 raw_s = shared_address(smem_raw);
@@ -307,9 +326,9 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const int n0 = (blockIdx.x / token_chunks) * kRows, tok0 = chunk * kTokens;
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = shared_address(lut) + 4 * lane;
-  // This CTA's share of the stages (all of them when ksplit = 1); uniform over the CTA.
+  // This CTA's share of the stages (all of them unless its tile is split); uniform over the CTA.
   const int stages_all = (K + kStageK - 1) / kStageK;
-  const int share = (stages_all + ksplit - 1) / ksplit;
+  const int share = (stages_all + nsplit - 1) / nsplit;
   const int st_begin = min(stages_all, (int)blockIdx.y * share);
   const int stages = min(stages_all, st_begin + share) - st_begin;
 
@@ -539,9 +558,10 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   for (int b = 0; b < kBlocks; ++b) fence_accumulators(acc[b]);
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
-  if (ksplit > 1) {  // uniform over the launch
-    const i64 ctas = gridDim.x;
-    float* mine = partial + ((i64)blockIdx.y * ctas + blockIdx.x) * (kBlocks * kAccs * kMmaThreads) + tid;
+  const int first = kTailSplit ? split_from : 0;  // the first split tile
+  if (ksplit > 1 && (int)blockIdx.x >= first) {     // nsplit > 1 (worked out again, not kept live)
+    const int ctas = gridDim.x - first, split_tile = blockIdx.x - first;
+    float* mine = partial + ((i64)blockIdx.y * ctas + split_tile) * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
@@ -549,21 +569,21 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     __threadfence();  // the partials are visible GPU-wide before this CTA is counted
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (tid == 0) {
-      *last_flag = atomicAdd(counters + blockIdx.x, 1u) == (u32)ksplit - 1;
-      if (*last_flag) counters[blockIdx.x] = 0;  // every split has counted: reset for the next launch
+      *last_flag = atomicAdd(counters + split_tile, 1u) == (u32)ksplit - 1;
+      if (*last_flag) counters[split_tile] = 0;  // every split has counted: reset for the next launch
     }
     named_barrier<kMmaThreads>(kMmaBarrier);
     if (!*last_flag) return;
     __threadfence();  // (acquire) the other splits' partials are read after their count
     // Split by split (this CTA's own partial too, as stored), all accumulators at once: one
     // round trip to L2 a split, not one an accumulator and split.
-    const float* tile_part = partial + (i64)blockIdx.x * (kBlocks * kAccs * kMmaThreads) + tid;
+    const float* tile_part = partial + (i64)split_tile * (kBlocks * kAccs * kMmaThreads) + tid;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[b][i] = 0.0f;
     for (int p = 0; p < ksplit; ++p) {
-      const float* part = tile_part + (p * ctas) * (kBlocks * kAccs * kMmaThreads);
+      const float* part = tile_part + (i64)p * ctas * (kBlocks * kAccs * kMmaThreads);
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
