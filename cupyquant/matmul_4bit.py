@@ -765,9 +765,9 @@ def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, bool | N
     match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-b(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
-    tokens, ksplit, balance, copies = match.groups()
-    number = lambda v: None if v is None else int(v)  # noqa: E731
-    return number(tokens), number(ksplit), number(balance), (None if copies is None else copies == "bulk")
+    *numbers, copies = match.groups()
+    tokens, ksplit, balance = (None if v is None else int(v) for v in numbers)
+    return tokens, ksplit, balance, (None if copies is None else copies == "bulk")
 
 
 def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
@@ -846,8 +846,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
     ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
     ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``),
-    "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]" (``gemm_4bit_wgmma``; tokens a CTA, split
-    and how the activations reach shared memory by the default rules, or forced), "stage" /
+    "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-bulk|-threads]" (``gemm_4bit_wgmma``; tokens a
+    CTA, the split of every tile or of the last wave's, and how the activations reach shared
+    memory by the default rules, or forced), "stage" /
     "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
@@ -879,7 +880,7 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
             path = "wgmma"
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
-    if path.startswith("wgmma"):  # "wgmma[-t<tokens>][-k<ksplit>][-bulk|-threads]": defaults by the rules
+    if path.startswith("wgmma"):  # forced parts of the path, the rest by the default rules
         tokens, forced, balance, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
