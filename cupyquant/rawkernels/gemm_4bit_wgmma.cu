@@ -99,10 +99,10 @@
 // once), as in an unsplit launch: same bits as there, and the split tiles' as where all are
 // split.
 // Balanced last wave (one CTA an SM): where the tiles fill some waves of the SMs and leave
-// the last one short, that wave's tiles (the last ones) are split. Dispatched in grid order,
-// split 0 of them follows the whole tiles and split 1.. come next, so the shares start
-// together as the full waves end and spread the last wave's work over the SMs; the empty
-// CTAs of the whole tiles' splits 1.. are dispatched last.
+// the last one short, that wave's tiles (the last ones) are split. Dispatched in grid order
+// (row y = split), split 0 of them follows the whole tiles, and split 1 follows the whole
+// tiles' CTAs of row 1, which return at once: the shares start together as the full waves
+// end and spread the last wave's work over the SMs.
 #include "matmul_4bit.cuh"
 
 namespace {
