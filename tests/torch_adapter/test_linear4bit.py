@@ -17,15 +17,21 @@ from cupyquant.torch import linear4bit as linear4bit_module
 from .helpers import LINEAR4BIT_CASES, fixture_params, load_fixture, same_bytes
 
 # bitsandbytes computed y with cuBLAS; we compute it with the same dequantized weight but
-# another summation order, so outputs agree to a couple of ulps of the output dtype,
-# relative to the largest output.
+# another summation order (the CPU's BLAS picks its own by instruction set), so outputs
+# agree to a couple of ulps of the output dtype, relative to the largest sum of the
+# products' magnitudes, sum_k |x_k w_nk| + |b_n|: the scale a float32 dot product's rounding
+# depends on. (Relative to the largest output, float32 on an AVX-512 CPU was 2.9 ulps off;
+# relative to this, 0.76, and the 16-bit outputs 0.18.)
 OUTPUT_ULPS = 2
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _assert_close_to_bitsandbytes(y: torch.Tensor, expected: torch.Tensor) -> None:
+def _assert_close_to_bitsandbytes(layer: Linear4bit, x: torch.Tensor, expected: torch.Tensor) -> None:
+    y = layer(x)
     assert y.dtype == expected.dtype and y.shape == expected.shape
-    scale = expected.float().abs().max().item()
+    weight = cqt.functional.dequantize_4bit(layer.weight, layer.quant_state).float().cpu()
+    magnitudes = x.float().cpu().abs() @ weight.abs().t() + layer.bias.float().cpu().abs()
+    scale = magnitudes.max().item()
     error = (y.float().cpu() - expected.float()).abs().max().item()
     assert error <= OUTPUT_ULPS * EPS[expected.dtype] * scale, (error, scale)
 
@@ -68,7 +74,7 @@ def test_quantizing_the_float_layer_gives_bitsandbytes_state_dict(device, case):
             assert torch.equal(value.to(expected[key].dtype).cpu(), expected[key])
         else:
             assert same_bytes(value, expected[key]), key
-    _assert_close_to_bitsandbytes(layer(data["x"].to(device)), data["y"])
+    _assert_close_to_bitsandbytes(layer, data["x"].to(device), data["y"])
 
 
 @pytest.mark.parametrize("case", LINEAR4BIT_CASES)
@@ -89,7 +95,7 @@ def test_loading_a_bitsandbytes_state_dict(device, case, quantize_first):
             assert value.dtype == torch.float32 and torch.equal(value.to(expected[key].dtype).cpu(), expected[key])
         else:
             assert same_bytes(value, expected[key]), key
-    _assert_close_to_bitsandbytes(layer(data["x"].to(device)), data["y"])
+    _assert_close_to_bitsandbytes(layer, data["x"].to(device), data["y"])
 
 
 @pytest.mark.parametrize("case", LINEAR4BIT_CASES)
@@ -101,7 +107,7 @@ def test_meta_layer_with_assign_takes_the_checkpoint_tensors(case):
     saved = layer.state_dict()
     for key, value in saved.items():
         assert same_bytes(value, expected[key]), key
-    _assert_close_to_bitsandbytes(layer(data["x"]), data["y"])
+    _assert_close_to_bitsandbytes(layer, data["x"], data["y"])
 
 
 @pytest.mark.parametrize("case", LINEAR4BIT_CASES)
