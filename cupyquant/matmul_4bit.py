@@ -542,6 +542,12 @@ _TILE_CTAS_PER_SM = 2
 _TILE_SPLIT_CONFIGS = ((4, 2), (8, 2))  # (mt, rt) of gemm_4bit_tile_split instantiated
 
 
+def _nonempty_split(parts: int, ksplit: int) -> int:
+    """``ksplit`` trimmed so that no split of ``parts`` (K stages or segments), each taking
+    ceil(parts / ksplit) of them in order, is empty: 5 stages in 4 splits -> shares of 2 -> 3."""
+    return -(-parts // -(-parts // ksplit))
+
+
 def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int, int, int]:
     """(mt, rt, ksplit) of the tile kernels for M tokens, ``row_tiles`` 16-row weight tiles
     and ``segments`` 128-element segments of K, on ``sms`` SMs.
@@ -556,8 +562,7 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
     ctas_rt2 = -(-row_tiles // (2 * _MMA_WARPS)) * chunks
     ksplit = min(_TILE_CTAS_PER_SM * sms // ctas_rt2, segments // _TILE_MIN_SHARE)
     if ctas_rt1 < sms and ksplit >= 2:
-        share = -(-segments // ksplit)
-        return mt, 2, -(-segments // share)  # trimmed so that no split is empty
+        return mt, 2, _nonempty_split(segments, ksplit)
     # Two row tiles a warp halve the activation reads from shared memory per weight byte,
     # but halve the CTAs too: only where that still leaves every SM a CTA.
     return mt, 2 if ctas_rt2 >= sms else 1, 1
@@ -676,9 +681,7 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
         ksplit = max(1, min(_wgmma_ctas_per_sm(tokens) * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
     if ksplit < 1:
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
-    share = -(-stages // ksplit)
-    ksplit = -(-stages // share)  # trimmed so that no split is empty
-    return _wgmma_expression(tiled, tokens, image), chunks, ctas, ksplit
+    return _wgmma_expression(tiled, tokens, image), chunks, ctas, _nonempty_split(stages, ksplit)
 
 
 # A balanced last wave (gemm_4bit_wgmma's split_from): where the tiles of one-CTA-an-SM
@@ -727,8 +730,7 @@ def _wgmma_split_from(ctas: int, ksplit: int, tokens: int, stages: int, sms: int
     tail = ctas % sms if ctas > sms else ctas
     if tail == 0:  # the waves are full
         return ctas, 1
-    share = -(-stages // balance)
-    return ctas - tail, -(-stages // share)
+    return ctas - tail, _nonempty_split(stages, balance)
 
 
 def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
