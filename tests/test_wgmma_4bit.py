@@ -336,6 +336,20 @@ def test_gpu_wgmma_tiled_equals_row_major(hopper, path, M, fmt, nested):
         assert rel_error(tiled, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ("wgmma-t128-k2", "wgmma-t128-k3", "wgmma-t256-k2", "wgmma-t256-k3-bulk"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_wgmma_tiled_odd_shares(hopper, path, fmt):
+    # K splits whose shares start on odd stages (the second half of a 128-k tile): 18 stages
+    # in shares of 9, 14 in shares of 5; the tiled build steps its weight copies by parity.
+    for N, K in ((272, 1152), (144, 896)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, 130, fmt, nested=True, seed=K)
+        row_major = run_gpu(hopper, a_bits, fmt, 130, packed, qs, bias_bits, path=path)
+        tiled = _run_tiled(hopper, a_bits, fmt, 130, packed, qs, bias_bits, path)
+        np.testing.assert_array_equal(tiled.view(np.uint16), row_major.view(np.uint16))
+        assert rel_error(tiled, fmt, reference(a_bits, fmt, 130, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
 def _x_image_reference(a_bits, M, K, tokens):
     """The X_IMAGE build's activation image in NumPy: [chunk][stage][token][8 units of 8 k],
     unit u of token r stored at unit u ^ (r % 8) of its 128-byte row, zeros past M and K."""

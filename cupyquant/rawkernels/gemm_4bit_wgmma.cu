@@ -364,20 +364,24 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u8* w_src = TILED ? packed + ((i64)(w_row >> 4) * (K >> 7) * 16 + (w_row & 15)) * 64 + 16 * (tid & 1)
                           : packed + (w_e0 >> 1);
   auto chunk_valid = [&](int s, int i) { return s < stages && w_row_ok[i] && w_k0 + kStageK * s < K; };
-  auto copy_w = [&](int s) {
-    if (s >= stages) return;
+  // This thread's chunk 0 of local stage s: TILED, stage st lies in the row's tile st / 2, half st % 2.
+  auto w_stage = [&](int s) {
     const int stage = st_begin + s;
-    const i64 at = TILED ? (i64)(stage >> 1) * 1024 + (stage & 1) * 32 : (i64)32 * s;
+    return w_src + (TILED ? (i64)(stage >> 1) * 1024 + (stage & 1) * 32 : (i64)32 * s);
+  };
+  auto copy_w_from = [&](int s, const u8* src) {  // src: w_stage(s)
+    if (s >= stages) return;
 #pragma unroll
     for (int i = 0; i < S::kWCopies; ++i) {
       const u32 dst = ps + (u32)(s % kPStages) * kPBytes + 16 * (tid + kMmaThreads * i);
       if (chunk_valid(s, i)) {
-        cp_async16(dst, w_src + at + (i64)32 * K * i, 16u);
+        cp_async16(dst, src + (i64)32 * K * i, 16u);
       } else {
         cp_async16(dst, packed, 0u);  // zeros
       }
     }
   };
+  auto copy_w = [&](int s) { copy_w_from(s, w_stage(s)); };
   // The register operands of local stage s: a[b][kk] for this warpgroup's row block b and k
   // slice kk.
   auto block_of = [&](int b) { return kBlocks == 2 ? b : wg; };  // the CTA's row block
@@ -527,6 +531,16 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   named_barrier<kThreads>(kStageBarrier);  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
+  // One CTA an SM: the loop's weight copies (local stage s0 + d + 3, s0 a multiple of
+  // kPStages = 4) start at w_loop + 32 d (row-major) or, TILED, at w_loop + 1024 (d / 2) plus
+  // odd_step for odd d (the half's step: 32 bytes from an even stage to the next, 992 from an
+  // odd one, by the parity of stage 3), and w_loop moves 4 stages a round: fewer instructions
+  // a stage than w_stage's arithmetic (run 59 of NOTES_matmul_4bit.md). Not at 64 tokens,
+  // whose build sits at its register limit and spilled with the registers this keeps.
+  constexpr bool kLoopPointer = S::kCtasPerSm == 1;
+  static_assert(kPStages == 4, "w_loop steps two whole tiles a round of the loop");
+  const u8* w_loop = w_stage(3);
+  const int odd_step = ((st_begin + 3) & 1) ? 1024 - 32 : 32;
   for (int s0 = 0; s0 < stages; s0 += kPStages) {
 #pragma unroll
     for (int d = 0; d < kPStages; ++d) {
@@ -535,7 +549,11 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       // X into the buffer of stage s - 2, packed weights into that of s - 1: their wgmma and
       // decoding are done (the barrier ending stage s - 1).
       copy_x(s + 2);
-      copy_w(s + 3);
+      if constexpr (kLoopPointer) {
+        copy_w_from(s + 3, w_loop + (TILED ? 1024 * (d >> 1) + ((d & 1) ? odd_step : 0) : 32 * d));
+      } else {
+        copy_w(s + 3);
+      }
       cp_async_commit();
       const u32 xa = xs + (u32)(s % kXStages) * kXBytes;
       if constexpr (X_IMAGE) mbarrier_wait(x_bars + 8 * (s % kXStages), (s / kXStages) & 1);  // X(s) landed
@@ -552,6 +570,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if constexpr (!X_IMAGE) fence_proxy_async();  // (bulk copies write through the async proxy already)
       named_barrier<kThreads>(kStageBarrier);
     }
+    if constexpr (kLoopPointer) w_loop += TILED ? 2 * 1024 : 32 * kPStages;
   }
   wgmma_wait<0>();
 #pragma unroll
