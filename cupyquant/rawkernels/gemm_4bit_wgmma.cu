@@ -531,13 +531,15 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   named_barrier<kThreads>(kStageBarrier);  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
-  // One CTA an SM: the loop's weight copies (local stage s0 + d + 3, s0 a multiple of
-  // kPStages = 4) start at w_loop + 32 d (row-major) or, TILED, at w_loop + 1024 (d / 2) plus
-  // odd_step for odd d (the half's step: 32 bytes from an even stage to the next, 992 from an
-  // odd one, by the parity of stage 3), and w_loop moves 4 stages a round: fewer instructions
-  // a stage than w_stage's arithmetic (run 59 of NOTES_matmul_4bit.md). Not at 64 tokens,
-  // whose build sits at its register limit and spilled with the registers this keeps.
-  constexpr bool kLoopPointer = S::kCtasPerSm == 1;
+  // TILED, one CTA an SM: the loop's weight copies (local stage s0 + d + 3, s0 a multiple of
+  // kPStages = 4) start at w_loop + 1024 (d / 2), plus odd_step for odd d (the half's step:
+  // 32 bytes from an even stage to the next, 992 from an odd one, by the parity of stage 3),
+  // and w_loop moves two tiles a round. w_stage's tile arithmetic a stage cost this build ~6%
+  // more issue cycles than the row-major one's (H100, 28672 x 8192 at 512 tokens: 430-458 us
+  // -> 405-438, interleaved; run 59 of NOTES_matmul_4bit.md). The row-major build keeps
+  // w_stage: the same pointer there ran no faster. Not at 64 tokens, whose build sits at its
+  // register limit and spilled with the registers this keeps.
+  constexpr bool kLoopPointer = TILED && S::kCtasPerSm == 1;
   static_assert(kPStages == 4, "w_loop steps two whole tiles a round of the loop");
   const u8* w_loop = w_stage(3);
   const int odd_step = ((st_begin + 3) & 1) ? 1024 - 32 : 32;
@@ -550,7 +552,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       // decoding are done (the barrier ending stage s - 1).
       copy_x(s + 2);
       if constexpr (kLoopPointer) {
-        copy_w_from(s + 3, w_loop + (TILED ? 1024 * (d >> 1) + ((d & 1) ? odd_step : 0) : 32 * d));
+        copy_w_from(s + 3, w_loop + 1024 * (d >> 1) + ((d & 1) ? odd_step : 0));
       } else {
         copy_w(s + 3);
       }
@@ -570,7 +572,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if constexpr (!X_IMAGE) fence_proxy_async();  // (bulk copies write through the async proxy already)
       named_barrier<kThreads>(kStageBarrier);
     }
-    if constexpr (kLoopPointer) w_loop += TILED ? 2 * 1024 : 32 * kPStages;
+    if constexpr (kLoopPointer) w_loop += 2 * 1024;
   }
   wgmma_wait<0>();
 #pragma unroll
