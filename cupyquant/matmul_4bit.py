@@ -179,6 +179,9 @@ _FRAG_MIN_N = 8192
 # gemm_4bit_small's EARLY kernel (the first batch of weights requested before the byte table
 # is built) for 8-warp CTAs from this K; H100 run 41 of NOTES_matmul_4bit.md (gemm_4bit.cu).
 _SMALL_EARLY_MIN_K = 8192
+# Segments a batch of gemm_4bit_small's 8-warp CTAs at 9..16 tokens (two row tiles a warp;
+# the kernel's default there is 2): _small_schedule.
+_SMALL_BATCH_TWO_TILES = 4
 # The forced paths of gemm_4bit_small (_mma_launch; each built for tiled weights too): row tiles
 # a warp, warps a CTA, or A in fragment order ("mma-frag*").
 _SMALL_PATH_RT = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}
@@ -431,14 +434,42 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
             short = ksplit == _MMA_WARPS and warp_tiles * chunks * ksplit < target
             long_k = tiles == 2 and K >= _SMALL_EARLY_MIN_K  # the EARLY kernel's gain, 9..16 tokens
             warps = 8 if (short or long_k) and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
-        early = warps == 8 and K >= _SMALL_EARLY_MIN_K  # the first batch requested before the table
-        flags = f", {str(tiled).lower()}, true" if early else _TILED_ARG[tiled]  # TILED[, EARLY]
+        ksplit, ctas = split(warp_tiles, warps)
+        early, batch = _small_schedule(tiles, rt, warps, K, -(-segments // ksplit), tiled)
+        # TILED[, EARLY[, BATCH]]: trailing defaults left out
+        flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}" if batch
+                 else f", {str(tiled).lower()}, true" if early else _TILED_ARG[tiled])  # fmt: skip
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{flags}>"
-    else:
-        rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
-        kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}{_TILED_ARG[tiled]}>"
+        return kernel, tiles, chunks, ksplit, ctas, warps
+    rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
+    kernel = f"gemm_4bit_mma<{{}}, {{}}, {tiles}{_TILED_ARG[tiled]}>"
     ksplit, ctas = split(warp_tiles, warps)
     return kernel, tiles, chunks, ksplit, ctas, warps
+
+
+def _small_schedule(tiles: int, rt: int, warps: int, K: int, share: int, tiled: bool) -> tuple[bool, int]:
+    """(EARLY, BATCH) of ``gemm_4bit_small`` (BATCH 0: the kernel's default, 4 / rt segments
+    in flight a warp); ``share``: segments a warp multiplies.
+
+    EARLY (the first batch requested before the byte table) on 8-warp CTAs with K >=
+    _SMALL_EARLY_MIN_K (run 41 of NOTES_matmul_4bit.md). At 9..16 tokens (two row tiles a
+    warp) 8-warp CTAs take batches of _SMALL_BATCH_TWO_TILES segments where that batch is a
+    warp's whole share, with EARLY (requested before the table, it leaves nothing to wait
+    for after it), and on tiled weights where the share is whole batches. H100, run 62, us
+    at 16 tokens, before / after: 4096 x 4096 (share 4) 10.08 / 9.88, row-major 10.57 /
+    10.19; tiled 28672 x 8192 57.8 / 56.2, 8192 x 28672 53.3 / 52.2, 14336 x 8192 33.3 /
+    31.8, 32000 x 8192 58.5 / 57.4. Not elsewhere: a share with 3 segments past its last
+    batch runs them one DRAM trip each (4096 x 11008, 11 segments: 19.1 / 21.1 tiled), and
+    long row-major shares lost 0.5-3 us (28672 x 8192, 65536 x 8192); EARLY with long shares
+    lost 10 us (its one register set leaves no batch in flight while one is multiplied);
+    4-warp CTAs (11008 x 4096 16.9 / 18.0) and 1..8 tokens lost too.
+    """
+    if warps == 8 and tiles == 2 and rt == 2:
+        if share <= _SMALL_BATCH_TWO_TILES:
+            return True, _SMALL_BATCH_TWO_TILES
+        if tiled and share % _SMALL_BATCH_TWO_TILES == 0:
+            return False, _SMALL_BATCH_TWO_TILES
+    return warps == 8 and K >= _SMALL_EARLY_MIN_K, 0
 
 
 def _stage_smem(rt: int, stages: int, chunk: int, warps: int) -> int:
@@ -1390,6 +1421,8 @@ def _kernel_expressions(source: str) -> list[str]:
                     for t in _TILED_ARG.values()]  # fmt: skip
             out += [f"gemm_4bit_small<{f}, {n}, {mt}, {rt}, {a}, 8, {t}, true>"
                     for mt in (1, 2) for rt in (1, 2) for a in frag_flags for t in ("false", "true")]  # fmt: skip
+            out += [f"gemm_4bit_small<{f}, {n}, 2, 2, {a}, 8, {t}, {e}, {_SMALL_BATCH_TWO_TILES}>"
+                    for a in frag_flags for t in ("false", "true") for e in ("false", "true")]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}{t}>" for mt in _MMA_TOKEN_TILES for t in _TILED_ARG.values()]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}{t}>" for mt, rt in _TILE_CONFIGS for t in _TILED_ARG.values()]

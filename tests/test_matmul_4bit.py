@@ -781,18 +781,46 @@ def test_forced_small_kernel_paths_refuse_more_than_16_tokens(monkeypatch):
 
 def test_small_early_rule(monkeypatch):
     # gemm_4bit_small's EARLY kernel (first batch before the byte table): 8-warp CTAs with K >=
-    # 8192 only (run 41 of NOTES_matmul_4bit.md: it wins there, loses on K = 4096 and would
-    # cost 4-warp CTAs their fourth CTA an SM).
+    # 8192 (run 41 of NOTES_matmul_4bit.md: it wins there, loses on K = 4096 and would cost
+    # 4-warp CTAs their fourth CTA an SM); at 9..16 tokens 8-warp CTAs take 4-segment batches
+    # where that is a warp's whole share (then EARLY) or, tiled, its shares are whole batches
+    # (run 62).
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    assert mm._pick_mma(16, 8192, 28672, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 8, false, true>"
+    batch = mm._SMALL_BATCH_TWO_TILES
+    small = "gemm_4bit_small<{}, {}, "
+    assert mm._pick_mma(16, 8192, 28672, frag=True)[0] == small + "2, 2, true, 8, false, true>"
+    assert mm._pick_mma(16, 8192, 28672, tiled=True)[0] == small + f"2, 2, false, 8, true, false, {batch}>"
     assert mm._pick_mma(2, 28672, 8192, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true, true>"
-    assert mm._pick_mma(16, 28672, 8192, frag=True)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 8, false, true>"
+    assert mm._pick_mma(16, 28672, 8192, frag=True)[0] == small + "2, 2, true, 8, false, true>"
+    assert mm._pick_mma(16, 4096, 11008, tiled=True)[0] == small + "2, 2, false, 8, true, true>"  # 11 segments
     assert mm._pick_mma(16, 28672, 8192, frag=True, warps=4)[0] == "gemm_4bit_small<{}, {}, 2, 2, true, 4>"
-    assert mm._pick_mma(16, 4096, 4096)[0] == "gemm_4bit_small<{}, {}, 2, 2, false, 8>"  # K < 8192
+    # 4096 x 4096: K split 8 ways, 4 segments a warp, one batch
+    assert mm._pick_mma(16, 4096, 4096)[0] == small + f"2, 2, false, 8, false, true, {batch}>"
+    assert mm._pick_mma(12, 4096, 4096, tiled=True)[0] == small + f"2, 2, false, 8, true, true, {batch}>"
+    assert mm._pick_mma(8, 4096, 4096, warps=8)[0] == "gemm_4bit_small<{}, {}, 1, 1, false, 8>"
     assert mm._pick_mma(2, 14336, 4096, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true>"
     expressions = set(mm._kernel_expressions("gemm_4bit.cu"))
     assert "gemm_4bit_small<MmaBFloat16, true, 2, 2, true, 8, false, true>" in expressions
     assert "gemm_4bit_small<MmaHalf, false, 1, 1, false, 8, true, true>" in expressions
+    for frag in (False, True):
+        for tiled in (False, True):
+            for M, N, K in ((16, 4096, 4096), (16, 28672, 8192)):
+                expr = mm._pick_mma(M, N, K, frag=frag, tiled=tiled)[0]
+                assert expr.format("MmaBFloat16", "true") in expressions, expr
+
+
+def test_small_schedule():
+    batch = mm._SMALL_BATCH_TWO_TILES
+    for tiled in (False, True):
+        assert mm._small_schedule(2, 2, 8, 4096, batch, tiled) == (True, batch)  # the whole share in one batch
+        assert mm._small_schedule(2, 2, 8, 4096, 3, tiled) == (True, batch)  # less than a batch: still early
+        assert mm._small_schedule(2, 2, 4, 8192, 64, tiled) == (False, 0)  # 4 warps: as before
+        assert mm._small_schedule(2, 1, 8, 8192, 64, tiled) == (True, 0)  # one row tile: the default batch is 4
+        assert mm._small_schedule(1, 2, 8, 8192, 64, tiled) == (True, 0)  # 1..8 tokens
+        assert mm._small_schedule(1, 2, 8, 4096, 64, tiled) == (False, 0)
+        assert mm._small_schedule(2, 2, 8, 11008, 11, tiled) == (True, 0)  # segments past the last batch
+    assert mm._small_schedule(2, 2, 8, 8192, 8 * batch, True) == (False, batch)  # tiled, whole batches
+    assert mm._small_schedule(2, 2, 8, 8192, 8 * batch, False) == (True, 0)  # row-major: as before
 
 
 @pytest.mark.gpu
@@ -800,22 +828,26 @@ def test_small_early_rule(monkeypatch):
 @pytest.mark.parametrize("M", (2, 8, 16))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
-    # EARLY only moves the first batch's loads before the table: the same bits, on 8-warp CTAs
-    # whose warps have several whole batches (K = 8192 and more, split 8 ways at most), one or
-    # two row tiles a warp, and a last batch cut short or (row-major, K % 128 = 64) a segment
-    # K cuts.
-    shapes = ((272, 8192), (144, 8320)) if tiled else ((272, 8192), (48, 8256))
+    # EARLY only moves the first batch's loads before the table, and BATCH only how many
+    # segments are in flight: the same bits, on 8-warp CTAs whose warps have several whole
+    # batches (K = 8192 and more, split 8 ways at most), one (K = 4096) or fewer segments than
+    # a batch of 4 (K = 384 / 320, unsplit), one or two row tiles a warp, and a last batch cut
+    # short or (row-major, K % 128 = 64) a segment K cuts.
+    shapes = (((272, 8192), (144, 8320), (272, 4096), (144, 384)) if tiled
+              else ((272, 8192), (48, 8256), (272, 4096), (48, 320)))  # fmt: skip
     paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
+    schedules = [(False, 0), (True, 0)] + ([(False, 4), (True, 4)] if M > 8 else [])  # BATCH 4: 9..16 tokens
     for (N, K), path in ((shape, path) for shape in shapes for path in paths):
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
         data = cq.tile_4bit(gp, gqs).data if tiled else gp
         rt, frag = mm._SMALL_PATH_RT.get(path), mm._frag_default(M, N)
         outs = []
-        for early in (False, True):
-            monkeypatch.setattr(mm, "_SMALL_EARLY_MIN_K", 0 if early else 1 << 30)
+        for early, batch in schedules:
+            monkeypatch.setattr(mm, "_small_schedule", lambda *_, e=early, b=batch: (e, b))
             kernel, tiles, _, _, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8, tiled=tiled)
-            flags = f", {str(tiled).lower()}, true" if early else mm._TILED_ARG[tiled]
+            flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}" if batch
+                     else f", {str(tiled).lower()}, true" if early else mm._TILED_ARG[tiled])  # fmt: skip
             used_rt = rt or int(kernel.split(", ")[3])
             assert warps == 8 and kernel == (f"gemm_4bit_small<{{}}, {{}}, {tiles}, {used_rt}, "
                                              f"{str(frag).lower()}, 8{flags}>")  # fmt: skip
@@ -823,8 +855,9 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
             out = cp.full(M * N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)
             mm._matmul_fused(ga, fmt, M, N, K, data, gqs, gb, out.view(ga.dtype), path=path, tiled=tiled)
             outs.append(cp.asnumpy(out))
-        np.testing.assert_array_equal(outs[1], outs[0])
-        result = outs[1].view(np.float16) if fmt == "float16" else outs[1]
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0])
+        result = outs[0].view(np.float16) if fmt == "float16" else outs[0]
         assert rel_error(result, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt], (N, K, path)
 
 

@@ -319,8 +319,9 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //  * warp w owns the RT consecutive 16-row tiles RT * (group * (WARPS / ksplit) + w / ksplit) + rt,
 //    so every activation fragment loaded feeds RT tiles' mma (the activation loads, not the
 //    weight bytes, are what the L1/shared-memory pipe runs out of once there are 16 tokens);
-//  * segments that lie wholly inside K run in batches of 4 / RT with no bounds checks, on
-//    pointers that step by one segment; only the last, partial segment is checked;
+//  * segments that lie wholly inside K run in batches of BATCH (default 4 / RT) with no
+//    bounds checks, on pointers that step by one segment; only the last, partial segment is
+//    checked;
 //  * a packed byte becomes a table address with one PRMT and one LEA.
 // EARLY: the first batch of weights is requested before the byte table is built, so that
 // its trip to DRAM overlaps the table's loads and the barrier that publishes it. It pays on
@@ -328,15 +329,19 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 // without / with: 8192 x 28672 at 16 tokens 72.8 / 66.3, tiled 61.3 / 52.5; 28672 x 8192
 // tiled at 2 tokens 58.1 / 54.6; but 4096 x 4096 at 16 tokens 10.6 / 11.1, and 4-warp CTAs
 // lost their fourth CTA an SM to the registers it holds: 28672 x 8192 at 16 tokens 70.4 /
-// 94.0).
-template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false>
+// 94.0). The byte table's own global loads go out before the weights' (a load issued after
+// them waits behind them): 8192 x 28672 tiled at 16 tokens 53.1-53.7 -> 52.4-52.8 us (run
+// 62). BATCH = 4 at RT = 2 (9..16 tokens on 8-warp CTAs, matmul_4bit._small_schedule):
+// each warp has its share's next 4 segments in flight, not 2.
+template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false,
+          int BATCH = 0>
 __global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset, const u16* __restrict__ bias,
                 u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
                 int token_chunks) {
-  constexpr int kBatch = kInFlight / RT;  // segments loaded ahead: 4 x 2 x 16 bytes a lane in flight
+  constexpr int kBatch = BATCH > 0 ? BATCH : kInFlight / RT;  // segments a batch (default: 4 x 2 x 16 B a lane)
   constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;  // bytes from a row's segment to the next
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
@@ -455,8 +460,10 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     float v[kBatch][RT][2];
     u32 q[kBatch][RT][2];
     const bool first_batch = seg + kBatch <= full_end;
+    q4::ByteTableInputs<Fmt, NESTED, 32 * WARPS> inputs;  // its loads first: not queued behind the weights'
+    inputs.load(table, code2);
     if (first_batch) fetch_batch(w, v, q);
-    fill_byte_table<Fmt, NESTED, 32 * WARPS>(lut, code2_s, table, code2);
+    inputs.fill(lut, code2_s);
     __syncthreads();
     if (first_batch) {
       multiply_batch(w, v, q);
