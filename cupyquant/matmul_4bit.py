@@ -407,8 +407,9 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     28672 x 8192 at 9 / 12 / 16 tokens 66.4 / 67.1 / 66.8 against 68.8 / 69.7 / 69.2, tiled
     56.5 / 57.9 / 57.9 against 58.4 / 60.2 / 60.0; run 43 checks the other weights it
     moves: 65536 x 8192, 32000 x 8192 and 53248 x 16384 gain 1.5-20 us, 14336 x 8192 ties);
-    else 4 (11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5). 8-warp CTAs with
-    K >= _SMALL_EARLY_MIN_K take the EARLY kernel (gemm_4bit.cu).
+    else 4 (11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5). Whether the first
+    batch is requested before the byte table (EARLY) and how many segments a batch holds:
+    :func:`_small_schedule`.
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     chunks = -(-M // (8 * tiles))

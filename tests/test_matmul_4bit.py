@@ -836,7 +836,8 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
     shapes = (((272, 8192), (144, 8320), (272, 4096), (144, 384)) if tiled
               else ((272, 8192), (48, 8256), (272, 4096), (48, 320)))  # fmt: skip
     paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
-    schedules = [(False, 0), (True, 0)] + ([(False, 4), (True, 4)] if M > 8 else [])  # BATCH 4: 9..16 tokens
+    batch4 = mm._SMALL_BATCH_TWO_TILES  # built for 9..16 tokens only
+    schedules = [(False, 0), (True, 0)] + ([(False, batch4), (True, batch4)] if M > 8 else [])
     for (N, K), path in ((shape, path) for shape in shapes for path in paths):
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
