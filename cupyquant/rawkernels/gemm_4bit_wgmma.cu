@@ -541,8 +541,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   // register limit and spilled with the registers this keeps.
   constexpr bool kLoopPointer = TILED && S::kCtasPerSm == 1;
   static_assert(kPStages == 4, "w_loop steps two whole tiles a round of the loop");
-  const u8* w_loop = w_stage(3);
-  const int odd_step = ((st_begin + 3) & 1) ? 1024 - 32 : 32;
+  const u8* w_loop = kLoopPointer ? w_stage(3) : nullptr;  // (unused by the other builds)
+  const int odd_step = kLoopPointer && ((st_begin + 3) & 1) ? 1024 - 32 : 32;
   for (int s0 = 0; s0 < stages; s0 += kPStages) {
 #pragma unroll
     for (int d = 0; d < kPStages; ++d) {
