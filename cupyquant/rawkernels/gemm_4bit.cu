@@ -179,6 +179,42 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int t
       }
 }
 
+// Split-K inside a CTA, then the store (the short-share builds of gemm_4bit_small): the
+// ksplit warps of a group (consecutive warps, kpart = warp % ksplit) put their accumulators
+// in `red` (the byte table's shared memory: every warp is done with it after the first
+// barrier), and each of them sums and stores every ksplit-th of the group's RT * MT * 4
+// fragment registers, where cta_ksplit_sum leaves the whole sum and store to the group's
+// first warp. The sum adds kpart 0, 1, .. in the same order, so the bits are the same.
+// Every thread of the CTA calls it (barriers); with ksplit == 1 each warp stores its tiles.
+template <class Fmt, int RT, int MT>
+__device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], float* red, int warp, int lane, int kpart,
+                                             int ksplit, bool warp_valid, int tile0, int tok0, int M, int N,
+                                             const u16* __restrict__ bias, int has_bias, u16* __restrict__ out) {
+  const int g = lane >> 2, t = lane & 3;
+  if (ksplit == 1) {
+    if (warp_valid) store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
+    return;
+  }
+  constexpr int kPerWarp = RT * MT * 4;  // red: [warp][rt][j][i][lane], conflict-free
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < kPerWarp; ++c) red[(warp * kPerWarp + c) * 32 + lane] = (&acc[0][0][0])[c];
+  __syncthreads();
+  if (!warp_valid) return;
+  const float* first = red + (warp - kpart) * kPerWarp * 32 + lane;  // the group's kpart-0 warp
+  for (int c = kpart; c < kPerWarp; c += ksplit) {
+    float sum = first[c * 32];
+    for (int p = 1; p < ksplit; ++p) sum += first[(p * kPerWarp + c) * 32];
+    const int rt = c / (MT * 4), j = (c / 4) % MT, i = c % 4;  // acc[rt][j][i]
+    const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+    const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+    if (tok < M && row < N) {
+      const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+      out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(sum, bv));
+    }
+  }
+}
+
 }  // namespace
 
 // gemm_4bit_mma<Fmt, NESTED, MT, TILED>: Fmt is MmaHalf (fp16) or MmaBFloat16 (bf16); MT n8 token tiles per
@@ -333,6 +369,20 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 // them waits behind them): 8192 x 28672 tiled at 16 tokens 53.1-53.7 -> 52.4-52.8 us (run
 // 62). BATCH = 4 at RT = 2 (9..16 tokens on 8-warp CTAs, matmul_4bit._small_schedule):
 // each warp has its share's next 4 segments in flight, not 2.
+// EARLY with BATCH = 4 is the schedule of shares of at most one batch (K = 4096 split 8
+// ways), where the prologue and the epilogue are most of a warp's time, and three things
+// shorten them (run 74, H100, us at 16 tokens, tiled: 4096 x 4096 9.88 -> 9.63, 8192 x 4096
+// 17.24 -> 16.0, 2048 x 4096 8.65 -> 8.09; same bits):
+//  * the warp's place takes shifts (ksplit is a power of two) and no division (one token
+//    chunk): ptxas placed the ~190 instructions of the divisions, and the table's fill
+//    behind them, ahead of the first weight load;
+//  * each segment's activations are requested before the segment ahead of it is multiplied,
+//    the first segment's before the table's barrier (they were requested after the barrier,
+//    one L2 round trip before the first mma);
+//  * the split-K sum and the stores are spread over the group's warps (ksplit_store).
+// Elsewhere the first and the last measured slower (run 72: the long tiled shares at 16
+// tokens lost 1.5 us, a 4-warp build grew past 128 registers and lost its fourth CTA an
+// SM), so the other builds keep the code they had (the same cubins).
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false,
           int BATCH = 0>
 __global__ void __launch_bounds__(32 * WARPS)
@@ -342,6 +392,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias, int ksplit,
                 int token_chunks) {
   constexpr int kBatch = BATCH > 0 ? BATCH : kInFlight / RT;  // segments a batch (default: 4 x 2 x 16 B a lane)
+  constexpr bool kShortShare = EARLY && BATCH == 4;  // the schedule of shares of one batch (above)
   constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;  // bytes from a row's segment to the next
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the split-K sums at the end
   __shared__ float code2_s[NESTED ? 256 : 1];
@@ -352,16 +403,21 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int chunk = blockIdx.x % token_chunks;
-  const int tile0 = ((blockIdx.x / token_chunks) * (WARPS / ksplit) + warp / ksplit) * RT;
-  const int kpart = warp % ksplit;
+  // kShortShare: ksplit is a power of two (shifts), and one token chunk takes no division.
+  const int ksplit_log2 = __ffs(ksplit) - 1;
+  const bool one_chunk = kShortShare && token_chunks == 1;
+  const int chunk = one_chunk ? 0 : blockIdx.x % token_chunks;
+  const int group = one_chunk ? (int)blockIdx.x : blockIdx.x / token_chunks;
+  const int tile0 = kShortShare ? ((group * WARPS >> ksplit_log2) + (warp >> ksplit_log2)) * RT
+                                : (group * (WARPS / ksplit) + warp / ksplit) * RT;
+  const int kpart = kShortShare ? warp & (ksplit - 1) : warp % ksplit;
   const bool warp_valid = tile0 * 16 < N;
   const int tok0 = chunk * 8 * MT;
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = shared_address(lut) + 4 * lane;
 
   const int segments = (K + kSegment - 1) / kSegment;
-  const int share = (segments + ksplit - 1) / ksplit;
+  const int share = kShortShare ? (segments + ksplit - 1) >> ksplit_log2 : (segments + ksplit - 1) / ksplit;
   const int seg_begin = kpart * share;
   const int seg_end = warp_valid ? min(segments, seg_begin + share) : seg_begin;
   const int full_end = min(seg_end, K / kSegment);  // segments with no element past K
@@ -421,6 +477,12 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         x[j][i] = valid ? q4::load_cached16(ap[j] + d * a_step + a_load * i) : make_uint4(0, 0, 0, 0);
     mma_segment<Fmt>(acc, w, hs, x, lut_lane);
   };
+  auto load_x = [&](uint4 (&x)[MT][4], int d) {  // segment d of the batch's activations (whole segments)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[j][i] = q4::load_cached16(ap[j] + d * a_step + a_load * i);
+  };
 
   auto advance = [&](int count) {
 #pragma unroll
@@ -453,6 +515,30 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
     advance(kBatch);
   };
+  // kShortShare: segment d + 1's activations are requested before segment d is multiplied;
+  // x0 holds segment 0's, requested by the caller.
+  auto multiply_batch_ahead = [&](const uint4 (&w)[kBatch][RT][2], const float (&v)[kBatch][RT][2],
+                                  const u32 (&q)[kBatch][RT][2], const uint4 (&x0)[MT][4]) {
+    uint4 x[2][MT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[0][j][i] = x0[j][i];
+#pragma unroll
+    for (int d = 0; d < kBatch; ++d) {
+      if (d + 1 < kBatch) load_x(x[(d + 1) & 1], d + 1);
+      u32 hs[RT][2];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float sc = q4::scale_decode<NESTED>(v[d][rt][h], q[d][rt][h], code2_s, off);
+          hs[rt][h] = pack2<Fmt>(sc, sc);
+        }
+      mma_segment<Fmt>(acc, w[d], hs, x[d & 1], lut_lane);
+    }
+    advance(kBatch);
+  };
 
   int seg = seg_begin;
   if constexpr (EARLY) {  // one register set for every batch, the first one requested before the table
@@ -463,15 +549,23 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     q4::ByteTableInputs<Fmt, NESTED, 32 * WARPS> inputs;  // its loads first: not queued behind the weights'
     inputs.load(table, code2);
     if (first_batch) fetch_batch(w, v, q);
+    uint4 x0[MT][4];
+    if (kShortShare && first_batch) load_x(x0, 0);
     inputs.fill(lut, code2_s);
     __syncthreads();
     if (first_batch) {
-      multiply_batch(w, v, q);
+      if constexpr (kShortShare) multiply_batch_ahead(w, v, q, x0);
+      else multiply_batch(w, v, q);
       seg += kBatch;
     }
     for (; seg + kBatch <= full_end; seg += kBatch) {
       fetch_batch(w, v, q);
-      multiply_batch(w, v, q);
+      if constexpr (kShortShare) {
+        load_x(x0, 0);
+        multiply_batch_ahead(w, v, q, x0);
+      } else {
+        multiply_batch(w, v, q);
+      }
     }
   } else {  // (the table was built first)
     for (; seg + kBatch <= full_end; seg += kBatch) {
@@ -504,6 +598,11 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     advance(1);
   }
 
+  if constexpr (kShortShare) {
+    ksplit_store<Fmt>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0, tok0, M, N,
+                      bias, has_bias, out);
+    return;
+  }
   if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
   if (kpart != 0 || !warp_valid) return;
   store_tiles<Fmt>(acc, tile0, tok0, g, t, M, N, bias, has_bias, out);
