@@ -458,10 +458,8 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
 
-  // One segment: scales -> packed scale pairs, activations, 8 mma steps.
-  // d: the segment's place in the batch (its pointer offsets); valid: false past K.
-  auto segment = [&](const uint4 (&w)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2], int d, bool valid) {
-    u32 hs[RT][2];
+  // A segment's scales as packed pairs (zero past K: valid false).
+  auto scale_pairs = [&](u32 (&hs)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2], bool valid) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -469,6 +467,12 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         const float sc = valid ? q4::scale_decode<NESTED>(v[rt][h], q[rt][h], code2_s, off) : 0.0f;
         hs[rt][h] = pack2<Fmt>(sc, sc);
       }
+  };
+  // One segment: scales -> packed scale pairs, activations, 8 mma steps.
+  // d: the segment's place in the batch (its pointer offsets); valid: false past K.
+  auto segment = [&](const uint4 (&w)[RT][2], const float (&v)[RT][2], const u32 (&q)[RT][2], int d, bool valid) {
+    u32 hs[RT][2];
+    scale_pairs(hs, v, q, valid);
     uint4 x[MT][4];
 #pragma unroll
     for (int j = 0; j < MT; ++j)
@@ -528,13 +532,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int d = 0; d < kBatch; ++d) {
       if (d + 1 < kBatch) load_x(x[(d + 1) & 1], d + 1);
       u32 hs[RT][2];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float sc = q4::scale_decode<NESTED>(v[d][rt][h], q[d][rt][h], code2_s, off);
-          hs[rt][h] = pack2<Fmt>(sc, sc);
-        }
+      scale_pairs(hs, v[d], q[d], true);
       mma_segment<Fmt>(acc, w[d], hs, x[d & 1], lut_lane);
     }
     advance(kBatch);
