@@ -159,8 +159,21 @@ __device__ __forceinline__ void cta_ksplit_sum(float (&acc)[RT][MT][4], float* r
   }
 }
 
-// The C fragments of row tiles tile0 .. tile0 + RT - 1 and token tiles from tok0, plus the
-// bias, rounded once: acc[rt][j][0..1] row g, tokens 8j + 2t + {0, 1}; [2..3] row g + 8.
+// C fragment register acc[rt][j][i] of row tiles from tile0 and token tiles from tok0,
+// plus the bias, rounded once: i = 0..1 row g, tokens 8j + 2t + {0, 1}; i = 2..3 row g + 8.
+template <class Fmt>
+__device__ __forceinline__ void store_fragment(float value, int rt, int j, int i, int tile0, int tok0, int g, int t,
+                                               int M, int N, const u16* __restrict__ bias, int has_bias,
+                                               u16* __restrict__ out) {
+  const int tok = tok0 + 8 * j + 2 * t + (i & 1);
+  const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
+  if (tok < M && row < N) {
+    const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
+    out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(value, bv));
+  }
+}
+
+// The C fragments of row tiles tile0 .. tile0 + RT - 1 and token tiles from tok0.
 template <class Fmt, int RT, int MT>
 __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int tile0, int tok0, int g, int t, int M,
                                             int N, const u16* __restrict__ bias, int has_bias, u16* __restrict__ out) {
@@ -169,14 +182,8 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int t
 #pragma unroll
     for (int j = 0; j < MT; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-        const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-        if (tok < M && row < N) {
-          const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-          out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[rt][j][i], bv));
-        }
-      }
+      for (int i = 0; i < 4; ++i)
+        store_fragment<Fmt>(acc[rt][j][i], rt, j, i, tile0, tok0, g, t, M, N, bias, has_bias, out);
 }
 
 // Split-K inside a CTA, then the store (the short-share builds of gemm_4bit_small): the
@@ -205,13 +212,8 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
   for (int c = kpart; c < kPerWarp; c += ksplit) {
     float sum = first[c * 32];
     for (int p = 1; p < ksplit; ++p) sum += first[(p * kPerWarp + c) * 32];
-    const int rt = c / (MT * 4), j = (c / 4) % MT, i = c % 4;  // acc[rt][j][i]
-    const int tok = tok0 + 8 * j + 2 * t + (i & 1);
-    const int row = (tile0 + rt) * 16 + g + (i < 2 ? 0 : 8);
-    if (tok < M && row < N) {
-      const float bv = has_bias ? Fmt::to_float(bias[row]) : 0.0f;
-      out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(sum, bv));
-    }
+    // register c is acc[rt][j][i] with c = (rt * MT + j) * 4 + i
+    store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
   }
 }
 
