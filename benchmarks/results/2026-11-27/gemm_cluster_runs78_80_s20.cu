@@ -1,9 +1,9 @@
-// Runs 78-79 of NOTES_matmul_4bit.md (not part of the package; kept as the record of what was
-// measured): gemm_4bit_cluster, 9..16 (MT = 2) or 1..8 (MT = 1) tokens, K split 8 ways: over
-// the C CTAs of a cluster and the 8 / C warps of each, each CTA staging its K slice of the
-// activations once in shared memory; the partial sums are added across the cluster through
-// distributed shared memory in k-part order, the bits of gemm_4bit_small's short-share build.
-// Needs K % 4096 == 0. Compiled against cupyquant/rawkernels (it includes gemm_4bit.cu).
+// Runs 78-80 of NOTES_matmul_4bit.md (not part of the package; kept as the record of what was
+// measured): gemm_4bit_cluster, 9..16 (MT = 2) or 1..8 (MT = 1) tokens, K split over the C CTAs
+// of a cluster and the PARTS warps of each, each CTA staging its K slice of the activations
+// once in shared memory; the partial sums are added across the cluster through distributed
+// shared memory in k-part order (with 8 k parts, the bits of gemm_4bit_small's short-share
+// build). Needs K % 4096 == 0. Compiled against cupyquant/rawkernels (includes gemm_4bit.cu).
 #include "gemm_4bit.cu"
 
 namespace {
@@ -29,16 +29,17 @@ __device__ __forceinline__ int cluster_a_unit(int r, int u) { return u ^ (((u >>
 
 }  // namespace
 
-// C CTAs a cluster split K C ways; inside a CTA, 8 / C warps (parts) split each CTA's slice, and
-// the CTA's C row pairs (32 rows each) are its warps / parts. k part p = rank * parts + part.
-template <class Fmt, bool NESTED, int MT, bool TILED = false, int C = 8>
+// C CTAs a cluster split K C ways; inside a CTA, PARTS warps split each CTA's slice, and the
+// CTA's 8 / PARTS row groups (16 RT rows each) are its warps / PARTS. k part = rank * PARTS + part;
+// BATCH segments of weights in flight a warp.
+template <class Fmt, bool NESTED, int MT, bool TILED = false, int C = 8, int RT = 2, int PARTS = 8 / C, int BATCH = 4>
 __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(32 * kClusterWarps)
 gemm_4bit_cluster(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                   const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                   const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                   const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
                   int has_bias, int ksplit, int token_chunks) {
-  constexpr int RT = 2, kBatch = 4;
+  constexpr int kBatch = BATCH, kGroups = kClusterWarps / PARTS, kKParts = C * PARTS;
   constexpr int kWeightStep = TILED ? 1024 : kSegment / 2;
   constexpr int kPerWarp = RT * MT * 4;
   __shared__ __align__(16) u32 lut[256 * 32];  // reused for the partial sums at the end
@@ -46,15 +47,14 @@ gemm_4bit_cluster(const u16* __restrict__ A, const u8* __restrict__ packed, cons
   extern __shared__ __align__(16) uint4 a_s[];  // [8 MT tokens][K / 8 / 8 units], cluster_a_unit order
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  constexpr int kParts = kClusterWarps / C;
   const int rank = blockIdx.x % C, rows = blockIdx.x / C;
-  const int pair = warp / kParts, part = warp % kParts;
-  const int tile0 = (rows * C + pair) * RT;
+  const int pair = warp / PARTS, part = warp % PARTS;
+  const int tile0 = (rows * kGroups + pair) * RT;
   const bool warp_valid = tile0 * 16 < N;
   const int kc = K / C;                       // this CTA's K slice
   const int units = kc >> 3;                  // 16-byte units of a token's slice
-  const int segments = K / kSegment, share = K / (8 * kSegment);  // share % kBatch == 0 (launcher)
-  const int seg_begin = (rank * kParts + part) * share;
+  const int segments = K / kSegment, share = K / (kKParts * kSegment);  // share % kBatch == 0 (launcher)
+  const int seg_begin = (rank * PARTS + part) * share;
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const u32 lut_lane = shared_address(lut) + 4 * lane;
 
@@ -157,18 +157,18 @@ gemm_4bit_cluster(const u16* __restrict__ A, const u8* __restrict__ packed, cons
 #pragma unroll
   for (int c = 0; c < kPerWarp; ++c) red[(warp * kPerWarp + c) * 32 + lane] = (&acc[0][0][0])[c];
   cluster_sync();
-  const int my_tile0 = (rows * C + rank) * RT;
-  if (my_tile0 * 16 < N) {
-    for (int c = warp; c < kPerWarp; c += kClusterWarps) {
-      float sum = 0.0f;
+  for (int item = rank * kClusterWarps + warp; item < kGroups * kPerWarp; item += C * kClusterWarps) {
+    const int grp = item / kPerWarp, c = item % kPerWarp;
+    const int my_tile0 = (rows * kGroups + grp) * RT;
+    if (my_tile0 * 16 >= N) continue;
+    float sum = 0.0f;
 #pragma unroll
-      for (int p = 0; p < 8; ++p) {  // k part p: CTA p / kParts, warp rank * kParts + p % kParts
-        const u32 local = shared_address(red + ((rank * kParts + p % kParts) * kPerWarp + c) * 32 + lane);
-        const float v = load_cluster_f32(cluster_address(local, (u32)(p / kParts)));
-        sum = p == 0 ? v : sum + v;
-      }
-      store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, my_tile0, 0, g, t, M, N, bias, has_bias, out);
+    for (int p = 0; p < kKParts; ++p) {  // k part p: CTA p / PARTS, warp grp * PARTS + p % PARTS
+      const u32 local = shared_address(red + ((grp * PARTS + p % PARTS) * kPerWarp + c) * 32 + lane);
+      const float v = load_cluster_f32(cluster_address(local, (u32)(p / PARTS)));
+      sum = p == 0 ? v : sum + v;
     }
+    store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, my_tile0, 0, g, t, M, N, bias, has_bias, out);
   }
   cluster_sync();  // no CTA leaves while another reads its shared memory
 }
