@@ -382,6 +382,12 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //    the first segment's before the table's barrier (they were requested after the barrier,
 //    one L2 round trip before the first mma);
 //  * the split-K sum and the stores are spread over the group's warps (ksplit_store).
+// And only the first segment's weights go out before the table's barrier, the other three
+// right after it (run 86): a warp that issued its whole share first reached the barrier only
+// once enough of those loads had drained (run 85's timeline: the tiled build published its
+// table at ~4.1 us, the row-major one at ~1.5), and every mma waits for that barrier. Us at
+// 16 tokens, all four first / one first, same bits: 4096 x 4096 tiled 9.68 / 9.14, row-major
+// 10.09 / 9.29; 8192 x 4096 tiled 16.35 / 12.57; 2048 x 4096 8.08 / 8.21.
 // Elsewhere the first and the last measured slower (run 72: the long tiled shares at 16
 // tokens lost 1.5 us, a 4-warp build grew past 128 registers and lost its fourth CTA an
 // SM), so the other builds keep the code they had (the same cubins).
@@ -502,18 +508,21 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j) ap[j] += count * a_step;
   };
 
-  // A batch of kBatch whole segments: its weights and scales requested, then multiplied.
+  // A batch of kBatch whole segments: its weights and scales requested (segment d of the
+  // batch by fetch_segment), then multiplied.
+  auto fetch_segment = [&](uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2], int d) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        w[rt][h] = q4::load_stream16(wp[rt][h] + d * kWeightStep);
+        q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h],
+                                q[rt][h]);
+      }
+  };
   auto fetch_batch = [&](uint4 (&w)[kBatch][RT][2], float (&v)[kBatch][RT][2], u32 (&q)[kBatch][RT][2]) {
 #pragma unroll
-    for (int d = 0; d < kBatch; ++d)
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          w[d][rt][h] = q4::load_stream16(wp[rt][h] + d * kWeightStep);
-          q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax,
-                                  v[d][rt][h], q[d][rt][h]);
-        }
+    for (int d = 0; d < kBatch; ++d) fetch_segment(w[d], v[d], q[d], d);
   };
   auto multiply_batch = [&](const uint4 (&w)[kBatch][RT][2], const float (&v)[kBatch][RT][2],
                             const u32 (&q)[kBatch][RT][2]) {
@@ -548,11 +557,23 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     const bool first_batch = seg + kBatch <= full_end;
     q4::ByteTableInputs<Fmt, NESTED, 32 * WARPS> inputs;  // its loads first: not queued behind the weights'
     inputs.load(table, code2);
-    if (first_batch) fetch_batch(w, v, q);
     uint4 x0[MT][4];
-    if (kShortShare && first_batch) load_x(x0, 0);
-    inputs.fill(lut, code2_s);
-    __syncthreads();
+    if constexpr (kShortShare) {  // the first segment before the table's barrier, the rest after it
+      if (first_batch) {
+        fetch_segment(w[0], v[0], q[0], 0);
+        load_x(x0, 0);
+      }
+      inputs.fill(lut, code2_s);
+      __syncthreads();
+      if (first_batch) {
+#pragma unroll
+        for (int d = 1; d < kBatch; ++d) fetch_segment(w[d], v[d], q[d], d);
+      }
+    } else {
+      if (first_batch) fetch_batch(w, v, q);
+      inputs.fill(lut, code2_s);
+      __syncthreads();
+    }
     if (first_batch) {
       if constexpr (kShortShare) multiply_batch_ahead(w, v, q, x0);
       else multiply_batch(w, v, q);
