@@ -382,15 +382,16 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 //    the first segment's before the table's barrier (they were requested after the barrier,
 //    one L2 round trip before the first mma);
 //  * the split-K sum and the stores are spread over the group's warps (ksplit_store).
-// And only the first segment's weights go out before the table's barrier, the other three
-// right after it (runs 85-87): a warp that issued its whole share first reached the barrier
-// only once enough of those loads had drained (run 85's timeline: the tiled build published
-// its table at ~4.1 us, the row-major one at ~1.5), and every mma waits for that barrier. Us
-// at 16 tokens, all four first / one first, same bits: 4096 x 4096 tiled 9.64 / 9.11,
-// row-major 10.0 / 9.23; 8192 x 4096 tiled 16.29 / 12.49; 2048 x 4096 8.07 / 8.25.
 // Elsewhere the first and the last measured slower (run 72: the long tiled shares at 16
 // tokens lost 1.5 us, a 4-warp build grew past 128 registers and lost its fourth CTA an
 // SM), so the other builds keep the code they had (the same cubins).
+// These builds also request only their first segment's weights before the table's barrier,
+// the other three right after it (runs 85-87): a warp that issued its whole share first
+// reached the barrier only once enough of those loads had drained (run 85's timeline: the
+// tiled build published its table at ~4.1 us, the row-major one at ~1.5), and every mma
+// waits for that barrier. Us at 16 tokens, all four first / one first, same bits: 4096 x
+// 4096 tiled 9.64 / 9.11, row-major 10.0 / 9.23; 8192 x 4096 tiled 16.29 / 12.49; 2048 x
+// 4096 8.07 / 8.25.
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false,
           int BATCH = 0>
 __global__ void __launch_bounds__(32 * WARPS)
