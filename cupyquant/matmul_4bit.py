@@ -437,9 +437,11 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
             warps = 8 if (short or long_k) and split(warp_tiles, 8)[1] <= 2 * sms else _MMA_WARPS
         ksplit, ctas = split(warp_tiles, warps)
         early, batch = _small_schedule(tiles, rt, warps, K, -(-segments // ksplit), tiled)
-        # TILED[, EARLY[, BATCH]]: trailing defaults left out
+        # TILED[, EARLY[, BATCH[, LAST_AFTER_MULTIPLY]]]: trailing defaults left out
         flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}" if batch
                  else f", {str(tiled).lower()}, true" if early else _TILED_ARG[tiled])  # fmt: skip
+        if early and batch == _SMALL_BATCH_TWO_TILES and _small_last_after_multiply(ctas):
+            flags += ", true"
         kernel = f"gemm_4bit_small<{{}}, {{}}, {tiles}, {rt}, {str(frag).lower()}, {warps}{flags}>"
         return kernel, tiles, chunks, ksplit, ctas, warps
     rt, warps, warp_tiles = 1, _MMA_WARPS, row_tiles
@@ -471,6 +473,16 @@ def _small_schedule(tiles: int, rt: int, warps: int, K: int, share: int, tiled: 
         if tiled and share % _SMALL_BATCH_TWO_TILES == 0:
             return False, _SMALL_BATCH_TWO_TILES
     return warps == 8 and K >= _SMALL_EARLY_MIN_K, 0
+
+
+def _small_last_after_multiply(ctas: int) -> bool:
+    """Whether ``gemm_4bit_small``'s short-share builds (EARLY, BATCH _SMALL_BATCH_TWO_TILES)
+    request a warp's last segment once its first is multiplied (LAST_AFTER_MULTIPLY), not
+    once the first is in: where the grid of ``ctas`` CTAs is more than one an SM. H100, run 90
+    of NOTES_matmul_4bit.md, us at 16 tokens, in / multiplied: 8192 x 4096 (256 CTAs) tiled
+    12.88 / 11.79, row-major 15.87 / 12.68; 4096 x 4096 (128) tiled 8.44 / 9.23, row-major
+    8.86 / 9.58; 2048 x 4096 (64) tiled 7.58 / 8.44."""
+    return ctas > _sm_count()
 
 
 def _stage_smem(rt: int, stages: int, chunk: int, warps: int) -> int:
@@ -1424,6 +1436,8 @@ def _kernel_expressions(source: str) -> list[str]:
                     for mt in (1, 2) for rt in (1, 2) for a in frag_flags for t in ("false", "true")]  # fmt: skip
             out += [f"gemm_4bit_small<{f}, {n}, 2, 2, {a}, 8, {t}, {e}, {_SMALL_BATCH_TWO_TILES}>"
                     for a in frag_flags for t in ("false", "true") for e in ("false", "true")]  # fmt: skip
+            out += [f"gemm_4bit_small<{f}, {n}, 2, 2, {a}, 8, {t}, true, {_SMALL_BATCH_TWO_TILES}, true>"
+                    for a in frag_flags for t in ("false", "true")]  # fmt: skip
             out += [f"gemm_4bit_stage<{f}, {n}, {', '.join(map(str, c))}>" for c in _STAGE_CONFIGS]
             out += [f"gemm_4bit_mma<{f}, {n}, {mt}{t}>" for mt in _MMA_TOKEN_TILES for t in _TILED_ARG.values()]
             out += [f"gemm_4bit_tile<{f}, {n}, {mt}, {rt}{t}>" for mt, rt in _TILE_CONFIGS for t in _TILED_ARG.values()]

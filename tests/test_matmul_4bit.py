@@ -797,6 +797,10 @@ def test_small_early_rule(monkeypatch):
     # 4096 x 4096: K split 8 ways, 4 segments a warp, one batch
     assert mm._pick_mma(16, 4096, 4096)[0] == small + f"2, 2, false, 8, false, true, {batch}>"
     assert mm._pick_mma(12, 4096, 4096, tiled=True)[0] == small + f"2, 2, false, 8, true, true, {batch}>"
+    # 8192 x 4096: the same share on 256 CTAs, more than one an SM: the last segment is
+    # requested once the first is multiplied
+    assert mm._pick_mma(16, 8192, 4096, tiled=True)[0] == small + f"2, 2, false, 8, true, true, {batch}, true>"
+    assert mm._pick_mma(16, 8192, 4096)[1:5] == (2, 1, 8, 256)
     assert mm._pick_mma(8, 4096, 4096, warps=8)[0] == "gemm_4bit_small<{}, {}, 1, 1, false, 8>"
     assert mm._pick_mma(2, 14336, 4096, warps=8, tiled=True)[0] == "gemm_4bit_small<{}, {}, 1, 2, false, 8, true>"
     expressions = set(mm._kernel_expressions("gemm_4bit.cu"))
@@ -804,7 +808,7 @@ def test_small_early_rule(monkeypatch):
     assert "gemm_4bit_small<MmaHalf, false, 1, 1, false, 8, true, true>" in expressions
     for frag in (False, True):
         for tiled in (False, True):
-            for M, N, K in ((16, 4096, 4096), (16, 28672, 8192)):
+            for M, N, K in ((16, 4096, 4096), (16, 8192, 4096), (16, 28672, 8192)):
                 expr = mm._pick_mma(M, N, K, frag=frag, tiled=tiled)[0]
                 assert expr.format("MmaBFloat16", "true") in expressions, expr
 
@@ -828,8 +832,9 @@ def test_small_schedule():
 @pytest.mark.parametrize("M", (2, 8, 16))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
-    # EARLY only moves the first batch's loads before the table, and BATCH only how many
-    # segments are in flight: the same bits, on 8-warp CTAs whose warps have several whole
+    # EARLY only moves the first batch's loads before the table, BATCH only how many segments
+    # are in flight, and LAST_AFTER_MULTIPLY only when a short share's last segment is
+    # requested: the same bits, on 8-warp CTAs whose warps have several whole
     # batches (K = 8192 and more, split 8 ways at most), one (K = 4096) or fewer segments than
     # a batch of 4 (K = 384 / 320, unsplit), one or two row tiles a warp, and a last batch cut
     # short or (row-major, K % 128 = 64) a segment K cuts.
@@ -837,17 +842,19 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
               else ((272, 8192), (48, 8256), (272, 4096), (48, 320)))  # fmt: skip
     paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
     batch4 = mm._SMALL_BATCH_TWO_TILES  # built for 9..16 tokens only
-    schedules = [(False, 0), (True, 0)] + ([(False, batch4), (True, batch4)] if M > 8 else [])
+    schedules = [(False, 0, False), (True, 0, False)] + (
+        [(False, batch4, False), (True, batch4, False), (True, batch4, True)] if M > 8 else [])
     for (N, K), path in ((shape, path) for shape in shapes for path in paths):
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
         data = cq.tile_4bit(gp, gqs).data if tiled else gp
         rt, frag = mm._SMALL_PATH_RT.get(path), mm._frag_default(M, N)
         outs = []
-        for early, batch in schedules:
+        for early, batch, after in schedules:
             monkeypatch.setattr(mm, "_small_schedule", lambda *_, e=early, b=batch: (e, b))
+            monkeypatch.setattr(mm, "_small_last_after_multiply", lambda _, a=after: a)
             kernel, tiles, _, _, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8, tiled=tiled)
-            flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}" if batch
+            flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}{', true' if after else ''}" if batch
                      else f", {str(tiled).lower()}, true" if early else mm._TILED_ARG[tiled])  # fmt: skip
             used_rt = rt or int(kernel.split(", ")[3])
             assert warps == 8 and kernel == (f"gemm_4bit_small<{{}}, {{}}, {tiles}, {used_rt}, "

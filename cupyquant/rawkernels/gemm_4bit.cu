@@ -69,6 +69,15 @@ using q4::pack2;
 using q4::shared_address;
 using q4::tiled_chunk;
 
+// 0, made from `word` so that a load whose address adds it is issued only once the load
+// that produced `word` is in: a shift by at_least_32 >= 32, which PTX clamps to a shift by
+// 32. The amount is a run-time value, so ptxas cannot fold the result away.
+__device__ __forceinline__ u32 zero_once_in(u32 word, int at_least_32) {
+  u32 z;
+  asm("shr.u32 %0, %1, %2;" : "=r"(z) : "r"(word), "r"(at_least_32));
+  return z;
+}
+
 // The table entry of the byte at bit position p of `word`, lane's replica. The byte
 // offset (byte << 7) | (lane << 2) is one shift and one lop3; the table's own address
 // folds into the shared load's immediate.
@@ -392,8 +401,16 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 // waits for that barrier. Us at 16 tokens, all four first / one first, same bits: 4096 x
 // 4096 tiled 9.64 / 9.11, row-major 10.0 / 9.23; 8192 x 4096 tiled 16.29 / 12.49; 2048 x
 // 4096 8.07 / 8.25.
+// The last segment's weights go out later still: once the first segment's are in, so that
+// fewer bytes in flight let segments 1 and 2 land sooner and the last lands while they are
+// multiplied (a per-warp timeline, run 88: segment 1 landed ~1 us after segment 0 was
+// multiplied); or, LAST_AFTER_MULTIPLY (the launcher's pick where the grid has more CTAs
+// than SMs), once the first is multiplied, into its registers (ptxas then fits the tiled
+// build in 128 registers, two CTAs an SM). H100, run 90, us at 16 tokens, before / after,
+// same bits: 4096 x 4096 tiled 9.17 / 8.44, row-major 9.3 / 8.86; 2048 x 4096 tiled 8.21 /
+// 7.58; 8192 x 4096 (after the multiply) tiled 12.43 / 11.78, row-major 16.35 / 12.68.
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false,
-          int BATCH = 0>
+          int BATCH = 0, bool LAST_AFTER_MULTIPLY = false>
 __global__ void __launch_bounds__(32 * WARPS)
 gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -511,12 +528,13 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   // A batch of kBatch whole segments: its weights and scales requested (segment d of the
   // batch by fetch_segment), then multiplied.
-  auto fetch_segment = [&](uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2], int d) {
+  // after: 0 (zero_once_in), added to the weight addresses to hold their loads back.
+  auto fetch_segment = [&](uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2], int d, u32 after = 0u) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        w[rt][h] = q4::load_stream16(wp[rt][h] + d * kWeightStep);
+        w[rt][h] = q4::load_stream16(wp[rt][h] + d * kWeightStep + after);
         q4::scale_fetch<NESTED>((e[rt][h] + d * kSegment) >> block_shift, absmax, qabsmax, nested_absmax, v[rt][h],
                                 q[rt][h]);
       }
@@ -531,10 +549,13 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int d = 0; d < kBatch; ++d) segment(w[d], v[d], q[d], d, true);
     advance(kBatch);
   };
-  // kShortShare: segment d + 1's activations are requested before segment d is multiplied;
-  // x0 holds segment 0's, requested by the caller.
-  auto multiply_batch_ahead = [&](const uint4 (&w)[kBatch][RT][2], const float (&v)[kBatch][RT][2],
-                                  const u32 (&q)[kBatch][RT][2], const uint4 (&x0)[MT][4]) {
+  // kShortShare: segment d + 1's activations are requested before segment d is multiplied
+  // (x0 holds segment 0's, requested by the caller), and the last segment's weights here:
+  // once segment 0's are in or, LAST_AFTER_MULTIPLY, once segment 0 is multiplied (into its
+  // registers). The caller requests segments 1 .. kBatch - 2. K >= 512 (a whole batch).
+  auto multiply_batch_ahead = [&](uint4 (&w)[kBatch][RT][2], float (&v)[kBatch][RT][2], u32 (&q)[kBatch][RT][2],
+                                  const uint4 (&x0)[MT][4]) {
+    constexpr int kLast = kBatch - 1;
     uint4 x[2][MT][4];
 #pragma unroll
     for (int j = 0; j < MT; ++j)
@@ -545,7 +566,12 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       if (d + 1 < kBatch) load_x(x[(d + 1) & 1], d + 1);
       u32 hs[RT][2];
       scale_pairs(hs, v[d], q[d], true);
+      if (d == 0 && !LAST_AFTER_MULTIPLY)
+        fetch_segment(w[kLast], v[kLast], q[kLast], kLast, zero_once_in(w[0][0][0].x ^ w[0][RT - 1][1].w ^ hs[0][0], K));
       mma_segment<Fmt>(acc, w[d], hs, x[d & 1], lut_lane);
+      if (d == 0 && LAST_AFTER_MULTIPLY)
+        fetch_segment(w[kLast], v[kLast], q[kLast], kLast,
+                      zero_once_in(__float_as_uint(acc[0][0][0]) ^ __float_as_uint(acc[RT - 1][MT - 1][3]), K));
     }
     advance(kBatch);
   };
@@ -559,7 +585,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     q4::ByteTableInputs<Fmt, NESTED, 32 * WARPS> inputs;  // its loads first: not queued behind the weights'
     inputs.load(table, code2);
     uint4 x0[MT][4];
-    if constexpr (kShortShare) {  // the first segment before the table's barrier, the rest after it
+    if constexpr (kShortShare) {  // the first segment before the table's barrier, the middle ones after it
       if (first_batch) {
         fetch_segment(w[0], v[0], q[0], 0);
         load_x(x0, 0);
@@ -568,7 +594,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       __syncthreads();
       if (first_batch) {
 #pragma unroll
-        for (int d = 1; d < kBatch; ++d) fetch_segment(w[d], v[d], q[d], d);
+        for (int d = 1; d < kBatch - 1; ++d) fetch_segment(w[d], v[d], q[d], d);
       }
     } else {
       if (first_batch) fetch_batch(w, v, q);
@@ -580,14 +606,10 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       else multiply_batch(w, v, q);
       seg += kBatch;
     }
-    for (; seg + kBatch <= full_end; seg += kBatch) {
+    // (a short share is one batch: any segment past it runs in the loop after this one)
+    for (; !kShortShare && seg + kBatch <= full_end; seg += kBatch) {
       fetch_batch(w, v, q);
-      if constexpr (kShortShare) {
-        load_x(x0, 0);
-        multiply_batch_ahead(w, v, q, x0);
-      } else {
-        multiply_batch(w, v, q);
-      }
+      multiply_batch(w, v, q);
     }
   } else {  // (the table was built first)
     for (; seg + kBatch <= full_end; seg += kBatch) {
