@@ -480,7 +480,7 @@ def _small_last_after_multiply(ctas: int) -> bool:
     request a warp's last segment once its first is multiplied (LAST_AFTER_MULTIPLY), not
     once the first is in: where the grid of ``ctas`` CTAs is more than one an SM. H100, run 90
     of NOTES_matmul_4bit.md, us at 16 tokens, in / multiplied: 8192 x 4096 (256 CTAs) tiled
-    12.88 / 11.79, row-major 15.87 / 12.68; 4096 x 4096 (128) tiled 8.44 / 9.23, row-major
+    12.88 / 11.79, row-major 15.87 / 12.68; 4096 x 4096 (128) tiled 8.45 / 9.23, row-major
     8.86 / 9.58; 2048 x 4096 (64) tiled 7.58 / 8.44."""
     return ctas > _sm_count()
 

@@ -406,9 +406,9 @@ gemm_4bit_mma(const u16* __restrict__ A, const u8* __restrict__ packed, const fl
 // multiplied (a per-warp timeline, run 88: segment 1 landed ~1 us after segment 0 was
 // multiplied); or, LAST_AFTER_MULTIPLY (the launcher's pick where the grid has more CTAs
 // than SMs), once the first is multiplied, into its registers (ptxas then fits the tiled
-// build in 128 registers, two CTAs an SM). H100, run 90, us at 16 tokens, before / after,
-// same bits: 4096 x 4096 tiled 9.17 / 8.44, row-major 9.3 / 8.86; 2048 x 4096 tiled 8.21 /
-// 7.58; 8192 x 4096 (after the multiply) tiled 12.43 / 11.78, row-major 16.35 / 12.68.
+// build in 128 registers, two CTAs an SM). H100, runs 94 and 90, us at 16 tokens, before /
+// after, same bits: 4096 x 4096 tiled 9.19 / 8.23, row-major 9.27 / 8.89; 8192 x 4096 (after
+// the multiply) tiled 12.54 / 11.82, row-major 16.37 / 12.74; 2048 x 4096 tiled 8.21 / 7.58.
 template <class Fmt, bool NESTED, int MT, int RT, bool FRAG_A, int WARPS, bool TILED = false, bool EARLY = false,
           int BATCH = 0, bool LAST_AFTER_MULTIPLY = false>
 __global__ void __launch_bounds__(32 * WARPS)
