@@ -526,9 +526,8 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     for (int j = 0; j < MT; ++j) ap[j] += count * a_step;
   };
 
-  // A batch of kBatch whole segments: its weights and scales requested (segment d of the
-  // batch by fetch_segment), then multiplied.
-  // after: 0 (zero_once_in), added to the weight addresses to hold their loads back.
+  // Segment d of the batch: its weights and scales requested. after: 0 (zero_once_in),
+  // added to the weight addresses to hold their loads back.
   auto fetch_segment = [&](uint4 (&w)[RT][2], float (&v)[RT][2], u32 (&q)[RT][2], int d, u32 after = 0u) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
@@ -539,6 +538,7 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                                 q[rt][h]);
       }
   };
+  // A batch of kBatch whole segments: requested, then multiplied.
   auto fetch_batch = [&](uint4 (&w)[kBatch][RT][2], float (&v)[kBatch][RT][2], u32 (&q)[kBatch][RT][2]) {
 #pragma unroll
     for (int d = 0; d < kBatch; ++d) fetch_segment(w[d], v[d], q[d], d);
