@@ -187,6 +187,17 @@ _SMALL_BATCH_TWO_TILES = 4
 _SMALL_PATH_RT = {"mma-rt1": 1, "mma-rt2": 2, "mma-frag-rt1": 1, "mma-frag-rt2": 2}
 _SMALL_PATH_WARPS = {"mma-w4": 4, "mma-w8": 8}
 _SMALL_PATHS = ("mma-frag", *_SMALL_PATH_RT, *_SMALL_PATH_WARPS)
+# 17..32 tokens as two 16-token chunks of gemm_4bit_small side by side in one grid ("mma-chunks";
+# the chunks read the same weights through L2), where the weight has at most these rows and
+# columns; 4 warps a CTA on the bitsandbytes layout, the 9..16-token pick on tiles. H100, run 107
+# of NOTES_matmul_4bit.md, us, default (gemm_4bit_mma / gemm_4bit_tile) against chunks, row-major
+# / tiled: 4096 x 4096 at 24 tokens 16.6 / 16.2 against 14.1 / 12.3, at 32 17.6 / 17.6 against
+# 14.4 / 12.3; 8192 x 8192 at 24 51.7 / 50.7 against 43.8 / 40.6, at 32 51.7 / 51.0 against
+# 44.5 / 41.4; 11008 x 4096 at 24 / 32 31.0 / 30.3 against 32.3-34.0 (not taken); three chunks
+# (48 tokens) lost on 8192 x 8192 (59.1 against 65.1) and 11008 x 4096.
+_SMALL_CHUNKS_MAX_M = 32
+_SMALL_CHUNKS_MAX_N = 8192
+_SMALL_CHUNKS_MAX_K = 8192
 _WARPS_PER_SM_TARGET = 12  # warps, each with 4 KB of weights in flight, to cover DRAM latency
 
 # cuBLAS / CUDA enum values (library_types.h, cublas_api.h).
@@ -389,7 +400,8 @@ def _kernel_common(fmt: str, packed: Any, qs: QuantState) -> tuple[Any, ...]:
 
 
 def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False, frag: bool = False,
-              warps: int | None = None, tiled: bool = False) -> tuple[str, int, int, int, int, int]:  # fmt: skip
+              warps: int | None = None, tiled: bool = False,
+              chunked: bool = False) -> tuple[str, int, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token tiles, token chunks, ksplit, grid, warps a CTA) for the
     tensor-core kernels.
 
@@ -409,9 +421,12 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     moves: 65536 x 8192, 32000 x 8192 and 53248 x 16384 gain 1.5-20 us, 14336 x 8192 ties);
     else 4 (11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5). Whether the first
     batch is requested before the byte table (EARLY) and how many segments a batch holds:
-    :func:`_small_schedule`.
+    :func:`_small_schedule`. ``chunked``: more than 16 tokens on ``gemm_4bit_small`` too, in
+    16-token chunks (:func:`_small_chunks_default`).
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
+    if chunked:
+        tiles = min(tiles, _MMA_TOKEN_TILES[1])
     chunks = -(-M // (8 * tiles))
     row_tiles = -(-N // 16)
     sms = _sm_count()
@@ -889,8 +904,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     """(kernel, grid, block, args, shared bytes) of the tensor-core kernels.
 
     ``path``: "mma" (the default dispatch: ``gemm_4bit_stage`` up to 8 tokens on wide
-    weights with long K, else ``gemm_4bit_small`` up to 16 tokens, above that
-    ``gemm_4bit_wgmma`` where :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
+    weights with long K, else ``gemm_4bit_small`` up to 16 tokens, and in 16-token chunks
+    where :func:`_small_chunks_default` holds, above that ``gemm_4bit_wgmma`` where
+    :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
     ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``),
     "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-bulk|-threads]" (``gemm_4bit_wgmma``; tokens a
     CTA, the split of every tile or of the last wave's, and how the activations reach shared
@@ -898,7 +914,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
-    "mma-w4" / "mma-w8" (``gemm_4bit_small`` with 4 / 8 warps a CTA), "mma-wide"
+    "mma-w4" / "mma-w8" (``gemm_4bit_small`` with 4 / 8 warps a CTA), "mma-chunks"
+    (``gemm_4bit_small`` for any M, in 16-token chunks above 16), "mma-wide"
     (``gemm_4bit_mma``), "tile" (the tile kernels, split by the default rule),
     "tile-<mt>x<rt>" (``gemm_4bit_tile``, unsplit) or "tile-<mt>x<rt>k<ksplit>" (split across
     ksplit CTAs).
@@ -922,7 +939,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     if tiled and path.startswith("stage"):
         raise ValueError(f"gemm_4bit_stage reads the bitsandbytes layout only, got path {path!r} for a tiled weight")
     if path == "mma" and M > 8 * _MMA_TOKEN_TILES[1]:
-        if _wgmma_default(M, N, K):
+        if _small_chunks_default(M, N, K):
+            path = "mma-chunks"
+        elif _wgmma_default(M, N, K):
             path = "wgmma"
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
@@ -979,12 +998,17 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         return kernel, (ctas,), (32 * warps,), _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits,
                                                          ksplit, 1), smem  # fmt: skip
     else:
-        if path not in ("mma", "mma-wide") and M > 8 * _MMA_TOKEN_TILES[1]:
-            raise ValueError(f"path {path!r} forces gemm_4bit_small, which takes up to 16 tokens, got M = {M}")
+        chunked = path == "mma-chunks"
+        if path not in ("mma", "mma-wide", "mma-chunks") and M > 8 * _MMA_TOKEN_TILES[1]:
+            raise ValueError(f"path {path!r} forces gemm_4bit_small, which takes up to 16 tokens a CTA, got M = {M} "
+                             f"(\"mma-chunks\" runs more in 16-token chunks)")  # fmt: skip
         rt = _SMALL_PATH_RT.get(path)
         frag = path.startswith("mma-frag") or (path in ("mma", *_SMALL_PATH_WARPS) and _frag_default(M, N))
         warps = _SMALL_PATH_WARPS.get(path, 8 if tiled and M <= 8 else None)
-        kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps, tiled)
+        if chunked and M > 8 * _MMA_TOKEN_TILES[1] and not tiled:
+            warps = _MMA_WARPS  # (chunks on the bitsandbytes layout: 4 warps, run 107)
+        kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps, tiled,
+                                                               chunked)  # fmt: skip
         grid = (ctas,)
         if frag:  # A into fragment order first (same stream), the kernel reads that copy
             a_bits = _fragment_order(a_bits, M, K, tiles * chunks)
@@ -993,6 +1017,13 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         _allow_smem(kernel, smem)
     args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *tile_args)
     return kernel, grid, (32 * warps,), args, smem
+
+
+def _small_chunks_default(M: int, N: int, K: int) -> bool:
+    """Whether the default tensor-core dispatch runs 17.._SMALL_CHUNKS_MAX_M tokens on
+    ``gemm_4bit_small`` in 16-token chunks ("mma-chunks"): weights of at most
+    _SMALL_CHUNKS_MAX_N rows and _SMALL_CHUNKS_MAX_K columns."""
+    return 8 * _MMA_TOKEN_TILES[1] < M <= _SMALL_CHUNKS_MAX_M and N <= _SMALL_CHUNKS_MAX_N and K <= _SMALL_CHUNKS_MAX_K
 
 
 def _stage_default(M: int, N: int, K: int, tiled: bool = False) -> bool:
@@ -1346,7 +1377,8 @@ def _matmul_fused(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     (``gemv_4bit_half``, one fp16 / bf16 token), "tgemv" / "tgemv-<strips>x<unroll>c<ctas>"
     (``gemv_4bit_tiled``, one fp16 / bf16 token on a tiled weight), "gemv", "mma" (the
     tensor-core dispatch), "mma-rt1" / "mma-rt2" (``gemm_4bit_small``, row tiles a warp, up
-    to 16 tokens), "mma-frag" (``gemm_4bit_small`` on A in fragment order, up to 16 tokens),
+    to 16 tokens; "mma-chunks": any M, in 16-token chunks), "mma-frag" (``gemm_4bit_small``
+    on A in fragment order, up to 16 tokens),
     "stage" / "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``, up
     to 8 tokens), "mma-wide" (``gemm_4bit_mma``), "tile" / "tile-<mt>x<rt>"
     (``gemm_4bit_tile``); None picks the best that applies. ``tiled``: ``packed`` is in tile

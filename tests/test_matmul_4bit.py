@@ -282,7 +282,7 @@ TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
 SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLIT_CONFIGS, (3, 5), strict=True))
 # gemm_4bit_stage forced: "stage-<rt>x<stages>c<chunk>w<warps>", every instantiated configuration.
 STAGE_PATHS = [(f"stage-{rt}x{st}c{c}w{w}", M) for _, rt, st, c, w in mm._STAGE_CONFIGS for M in (1, 2, 5, 8)]
-FORCED_PATHS = ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w4", "mma-w8", "mma-wide", "dequant")
+FORCED_PATHS = ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w4", "mma-w8", "mma-chunks", "mma-wide", "dequant")
 EACH_PATH = STAGE_PATHS + [
     (path, M)
     for path in (*FORCED_PATHS, *TILE_PATHS, *SPLIT_PATHS)
@@ -929,3 +929,23 @@ def test_mma_warps_rule(monkeypatch):
     assert mm._pick_mma(16, 128256, 8192)[-1] == 4  # 8 warps: 501 CTAs, two waves
     assert mm._pick_mma(16, 4096, 4096, warps=4)[1:] == (2, 1, 4, 128, 4)
     assert mm._pick_mma(40, 4096, 4096)[-1] == 4  # gemm_4bit_mma: always 4
+
+
+def test_small_chunks_rule(monkeypatch):
+    # 17..32 tokens on weights of up to 8192 x 8192 run gemm_4bit_small in 16-token chunks
+    # (run 107); (token tiles, chunks, ksplit, CTAs, warps) as measured.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    for M in (17, 24, 32):
+        assert mm._small_chunks_default(M, 4096, 4096) and mm._small_chunks_default(M, 8192, 8192)
+        assert mm._small_chunks_default(M, 272, 640)
+        assert not mm._small_chunks_default(M, 11008, 4096) and not mm._small_chunks_default(M, 4096, 11008)
+    assert not mm._small_chunks_default(16, 4096, 4096) and not mm._small_chunks_default(33, 4096, 4096)
+    small = "gemm_4bit_small<{}, {}, "
+    assert mm._pick_mma(24, 4096, 4096, warps=4, chunked=True) == (small + "2, 2, false, 4>", 2, 2, 4, 256, 4)
+    assert mm._pick_mma(32, 8192, 8192, warps=4, chunked=True)[1:] == (2, 2, 4, 512, 4)
+    batch = mm._SMALL_BATCH_TWO_TILES
+    tiled = mm._pick_mma(32, 4096, 4096, tiled=True, chunked=True)
+    assert tiled == (small + f"2, 2, false, 8, true, true, {batch}, true>", 2, 2, 8, 256, 8)
+    assert mm._pick_mma(64, 4096, 4096, warps=4, chunked=True)[1:3] == (2, 4)  # forced: any M, 16 tokens a chunk
+    with pytest.raises(ValueError, match='takes up to 16 tokens a CTA, got M = 17 .*"mma-chunks"'):
+        mm._mma_launch(None, "float16", 17, 64, 256, None, None, None, None, path="mma-rt2")

@@ -290,11 +290,13 @@ def test_gpu_tiled_split_k_equals_row_major(cp, monkeypatch, fmt):
     ("float16", 17, 272, 1152), ("bfloat16", 20, 4096, 512), ("float16", 32, 256, 4096),
 ))  # fmt: skip
 def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, quant_type, nested, fmt, M, N, K):
-    # float32 rows (the CUDA-core GEMV) and 17..32 tokens on weights under 8192 rows
-    # (gemm_4bit_mma) run the same kernel on both layouts: only the weight addresses differ,
-    # so the outputs are identical, and no row-major copy of the tiles is made. 272 rows are
-    # 17 row tiles: with gemm_4bit_mma's 4 warps a CTA (K split 2 ways at 17 tokens), the
-    # last CTA's second tile lies past N.
+    # float32 rows (the CUDA-core GEMV) and 17..32 tokens on weights under 8192 rows where
+    # they take gemm_4bit_mma (the 16-token chunks' rule switched off here: its configuration
+    # differs between the layouts) run the same kernel on both layouts: only the weight
+    # addresses differ, so the outputs are identical, and no row-major copy of the tiles is
+    # made. 272 rows are 17 row tiles: with gemm_4bit_mma's 4 warps a CTA (K split 2 ways at
+    # 17 tokens), the last CTA's second tile lies past N.
+    monkeypatch.setattr(mm, "_small_chunks_default", lambda *shape: False)
     a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, quant_type, 64, nested, True, seed=M + N)
     expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
     gqs, gpacked = copy.deepcopy(qs).to(0), cp.asarray(packed)
@@ -303,6 +305,31 @@ def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, qua
     monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
     got = _run(cp, a_bits, fmt, M, tiled, gqs, bias_bits, True)
     np.testing.assert_array_equal(got, row_major)
+    assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("M", (17, 24, 32))
+@pytest.mark.parametrize(("N", "K"), ((272, 1152), (4096, 512), (1040, 8192)), ids=lambda v: str(v))
+def test_gpu_small_chunks_both_layouts(cp, monkeypatch, fmt, M, N, K):
+    # 17..32 tokens on weights of up to 8192 x 8192: gemm_4bit_small in 16-token chunks, in
+    # each layout's configuration (4 warps row-major; tiles: the 9..16-token pick, here 8
+    # warps with the short-share schedule at 4096 x 512), both against the reference, the
+    # tiles read in place.
+    assert mm._small_chunks_default(M, N, K)
+    chunked = []
+    real = mm._pick_mma
+    monkeypatch.setattr(mm, "_pick_mma", lambda *a, **kw: chunked.append(a[-1]) or real(*a, **kw))
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "nf4", 64, True, True, seed=M + N)
+    expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
+    gqs, gpacked = copy.deepcopy(qs).to(0), cp.asarray(packed)
+    a_bits, bias_bits, tiled = cp.asarray(a_bits), cp.asarray(bias_bits), cq.tile_4bit(gpacked, gqs).data
+    row_major = _run(cp, a_bits, fmt, M, gpacked, gqs, bias_bits, False)
+    monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
+    got = _run(cp, a_bits, fmt, M, tiled, gqs, bias_bits, True)
+    assert chunked == [True, True]
+    assert rel_error(row_major, fmt, expected) < TOLERANCE[fmt]
     assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
 
 
@@ -357,7 +384,8 @@ def test_fused_tiled_refuses_the_stage_kernel():
 
 def test_tiled_float32_gemv_and_narrow_mma_expressions(monkeypatch):
     # float32 activations up to 4 rows run gemv_4bit's TILED build; 17..32 fp16 / bf16 tokens
-    # on weights under _TILE_MIN_N rows run gemm_4bit_mma's (both registered for compiling).
+    # on weights under _TILE_MIN_N rows and longer than the chunked rule's K run gemm_4bit_mma's
+    # (both registered for compiling).
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     gemv = mm._kernel_expressions("gemv_4bit.cu")
     for mr in (1, 4):
@@ -375,16 +403,20 @@ class _Asked(Exception):
     """Raised by a stand-in get_function with the kernel expression the launcher asked for."""
 
 
-@pytest.mark.parametrize(("M", "N", "tiled", "expected"), (
-    (20, 4096, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
-    (32, 272, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
-    (20, 4096, False, "gemm_4bit_mma<MmaHalf, true, 4>"),
-    (20, 8192, True, "gemm_4bit_tile"),  # 8192+ rows: the tile kernels, either layout
+@pytest.mark.parametrize(("M", "N", "K", "tiled", "expected"), (
+    (20, 4096, 11008, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
+    (32, 272, 11008, True, "gemm_4bit_mma<MmaHalf, true, 4, true>"),
+    (20, 4096, 11008, False, "gemm_4bit_mma<MmaHalf, true, 4>"),
+    (20, 11008, 4096, True, "gemm_4bit_tile"),  # 8192+ rows: the tile kernels, either layout
+    (20, 11008, 4096, False, "gemm_4bit_tile"),
+    (20, 8192, 8192, True, "gemm_4bit_small<MmaHalf, true, 2, 2, false, 8, true, false, 4>"),  # 16-token chunks
+    (32, 272, 4096, True, "gemm_4bit_small<MmaHalf, true, 2, 2, false, 8, true, true, 4>"),
+    (17, 4096, 4096, False, "gemm_4bit_small<MmaHalf, true, 2, 2, false, 4>"),
 ))  # fmt: skip
-def test_default_dispatch_of_17_to_32_tokens(monkeypatch, M, N, tiled, expected):
-    # The launcher's own routing (not _pick_mma forced wide): a tiled weight under
-    # _TILE_MIN_N rows takes gemm_4bit_mma's TILED build, as the bitsandbytes layout takes
-    # its plain one (before, tiles went to the tile kernels whatever N).
+def test_default_dispatch_of_17_to_32_tokens(monkeypatch, M, N, K, tiled, expected):
+    # The launcher's own routing (not _pick_mma forced): weights of up to 8192 x 8192 take
+    # gemm_4bit_small in 16-token chunks (4 warps on the bitsandbytes layout); others under
+    # _TILE_MIN_N rows take gemm_4bit_mma, its TILED build for tiles.
     from cupyquant import rawkernels
 
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
@@ -395,7 +427,7 @@ def test_default_dispatch_of_17_to_32_tokens(monkeypatch, M, N, tiled, expected)
 
     monkeypatch.setattr(rawkernels, "get_function", asked)
     with pytest.raises(_Asked) as got:
-        mm._mma_launch(None, "float16", M, N, 4096, None, types.SimpleNamespace(nested=True), None, None, tiled=tiled)
+        mm._mma_launch(None, "float16", M, N, K, None, types.SimpleNamespace(nested=True), None, None, tiled=tiled)
     assert str(got.value).startswith(expected), str(got.value)
 
 
