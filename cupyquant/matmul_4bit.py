@@ -189,12 +189,13 @@ _SMALL_PATH_WARPS = {"mma-w4": 4, "mma-w8": 8}
 _SMALL_PATHS = ("mma-frag", *_SMALL_PATH_RT, *_SMALL_PATH_WARPS)
 # 17..32 tokens as two 16-token chunks of gemm_4bit_small side by side in one grid ("mma-chunks";
 # the chunks read the same weights through L2), where the weight has at most these rows and
-# columns; 4 warps a CTA on the bitsandbytes layout, the 9..16-token pick on tiles. H100, run 107
-# of NOTES_matmul_4bit.md, us, default (gemm_4bit_mma / gemm_4bit_tile) against chunks, row-major
-# / tiled: 4096 x 4096 at 24 tokens 16.6 / 16.2 against 14.1 / 12.3, at 32 17.6 / 17.6 against
-# 14.4 / 12.3; 8192 x 8192 at 24 51.7 / 50.7 against 43.8 / 40.6, at 32 51.7 / 51.0 against
-# 44.5 / 41.4; 11008 x 4096 at 24 / 32 31.0 / 30.3 against 32.3-34.0 (not taken); three chunks
-# (48 tokens) lost on 8192 x 8192 (59.1 against 65.1) and 11008 x 4096.
+# columns; 4 warps a CTA on the bitsandbytes layout, the 9..16-token pick on tiles. H100, runs
+# 107-108 of NOTES_matmul_4bit.md, us, chunks against the path they replace (gemm_4bit_mma /
+# gemm_4bit_tile), row-major / tiled, at 32 tokens: 4096 x 4096 14.3 / 12.3 against 17.6 /
+# 17.6, 8192 x 8192 44.9 / 41.7 against 52.0 / 51.3, 2048 x 4096 11.5 / 7.8 against 12.1 /
+# 13.4 (every weight measured under the limits gains at 17, 24 and 32 tokens); 11008 x 4096
+# loses (32.3-34.0 against 31.0 / 30.3 at 24 / 32). Three chunks (48 tokens) gain on 4096 x
+# 4096 only (19.0 against 21.4) and lose on 11008 x 4096 (42.3 against 31.1).
 _SMALL_CHUNKS_MAX_M = 32
 _SMALL_CHUNKS_MAX_N = 8192
 _SMALL_CHUNKS_MAX_K = 8192

@@ -14,9 +14,11 @@ NOTES_matmul_4bit.md, runs 31-33, 37 and 42): 28672 x 8192 at 16 tokens 59.8 aga
 in the bitsandbytes layout, 2 tokens 57.3 against 60.7; one token (gemv_4bit_tiled, a warp
 reading whole tiles) 49.6 against 48.3, 8192 x 28672 46.7 against 46.6. Every kernel but
 gemm_4bit_stage (which the dispatch never gives a tiled weight) has a build that reads the
-tiles in place: float32 rows run the CUDA-core GEMV on them, gemm_4bit_mma takes the
-tokens above 16 that the bitsandbytes layout gives it (17..32 on weights under 8192 rows,
-more where there is no wgmma), and past the fused switch point
+tiles in place: float32 rows run the CUDA-core GEMV on them, gemm_4bit_small in 16-token
+chunks and gemm_4bit_mma take the tokens above 16 that the bitsandbytes layout gives them
+(17..32 on weights up to 8192 x 8192 the chunks, 12.3 us against 17.6 at 32 tokens on 4096
+x 4096; on other weights under 8192 rows gemm_4bit_mma, more where there is no wgmma), and
+past the fused switch point
 (:func:`cupyquant.matmul_4bit.fused_max_m`) the dequantize kernel (28672 x 8192 at 4096
 tokens 2944 against 2934 us). ``Linear4bit`` keeps its weight tiled on CUDA by default.
 Checkpoints keep the bitsandbytes layout: :meth:`Tiled4bit.untile` gives it back.
