@@ -314,17 +314,14 @@ def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, qua
 @pytest.mark.parametrize(("N", "K"), ((272, 1152), (4096, 512), (1040, 8192)), ids=lambda v: str(v))
 def test_gpu_small_chunks_both_layouts(cp, monkeypatch, fmt, M, N, K):
     # 17..32 tokens on weights of up to 8192 x 8192: gemm_4bit_small in 16-token chunks, in
-    # each layout's configuration (4 warps row-major; tiles: the 9..16-token pick, here 8
-    # warps with the short-share schedule at 4096 x 512), both against the reference, the
-    # tiles read in place.
+    # each layout's configuration (4 warps row-major; tiles: the 9..16-token pick, 4 warps on
+    # the first two weights, 8 warps in batches of 4 segments on 1040 x 8192), both against
+    # the reference, the tiles read in place.
     assert mm._small_chunks_default(M, N, K)
     chunked = []
     real = mm._pick_mma
     monkeypatch.setattr(mm, "_pick_mma", lambda *a, **kw: chunked.append(a[-1]) or real(*a, **kw))
-    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, "nf4", 64, True, True, seed=M + N)
-    expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
-    gqs, gpacked = copy.deepcopy(qs).to(0), cp.asarray(packed)
-    a_bits, bias_bits, tiled = cp.asarray(a_bits), cp.asarray(bias_bits), cq.tile_4bit(gpacked, gqs).data
+    a_bits, bias_bits, gpacked, gqs, tiled, expected = _gpu_case(cp, N, K, M, fmt, seed=M + N)
     row_major = _run(cp, a_bits, fmt, M, gpacked, gqs, bias_bits, False)
     monkeypatch.setattr(mm, "untile_bytes", lambda *a: pytest.fail("the tiled weight was copied"))
     got = _run(cp, a_bits, fmt, M, tiled, gqs, bias_bits, True)
