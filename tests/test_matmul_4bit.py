@@ -282,7 +282,9 @@ TILE_PATHS = tuple(f"tile-{mt}x{rt}" for mt, rt in mm._TILE_CONFIGS)
 SPLIT_PATHS = tuple(f"tile-{mt}x{rt}k{ks}" for (mt, rt), ks in zip(mm._TILE_SPLIT_CONFIGS, (3, 5), strict=True))
 # gemm_4bit_stage forced: "stage-<rt>x<stages>c<chunk>w<warps>", every instantiated configuration.
 STAGE_PATHS = [(f"stage-{rt}x{st}c{c}w{w}", M) for _, rt, st, c, w in mm._STAGE_CONFIGS for M in (1, 2, 5, 8)]
-FORCED_PATHS = ("gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w4", "mma-w8", "mma-chunks", "mma-wide", "dequant")
+FORCED_PATHS = (
+    "gemv", "mma", "mma-rt1", "mma-rt2", "mma-frag", "mma-w4", "mma-w8", "mma-chunks", "mma-wide", "dequant",
+)  # fmt: skip
 EACH_PATH = STAGE_PATHS + [
     (path, M)
     for path in (*FORCED_PATHS, *TILE_PATHS, *SPLIT_PATHS)
