@@ -311,12 +311,13 @@ def test_gpu_tiled_gemv_and_mma_equal_row_major_bit_for_bit(cp, monkeypatch, qua
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 @pytest.mark.parametrize("M", (17, 24, 32))
-@pytest.mark.parametrize(("N", "K"), ((272, 1152), (4096, 512), (1040, 8192)), ids=lambda v: str(v))
+@pytest.mark.parametrize(("N", "K"), ((272, 1152), (4096, 512), (1040, 8192), (4096, 4096)), ids=lambda v: str(v))
 def test_gpu_small_chunks_both_layouts(cp, monkeypatch, fmt, M, N, K):
     # 17..32 tokens on weights of up to 8192 x 8192: gemm_4bit_small in 16-token chunks, in
     # each layout's configuration (4 warps row-major; tiles: the 9..16-token pick, 4 warps on
-    # the first two weights, 8 warps in batches of 4 segments on 1040 x 8192), both against
-    # the reference, the tiles read in place.
+    # the first two weights, 8 warps in batches of 4 segments on 1040 x 8192, the short-share
+    # schedule with the last segment after the multiply on 4096 x 4096), both against the
+    # reference, the tiles read in place.
     assert mm._small_chunks_default(M, N, K)
     chunked = []
     real = mm._pick_mma
