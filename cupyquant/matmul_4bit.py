@@ -423,11 +423,14 @@ def _pick_mma(M: int, N: int, K: int, rt: int | None = None, wide: bool = False,
     else 4 (11008 x 4096 at 16 tokens, 1.3 waves of 8 warps, 23.5 / 17.5). Whether the first
     batch is requested before the byte table (EARLY) and how many segments a batch holds:
     :func:`_small_schedule`. ``chunked``: more than 16 tokens on ``gemm_4bit_small`` too, in
-    16-token chunks (:func:`_small_chunks_default`).
+    16-token chunks (:func:`_small_chunks_default`), by default 4 warps a CTA on the
+    bitsandbytes layout (run 107) and the rule above on tiles.
     """
     tiles = next((t for t in _MMA_TOKEN_TILES if 8 * t >= M), _MMA_TOKEN_TILES[-1])
     if chunked:
         tiles = min(tiles, _MMA_TOKEN_TILES[1])
+        if warps is None and M > 8 * tiles and not tiled:
+            warps = _MMA_WARPS
     chunks = -(-M // (8 * tiles))
     row_tiles = -(-N // 16)
     sms = _sm_count()
@@ -1006,8 +1009,6 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         rt = _SMALL_PATH_RT.get(path)
         frag = path.startswith("mma-frag") or (path in ("mma", *_SMALL_PATH_WARPS) and _frag_default(M, N))
         warps = _SMALL_PATH_WARPS.get(path, 8 if tiled and M <= 8 else None)
-        if chunked and M > 8 * _MMA_TOKEN_TILES[1] and not tiled:
-            warps = _MMA_WARPS  # (chunks on the bitsandbytes layout: 4 warps, run 107)
         kernel, tiles, chunks, ksplit, ctas, warps = _pick_mma(M, N, K, rt, path == "mma-wide", frag, warps, tiled,
                                                                chunked)  # fmt: skip
         grid = (ctas,)
