@@ -247,7 +247,7 @@ def _wgmma_fills_waves(M: int, N: int, K: int, sms: int) -> bool:
     """Whether M tokens on 256-token gemm_4bit_wgmma CTAs (the default split, for the current
     device's SMs: ``sms`` is its count, the memo's key) fill at least _WGMMA_FULL_WAVES of the
     waves they take on ``sms`` SMs, one CTA an SM."""
-    _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=256)
+    _, _, ctas, ksplit, _ = _pick_wgmma(M, N, K, tokens=256)
     blocks = ctas * ksplit
     return blocks >= _WGMMA_FULL_WAVES * -(-blocks // sms) * sms
 
@@ -637,24 +637,28 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 # block each) and a scale warp, one CTA an SM; 256: as 128 with a scale warpgroup. K is
 # split across CTAs where the unsplit grid leaves SMs without their CTAs, each split keeping
 # at least _WGMMA_MIN_SHARE stages.
-_WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its warpgroups (WgmmaShape::kGroups)
+_WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its default warpgroups (WgmmaShape's GROUPS)
 _WGMMA_SCALE_THREADS = {64: 32, 128: 32, 256: 128}  # and its scale threads (WgmmaShape::kScaleThreads)
 _WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
+# (tokens, X_IMAGE, warpgroups) of the builds: every width with either copy of the
+# activations at its own warpgroups, and 64 tokens on two (threads' copies; _wgmma_groups).
+_WGMMA_BUILDS = tuple((t, image, _WGMMA_GROUPS[t]) for t in _WGMMA_TOKEN_WIDTHS for image in (False, True)) + (
+    (64, False, 2),)  # fmt: skip
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
 _WGMMA_MIN_SHARE = 16
 
 
-def _wgmma_mma_threads(tokens: int) -> int:
+def _wgmma_mma_threads(tokens: int, groups: int | None = None) -> int:
     """The threads of gemm_4bit_wgmma's warpgroups that multiply (WgmmaShape::kMmaThreads; the
-    split-K partials are theirs)."""
-    return 128 * _WGMMA_GROUPS[tokens]
+    split-K partials are theirs); ``groups`` None: the width's default."""
+    return 128 * (_WGMMA_GROUPS[tokens] if groups is None else groups)
 
 
-def _wgmma_threads(tokens: int) -> int:
+def _wgmma_threads(tokens: int, groups: int | None = None) -> int:
     """The block size of gemm_4bit_wgmma's TOKENS = ``tokens`` (the kernel's WgmmaShape::kThreads):
     its warpgroups and the scale warp (a scale warpgroup at 256 tokens)."""
-    return _wgmma_mma_threads(tokens) + _WGMMA_SCALE_THREADS[tokens]
+    return _wgmma_mma_threads(tokens, groups) + _WGMMA_SCALE_THREADS[tokens]
 
 
 def _wgmma_smem(tokens: int) -> int:
@@ -684,13 +688,38 @@ def _check_launch_registers(kernel: Any, tokens: int) -> None:
 
 
 def _wgmma_ctas_per_sm(tokens: int) -> int:
-    """CTAs an SM (WgmmaShape::kCtasPerSm): two of one warpgroup, one of two."""
+    """CTAs an SM of the width's default build (WgmmaShape::kCtasPerSm): two of one warpgroup,
+    one of two."""
     return 2 // _WGMMA_GROUPS[tokens]
 
 
-def _wgmma_accs(tokens: int) -> int:
+def _wgmma_accs(tokens: int, groups: int | None = None) -> int:
     """float32 accumulators a warpgroup thread: 128 rows x ``tokens`` over its threads."""
-    return _WGMMA_ROWS * tokens // (128 * _WGMMA_GROUPS[tokens])
+    return _WGMMA_ROWS * tokens // _wgmma_mma_threads(tokens, groups)
+
+
+def _wgmma_groups(tokens: int, grid: int, image: bool, forced: int | None = None) -> int:
+    """The warpgroups of a ``tokens``-token gemm_4bit_wgmma CTA in a grid of ``grid`` CTAs
+    (tiles x ksplit), ``forced`` or by the rule: the width's own (_WGMMA_GROUPS), but two
+    for 64 tokens where that grid holds at most one CTA an SM. The 64-token build's two CTAs
+    an SM then leave each SM one warpgroup decoding and multiplying, bound by its issue
+    latency; two warpgroups, one 64-row block each (one CTA an SM), run the same grid with
+    twice the warps and give the same bits. H100, run 109 of NOTES_matmul_4bit.md, us, one /
+    two warpgroups, row-major (tiled within 0.3): 4096 x 4096 (32 tiles split 4) at 33 / 48 /
+    64 tokens 21.1 / 21.4 / 21.6 against 18.7 / 18.9 / 19.1. Where the one-warpgroup grid
+    holds two CTAs an SM, two warpgroups need a smaller split to stay in one wave, and mostly
+    lose: 8192 x 8192 40.9 against 45.2 (split 4 / 2), 6144 x 4096 26.0 against 26.4,
+    8192 x 28672 107 against 126 (5120 x 5120 gained, 26.7 against 24.5; 4096 x 11008 34.2
+    against 33.0). The activation image (X_IMAGE) is built for the width's own warpgroups."""
+    if forced is None:
+        return 2 if tokens == 64 and not image and grid <= _sm_count() else _WGMMA_GROUPS[tokens]
+    if forced not in (1, 2) or (forced == 1 and tokens != 64):
+        raise ValueError(f"gemm_4bit_wgmma is built with 1 or 2 warpgroups at 64 tokens a CTA and 2 above, "
+                         f"got {forced} at {tokens}")  # fmt: skip
+    if image and forced != _WGMMA_GROUPS[tokens]:
+        raise ValueError(f"the activation image build has {_WGMMA_GROUPS[tokens]} warpgroup(s) at {tokens} tokens "
+                         f"a CTA, got {forced}")  # fmt: skip
+    return forced
 
 
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
@@ -731,10 +760,13 @@ def _wgmma_supported() -> bool:
 
 
 def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False,
-                tokens: int = 64, image: bool = False) -> tuple[str, int, int, int]:  # fmt: skip
-    """(kernel expression prefix, token chunks, CTAs a split, ksplit) of ``gemm_4bit_wgmma`` with
-    ``tokens`` tokens a CTA; ``ksplit`` None picks the split that fills the SMs with their CTAs.
-    ``image``: the X_IMAGE build, which reads the activations from :func:`_wgmma_x_image`'s copy."""
+                tokens: int = 64, image: bool = False,
+                groups: int | None = None) -> tuple[str, int, int, int, int]:  # fmt: skip
+    """(kernel expression prefix, token chunks, CTAs a split, ksplit, warpgroups a CTA) of
+    ``gemm_4bit_wgmma`` with ``tokens`` tokens a CTA; ``ksplit`` None picks the split that
+    fills the SMs with the default build's CTAs (the width's own warpgroups), ``groups`` None
+    by :func:`_wgmma_groups`. ``image``: the X_IMAGE build, which reads the activations from
+    :func:`_wgmma_x_image`'s copy."""
     if tokens not in _WGMMA_TOKEN_WIDTHS:
         raise ValueError(f"gemm_4bit_wgmma is built for {_WGMMA_TOKEN_WIDTHS} tokens a CTA, got {tokens}")
     chunks = -(-M // tokens)
@@ -744,7 +776,9 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
         ksplit = max(1, min(_wgmma_ctas_per_sm(tokens) * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
     if ksplit < 1:
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
-    return _wgmma_expression(tiled, tokens, image), chunks, ctas, _nonempty_split(stages, ksplit)
+    ksplit = _nonempty_split(stages, ksplit)
+    groups = _wgmma_groups(tokens, ctas * ksplit, image, groups)
+    return _wgmma_expression(tiled, tokens, image, groups), chunks, ctas, ksplit, groups
 
 
 # A balanced last wave (gemm_4bit_wgmma's split_from): where the tiles of one-CTA-an-SM
@@ -796,9 +830,11 @@ def _wgmma_split_from(ctas: int, ksplit: int, tokens: int, stages: int, sms: int
     return ctas - tail, _nonempty_split(stages, balance)
 
 
-def _wgmma_expression(tiled: bool, tokens: int, image: bool) -> str:
+def _wgmma_expression(tiled: bool, tokens: int, image: bool, groups: int | None = None) -> str:
     """``gemm_4bit_wgmma``'s instantiation, with the format and NESTED left as ``{}``
-    (trailing template arguments at their defaults are left out)."""
+    (trailing template arguments at their defaults are left out; ``groups`` None: the width's)."""
+    if groups is not None and groups != _WGMMA_GROUPS[tokens]:
+        return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, {str(image).lower()}, {groups}>"
     if image:
         return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, true>"
     if tokens == 64:
@@ -823,16 +859,17 @@ def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
     return image
 
 
-def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, bool | None]:
-    """(tokens, ksplit, balance, image) of a "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-bulk|-threads]"
-    path (-k: every tile split; -b: the last wave's tiles split, 1 for none; -bulk: the X_IMAGE
+def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, int | None, bool | None]:
+    """(tokens, ksplit, balance, groups, image) of a
+    "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-g<groups>][-bulk|-threads]" path (-k: every tile
+    split; -b: the last wave's tiles split, 1 for none; -g: warpgroups a CTA; -bulk: the X_IMAGE
     build, -threads: the threads copy the activations); None where the default rule picks."""
-    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-b(\d+))?(?:-(bulk|threads))?", path)
+    match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-b(\d+))?(?:-g(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
     *numbers, copies = match.groups()
-    tokens, ksplit, balance = (None if v is None else int(v) for v in numbers)
-    return tokens, ksplit, balance, (None if copies is None else copies == "bulk")
+    tokens, ksplit, balance, groups = (None if v is None else int(v) for v in numbers)
+    return tokens, ksplit, balance, groups, (None if copies is None else copies == "bulk")
 
 
 def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
@@ -879,7 +916,7 @@ def _wgmma_tokens_above_64(M: int, N: int, K: int, sms: int) -> int:
     stages = -(-K // _WGMMA_STAGE_K)
 
     def cost(tokens: int) -> float:
-        _, _, ctas, ksplit = _pick_wgmma(M, N, K, tokens=tokens)
+        _, _, ctas, ksplit, _ = _pick_wgmma(M, N, K, tokens=tokens)
         waves = -(-ctas * ksplit // (_wgmma_ctas_per_sm(tokens) * sms))
         return waves * -(-stages // ksplit) * _WGMMA_STAGE_COST[tokens]
 
@@ -912,9 +949,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     where :func:`_small_chunks_default` holds, above that ``gemm_4bit_wgmma`` where
     :func:`_wgmma_default` holds, else ``gemm_4bit_tile`` /
     ``gemm_4bit_tile_split`` for N >= _TILE_MIN_N, else ``gemm_4bit_mma``),
-    "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-bulk|-threads]" (``gemm_4bit_wgmma``; tokens a
-    CTA, the split of every tile or of the last wave's, and how the activations reach shared
-    memory by the default rules, or forced), "stage" /
+    "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-g<groups>][-bulk|-threads]" (``gemm_4bit_wgmma``;
+    tokens a CTA, the split of every tile or of the last wave's, warpgroups a CTA, and how the
+    activations reach shared memory by the default rules, or forced), "stage" /
     "stage-<rt>x<stages>c<chunk>w<warps>" (``gemm_4bit_stage``),
     "mma-rt1" / "mma-rt2" (``gemm_4bit_small`` with that many row tiles a warp), "mma-frag"
     / "mma-frag-rt<1|2>" (``gemm_4bit_small`` reading A in fragment order, up to 16 tokens),
@@ -950,24 +987,24 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # forced parts of the path, the rest by the default rules
-        tokens, forced, balance, image = _wgmma_path(path)
+        tokens, forced, balance, groups, image = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
         image = _wgmma_image_default(tokens) if image is None else image
-        expr, chunks, ctas, ksplit = _pick_wgmma(M, N, K, forced, tiled, tokens, image)
+        expr, chunks, ctas, ksplit, groups = _pick_wgmma(M, N, K, forced, tiled, tokens, image, groups)
         split_from, ksplit = _wgmma_split_from(ctas, ksplit, tokens, -(-K // _WGMMA_STAGE_K), _sm_count(), balance)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         if tokens in _WGMMA_SETMAXNREG:
             _check_launch_registers(kernel, tokens)
-        threads, smem = _wgmma_threads(tokens), _wgmma_smem(tokens)
+        threads, smem = _wgmma_threads(tokens, groups), _wgmma_smem(tokens)
         _allow_smem(kernel, smem)
         # The workspace is read only when K is split (tiles split_from..); unsplit launches pass
         # the output twice. (The partials are the multiplying warpgroups', not the scale warps'.)
         split_tiles = ctas - split_from
-        workspace = (_split_workspace(ksplit, split_tiles, _wgmma_accs(tokens), _wgmma_mma_threads(tokens))
-                     if ksplit > 1 else (out_bits, out_bits))  # fmt: skip
+        accs, mma_threads = _wgmma_accs(tokens, groups), _wgmma_mma_threads(tokens, groups)
+        workspace = _split_workspace(ksplit, split_tiles, accs, mma_threads) if ksplit > 1 else (out_bits, out_bits)
         if image:  # the activation image first (same stream); the kernel reads that copy
             a_bits = _wgmma_x_image(a_bits, M, K, tokens)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace,
@@ -1456,8 +1493,8 @@ def _kernel_expressions(source: str) -> list[str]:
             for first in (False, True)]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return ["wgmma_x_image"] + [
-            _wgmma_expression(tiled, tokens, image).format(f, n) for image in (False, True)
-            for tokens in _WGMMA_TOKEN_WIDTHS for tiled in (False, True) for f in _MMA_STRUCT.values()
+            _wgmma_expression(tiled, tokens, image, groups).format(f, n)
+            for tokens, image, groups in _WGMMA_BUILDS for tiled in (False, True) for f in _MMA_STRUCT.values()
             for n in nested]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")

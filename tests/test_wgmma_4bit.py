@@ -23,32 +23,60 @@ mm = importlib.import_module("cupyquant.matmul_4bit")
 
 def test_wgmma_split_rule(monkeypatch):
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    # (chunks, CTAs a split, ksplit, warpgroups a CTA)
     # 28672 x 8192 at 64 tokens: 224 CTAs already fill two an SM but for 40; no split.
-    assert mm._pick_wgmma(64, 28672, 8192)[1:] == (1, 224, 1)
+    assert mm._pick_wgmma(64, 28672, 8192)[1:] == (1, 224, 1, 1)
     # 8192 x 28672: 64 CTAs, 448 stages: split 4 (256 CTAs).
-    assert mm._pick_wgmma(64, 8192, 28672)[1:] == (1, 64, 4)
-    # 4096 x 4096: 32 CTAs, 64 stages: the split keeps 16 stages each, so 4 (not 8).
-    assert mm._pick_wgmma(40, 4096, 4096)[1:] == (1, 32, 4)
+    assert mm._pick_wgmma(64, 8192, 28672)[1:] == (1, 64, 4, 1)
+    # 4096 x 4096: 32 CTAs, 64 stages: the split keeps 16 stages each, so 4 (not 8); 128
+    # CTAs, one an SM, so on two warpgroups.
+    assert mm._pick_wgmma(40, 4096, 4096)[1:] == (1, 32, 4, 2)
     # Token chunks of 64 multiply the CTAs.
-    assert mm._pick_wgmma(130, 4096, 4096)[1:] == (3, 96, 2)
+    assert mm._pick_wgmma(130, 4096, 4096)[1:] == (3, 96, 2, 1)
     # A forced split is trimmed so that no split is empty: 5 stages in shares of 2 -> 3 splits.
     assert mm._pick_wgmma(17, 37, 320, ksplit=4)[3] == 3
-    expr, *_ = mm._pick_wgmma(17, 64, 256, tiled=True)
+    expr, *_ = mm._pick_wgmma(17, 64, 256, tiled=True, groups=1)
     assert expr == "gemm_4bit_wgmma<{}, {}, true>"
     with pytest.raises(ValueError, match="ksplit must be >= 1, got 0"):
         mm._pick_wgmma(17, 64, 256, ksplit=0)
     # 128 tokens a CTA (two warpgroups) fill an SM with one CTA: 28672 x 8192 at 512 tokens,
     # 896 CTAs, no split; 8192 x 28672 at 128 tokens: 64 CTAs, split 2.
-    assert mm._pick_wgmma(512, 28672, 8192, tokens=128)[1:] == (4, 896, 1)
-    assert mm._pick_wgmma(128, 8192, 28672, tokens=128)[1:] == (1, 64, 2)
+    assert mm._pick_wgmma(512, 28672, 8192, tokens=128)[1:] == (4, 896, 1, 2)
+    assert mm._pick_wgmma(128, 8192, 28672, tokens=128)[1:] == (1, 64, 2, 2)
     expr, *_ = mm._pick_wgmma(300, 64, 256, tokens=128)
     assert expr == "gemm_4bit_wgmma<{}, {}, false, 128>"
     expr, *_ = mm._pick_wgmma(300, 64, 256, tiled=True, tokens=128)
     assert expr == "gemm_4bit_wgmma<{}, {}, true, 128>"
     # 256 tokens a CTA: 28672 x 8192 at 512 tokens, 448 CTAs.
-    assert mm._pick_wgmma(512, 28672, 8192, tokens=256)[1:] == (2, 448, 1)
+    assert mm._pick_wgmma(512, 28672, 8192, tokens=256)[1:] == (2, 448, 1, 2)
     with pytest.raises(ValueError, match=r"built for \(64, 128, 256\) tokens a CTA, got 512"):
         mm._pick_wgmma(17, 64, 256, tokens=512)
+
+
+def test_wgmma_two_groups_rule(monkeypatch):
+    # 64-token CTAs run on two warpgroups (one CTA an SM) where the one-warpgroup grid holds at
+    # most one CTA an SM; wider CTAs always have two, and the activation image build its own.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    assert mm._wgmma_groups(64, 132, image=False) == 2
+    assert mm._wgmma_groups(64, 133, image=False) == 1
+    assert mm._wgmma_groups(64, 100, image=True) == 1
+    assert mm._wgmma_groups(128, 10, image=False) == mm._wgmma_groups(256, 10, image=True) == 2
+    # 4224 x 4096: 33 tiles split 4 = 132 CTAs; 5120 x 4096: 40 tiles split 4 = 160.
+    assert mm._pick_wgmma(64, 4224, 4096)[1:] == (1, 33, 4, 2)
+    assert mm._pick_wgmma(64, 5120, 4096)[1:] == (1, 40, 4, 1)
+    expr, *_ = mm._pick_wgmma(40, 4096, 4096, tiled=True)
+    assert expr == "gemm_4bit_wgmma<{}, {}, true, 64, false, 2>"
+    # Forced either way at 64 tokens; the launch constants follow the warpgroups.
+    assert mm._pick_wgmma(64, 28672, 8192, groups=2)[1:] == (1, 224, 1, 2)
+    assert mm._pick_wgmma(40, 4096, 4096, groups=1)[0] == "gemm_4bit_wgmma<{}, {}>"
+    assert (mm._wgmma_threads(64, 2), mm._wgmma_accs(64, 2), mm._wgmma_mma_threads(64, 2)) == (288, 32, 256)
+    assert (mm._wgmma_threads(64), mm._wgmma_accs(64), mm._wgmma_mma_threads(64)) == (160, 64, 128)
+    with pytest.raises(ValueError, match="1 or 2 warpgroups at 64 tokens a CTA and 2 above, got 1 at 128"):
+        mm._pick_wgmma(130, 4096, 4096, tokens=128, groups=1)
+    with pytest.raises(ValueError, match="got 3 at 64"):
+        mm._pick_wgmma(40, 4096, 4096, groups=3)
+    with pytest.raises(ValueError, match="activation image build has 1 warpgroup.* at 64 tokens a CTA, got 2"):
+        mm._pick_wgmma(40, 4096, 4096, image=True, groups=2)
 
 
 def test_wgmma_default_rule(monkeypatch):
@@ -130,6 +158,16 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     assert grid == (64, 2) and block == (384,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
     assert images == [(200, 28672, 256)]
+    # 4096 x 4096 at 40 tokens: 32 tiles split 4, one CTA an SM, so two warpgroups of 32
+    # accumulators a thread.
+    qs.shape = (4096, 4096)
+    kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 40, 4096, 4096, packed, qs, None, a_bits)
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 64, false, 2>")
+    assert grid == (32, 4) and block == (288,) and smem == mm._wgmma_smem(64)
+    assert workspaces[-1] == (4, 32, 32, 256)
+    kernel, grid, block, *_ = mm._mma_launch(a_bits, "float16", 40, 4096, 4096, packed, qs, None, a_bits,
+                                             path="wgmma-g1")  # fmt: skip
+    assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true>") and grid == (32, 4) and block == (160,)
     # A forced path may ask for either copy.
     kernel, *_ = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits, path="wgmma-threads")
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256>")
@@ -149,7 +187,10 @@ def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit_wgmma.cu")[-1] == "-arch=sm_90a"
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
-    assert len(expressions) == 49 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    # 3 widths x 2 activation copies, and 64 tokens on two warpgroups; x 2 layouts x 2 formats
+    # x nested or not; and the image kernel.
+    assert len(expressions) == 7 * 8 + 1 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    assert "gemm_4bit_wgmma<MmaBFloat16, false, true, 64, false, 2>" in expressions
     assert "wgmma_x_image" in expressions and "gemm_4bit_wgmma<MmaHalf, true, false, 64, true>" in expressions
     assert "gemm_4bit_wgmma<MmaHalf, false, true, 128>" in expressions
     assert "gemm_4bit_wgmma<MmaBFloat16, true, false, 256>" in expressions
@@ -187,6 +228,9 @@ def test_unknown_fused_path_is_refused():
         "wgmma-b2-k2",
         "wgmma-b",
         "wgmma-bulk-b2",
+        "wgmma-g",
+        "wgmma-g2-k2",
+        "wgmma-bulk-g2",
     ):
         with pytest.raises(ValueError, match=f"unknown fused path '{path}'"):
             mm._mma_launch(a_bits, "float16", 17, 64, 256, packed, qs, None, a_bits, path=path)
@@ -229,9 +273,10 @@ def test_wgmma_launch_constants_match_the_kernel(tmp_path):
     # wait at a barrier for threads never launched).
     source = tmp_path / "smem.cu"
     kernel = rawkernels.KERNEL_DIR / "gemm_4bit_wgmma.cu"
-    prints = " ".join(f'{{ using S = WgmmaShape<{t}>; std::printf("%d %d %d %d %d ", S::kSmemBytes, S::kThreads, '
-                      f"S::kBlocks * S::kAccs * S::kMmaThreads, S::kScaleRegs, S::kMmaRegs); }}"
-                      for t in mm._WGMMA_TOKEN_WIDTHS)  # fmt: skip
+    shapes = sorted({(t, g) for t, _, g in mm._WGMMA_BUILDS})  # (tokens, warpgroups) of the builds
+    prints = " ".join(f'{{ using S = WgmmaShape<{t}, {g}>; std::printf("%d %d %d %d %d ", S::kSmemBytes, '
+                      f"S::kThreads, S::kBlocks * S::kAccs * S::kMmaThreads, S::kScaleRegs, S::kMmaRegs); }}"
+                      for t, g in shapes)  # fmt: skip
     source.write_text(f'#include "{kernel}"\n#include <cstdio>\nint main() {{ {prints} }}\n')
     exe = tmp_path / "smem"
     build = [shutil.which("nvcc"), "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a",
@@ -240,9 +285,9 @@ def test_wgmma_launch_constants_match_the_kernel(tmp_path):
     printed = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout
     values = [int(v) for v in printed.split()]
     expected = []
-    for i, t in enumerate(mm._WGMMA_TOKEN_WIDTHS):
-        threads = mm._wgmma_threads(t)
-        expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t) * mm._wgmma_mma_threads(t)]
+    for i, (t, g) in enumerate(shapes):
+        threads = mm._wgmma_threads(t, g)
+        expected += [mm._wgmma_smem(t), threads, mm._wgmma_accs(t, g) * mm._wgmma_mma_threads(t, g)]
         scale_regs, mma_regs = values[5 * i + 3 : 5 * i + 5]
         if t in mm._WGMMA_SETMAXNREG:  # the registers launched with: all an SM has, over the CTA, in 8s
             launch = mm._WGMMA_SETMAXNREG[t]
@@ -278,9 +323,10 @@ def test_wgmma_refused_off_hopper(monkeypatch):
 # 65 K stages with split shares cut by K; 300 rows (a partial 128-row CTA); 272 x 1024 tiles;
 # one stage, half empty (K = 32) and full (K = 64).
 WGMMA_SHAPES = ((64, 256), (37, 96), (130, 4128), (300, 640), (272, 1024), (48, 32), (40, 64))
-WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t128", "wgmma-t128-k1", "wgmma-t128-k3",
-               "wgmma-t256-k1", "wgmma-t256-k3", "wgmma-k3-bulk", "wgmma-t128-k1-bulk", "wgmma-t256-k1-bulk",
-               "wgmma-t256-k3-bulk")  # fmt: skip
+# (These grids are small: the 64-token paths run two warpgroups unless -g1 says one.)
+WGMMA_PATHS = ("wgmma", "wgmma-k1", "wgmma-k3", "wgmma-t64", "wgmma-t64-g1", "wgmma-t64-k3-g1", "wgmma-t128",
+               "wgmma-t128-k1", "wgmma-t128-k3", "wgmma-t256-k1", "wgmma-t256-k3", "wgmma-k3-bulk",
+               "wgmma-t128-k1-bulk", "wgmma-t256-k1-bulk", "wgmma-t256-k3-bulk")  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -305,6 +351,7 @@ def test_gpu_wgmma_formats(hopper, fmt, quant_type, blocksize, nested, bias):
     for N, K in ((37, 96), (130, 640)):
         a_bits, packed, qs, bias_bits = make_case(N, K, 33, fmt, quant_type, blocksize, nested, bias, seed=blocksize)
         paths = [f"wgmma-t{tokens}-k{split}" for tokens in (64, 128, 256) for split in (1, 2)]
+        paths += [f"wgmma-t64-k{split}-g1" for split in (1, 2)]
         for path in paths + [f"wgmma-t{tokens}-k2-bulk" for tokens in (64, 128, 256)]:
             out = run_gpu(hopper, a_bits, fmt, 33, packed, qs, bias_bits, path=path)
             err = rel_error(out, fmt, reference(a_bits, fmt, 33, packed, qs, bias_bits))
@@ -397,6 +444,42 @@ def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
                 bulk = run(path=f"wgmma-t{tokens}{split}-bulk")
                 np.testing.assert_array_equal(bulk.view(np.uint16), threads.view(np.uint16), err_msg=f"{tokens}{split}")
         assert rel_error(bulk, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+def test_gpu_wgmma_two_groups_equal_one(hopper, tiled, fmt, nested):
+    # Two warpgroups (one 64-row block each) change only which warps decode and multiply a
+    # row block: at the same split, the same bits as one warpgroup, for partial tiles and
+    # chunks, K % 64 == 32, splits cut short, and 64-token chunks side by side.
+    cases = (((272, 1024), 40), ((144, 4224), 130)) if tiled else (((300, 4128), 40), ((37, 96), 64), ((130, 640), 70))
+    for (N, K), M in cases:
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, nested=nested, seed=N + M)
+        run = functools.partial(_run_tiled if tiled else run_gpu, hopper, a_bits, fmt, M, packed, qs, bias_bits)
+        for split in ("-k1", "-k3"):
+            one = run(path=f"wgmma-t64{split}-g1")
+            two = run(path=f"wgmma-t64{split}-g2")
+            np.testing.assert_array_equal(two.view(np.uint16), one.view(np.uint16), err_msg=f"{N}x{K} {split}")
+        assert rel_error(two, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_default_dispatch_takes_two_groups(hopper, monkeypatch, fmt):
+    # 4096 x 4096 at 40 tokens: 32 tiles split 4 on the card's SMs (132 on an H100 / H200)
+    # take two warpgroups by default, with the one-warpgroup build's bits.
+    M, N, K = 40, 4096, 4096
+    picks = []
+    pick = mm._pick_wgmma
+    monkeypatch.setattr(mm, "_pick_wgmma", lambda *a, **k: picks.append(pick(*a, **k)) or picks[-1])
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=9)
+    out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    assert picks[-1][1:] == (1, 32, 4, 2 if mm._sm_count() >= 128 else 1)
+    one = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits, path="wgmma-g1")
+    np.testing.assert_array_equal(out.view(np.uint16), one.view(np.uint16))
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
 def _tile_blocks(M, N, tokens):

@@ -17,7 +17,8 @@
 // wgmma m64nTk16 on two row blocks of 64: A = 64 weight rows x 16 k from registers, B = X
 // (the activations, T tokens x 16 k) K-major in shared memory with the 128-byte swizzle.
 // T = 64: one warpgroup computes both row blocks (b = 0, 1), plus a scale warp (160
-// threads); T = 128: warpgroup wg computes row block wg, plus a scale warp (288 threads);
+// threads), or (GROUPS = 2) as at 128; T = 128: warpgroup wg computes row block wg, plus a
+// scale warp (288 threads);
 // T = 256: as 128, plus a scale warpgroup (384 threads; setmaxnreg moves registers to the
 // multiplying ones). (At T = 256 one m64n256k16 a k slice is 4-9% faster than two m64n128k16
 // on tokens 0..127 and 128..255, with the same bits: run 49.) A weight is
@@ -127,19 +128,23 @@ constexpr int kScaleAhead = 6;                     // stages the scale warp fetc
 constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
 constexpr int kMmaBarrier = 2;                     // and the warpgroups', after the scale warp has left
 
-// The CTA's shape for TOKENS tokens (64, 128 or 256). 64: one warpgroup computes both row
-// blocks, two CTAs an SM. 128 (more tokens): two warpgroups, one row block each, share the
-// activations, so a decoded weight feeds twice the multiplies; one CTA an SM. 256: as 128,
+// The CTA's shape for TOKENS tokens (64, 128 or 256) on GROUPS warpgroups. 64: one warpgroup
+// computes both row blocks, two CTAs an SM; or two warpgroups, one row block each, one CTA an
+// SM (the launcher's pick where the grid leaves each SM at most one CTA anyway: twice the
+// warps decoding, and the same bits, since each row block sums its k slices in the same
+// order). 128 (more tokens): two warpgroups, one row block each, share the activations, so a
+// decoded weight feeds twice the multiplies; one CTA an SM. 256: as 128,
 // each warpgroup issuing wgmma N = 256 (128 accumulators a thread), and the
 // scales served by a whole warpgroup, so that setmaxnreg can hand its registers to the two
 // that multiply. (Without that, 256 tokens spilled under the 168 registers a thread that
 // three warps a scheduler leave, and lost everywhere: 28672 x 8192 at 512 tokens 792 us
 // against 623 on 128-token CTAs, run 36.)
-template <int TOKENS>
+template <int TOKENS, int GROUPS = TOKENS == 64 ? 1 : 2>
 struct WgmmaShape {
   static_assert(TOKENS == 64 || TOKENS == 128 || TOKENS == 256, "TOKENS is 64, 128 or 256");
+  static_assert(GROUPS == 2 || (GROUPS == 1 && TOKENS == 64), "two warpgroups, or one at 64 tokens");
   static constexpr int kTokens = TOKENS;
-  static constexpr int kGroups = TOKENS == 64 ? 1 : 2;      // warpgroups: the wgmma and the weight decoding
+  static constexpr int kGroups = GROUPS;  // warpgroups: the wgmma and the weight decoding
   static constexpr int kMmaThreads = 128 * kGroups;
   static constexpr int kScaleThreads = TOKENS == 256 ? 128 : 32;  // the scale warp(s)
   static constexpr int kThreads = kMmaThreads + kScaleThreads;
@@ -154,7 +159,7 @@ struct WgmmaShape {
   static constexpr int kXBytes = kTokens * 2 * kStageK;
   static constexpr int kXCopies = kXBytes / 16 / kMmaThreads;  // 16-byte activation copies a thread a stage
   static constexpr int kWCopies = kPBytes / 16 / kMmaThreads;  // and packed weight copies
-  static constexpr int kCtasPerSm = TOKENS == 64 ? 2 : 1;
+  static constexpr int kCtasPerSm = GROUPS == 1 ? 2 : 1;
   // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
   // u32[256][32] | code2 float[256] | the split-K flag (16 bytes) | an mbarrier an X buffer
   // (X_IMAGE), plus 1 KB to align the X buffers to the swizzle atom's 1024 bytes.
@@ -278,20 +283,23 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 
 }  // namespace
 
-// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE>: Fmt is MmaHalf (fp16) or MmaBFloat16
-// (bf16); TOKENS a CTA (WgmmaShape); X_IMAGE: A is wgmma_x_image's image of A (below). (64
-// tokens: __launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they
-// overlap one CTA's decoding with the other's barrier waits. Ten warps an SM put three on
-// some of its four schedulers, whose register files then bound a thread to 168 registers.)
-template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false>
-__global__ void __launch_bounds__(WgmmaShape<TOKENS>::kThreads, WgmmaShape<TOKENS>::kCtasPerSm)
+// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE, GROUPS>: Fmt is MmaHalf (fp16) or
+// MmaBFloat16 (bf16); TOKENS a CTA and its warpgroups (WgmmaShape); X_IMAGE: A is
+// wgmma_x_image's image of A (below). (64 tokens on one warpgroup: __launch_bounds__ minimum
+// of 2 CTAs an SM: the shared memory allows two, and they overlap one CTA's decoding with the
+// other's barrier waits. Ten warps an SM put three on some of its four schedulers, whose
+// register files then bound a thread to 168 registers. On two warpgroups two CTAs an SM would
+// leave 112 registers a thread, and the build spilled ~570 bytes a thread.)
+template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false,
+          int GROUPS = TOKENS == 64 ? 1 : 2>
+__global__ void __launch_bounds__(WgmmaShape<TOKENS, GROUPS>::kThreads, WgmmaShape<TOKENS, GROUPS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
                 int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters,
                 int split_from) {
-  using S = WgmmaShape<TOKENS>;
+  using S = WgmmaShape<TOKENS, GROUPS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
   constexpr int kScaleRows = S::kScaleRows;
