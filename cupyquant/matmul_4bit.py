@@ -80,7 +80,9 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 # * "tc-wgmma" (the same, _WGMMA_MIN_N <= N < _TILE_MIN_N and K < _WGMMA_LONG_K, on an H100 /
 #   H200: gemm_4bit_wgmma from 33 tokens, 128 tokens a CTA above 64; H100 run 36): wins at
 #   M = 128 (4096x4096: 24.6 vs 26.9), loses at M = 160 (32.4 vs 30.1; 256 tokens a CTA
-#   would take 35.8 there, run 39).
+#   would take 35.8 there, run 39). Also for _WGMMA_NARROW_MIN_N <= N < _WGMMA_MIN_N with K
+#   >= _WGMMA_NARROW_MIN_K (H100 run 113): wins at M = 128 (2048x8192 27.0 vs 29.8, 3072x8192
+#   31.5 vs 47.0, 2560x10240 33.0 vs 49.2); larger M not measured there.
 # * "tc-wgmma-256" (the same, N >= _WGMMA_MIN_N and K >= _WGMMA_LONG_K, or N >= _TILE_MIN_N,
 #   on an H100 / H200: gemm_4bit_wgmma, 256 tokens a CTA from 129 where _wgmma_tokens says
 #   so; H100 run 39): wins at M = 256 (28672x8192: 280 vs 402, 8192x28672: 231 vs 392,
@@ -219,7 +221,8 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
     (benchmarks/NOTES_matmul_4bit.md): on an H100 / H200, for weights of at least 4096 rows,
     512 for weights of 8192+ rows with K >= 8192 whose 256-token grid at 512 tokens fills at
     least 80% of its waves of CTAs, else 256 where K >= 8192 or the weight has 8192+ rows,
-    else 128; elsewhere 192 for weights of at least 8192 rows, else 32. The torch adapter
+    else 128, and 128 for weights of 2048..4095 rows with K >= 8192; elsewhere 192 for
+    weights of at least 8192 rows, else 32. The torch adapter
     uses it to route its matmuls. ``fmt``: the activation format ("float16", "bfloat16" or "float32");
     ``N``, ``K``: the weight's shape; ``current_device``: count the current CUDA device's own
     kernels (call it in the weight's device context); False gives the switch point every
@@ -231,7 +234,9 @@ def fused_max_m(fmt: str, N: int, K: int, current_device: bool = True) -> int:
         return _FUSED_MAX_M["gemv-float32"]
     if K % 32 != 0:
         return _FUSED_MAX_M["gemv-16bit"]
-    if current_device and N >= _WGMMA_MIN_N and _xp.gpu_available() and _wgmma_supported():
+    if current_device and _wgmma_weight(N, K) and _xp.gpu_available() and _wgmma_supported():
+        if N < _WGMMA_MIN_N:  # a narrow weight with long K: measured up to 128 tokens
+            return _FUSED_MAX_M["tc-wgmma"]
         wide = N >= _TILE_MIN_N and K >= _WGMMA_LONG_K
         if wide and _wgmma_fills_waves(_FUSED_MAX_M["tc-wgmma-512"], N, K, _sm_count()):
             return _FUSED_MAX_M["tc-wgmma-512"]
@@ -724,12 +729,26 @@ def _wgmma_groups(tokens: int, grid: int, image: bool, forced: int | None = None
 
 
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
-_WGMMA_MIN_N = 4096  # and its fewest weight rows (the narrowest measured)
+_WGMMA_MIN_N = 4096  # and its fewest weight rows at any K
+_WGMMA_NARROW_MIN_N = 2048  # and at K >= _WGMMA_NARROW_MIN_K (_wgmma_weight)
+_WGMMA_NARROW_MIN_K = 8192
+
+
+def _wgmma_weight(N: int, K: int) -> bool:
+    """Whether the default dispatch gives an (N, K) weight to ``gemm_4bit_wgmma`` from
+    _WGMMA_MIN_M tokens on an H100 / H200: _WGMMA_MIN_N+ rows, or _WGMMA_NARROW_MIN_N+ rows
+    with K >= _WGMMA_NARROW_MIN_K, where the default was dequantize + cuBLAS. H100, run 113
+    of NOTES_matmul_4bit.md, us at 33 / 64 / 128 tokens, wgmma against dequantize + cuBLAS:
+    2048 x 8192 20.7 / 20.9 / 27.0 against 26.4 / 27.3 / 29.8, 3072 x 8192 28.4 / 28.7 / 31.5
+    against 43.0 / 43.2 / 47.0, 2560 x 10240 28.5 / 28.9 / 33.0 against 44.6 / 45.4 / 49.2.
+    With K <= 4096 narrow weights lose (2048 x 4096 18.4 / 18.5 / 22.8 against 14.8 / 15.3 /
+    18.3, 3072 x 3072 17.7 against 16.6 at 33, 1024 x 4096 18.1 against 11.9)."""
+    return N >= _WGMMA_MIN_N or (N >= _WGMMA_NARROW_MIN_N and K >= _WGMMA_NARROW_MIN_K)
 
 
 def _wgmma_default(M: int, N: int, K: int) -> bool:
     """Whether the default tensor-core dispatch runs ``gemm_4bit_wgmma``: from _WGMMA_MIN_M
-    tokens on an H100 / H200, for weights of at least _WGMMA_MIN_N rows (up to fused_max_m).
+    tokens on an H100 / H200, for the weights :func:`_wgmma_weight` takes (up to fused_max_m).
     H100, run 35 of NOTES_matmul_4bit.md, us, wgmma against the kernel it replaces
     (gemm_4bit_tile / gemm_4bit_tile_split from 8192 rows; gemm_4bit_mma or dequantize +
     cuBLAS on 4096 x 4096):
@@ -740,8 +759,8 @@ def _wgmma_default(M: int, N: int, K: int) -> bool:
       11008 x 4096 at 33 / 96 / 192: 30.9 / 56.4 / 57.0 against 40.0 / 59.2 / 61.7;
       4096 x 4096 at 33 / 64: 20.7 / 21.5 against 23.1 / 25.7.
     At 32 tokens it loses (a half-empty 64-token tile; 8192 x 28672, run 34: 126.3 against
-    98.6). Narrower weights were not measured, so they keep their kernels."""
-    return M >= _WGMMA_MIN_M and N >= _WGMMA_MIN_N and _wgmma_supported()
+    98.6)."""
+    return M >= _WGMMA_MIN_M and _wgmma_weight(N, K) and _wgmma_supported()
 
 
 def _compute_capability() -> str:

@@ -82,12 +82,15 @@ def test_wgmma_two_groups_rule(monkeypatch):
 def test_wgmma_default_rule(monkeypatch):
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
-    # From 33 tokens on weights of 4096+ rows, K split or not (the fused range bounds M).
+    # From 33 tokens on weights of 4096+ rows, K split or not (the fused range bounds M), and
+    # on 2048+ rows where K >= 8192.
     for M, N, K in ((33, 8192, 28672), (128, 8192, 28672), (192, 8192, 28672), (64, 28672, 8192),
-                    (96, 11008, 4096), (40, 4096, 4096), (64, 4096, 4096)):  # fmt: skip
+                    (96, 11008, 4096), (40, 4096, 4096), (64, 4096, 4096), (33, 2048, 8192), (128, 3072, 8192),
+                    (64, 2560, 10240)):  # fmt: skip
         assert mm._wgmma_default(M, N, K), (M, N, K)
-    # Not below 33 tokens, not on weights under 4096 rows, not off Hopper.
-    for M, N, K in ((32, 8192, 28672), (32, 4096, 4096), (40, 4095, 4096), (64, 1024, 4096)):
+    # Not below 33 tokens, not on weights under 4096 rows with K < 8192 nor under 2048, not off Hopper.
+    for M, N, K in ((32, 8192, 28672), (32, 4096, 4096), (40, 4095, 4096), (64, 1024, 4096), (64, 3072, 8160),
+                    (64, 2047, 8192), (32, 2048, 8192)):  # fmt: skip
         assert not mm._wgmma_default(M, N, K), (M, N, K)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
     assert not mm._wgmma_default(64, 8192, 28672)
@@ -96,13 +99,15 @@ def test_wgmma_default_rule(monkeypatch):
 def test_fused_range_on_hopper(monkeypatch):
     # On an H100 / H200 gemm_4bit_wgmma takes weights of 4096+ rows up to 512 tokens where K
     # >= 8192, the weight has 8192+ rows and 512 tokens on 256-token CTAs fill 80% of their
-    # waves; else up to 256 where K >= 8192 or the weight has 8192+ rows, else up to 128;
-    # elsewhere (and with no GPU) 192 from 8192 rows, else 32.
+    # waves; else up to 256 where K >= 8192 or the weight has 8192+ rows, else up to 128, and
+    # up to 128 on 2048..4095 rows with K >= 8192; elsewhere (and with no GPU) 192 from 8192
+    # rows, else 32.
     monkeypatch.setattr(mm._xp, "gpu_available", lambda: True)
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: True)
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    shapes = ((4096, 4096), (4095, 4096), (8192, 28672), (28672, 8192), (4096, 14336), (11008, 4096), (4095, 8192))
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 512, 512, 256, 256, 32]
+    shapes = ((4096, 4096), (4095, 4096), (8192, 28672), (28672, 8192), (4096, 14336), (11008, 4096), (4095, 8192),
+              (2048, 8192), (2047, 8192), (3072, 4096))  # fmt: skip
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [128, 32, 512, 512, 256, 256, 128, 128, 32, 32]
     # 11008 x 8192 at 512 tokens: 172 CTAs on 132 SMs, 65% of two waves; 8192 x 8192: 128 CTAs.
     assert mm.fused_max_m("float16", 11008, 8192) == 256 and mm.fused_max_m("float16", 8192, 8192) == 512
     assert mm.fused_max_m("float16", 14336, 4096) == 256  # K < 8192
@@ -110,7 +115,7 @@ def test_fused_range_on_hopper(monkeypatch):
     assert mm.fused_max_m("float32", 4096, 4096) == 4  # the CUDA-core GEMV's range
     assert mm.fused_max_m("float16", 28672, 8192, current_device=False) == 192  # the CPU path's
     monkeypatch.setattr(mm, "_wgmma_supported", lambda: False)
-    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [32, 32, 192, 192, 32, 192, 32]
+    assert [mm.fused_max_m("float16", N, K) for N, K in shapes] == [32, 32, 192, 192, 32, 192, 32, 32, 32, 32]
 
 
 def test_wgmma_tokens_rule(monkeypatch):
@@ -551,6 +556,19 @@ def test_gpu_default_dispatch_takes_wgmma(hopper, tiled, fmt):
         out = hopper.asnumpy(mm.matmul_4bit_bits(ga, fmt, M, cq.tile_4bit(gp, gqs).data, gqs, gb, tiled=True))
     else:
         out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (40, 128))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_default_dispatch_takes_wgmma_narrow_long_k(hopper, fmt, M):
+    # 2048 x 8192: under 4096 rows but K >= 8192, so 33..128 tokens run gemm_4bit_wgmma (the
+    # hopper fixture checks it launched), not dequantize + cuBLAS.
+    N, K = 2048, 8192
+    assert M <= mm.fused_max_m(fmt, N, K) and mm._wgmma_default(M, N, K)
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=11)
+    out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
 
