@@ -139,7 +139,10 @@ constexpr int kMmaBarrier = 2;                     // and the warpgroups', after
 // that multiply. (Without that, 256 tokens spilled under the 168 registers a thread that
 // three warps a scheduler leave, and lost everywhere: 28672 x 8192 at 512 tokens 792 us
 // against 623 on 128-token CTAs, run 36.)
-template <int TOKENS, int GROUPS = TOKENS == 64 ? 1 : 2>
+// The warpgroups a width has unless told otherwise: one at 64 tokens, two above.
+__host__ __device__ constexpr int default_groups(int tokens) { return tokens == 64 ? 1 : 2; }
+
+template <int TOKENS, int GROUPS = default_groups(TOKENS)>
 struct WgmmaShape {
   static_assert(TOKENS == 64 || TOKENS == 128 || TOKENS == 256, "TOKENS is 64, 128 or 256");
   static_assert(GROUPS == 2 || (GROUPS == 1 && TOKENS == 64), "two warpgroups, or one at 64 tokens");
@@ -291,7 +294,7 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 // register files then bound a thread to 168 registers. On two warpgroups two CTAs an SM would
 // leave 112 registers a thread, and the build spilled ~570 bytes a thread.)
 template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false,
-          int GROUPS = TOKENS == 64 ? 1 : 2>
+          int GROUPS = default_groups(TOKENS)>
 __global__ void __launch_bounds__(WgmmaShape<TOKENS, GROUPS>::kThreads, WgmmaShape<TOKENS, GROUPS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
