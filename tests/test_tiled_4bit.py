@@ -347,6 +347,30 @@ def test_gpu_tiled_unaligned_activations(cp, monkeypatch, fmt, M):
     assert rel_error(got, fmt, expected) < TOLERANCE[fmt]
 
 
+# Where each kernel template takes its TILED argument (0-based).
+_TILED_ARGUMENT = {
+    "gemm_4bit_mma": 3,
+    "gemm_4bit_small": 6,
+    "gemm_4bit_tile": 4,
+    "gemm_4bit_tile_split": 4,
+    "gemm_4bit_wgmma": 2,
+    "dequantize_4bit": 3,
+}
+
+
+def test_tiled_argument_positions_match_the_kernels():
+    # _TILED_ARGUMENT against each kernel's template parameter list in its .cu file.
+    import pathlib
+    import re
+
+    sources = "".join(p.read_text() for p in (pathlib.Path(mm.__file__).parent / "rawkernels").glob("*.cu"))
+    for name, index in _TILED_ARGUMENT.items():
+        found = re.search(r"template <([^>]*)>\s*__global__ void __launch_bounds__\([^)]*\)\s*" + name + r"\(", sources)
+        assert found, name
+        params = [p.split("=")[0].split()[-1] for p in found.group(1).split(",")]
+        assert params.index("TILED") == index, (name, params)
+
+
 @pytest.mark.gpu
 def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
     # 1..700 tokens of fp16 run the tiled instantiations (one token: gemv_4bit_tiled; 40
@@ -362,15 +386,11 @@ def test_gpu_tiled_kernels_are_taken(cp, monkeypatch):
     for M in (1, 2, 12, 40, 700):
         a_bits, bias_bits, _, qs, tiled, _ = _gpu_case(cp, 8192, 256, M, "float16", seed=M)
         _run(cp, a_bits, "float16", M, tiled, qs, bias_bits, True)
-    kernels = [
-        e
-        for e in seen
-        if e.startswith(
-            ("gemv_4bit", "gemm_4bit_small", "gemm_4bit_tile", "gemm_4bit_wgmma", "dequantize_4bit")
-        )  # fmt: skip
-    ]
+    kernels = [e for e in seen if e.split("<")[0] in ("gemv_4bit_tiled", "gemv_4bit_half", *_TILED_ARGUMENT)]
     assert len(kernels) == 5 and kernels[0].startswith("gemv_4bit_tiled<"), kernels
-    assert all(e.endswith(", true>") for e in kernels[1:]), kernels
+    for e in kernels[1:]:
+        name, args = e.split("<")
+        assert args.rstrip(">").split(", ")[_TILED_ARGUMENT[name]] == "true", e
 
 
 def test_fused_tiled_refuses_the_stage_kernel():
