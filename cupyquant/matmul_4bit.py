@@ -647,7 +647,7 @@ _WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its default wa
 _WGMMA_SCALE_THREADS = {64: 32, 128: 32, 256: 128}  # and its scale threads (WgmmaShape::kScaleThreads)
 _WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
 # (tokens, X_IMAGE, warpgroups) of the builds: every width with either copy of the
-# activations at its own warpgroups, and 64 tokens on two (threads' copies; _wgmma_groups).
+# activations at its own warpgroups, and 64 tokens on two (threads' copies; _wgmma_default_split).
 _WGMMA_BUILDS = tuple((t, image, _WGMMA_GROUPS[t]) for t in _WGMMA_TOKEN_WIDTHS for image in (False, True)) + (
     (64, False, 2),)  # fmt: skip
 _WGMMA_ROWS = 128
@@ -704,21 +704,12 @@ def _wgmma_accs(tokens: int, groups: int | None = None) -> int:
     return _WGMMA_ROWS * tokens // _wgmma_mma_threads(tokens, groups)
 
 
-def _wgmma_groups(tokens: int, grid: int, image: bool, forced: int | None = None) -> int:
-    """The warpgroups of a ``tokens``-token gemm_4bit_wgmma CTA in a grid of ``grid`` CTAs
-    (tiles x ksplit), ``forced`` or by the rule: the width's own (_WGMMA_GROUPS), but two
-    for 64 tokens where that grid holds at most one CTA an SM. The 64-token build's two CTAs
-    an SM then leave each SM one warpgroup decoding and multiplying, bound by its issue
-    latency; two warpgroups, one 64-row block each (one CTA an SM), run the same grid with
-    twice the warps and give the same bits. H100, run 109 of NOTES_matmul_4bit.md, us, one /
-    two warpgroups, row-major (tiled within 0.3): 4096 x 4096 (32 tiles split 4) at 33 / 48 /
-    64 tokens 21.1 / 21.4 / 21.6 against 18.7 / 18.9 / 19.1. Where the one-warpgroup grid
-    holds two CTAs an SM, two warpgroups need a smaller split to stay in one wave, and mostly
-    lose: 8192 x 8192 40.9 against 45.2 (split 4 / 2), 6144 x 4096 26.0 against 26.4,
-    8192 x 28672 107 against 126 (5120 x 5120 gained, 26.7 against 24.5; 4096 x 11008 34.2
-    against 33.0). The activation image (X_IMAGE) is built for the width's own warpgroups."""
+def _wgmma_groups(tokens: int, image: bool, forced: int | None = None) -> int:
+    """The warpgroups of a ``tokens``-token gemm_4bit_wgmma CTA: ``forced`` (checked against
+    the builds), else the width's own (_WGMMA_GROUPS). The default dispatch's choice at 64
+    tokens is :func:`_wgmma_default_split`'s."""
     if forced is None:
-        return 2 if tokens == 64 and not image and grid <= _sm_count() else _WGMMA_GROUPS[tokens]
+        return _WGMMA_GROUPS[tokens]
     if forced not in (1, 2) or (forced == 1 and tokens != 64):
         raise ValueError(f"gemm_4bit_wgmma is built with 1 or 2 warpgroups at 64 tokens a CTA and 2 above, "
                          f"got {forced} at {tokens}")  # fmt: skip
@@ -726,6 +717,45 @@ def _wgmma_groups(tokens: int, grid: int, image: bool, forced: int | None = None
         raise ValueError(f"the activation image build has {_WGMMA_GROUPS[tokens]} warpgroup(s) at {tokens} tokens "
                          f"a CTA, got {forced}")  # fmt: skip
     return forced
+
+
+def _wgmma_fill_split(ctas: int, stages: int, ctas_per_sm: int) -> int:
+    """The K split that fills the SMs with ``ctas`` tiles' CTAs at ``ctas_per_sm`` an SM, each
+    split keeping at least _WGMMA_MIN_SHARE of the ``stages`` (trimmed so none is empty)."""
+    return _nonempty_split(stages, max(1, min(ctas_per_sm * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE)))
+
+
+def _wgmma_default_split(tokens: int, ctas: int, stages: int, image: bool,
+                         groups: int | None) -> tuple[int, int]:  # fmt: skip
+    """(ksplit, warpgroups) of ``ctas`` tiles of ``tokens`` tokens and ``stages`` K stages,
+    ``groups`` forced or None. The split fills the SMs with the build's CTAs (two an SM with
+    one warpgroup, one with two). 64-token CTAs (threads' copies) take two warpgroups, one
+    64-row block each, where their one-CTA-an-SM split is more than half the one-warpgroup
+    build's: a two-warpgroup CTA does a stage in a little over half the time that two
+    one-warpgroup CTAs sharing an SM take, so it wins where each CTA gets fewer than twice
+    the stages. H100, runs 109-110 and 117-118 of NOTES_matmul_4bit.md, us at 33 / 64 tokens,
+    two warpgroups (split) against one (split), row-major:
+      4096 x 4096 (32 tiles) 18.8 / 19.1 (4) against 21.0 / 21.4 (4: same split, same bits);
+      5120 x 4096 21.5 / 21.9 (3) against 25.4 / 26.1 (4); 4608 x 4096 21.1 / 21.5 (3)
+      against 25.0 / 25.5 (4); 8192 x 3072 22.0 / 22.3 (2) against 24.5 / 25.1 (3);
+      4096 x 6144 22.7 / 22.9 (4) against 26.3 / 26.8 (6); 2304 x 11008 24.4 / 24.8 (7)
+      against 29.6 / 30.3 (10); 2048 x 13824 25.8 / 26.0 (8) against 30.8 / 31.1 (13);
+      5120 x 5120 23.9 / 24.2 (3) against 25.8 / 26.4 (5); 3072 x 8192 24.9 / 25.1 (5)
+      against 28.5 / 28.9 (8). Tiled within 0.4.
+    At twice the stages they split even (4096 x 8192 27.9 against 29.4, 4096 x 11008 32.7
+    against 33.5 at 33 tokens; 5120 x 13824 46.4 against 42.9, 7168 x 7168 37.5 against
+    35.1, 6144 x 4096 25.9 against 25.3) and lose above (8192 x 8192, 64 tiles split 2
+    against 4, 45.2 against 40.9), so those keep one. The activation image build has the
+    width's own."""
+    if groups is not None:
+        _wgmma_groups(tokens, image, groups)  # checked against the builds
+    own = _wgmma_fill_split(ctas, stages, _wgmma_ctas_per_sm(tokens))
+    if tokens != 64 or image or groups == 1:
+        return own, _wgmma_groups(tokens, image, groups)
+    alone = _wgmma_fill_split(ctas, stages, 1)
+    if groups == 2 or (ctas <= _sm_count() and 2 * alone > own):
+        return alone, 2
+    return own, _WGMMA_GROUPS[tokens]
 
 
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
@@ -783,21 +813,24 @@ def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool =
                 tokens: int = 64, image: bool = False,
                 groups: int | None = None) -> tuple[str, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token chunks, CTAs a split, ksplit, warpgroups a CTA) of
-    ``gemm_4bit_wgmma`` with ``tokens`` tokens a CTA; ``ksplit`` None picks the split that
-    fills the SMs with the default build's CTAs (the width's own warpgroups), ``groups`` None
-    by :func:`_wgmma_groups`. ``image``: the X_IMAGE build, which reads the activations from
-    :func:`_wgmma_x_image`'s copy."""
+    ``gemm_4bit_wgmma`` with ``tokens`` tokens a CTA; ``ksplit`` and ``groups`` forced, or
+    None for :func:`_wgmma_default_split`'s (a forced split at 64 tokens takes two warpgroups
+    where its grid holds one CTA an SM). ``image``: the X_IMAGE build, which reads the
+    activations from :func:`_wgmma_x_image`'s copy."""
     if tokens not in _WGMMA_TOKEN_WIDTHS:
         raise ValueError(f"gemm_4bit_wgmma is built for {_WGMMA_TOKEN_WIDTHS} tokens a CTA, got {tokens}")
     chunks = -(-M // tokens)
     ctas = -(-N // _WGMMA_ROWS) * chunks
     stages = -(-K // _WGMMA_STAGE_K)
     if ksplit is None:
-        ksplit = max(1, min(_wgmma_ctas_per_sm(tokens) * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE))
-    if ksplit < 1:
+        ksplit, groups = _wgmma_default_split(tokens, ctas, stages, image, groups)
+    elif ksplit < 1:
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
-    ksplit = _nonempty_split(stages, ksplit)
-    groups = _wgmma_groups(tokens, ctas * ksplit, image, groups)
+    else:  # a forced split: at 64 tokens, two warpgroups where its grid holds one CTA an SM
+        ksplit = _nonempty_split(stages, ksplit)
+        if groups is None and tokens == 64 and not image and ctas * ksplit <= _sm_count():
+            groups = 2
+        groups = _wgmma_groups(tokens, image, groups)
     return _wgmma_expression(tiled, tokens, image, groups), chunks, ctas, ksplit, groups
 
 

@@ -54,16 +54,32 @@ def test_wgmma_split_rule(monkeypatch):
 
 
 def test_wgmma_two_groups_rule(monkeypatch):
-    # 64-token CTAs run on two warpgroups (one CTA an SM) where the one-warpgroup grid holds at
-    # most one CTA an SM; wider CTAs always have two, and the activation image build its own.
+    # 64-token CTAs run on two warpgroups (one CTA an SM) where that split is more than half
+    # the one-warpgroup build's (two CTAs an SM); wider CTAs always have two, and the
+    # activation image build its own.
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    assert mm._wgmma_groups(64, 132, image=False) == 2
-    assert mm._wgmma_groups(64, 133, image=False) == 1
-    assert mm._wgmma_groups(64, 100, image=True) == 1
-    assert mm._wgmma_groups(128, 10, image=False) == mm._wgmma_groups(256, 10, image=True) == 2
-    # 4224 x 4096: 33 tiles split 4 = 132 CTAs; 5120 x 4096: 40 tiles split 4 = 160.
+    assert mm._wgmma_groups(64, image=False) == mm._wgmma_groups(64, image=True) == 1
+    assert mm._wgmma_groups(128, image=False) == mm._wgmma_groups(256, image=True) == 2
+    # (ksplit, warpgroups) of (tokens, tiles, stages, image, forced warpgroups)
+    split = mm._wgmma_default_split
+    assert split(64, 32, 64, False, None) == (4, 2)  # 4096 x 4096: 128 CTAs either way
+    assert split(64, 33, 64, False, None) == (4, 2)  # 4224 x 4096: 132
+    assert split(64, 40, 64, False, None) == (3, 2)  # 5120 x 4096: split 4 on one, 3 on two
+    assert split(64, 40, 80, False, None) == (3, 2)  # 5120 x 5120: 5 against 3
+    assert split(64, 24, 128, False, None) == (5, 2)  # 3072 x 8192: 8 against 5
+    assert split(64, 48, 64, False, None) == (4, 1)  # 6144 x 4096: 4 against 2
+    assert split(64, 64, 128, False, None) == (4, 1)  # 8192 x 8192: 4 against 2
+    assert split(64, 224, 128, False, None) == (1, 1)  # 28672 x 8192: more tiles than SMs
+    assert split(64, 40, 64, True, None) == (4, 1)  # the image build keeps its warpgroup
+    assert split(64, 40, 64, False, 1) == (4, 1)  # forced: the split for the warpgroups
+    assert split(64, 64, 128, False, 2) == (2, 2)
+    assert split(128, 64, 128, False, None) == (2, 2)
     assert mm._pick_wgmma(64, 4224, 4096)[1:] == (1, 33, 4, 2)
-    assert mm._pick_wgmma(64, 5120, 4096)[1:] == (1, 40, 4, 1)
+    assert mm._pick_wgmma(64, 5120, 4096)[1:] == (1, 40, 3, 2)
+    assert mm._pick_wgmma(64, 5120, 4096, groups=1)[1:] == (1, 40, 4, 1)
+    # A forced split takes two warpgroups where its grid holds one CTA an SM.
+    assert mm._pick_wgmma(64, 5120, 4096, ksplit=3)[1:] == (1, 40, 3, 2)
+    assert mm._pick_wgmma(64, 5120, 4096, ksplit=4)[1:] == (1, 40, 4, 1)
     expr, *_ = mm._pick_wgmma(40, 4096, 4096, tiled=True)
     assert expr == "gemm_4bit_wgmma<{}, {}, true, 64, false, 2>"
     # Forced either way at 64 tokens; the launch constants follow the warpgroups.
@@ -483,6 +499,26 @@ def test_gpu_default_dispatch_takes_two_groups(hopper, monkeypatch, fmt):
     out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
     assert picks[-1][1:] == (1, 32, 4, 2 if mm._sm_count() >= 128 else 1)
     one = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits, path="wgmma-g1")
+    np.testing.assert_array_equal(out.view(np.uint16), one.view(np.uint16))
+    assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_default_dispatch_takes_two_groups_at_their_split(hopper, monkeypatch, fmt):
+    # 5120 x 4096 at 40 tokens on 132 SMs: 40 tiles split 4 with one warpgroup (two CTAs an
+    # SM) or 3 with two (one an SM). The default takes two at split 3, with the bits of the
+    # one-warpgroup build at that split.
+    monkeypatch.setattr(mm, "_sm_count", lambda: 132)
+    M, N, K = 40, 5120, 4096
+    assert mm._pick_wgmma(M, N, K)[1:] == (1, 40, 3, 2)
+    picks = []
+    pick = mm._pick_wgmma
+    monkeypatch.setattr(mm, "_pick_wgmma", lambda *a, **k: picks.append(pick(*a, **k)) or picks[-1])
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=11)
+    out = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits)
+    assert picks[-1][1:] == (1, 40, 3, 2)
+    one = run_gpu(hopper, a_bits, fmt, M, packed, qs, bias_bits, path="wgmma-t64-k3-g1")
     np.testing.assert_array_equal(out.view(np.uint16), one.view(np.uint16))
     assert rel_error(out, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
 
