@@ -748,14 +748,13 @@ def _wgmma_default_split(tokens: int, ctas: int, stages: int, image: bool,
     against 4, 45.2 against 40.9), so those keep one. The activation image build has the
     width's own."""
     if groups is not None:
-        _wgmma_groups(tokens, image, groups)  # checked against the builds
+        groups = _wgmma_groups(tokens, image, groups)  # checked against the builds
     own = _wgmma_fill_split(ctas, stages, _wgmma_ctas_per_sm(tokens))
-    if tokens != 64 or image or groups == 1:
-        return own, _wgmma_groups(tokens, image, groups)
-    alone = _wgmma_fill_split(ctas, stages, 1)
-    if groups == 2 or (ctas <= _sm_count() and 2 * alone > own):
-        return alone, 2
-    return own, _WGMMA_GROUPS[tokens]
+    if tokens == 64 and not image and groups != 1:
+        alone = _wgmma_fill_split(ctas, stages, 1)
+        if groups == 2 or (ctas <= _sm_count() and 2 * alone > own):
+            return alone, 2
+    return own, _WGMMA_GROUPS[tokens] if groups is None else groups
 
 
 _WGMMA_MIN_M = 33  # the default dispatch's first wgmma token count (_wgmma_default)
