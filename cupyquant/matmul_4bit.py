@@ -20,9 +20,9 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   of 4096+ rows, ``gemm_4bit_wgmma`` (``rawkernels/gemm_4bit_wgmma.cu``: Hopper's warpgroup
   MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
   the scales, K split likewise where the rows leave SMs idle; 64 tokens a CTA on one
-  warpgroup, or two where the grid leaves each SM one CTA; above 64 tokens, mostly 128 or
-  256 tokens a CTA on two warpgroups; 256-token CTAs read the activations from an image of
-  their shared-memory buffers, one bulk copy a stage).
+  warpgroup, or two at their own split where that pays (``_wgmma_default_split``); above
+  64 tokens, mostly 128 or 256 tokens a CTA on two warpgroups; 256-token CTAs read the
+  activations from an image of their shared-memory buffers, one bulk copy a stage).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a

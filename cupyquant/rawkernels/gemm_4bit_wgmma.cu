@@ -130,9 +130,9 @@ constexpr int kMmaBarrier = 2;                     // and the warpgroups', after
 
 // The CTA's shape for TOKENS tokens (64, 128 or 256) on GROUPS warpgroups. 64: one warpgroup
 // computes both row blocks, two CTAs an SM; or two warpgroups, one row block each, one CTA an
-// SM (the launcher's pick where the grid leaves each SM at most one CTA anyway: twice the
-// warps decoding, and the same bits, since each row block sums its k slices in the same
-// order). 128 (more tokens): two warpgroups, one row block each, share the activations, so a
+// SM (twice the warps decoding; at the same K split the same bits, since each row block sums
+// its k slices in the same order; the launcher's choice: _wgmma_default_split in
+// matmul_4bit.py). 128 (more tokens): two warpgroups, one row block each, share the activations, so a
 // decoded weight feeds twice the multiplies; one CTA an SM. 256: as 128,
 // each warpgroup issuing wgmma N = 256 (128 accumulators a thread), and the
 // scales served by a whole warpgroup, so that setmaxnreg can hand its registers to the two
