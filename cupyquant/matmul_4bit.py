@@ -28,7 +28,9 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   times the activations, summed in A's format over each 32-element chunk (8 products a
   half; a chunk that overflows is redone in float32), then scaled and summed in float32.
   On a tiled weight (:mod:`cupyquant.tiled_4bit`) ``gemv_4bit_tiled``: the same arithmetic,
-  a warp reading whole 1 KB tiles.
+  a warp reading whole 1 KB tiles; on weights whose one-strip CTAs fit two an SM in one
+  wave (4096 x 4096, 2048 x 4096, 4096 x 11008) with the byte table in 256-byte entries,
+  which saves an instruction a packed byte (``_tgemv_wide``).
 * fused CUDA-core GEMV (``rawkernels/gemv_4bit.cu``): everything else with
   M <= :func:`fused_max_m` (float32 activations, any K, unaligned arrays); dequantizes in
   float32 exactly as the reference and accumulates in float32. A tiled weight is read in
@@ -166,6 +168,12 @@ _HALF_MAX_ELEMENTS = 1 << 37
 # pick is _tgemv_pick.
 _TGEMV_CONFIGS = ((1, 2, 3), (1, 3, 2), (2, 2, 3), (2, 3, 2), (4, 4, 2))
 _TGEMV_STATIC_SMEM = _HALF_STATIC_SMEM + 4 * 16 * _HALF_WARPS  # and the strips' part sums
+# gemv_4bit_tiled's WIDE build (the byte table in 256-byte entries, in dynamic shared memory:
+# one instruction a packed byte fewer) is instantiated for this configuration; _tgemv_wide
+# picks it.
+_TGEMV_WIDE_CONFIG = (1, 2, 3)
+_TGEMV_WIDE_TABLE = 256 * 256  # bytes (the kernel's kWideTableBytes)
+_TGEMV_WIDE_STATIC_SMEM = _TGEMV_STATIC_SMEM - 4 * 256 * 32 + 16  # its static table is a stub
 # The tiles a warp of gemv_4bit_tiled requests before its prologue in the bf16 PROLOGUE_FIRST
 # builds (the kernel's AHEAD; the fp16 ones request all UNROLL). H100, run 48 of
 # NOTES_matmul_4bit.md, bf16 us, one token, all / 1: 4096 x 4096 6.71-6.75 / 6.43-6.48,
@@ -1278,12 +1286,16 @@ def _half_order(tiled: bool, first: bool) -> str:
     return f", {str(tiled).lower()}, true" if first else _TILED_ARG[tiled]
 
 
-def _tgemv_order(fmt: str, first: bool) -> str:
+def _tgemv_order(fmt: str, first: bool, wide: bool = False, unroll: int = 0) -> str:
     """gemv_4bit_tiled's trailing template arguments: PROLOGUE_FIRST where ``first``, then
-    AHEAD for bf16 (_TGEMV_BF16_AHEAD)."""
+    AHEAD for bf16 (_TGEMV_BF16_AHEAD); a ``wide`` build spells all three out (AHEAD
+    otherwise its default, the configuration's ``unroll``), then WIDE."""
+    ahead = _TGEMV_BF16_AHEAD if fmt == "bfloat16" and first else unroll
+    if wide:
+        return f", {str(first).lower()}, {ahead}, true"
     if not first:
         return ""
-    return f", true, {_TGEMV_BF16_AHEAD}" if fmt == "bfloat16" else ", true"
+    return f", true, {ahead}" if fmt == "bfloat16" else ", true"
 
 
 def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:
@@ -1424,18 +1436,35 @@ def _tgemv_applies(fmt: str, M: int, N: int, K: int, aligned: bool) -> bool:
     return _half_applies(fmt, M, N, K, aligned) and _tgemv_pick(N, K, _smem_per_sm()) is not None
 
 
-def _tgemv_config(path: str, N: int, K: int) -> tuple[int, int, int]:
-    """(strips, unroll, ctas) of "tgemv" (picked for the shape) or a forced "tgemv-<strips>x<unroll>c<ctas>"."""
+def _tgemv_wide(config: tuple[int, int, int], N: int, K: int, smem_per_sm: int, sms: int) -> bool:
+    """Whether gemv_4bit_tiled takes its WIDE build for a tiled (N, K) weight in ``config``:
+    the wide configuration, where two of its CTAs (each the 64 KB table and A's 2K bytes)
+    fit an SM and hold the grid in one wave. H100, one token, us, narrow / wide (fp16, bf16;
+    NOTES_matmul_4bit.md runs 123-125): 4096 x 4096 6.45 / 6.36, 6.40 / 6.17; 2048 x 4096
+    5.16 / 4.95, 5.29 / 4.91; 4096 x 11008 12.88 / 12.39, 12.62 / 12.08. Three wide CTAs an
+    SM leave L1 too little room (11008 x 4096 on 2-strip CTAs 11.95 / 12.21), and two waves
+    lose outright (5120 x 5120: 8.7 / 10.9)."""
+    per_cta = _TGEMV_WIDE_STATIC_SMEM + _TGEMV_WIDE_TABLE + 2 * K + _CTA_RESERVED_SMEM
+    grid = -(-(N // 16) // config[0])
+    return config == _TGEMV_WIDE_CONFIG and 2 * per_cta <= smem_per_sm and grid <= 2 * sms
+
+
+def _tgemv_config(path: str, N: int, K: int) -> tuple[int, int, int, bool]:
+    """(strips, unroll, ctas, wide) of "tgemv" (picked for the shape) or a forced
+    "tgemv-<strips>x<unroll>c<ctas>" (the narrow table) or "...w" (the wide one)."""
     if path == "tgemv":
         config = _tgemv_pick(N, K, _smem_per_sm())
         if config is None:
             raise ValueError(f"gemv_4bit_tiled stages A in shared memory; K = {K} is too long for it")
-        return config
-    match = re.fullmatch(r"tgemv-(\d+)x(\d+)c(\d+)", path)
-    config = tuple(int(v) for v in match.groups()) if match else None
+        return (*config, _tgemv_wide(config, N, K, _smem_per_sm(), _sm_count()))
+    match = re.fullmatch(r"tgemv-(\d+)x(\d+)c(\d+)(w?)", path)
+    config = tuple(int(v) for v in match.groups()[:3]) if match else None
     if config not in _TGEMV_CONFIGS:
         raise ValueError(f"gemv_4bit_tiled is built for (strips, unroll, ctas) in {_TGEMV_CONFIGS}, got path {path!r}")
-    return config
+    wide = match.group(4) == "w"
+    if wide and config != _TGEMV_WIDE_CONFIG:
+        raise ValueError(f"gemv_4bit_tiled's wide table is built for {_TGEMV_WIDE_CONFIG} only, got path {path!r}")
+    return (*config, wide)
 
 
 def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str = "tgemv"):
@@ -1443,14 +1472,14 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
     ``packed`` in tile order)."""
     from .rawkernels import get_function
 
-    strips, unroll, ctas = _tgemv_config(path, N, K)
+    strips, unroll, ctas, wide = _tgemv_config(path, N, K)
     grid = -(-(N // 16) // strips)
-    order = _tgemv_order(fmt, _prologue_first(grid, ctas, 16 * strips, K))
+    order = _tgemv_order(fmt, _prologue_first(grid, ctas, 16 * strips, K), wide, unroll)
     flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
-    smem = 2 * K
+    smem = 2 * K + (_TGEMV_WIDE_TABLE if wide else 0)
     limit = _xp.device_attribute("MaxSharedMemoryPerBlockOptin")
-    if _TGEMV_STATIC_SMEM + smem > limit:
+    if (_TGEMV_WIDE_STATIC_SMEM if wide else _TGEMV_STATIC_SMEM) + smem > limit:
         raise ValueError(f"{path!r} stages A in {smem} bytes of shared memory (K = {K}); with the byte table that "
                          f"exceeds the {limit} bytes a block may have")  # fmt: skip
     _allow_smem(kernel, smem)
@@ -1540,9 +1569,9 @@ def _kernel_expressions(source: str) -> list[str]:
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in (_half_order(tiled, first) for tiled in (False, True) for first in (False, True))] + [
-            f"gemv_4bit_tiled<{_GEMV_STRUCT[f]}, {n}, {st}, {u}, {c}{_tgemv_order(f, first)}>"
-            for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS
-            for first in (False, True)]  # fmt: skip
+            f"gemv_4bit_tiled<{_GEMV_STRUCT[f]}, {n}, {st}, {u}, {c}{_tgemv_order(f, first, wide, u)}>"
+            for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS for first in (False, True)
+            for wide in ((False, True) if (st, u, c) == _TGEMV_WIDE_CONFIG else (False,))]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
         return ["wgmma_x_image"] + [
             _wgmma_expression(tiled, tokens, image, groups).format(f, n)

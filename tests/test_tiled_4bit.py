@@ -178,8 +178,11 @@ def _xp_dtype(fmt):
 
 # gemv_4bit_tiled: every instantiated configuration forced, and "tgemv" (the pick). (N, K):
 # one strip; 17 strips (the last CTA of 2 or 4 strips has strips past N); K = 128 (one tile,
-# parts with no tile); 4224 (33 tiles: a part's last batch partial); 8192 + 128.
-TGEMV_PATHS = ("tgemv", *(f"tgemv-{s}x{u}c{c}" for s, u, c in mm._TGEMV_CONFIGS))
+# parts with no tile); 4224 (33 tiles: a part's last batch partial); 8192 + 128. The wide
+# table's build ("w") too.
+WIDE_PATH = "tgemv-{}x{}c{}w".format(*mm._TGEMV_WIDE_CONFIG)
+NARROW_PATH = WIDE_PATH[:-1]
+TGEMV_PATHS = ("tgemv", *(f"tgemv-{s}x{u}c{c}" for s, u, c in mm._TGEMV_CONFIGS), WIDE_PATH)
 TGEMV_SHAPES = ((16, 128), (272, 4224), (48, 8320), (512, 640))
 
 
@@ -222,6 +225,52 @@ def test_gpu_tiled_gemv_fp16_activation_range(cp, magnitude):
     tiled = cq.tile_4bit(cp.asarray(packed), gqs).data
     out = _run(cp, cp.asarray(a_bits), "float16", 1, tiled, gqs, None, True)
     assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sms", (1000, 1), ids=("prologue_first", "weights_first"))
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_tiled_gemv_wide_table_same_bits(cp, monkeypatch, sms, nested, fmt):
+    # The wide byte table changes where a code pair is looked up, not its value or the order
+    # of the sums: the same bits as the narrow table's build of the same configuration, with
+    # either prologue order (a thousand SMs: one wave; one SM: several), and the reference's
+    # tolerance. (N, K): 17 strips, 33 tiles a row; 256 strips, K = 4096; one tile a row.
+    monkeypatch.setattr(mm, "_sm_count", lambda: sms)
+    for N, K in ((272, 4224), (4096, 4096), (48, 128)):
+        a_bits, bias_bits, _, qs, tiled, expected = _gpu_case(cp, N, K, 1, fmt, "nf4", nested, True, seed=N + K)
+        outs = []
+        for path in (NARROW_PATH, WIDE_PATH):
+            out = cp.full(N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16).view(_xp_dtype(fmt))
+            mm._matmul_fused(a_bits, fmt, 1, N, K, tiled, qs, bias_bits, out, path=path, tiled=True)
+            outs.append(cp.asnumpy(out).view(np.uint16))
+        np.testing.assert_array_equal(outs[1], outs[0])
+        assert rel_error(outs[1].view(np.float16) if fmt == "float16" else outs[1], fmt, expected) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("magnitude", (1e-6, 3e-2, 5e3, "nan", "inf"))
+def test_gpu_tiled_gemv_wide_table_fp16_range(cp, magnitude):
+    # The fp16 range guard in the wide build (tiny activations scaled by a power of two, large
+    # ones redone in float32, non-finite ones propagated): the narrow build's bits.
+    scale = 1.0 if isinstance(magnitude, str) else magnitude
+    a_bits, packed, qs, expected = activation_range_case(48, 4096, scale)
+    if isinstance(magnitude, str):  # one non-finite activation among small ones
+        a_bits = (a_bits.view(np.float16) * np.float16(1e-3)).view(np.uint16)
+        a_bits[1000] = 0x7E00 if magnitude == "nan" else 0x7C00
+    gqs = copy.deepcopy(qs).to(0)
+    tiled = cq.tile_4bit(cp.asarray(packed), gqs).data
+    ga = cp.asarray(a_bits)
+    outs = []
+    for path in (NARROW_PATH, WIDE_PATH):
+        out = cp.full(48, 0x7E00, dtype=np.uint16).view(np.float16)
+        mm._matmul_fused(ga, "float16", 1, 48, 4096, tiled, gqs, None, out, path=path, tiled=True)
+        outs.append(cp.asnumpy(out).view(np.uint16))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    if not isinstance(magnitude, str):
+        assert rel_error(outs[1].view(np.float16), "float16", expected) < TOLERANCE["float16"]
+    else:
+        assert not np.isfinite(outs[1].view(np.float16)).any()
 
 
 @pytest.mark.gpu
@@ -486,11 +535,14 @@ def test_tiled_instantiations_compile_in_groups_of_their_own():
 
 def test_tgemv_config_and_pick(monkeypatch):
     for config in mm._TGEMV_CONFIGS:
-        assert mm._tgemv_config("tgemv-{}x{}c{}".format(*config), 64, 128) == config
+        assert mm._tgemv_config("tgemv-{}x{}c{}".format(*config), 64, 128) == (*config, False)
+    assert mm._tgemv_config("tgemv-1x2c3w", 64, 128) == (1, 2, 3, True)
     with pytest.raises(ValueError, match=r"gemv_4bit_tiled is built for .* got path 'tgemv-3x3c3'"):
         mm._tgemv_config("tgemv-3x3c3", 64, 128)
     with pytest.raises(ValueError, match=r"got path 'tgemv-1x2'"):
         mm._tgemv_config("tgemv-1x2", 64, 128)
+    with pytest.raises(ValueError, match=r"wide table is built for \(1, 2, 3\) only, got path 'tgemv-2x3c2w'"):
+        mm._tgemv_config("tgemv-2x3c2w", 64, 128)
     sm = 228 * 1024  # an H100's shared memory an SM
     for N, K in ((28672, 8192), (8192, 28672), (4096, 4096), (11008, 4096), (4096, 14336)):
         config = mm._tgemv_pick(N, K, sm)
@@ -502,6 +554,31 @@ def test_tgemv_config_and_pick(monkeypatch):
     assert mm._tgemv_applies("bfloat16", 1, 4096, 4096, True)
     assert not mm._tgemv_applies("float16", 2, 4096, 4096, True)
     assert not mm._tgemv_applies("float32", 1, 4096, 4096, True)
+
+
+def test_tgemv_wide_rule():
+    # The wide table where two of its CTAs an SM hold the whole grid (one strip a CTA):
+    # an H100's 132 SMs and 228 KB an SM.
+    sm, sms = 228 * 1024, 132
+    wide = {(N, K): mm._tgemv_wide(mm._tgemv_pick(N, K, sm), N, K, sm, sms)
+            for N, K in ((4096, 4096), (2048, 4096), (4096, 11008), (4096, 1024), (4224, 4096), (4240, 4096),
+                         (6144, 4096), (5120, 5120), (11008, 4096), (28672, 8192), (4096, 28672))}  # fmt: skip
+    assert [shape for shape, w in wide.items() if w] == [(4096, 4096), (2048, 4096), (4096, 11008), (4096, 1024),
+                                                         (4224, 4096)]  # fmt: skip
+    # 264 strips are two wide CTAs on each of the 132 SMs; 265 are not
+    assert mm._tgemv_wide((1, 2, 3), 264 * 16, 4096, sm, sms) and not mm._tgemv_wide((1, 2, 3), 265 * 16, 4096, sm, sms)
+    # two wide CTAs of a long K do not fit an SM
+    per_cta = mm._TGEMV_WIDE_STATIC_SMEM + mm._TGEMV_WIDE_TABLE + mm._CTA_RESERVED_SMEM
+    k_max = (sm // 2 - per_cta) // 2
+    assert mm._tgemv_wide((1, 2, 3), 4096, k_max // 128 * 128, sm, sms)
+    assert not mm._tgemv_wide((1, 2, 3), 4096, (k_max // 128 + 1) * 128, sm, sms)
+    # the expressions the launcher asks for are registered
+    from cupyquant import rawkernels
+
+    exprs = rawkernels.expressions("gemv_4bit.cu")
+    assert "gemv_4bit_tiled<Float16, true, 1, 2, 3, true, 2, true>" in exprs
+    assert "gemv_4bit_tiled<BFloat16, true, 1, 2, 3, true, 1, true>" in exprs
+    assert sum(e.startswith("gemv_4bit_tiled<") and e.endswith(", true>") and e.count(",") == 7 for e in exprs) == 8
 
 
 def test_tgemv_path_needs_a_tiled_weight():

@@ -302,14 +302,12 @@ struct SumsInHalf<Float16> {
   static constexpr bool value = true;
 };
 
-// max(m, |each of the 8 fp16 values of a 16-byte unit|) on packed pairs (a NaN is passed over).
+// max(m, |each of the 8 fp16 values of a 16-byte unit|) on packed pairs, as 16-bit integers:
+// a magnitude's bits order as its value does, with a NaN above inf (then every output of the
+// product is NaN whatever the scale, and a_scale_exponent gives 0 for it as for inf).
 __device__ __forceinline__ u32 unit_absmax2(u32 m, const uint4& v) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    u32 a;
-    asm("abs.f16x2 %0, %1;" : "=r"(a) : "r"(q4::word_of(v, q)));
-    asm("max.f16x2 %0, %1, %2;" : "=r"(m) : "r"(m), "r"(a));
-  }
+  for (int q = 0; q < 4; ++q) asm("max.u16x2 %0, %1, %2;" : "=r"(m) : "r"(m), "r"(q4::word_of(v, q) & 0x7FFF7FFFu));
   return m;
 }
 
@@ -335,18 +333,42 @@ __device__ __forceinline__ uint4 scale_unit(const uint4& v, u32 scale2) {
 
 __device__ __forceinline__ bool is_finite(float f) { return (__float_as_uint(f) & 0x7F800000u) != 0x7F800000u; }
 
+// A packed byte's code pair from the CTA's byte table (q4::fill_byte_table), for a lane.
+// Narrow (WIDE = false): the tensor-core kernels' table, entries 128 bytes apart, replica
+// `lane` at word `lane`: a PRMT takes the byte out, a LEA makes its address, then the load.
+// Wide: entries 256 bytes apart (the upper 128 bytes of each unused), so that one PRMT puts
+// the byte in bits 8..15 beside 4 * lane in bits 0..7, which is the whole offset, and the
+// load adds the table's base: one instruction a byte fewer (the same banks, the same
+// values), for 64 KB of shared memory instead of 32.
+template <bool WIDE>
+struct ByteLookup {
+  u32 base;   // shared address of the table
+  u32 lane4;  // 4 * lane (< 128)
+
+  // byte b (0..3, a constant once unrolled) of the word
+  __device__ __forceinline__ u32 at(u32 word, int b) const {
+    if constexpr (WIDE) {
+      u32 offset;  // (an explicit PRMT: __byte_perm compiled to more instructions here)
+      asm("prmt.b32 %0, %1, %2, %3;" : "=r"(offset) : "r"(word), "r"(lane4), "r"(0x5504u | ((u32)b << 4)));
+      return q4::load_shared32(base + offset);
+    } else {
+      return q4::lut_at(base + lane4, q4::byte_of(word, b));
+    }
+  }
+};
+
 // sum_j code[q_j] * a_j over one 32-element chunk: w its 16 packed bytes, x its 32 fp16
 // activations (64 bytes), both in k order.
-template <class Fmt>
-__device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)[4], u32 lut_lane) {
+template <class Fmt, bool WIDE>
+__device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)[4], const ByteLookup<WIDE>& lut) {
   u32 h0 = 0u, h1 = 0u;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const u32 word = q4::word_of(w, q);
 #pragma unroll
     for (int b = 0; b < 4; b += 2) {
-      h0 = fma2<Fmt>(q4::lut_at(lut_lane, q4::byte_of(word, b)), q4::word_of(x[q], b), h0);
-      h1 = fma2<Fmt>(q4::lut_at(lut_lane, q4::byte_of(word, b + 1)), q4::word_of(x[q], b + 1), h1);
+      h0 = fma2<Fmt>(lut.at(word, b), q4::word_of(x[q], b), h0);
+      h1 = fma2<Fmt>(lut.at(word, b + 1), q4::word_of(x[q], b + 1), h1);
     }
   }
   const float2 f0 = pair_to_float2<Fmt>(h0), f1 = pair_to_float2<Fmt>(h1);
@@ -357,7 +379,7 @@ __device__ __forceinline__ float chunk_dot_half(const uint4& w, const uint4 (&x)
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const float2 c = pair_to_float2<Fmt>(q4::lut_at(lut_lane, q4::byte_of(q4::word_of(w, q), b)));
+        const float2 c = pair_to_float2<Fmt>(lut.at(q4::word_of(w, q), b));
         const float2 a = pair_to_float2<Fmt>(q4::word_of(x[q], b));
         f = fmaf(c.y, a.y, fmaf(c.x, a.x, f));
       }
@@ -431,9 +453,10 @@ struct ActivationHead {
 // by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
 // rescaled). HEAD: A's first units come from `head` (ActivationHead::load, called earlier).
 template <class Fmt, bool STAGED, bool HEAD>
-__device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, float* amax_s,
+__device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, u32* amax_s,
                                                    const ActivationHead& head) {
   constexpr bool kGuard = SumsInHalf<Fmt>::value;
+  static_assert(kHalfWarps == 8, "the warps' maxima are read back as two uint4");
   const uint4* a16 = reinterpret_cast<const uint4*>(A);
   u32 amax2 = 0u;
   // (q: the head's slot while q < kHeadUnits)
@@ -449,20 +472,16 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
     if constexpr (STAGED) staged_a[staged_unit(u)] = v;
     if constexpr (kGuard) amax2 = unit_absmax2(amax2, v);
   }
-  if constexpr (kGuard) {
-    const float2 pair = pair_to_float2<Float16>(amax2);
-    float amax = fmaxf(pair.x, pair.y);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if constexpr (kGuard) {  // the warp's largest magnitude, by one integer reduction
+    const u32 amax = __reduce_max_sync(0xffffffffu, max(amax2 & 0xFFFFu, amax2 >> 16));
     if ((threadIdx.x & 31) == 0) amax_s[threadIdx.x >> 5] = amax;
   }
   __syncthreads();
   int k = 0;  // A counts 2^k times its value from here on; the row sums are scaled back
   if constexpr (kGuard) {
-    float m = amax_s[0];
-#pragma unroll
-    for (int i = 1; i < kHalfWarps; ++i) m = fmaxf(m, amax_s[i]);
-    k = a_scale_exponent(m);
+    const uint4 lo = reinterpret_cast<const uint4*>(amax_s)[0], hi = reinterpret_cast<const uint4*>(amax_s)[1];
+    const u32 m = max(max(max(lo.x, lo.y), max(lo.z, lo.w)), max(max(hi.x, hi.y), max(hi.z, hi.w)));
+    k = a_scale_exponent(pair_to_float2<Float16>(m).x);
   }
   if constexpr (STAGED && kGuard) {
     if (k != 0) {  // k is the CTA's: the barrier is reached by all threads or none
@@ -497,7 +516,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
                u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
   __shared__ __align__(16) u32 lut[256 * 32];
   __shared__ float code2_s[NESTED ? 256 : 1];
-  __shared__ float amax_s[kHalfWarps];
+  __shared__ __align__(16) u32 amax_s[kHalfWarps];  // the warps' largest |A| (fp16 bits)
   extern __shared__ __align__(16) uint4 staged_a[];
   constexpr int kStep = 32 * UNROLL;  // chunks a warp's row advances per batch
   const int lane = threadIdx.x & 31;
@@ -540,7 +559,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
-  const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
+  const ByteLookup<false> lookup{q4::shared_address(lut), 4u * (u32)lane};
   const u32 stage = q4::shared_address(staged_a);
   float acc[ROWS];
 #pragma unroll
@@ -564,7 +583,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
-        acc[r] = fmaf(chunk_dot_half<Fmt>(w[u][r], x, lut_lane), s, acc[r]);
+        acc[r] = fmaf(chunk_dot_half<Fmt>(w[u][r], x, lookup), s, acc[r]);
       }
       fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
                                 nested_absmax, chunk_shift, unit0);
@@ -606,7 +625,19 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // weight bytes requested ahead let its loads land sooner (H100, one token, 4096 x 4096 6.73
 // -> 6.45 us, 11008 x 4096 12.12 -> 11.83; fp16 loses 0.1-0.2 with it; NOTES_matmul_4bit.md
 // run 48).
-template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false, int AHEAD = UNROLL>
+// WIDE: the wide byte table (ByteLookup), first in the dynamic shared memory (kWideTableBytes,
+// then A). Its multiplies issue ~17% fewer instructions (SASS of the 1x2c3 builds); the
+// launcher takes it where two of its CTAs an SM hold the grid in one wave (_tgemv_wide).
+// H100, one token, us, narrow / wide (fp16, bf16; same bits; NOTES_matmul_4bit.md run 125):
+// 4096 x 4096 6.45 / 6.36, 6.40 / 6.17; 2048 x 4096 5.16 / 4.95, 5.29 / 4.91; 4096 x 11008
+// 12.88 / 12.39, 12.62 / 12.08; 4096 x 14336 15.93 / 15.02, 15.55 / 14.69. Elsewhere its
+// footprint costs more than it saves (28672 x 8192: 49.9 / 52.0, run 123). fp16 WIDE builds
+// also request the nested offset at entry, before the weights, not after the prologue (4096
+// x 4096 6.46 -> 6.34; in bf16 builds it lost, 6.15 -> 6.45: run 123).
+constexpr int kWideTableBytes = 256 * 256;
+
+template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false, int AHEAD = UNROLL,
+          bool WIDE = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
 gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -614,11 +645,13 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 u16* __restrict__ out, int M, int N, int K, int block_shift, int has_bias) {
   static_assert(kHalfWarps % STRIPS == 0, "the warps of a CTA split evenly over its strips");
   constexpr int kParts = kHalfWarps / STRIPS;  // warps a strip
-  __shared__ __align__(16) u32 lut[256 * 32];
+  __shared__ __align__(16) u32 narrow_lut[WIDE ? 4 : 256 * 32];
   __shared__ float code2_s[NESTED ? 256 : 1];
-  __shared__ float amax_s[kHalfWarps];
+  __shared__ __align__(16) u32 amax_s[kHalfWarps];  // the warps' largest |A| (fp16 bits)
   __shared__ float part_sums[kHalfWarps][16];
-  extern __shared__ __align__(16) uint4 staged_a[];
+  extern __shared__ __align__(16) uint4 dynamic_smem[];
+  u32* lut = WIDE ? reinterpret_cast<u32*>(dynamic_smem) : narrow_lut;
+  uint4* staged_a = WIDE ? dynamic_smem + kWideTableBytes / 16 : dynamic_smem;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int strip = blockIdx.x * STRIPS + warp / kParts, part = warp % kParts;
   const int tiles = K >> 7;   // 128-k tiles a row
@@ -633,6 +666,8 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   q4::ByteTableInputs<Fmt, NESTED, kHalfThreads> table_inputs;
   ActivationHead head;
+  constexpr bool kOffsetFirst = NESTED && WIDE && SumsInHalf<Fmt>::value;
+  const float early_offset = kOffsetFirst ? __ldg(offset) : 0.0f;
   if constexpr (PROLOGUE_FIRST) {
     table_inputs.load(table, code2);
     head.load(A, K);
@@ -654,17 +689,17 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
   for (int u = 0; u < AHEAD; ++u) fetch(u, part + kParts * u);
   if constexpr (PROLOGUE_FIRST) {
-    table_inputs.fill(lut, code2_s);
+    table_inputs.template fill<WIDE>(lut, code2_s);
   } else {
-    q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
+    q4::fill_byte_table<Fmt, NESTED, kHalfThreads, WIDE>(lut, code2_s, table, code2);
   }
   const int k = prepare_activations<Fmt, true, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
   const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
 #pragma unroll
   for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
-  const float off = NESTED ? __ldg(offset) : 0.0f;
-  const u32 lut_lane = q4::shared_address(lut) + 4 * lane;
+  const float off = kOffsetFirst ? early_offset : (NESTED ? __ldg(offset) : 0.0f);
+  const ByteLookup<WIDE> lookup{q4::shared_address(lut), 4u * (u32)lane};
   const u32 stage = q4::shared_address(staged_a);
   float acc[2] = {0.0f, 0.0f};
   constexpr int kStep = kParts * UNROLL;  // tiles a part advances per batch
@@ -678,7 +713,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float s = q4::scale_decode<NESTED>(sv[u][h], sq[u][h], code2_s, off);
-        acc[h] = fmaf(chunk_dot_half<Fmt>(w[u][h], x, lut_lane), s, acc[h]);
+        acc[h] = fmaf(chunk_dot_half<Fmt>(w[u][h], x, lookup), s, acc[h]);
       }
       fetch(u, t + kStep);
     }

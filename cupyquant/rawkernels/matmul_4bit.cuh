@@ -75,14 +75,20 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 // The shared byte table (u32[256][32]: one replica a lane, so a warp's 32 lookups always
 // hit 32 distinct banks; written a uint4 = 4 replicas at a time) and, NESTED, the
 // 256-value nested code, filled by the CTA's kThreads threads. The caller publishes them
-// with a barrier.
-template <class Fmt, bool NESTED, int kThreads>
+// with a barrier. WIDE: the one-token kernel's table, entries 256 bytes apart (u32[256][64],
+// words 32..63 of an entry unused; gemv_4bit.cu's ByteLookup says why).
+template <bool WIDE>
+__device__ __forceinline__ int table_slot(int i) {  // uint4 i of the u32[256][32] table
+  return WIDE ? ((i >> 3) << 4) | (i & 7) : i;
+}
+
+template <class Fmt, bool NESTED, int kThreads, bool WIDE = false>
 __device__ __forceinline__ void fill_byte_table(u32* lut, float* code2_s, const float* __restrict__ table,
                                                 const float* __restrict__ code2) {
   for (int i = threadIdx.x; i < 256 * 8; i += kThreads) {
     const int b = i >> 3;
     const u32 v = pack2<Fmt>(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+    reinterpret_cast<uint4*>(lut)[table_slot<WIDE>(i)] = make_uint4(v, v, v, v);
   }
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = __ldg(code2 + i);
@@ -110,11 +116,12 @@ struct ByteTableInputs {
     code2 = NESTED && threadIdx.x < 256 ? __ldg(code2_g + threadIdx.x) : 0.0f;
   }
 
+  template <bool WIDE = false>
   __device__ __forceinline__ void fill(u32* lut, float* code2_s) const {
 #pragma unroll
     for (int j = 0; j < kFills; ++j) {
       const u32 v = pack2<Fmt>(high[j], low);
-      reinterpret_cast<uint4*>(lut)[threadIdx.x + kThreads * j] = make_uint4(v, v, v, v);
+      reinterpret_cast<uint4*>(lut)[table_slot<WIDE>(threadIdx.x + kThreads * j)] = make_uint4(v, v, v, v);
     }
     if (NESTED && threadIdx.x < 256) code2_s[threadIdx.x] = code2;
   }
@@ -126,11 +133,12 @@ __device__ __forceinline__ u32 byte_of(u32 word, int b) { return __byte_perm(wor
 // The table entry of `byte` in this lane's replica. lut_lane: the shared-memory address of
 // this lane's replica of entry 0 (table + 4 * lane); entries are 128 bytes apart, so the
 // address is one LEA. (volatile keeps the load after the barrier that publishes the table.)
-__device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) {
+__device__ __forceinline__ u32 load_shared32(u32 address) {
   u32 v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lut_lane + (byte << 7)));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
   return v;
 }
+__device__ __forceinline__ u32 lut_at(u32 lut_lane, u32 byte) { return load_shared32(lut_lane + (byte << 7)); }
 
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
