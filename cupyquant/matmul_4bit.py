@@ -1286,16 +1286,15 @@ def _half_order(tiled: bool, first: bool) -> str:
     return f", {str(tiled).lower()}, true" if first else _TILED_ARG[tiled]
 
 
-def _tgemv_order(fmt: str, first: bool, wide: bool = False, unroll: int = 0) -> str:
+def _tgemv_order(fmt: str, first: bool, wide: bool = False) -> str:
     """gemv_4bit_tiled's trailing template arguments: PROLOGUE_FIRST where ``first``, then
-    AHEAD for bf16 (_TGEMV_BF16_AHEAD); a ``wide`` build spells all three out (AHEAD
-    otherwise its default, the configuration's ``unroll``), then WIDE."""
-    ahead = _TGEMV_BF16_AHEAD if fmt == "bfloat16" and first else unroll
+    AHEAD for bf16 (_TGEMV_BF16_AHEAD); a ``wide`` build (_TGEMV_WIDE_CONFIG) spells all
+    three out (AHEAD otherwise its default, the configuration's UNROLL), then WIDE."""
+    bf16_ahead = fmt == "bfloat16" and first
     if wide:
+        ahead = _TGEMV_BF16_AHEAD if bf16_ahead else _TGEMV_WIDE_CONFIG[1]
         return f", {str(first).lower()}, {ahead}, true"
-    if not first:
-        return ""
-    return f", true, {ahead}" if fmt == "bfloat16" else ", true"
+    return f", true, {_TGEMV_BF16_AHEAD}" if bf16_ahead else (", true" if first else "")
 
 
 def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:
@@ -1474,7 +1473,7 @@ def _tgemv_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: s
 
     strips, unroll, ctas, wide = _tgemv_config(path, N, K)
     grid = -(-(N // 16) // strips)
-    order = _tgemv_order(fmt, _prologue_first(grid, ctas, 16 * strips, K), wide, unroll)
+    order = _tgemv_order(fmt, _prologue_first(grid, ctas, 16 * strips, K), wide)
     flags = f"{str(qs.nested).lower()}, {strips}, {unroll}, {ctas}{order}"
     kernel = get_function("gemv_4bit.cu", f"gemv_4bit_tiled<{_GEMV_STRUCT[fmt]}, {flags}>")
     smem = 2 * K + (_TGEMV_WIDE_TABLE if wide else 0)
@@ -1569,7 +1568,7 @@ def _kernel_expressions(source: str) -> list[str]:
             f"gemv_4bit_half<{f}, {n}, {r}, {u}, {c}, {str(st).lower()}{t}>"
             for f in ("Float16", "BFloat16") for n in nested for r, u, c, st in _HALF_CONFIGS
             for t in (_half_order(tiled, first) for tiled in (False, True) for first in (False, True))] + [
-            f"gemv_4bit_tiled<{_GEMV_STRUCT[f]}, {n}, {st}, {u}, {c}{_tgemv_order(f, first, wide, u)}>"
+            f"gemv_4bit_tiled<{_GEMV_STRUCT[f]}, {n}, {st}, {u}, {c}{_tgemv_order(f, first, wide)}>"
             for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS for first in (False, True)
             for wide in ((False, True) if (st, u, c) == _TGEMV_WIDE_CONFIG else (False,))]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
