@@ -228,6 +228,25 @@ def test_gpu_tiled_gemv_fp16_activation_range(cp, magnitude):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", TGEMV_PATHS)
+@pytest.mark.parametrize("shape", ((272, 4224), (48, 128), (4096, 4096)), ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("magnitude", (1e-6, 3e-2), ids=("1e-6", "3e-2"))
+def test_gpu_tiled_gemv_fp16_range_every_build(cp, path, shape, magnitude):
+    # Activations below 2^-2 make the fp16 range guard scale A (k != 0). The builds that read
+    # the guard only after their first batch (the wide one, and those of two CTAs an SM) then
+    # fetch and multiply that batch again on the rescaled copy: every build within the
+    # reference's tolerance, with strips past N (272 rows on 2- and 4-strip CTAs), warps
+    # without a tile (K = 128) and several batches a warp (4224, 4096).
+    N, K = shape
+    a_bits, packed, qs, expected = activation_range_case(N, K, magnitude)
+    gqs = copy.deepcopy(qs).to(0)
+    tiled = cq.tile_4bit(cp.asarray(packed), gqs).data
+    out = cp.full(N, 0x7E00, dtype=np.uint16).view(np.float16)
+    mm._matmul_fused(cp.asarray(a_bits), "float16", 1, N, K, tiled, gqs, None, out, path=path, tiled=True)
+    assert rel_error(cp.asnumpy(out), "float16", expected) < TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("sms", (1000, 1), ids=("prologue_first", "weights_first"))
 @pytest.mark.parametrize("nested", (False, True), ids=("plain", "nested"))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
@@ -252,7 +271,8 @@ def test_gpu_tiled_gemv_wide_table_same_bits(cp, monkeypatch, sms, nested, fmt):
 @pytest.mark.parametrize("magnitude", (1e-6, 3e-2, 5e3, "nan", "inf"))
 def test_gpu_tiled_gemv_wide_table_fp16_range(cp, magnitude):
     # The fp16 range guard in the wide build (tiny activations scaled by a power of two, large
-    # ones redone in float32, non-finite ones propagated): the narrow build's bits.
+    # ones redone in float32, non-finite ones propagated): the narrow build's bits, though the
+    # wide build reads the guard after its first batch and the narrow one before it.
     scale = 1.0 if isinstance(magnitude, str) else magnitude
     a_bits, packed, qs, expected = activation_range_case(48, 4096, scale)
     if isinstance(magnitude, str):  # one non-finite activation among small ones

@@ -446,13 +446,30 @@ struct ActivationHead {
   }
 };
 
+// fp16's range guard after prepare_activations' barrier: k from the warps' maxima in amax_s.
+__device__ __forceinline__ int guard_exponent(const u32* amax_s) {
+  const uint4 lo = reinterpret_cast<const uint4*>(amax_s)[0], hi = reinterpret_cast<const uint4*>(amax_s)[1];
+  const u32 m = max(max(max(lo.x, lo.y), max(lo.z, lo.w)), max(max(hi.x, hi.y), max(hi.z, hi.w)));
+  return a_scale_exponent(pair_to_float2<Float16>(m).x);
+}
+
+// The staged copy of A times 2^k (k != 0, the CTA's: every thread calls it), then a barrier.
+__device__ __forceinline__ void rescale_staged(uint4* staged_a, int K, int k) {
+  const u32 scale2 = half2_power_of_two(k);
+  for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads)
+    staged_a[staged_unit(u)] = scale_unit(staged_a[staged_unit(u)], scale2);
+  __syncthreads();
+}
+
 // The one-token kernels' activation prologue, run by every thread of a CTA of kHalfThreads:
 // STAGED copies A (K fp16 / bf16 values) into staged_a at staged_unit positions; for fp16 it
 // also finds A's largest magnitude and returns k such that the kernel may treat A as 2^k
 // times its value (a_scale_exponent; a staged copy is rescaled here, an unstaged A is scaled
 // by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
 // rescaled). HEAD: A's first units come from `head` (ActivationHead::load, called earlier).
-template <class Fmt, bool STAGED, bool HEAD>
+// DEFER_GUARD: the warps' maxima are left in amax_s, k is not read (0 is returned); the
+// caller reads it later (guard_exponent) and rescales the staged copy itself.
+template <class Fmt, bool STAGED, bool HEAD, bool DEFER_GUARD = false>
 __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, u32* amax_s,
                                                    const ActivationHead& head) {
   constexpr bool kGuard = SumsInHalf<Fmt>::value;
@@ -478,18 +495,9 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
   }
   __syncthreads();
   int k = 0;  // A counts 2^k times its value from here on; the row sums are scaled back
-  if constexpr (kGuard) {
-    const uint4 lo = reinterpret_cast<const uint4*>(amax_s)[0], hi = reinterpret_cast<const uint4*>(amax_s)[1];
-    const u32 m = max(max(max(lo.x, lo.y), max(lo.z, lo.w)), max(max(hi.x, hi.y), max(hi.z, hi.w)));
-    k = a_scale_exponent(pair_to_float2<Float16>(m).x);
-  }
-  if constexpr (STAGED && kGuard) {
-    if (k != 0) {  // k is the CTA's: the barrier is reached by all threads or none
-      const u32 scale2 = half2_power_of_two(k);
-      for (int u = threadIdx.x; u < (K >> 3); u += kHalfThreads)
-        staged_a[staged_unit(u)] = scale_unit(staged_a[staged_unit(u)], scale2);
-      __syncthreads();
-    }
+  if constexpr (kGuard && !DEFER_GUARD) k = guard_exponent(amax_s);
+  if constexpr (STAGED && kGuard && !DEFER_GUARD) {
+    if (k != 0) rescale_staged(staged_a, K, k);  // k is the CTA's: the barrier is reached by all threads or none
   }
   return k;
 }
@@ -634,6 +642,8 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // footprint costs more than it saves (28672 x 8192: 49.9 / 52.0, run 123). fp16 WIDE builds
 // also request the nested offset at entry, before the weights, not after the prologue (4096
 // x 4096 6.46 -> 6.34; in bf16 builds it lost, 6.15 -> 6.45: run 123).
+// fp16's range guard: builds of at most two CTAs an SM (WIDE, or CTAS < 3) read it after
+// their first batch, not right after the prologue's barrier (kDeferGuard, below).
 constexpr int kWideTableBytes = 256 * 256;
 
 template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false, int AHEAD = UNROLL,
@@ -693,8 +703,9 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   } else {
     q4::fill_byte_table<Fmt, NESTED, kHalfThreads, WIDE>(lut, code2_s, table, code2);
   }
-  const int k = prepare_activations<Fmt, true, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
-  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
+  // fp16's range guard read after the first batch (below) where at most two CTAs share an SM
+  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && (WIDE || CTAS < 3);
+  int k = prepare_activations<Fmt, true, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
 #pragma unroll
   for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
@@ -703,7 +714,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 stage = q4::shared_address(staged_a);
   float acc[2] = {0.0f, 0.0f};
   constexpr int kStep = kParts * UNROLL;  // tiles a part advances per batch
-  for (int t0 = live ? part : tiles; t0 < tiles; t0 += kStep) {
+  auto multiply_batch = [&](int t0) {  // tiles t0 + kParts u, each slot refilled with the tile kStep on
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int t = t0 + kParts * u;
@@ -717,7 +728,33 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
       fetch(u, t + kStep);
     }
+  };
+  int t0 = live ? part : tiles;
+  if constexpr (kDeferGuard) {
+    // fp16's range guard is read once the first batch is multiplied, its refills in flight:
+    // read right after the barrier, it holds up every warp's first multiply. Where k != 0
+    // (A's largest magnitude below 2^-2) the first batch is fetched again and multiplied on
+    // the rescaled copy, so every sum is the one the guard read first gives (same bits).
+    // H100, one fp16 token, us, read first / deferred (NOTES_matmul_4bit.md run 132): 4096 x
+    // 4096 6.33 / 6.22, 2048 x 4096 5.01 / 4.90, 28672 x 8192 49.30 / 48.68, 32000 x 4096
+    // 28.84 / 28.09. With three narrow CTAs an SM it loses (11008 x 4096 11.86 / 12.19, 6144
+    // x 4096 7.64 / 7.99): there other CTAs' warps fill the wait, and the guard stays first.
+    if (t0 < tiles) multiply_batch(t0);
+    k = guard_exponent(amax_s);
+    if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
+      __syncthreads();  // every warp is done with the unscaled copy
+      rescale_staged(staged_a, K, k);
+      acc[0] = acc[1] = 0.0f;
+      if (t0 < tiles) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) fetch(u, t0 + kParts * u);
+        multiply_batch(t0);
+      }
+    }
+    t0 += kStep;
   }
+  for (; t0 < tiles; t0 += kStep) multiply_batch(t0);
+  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
   // the four lanes of a row (chunks 0..3 of each tile), then the strip's parts in order
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
