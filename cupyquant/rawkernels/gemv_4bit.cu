@@ -706,6 +706,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   // fp16's range guard read after the first batch (below) where at most two CTAs share an SM
   constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && (WIDE || CTAS < 3);
   int k = prepare_activations<Fmt, true, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
+  float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k (a deferred guard sets it again)
 #pragma unroll
   for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
@@ -729,8 +730,8 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       fetch(u, t + kStep);
     }
   };
-  int t0 = live ? part : tiles;
   if constexpr (kDeferGuard) {
+    int t0 = live ? part : tiles;
     // fp16's range guard is read once the first batch is multiplied, its refills in flight:
     // read right after the barrier, it holds up every warp's first multiply. Where k != 0
     // (A's largest magnitude below 2^-2) the first batch is fetched again and multiplied on
@@ -751,10 +752,11 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         multiply_batch(t0);
       }
     }
-    t0 += kStep;
+    unscale = __uint_as_float((u32)(127 - k) << 23);
+    for (t0 += kStep; t0 < tiles; t0 += kStep) multiply_batch(t0);
+  } else {
+    for (int t0 = live ? part : tiles; t0 < tiles; t0 += kStep) multiply_batch(t0);
   }
-  for (; t0 < tiles; t0 += kStep) multiply_batch(t0);
-  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
   // the four lanes of a row (chunks 0..3 of each tile), then the strip's parts in order
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
