@@ -431,6 +431,9 @@ __device__ __forceinline__ void load_staged_chunk(u32 stage, int c, uint4 (&x)[4
 // 2^k in both fp16 halves of a word (-14 <= k <= 15).
 __device__ __forceinline__ u32 half2_power_of_two(int k) { return ((u32)(k + 15) << 10) * 0x10001u; }
 
+// 2^-k as a float32: what the row sums of A taken as 2^k times its value are scaled back by.
+__device__ __forceinline__ float power_of_two_inverse(int k) { return __uint_as_float((u32)(127 - k) << 23); }
+
 // A's first kHeadUnits 16-byte units a thread (units threadIdx.x + kHalfThreads q), loaded
 // before the weights (as q4::ByteTableInputs) and handed to prepare_activations (HEAD).
 constexpr int kHeadUnits = 2;
@@ -563,7 +566,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   }
   const int k = prepare_activations<Fmt, STAGED, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
   const u32 scale2 = half2_power_of_two(k);
-  const float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k
+  const float unscale = power_of_two_inverse(k);
   if (row0 >= N) return;  // no barrier follows
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
@@ -706,7 +709,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   // fp16's range guard read after the first batch (below) where at most two CTAs share an SM
   constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && (WIDE || CTAS < 3);
   int k = prepare_activations<Fmt, true, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
-  float unscale = __uint_as_float((u32)(127 - k) << 23);  // 2^-k (a deferred guard sets it again)
+  float unscale = power_of_two_inverse(k);  // (a deferred guard sets it again)
 #pragma unroll
   for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
@@ -752,7 +755,7 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
         multiply_batch(t0);
       }
     }
-    unscale = __uint_as_float((u32)(127 - k) << 23);
+    unscale = power_of_two_inverse(k);
     for (t0 += kStep; t0 < tiles; t0 += kStep) multiply_batch(t0);
   } else {
     for (int t0 = live ? part : tiles; t0 < tiles; t0 += kStep) multiply_batch(t0);
