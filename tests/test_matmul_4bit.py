@@ -772,6 +772,24 @@ def test_gpu_half_gemv_fp16_activation_range(cp, path, magnitude):
     assert rel_error(out, "float16", expected) < TOLERANCE["float16"]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("magnitude", (1.0, 1e-6, 3e-2, "outlier"))
+def test_gpu_half_gemv_deferred_guard_same_bits(cp, magnitude):
+    # The staged builds read fp16's range guard after their first batch and, where it scales
+    # A (k != 0), multiply that batch again on the rescaled copy; the unstaged build of the
+    # same configuration reads it first and scales A as it loads it. The sums are the same
+    # either way: the same bits. (N, K) = (40, 4160): warps past N, three batches a warp.
+    # "outlier": one activation of 3 among ones of 1e-3 (k = 0).
+    scale = 1e-3 if magnitude == "outlier" else magnitude
+    a_bits, packed, qs, expected = activation_range_case(40, 4160, scale)
+    if magnitude == "outlier":
+        a_bits[1234] = ref.from_float32(np.array([3.0], np.float32), "float16")[0]
+        expected = reference(a_bits, "float16", 1, packed, qs, None)
+    outs = [run_gpu(cp, a_bits, "float16", 1, packed, qs, None, path=path) for path in ("half-4x2c2s", "half-4x2c2")]
+    np.testing.assert_array_equal(outs[0].view(np.uint16), outs[1].view(np.uint16))
+    assert rel_error(outs[0], "float16", expected) < TOLERANCE["float16"]
+
+
 def test_forced_small_kernel_paths_refuse_more_than_16_tokens(monkeypatch):
     # gemm_4bit_small's forced variants would otherwise fall back to gemm_4bit_mma, which
     # reads A row-major while a fragment-order copy was made.

@@ -518,6 +518,8 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
 // NOTES_matmul_4bit.md run 46). Elsewhere the weights first do better (28672 x 8192 tiled:
 // 49.8 against 50.5 us with the prologue first): a CTA of a later wave, or with a long
 // stream of weights, then starts that stream at once.
+// fp16's range guard: STAGED builds read it after their first batch, not right after the
+// prologue's barrier (kDeferGuard, below).
 template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false,
           bool PROLOGUE_FIRST = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
@@ -564,10 +566,12 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   } else {
     q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
   }
-  const int k = prepare_activations<Fmt, STAGED, PROLOGUE_FIRST>(A, K, staged_a, amax_s, head);
-  const u32 scale2 = half2_power_of_two(k);
-  const float unscale = power_of_two_inverse(k);
-  if (row0 >= N) return;  // no barrier follows
+  // fp16's range guard read after the first batch (below) where A is staged
+  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && STAGED;
+  int k = prepare_activations<Fmt, STAGED, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
+  const u32 scale2 = half2_power_of_two(k);  // (read by unstaged builds only, which never defer)
+  float unscale = power_of_two_inverse(k);  // (a deferred guard sets it again)
+  if (!kDeferGuard && row0 >= N) return;  // no barrier follows (a deferred guard's may)
 
   const float off = NESTED ? __ldg(offset) : 0.0f;
   const ByteLookup<false> lookup{q4::shared_address(lut), 4u * (u32)lane};
@@ -575,7 +579,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
-  for (int c0 = lane; c0 < chunks; c0 += kStep) {
+  auto multiply_batch = [&](int c0) {  // chunks c0 + 32 u, each slot refilled with the chunk kStep on
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int c = c0 + 32 * u;
@@ -597,8 +601,38 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
         acc[r] = fmaf(chunk_dot_half<Fmt>(w[u][r], x, lookup), s, acc[r]);
       }
       fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
-                                nested_absmax, chunk_shift, unit0);
+                                       nested_absmax, chunk_shift, unit0);
     }
+  };
+  if constexpr (kDeferGuard) {
+    // As in gemv_4bit_tiled: the guard is read once the first batch is multiplied and its
+    // refills are in flight; where k != 0 the first batch is fetched again and multiplied on
+    // the rescaled copy (same bits as the guard read first). Warps past N stay for the
+    // barriers and multiply nothing. H100, one fp16 token, us, read first / deferred
+    // (NOTES_matmul_4bit.md run 133): 4096 x 4096 (2x2c3) 6.94 / 6.49, 4096 x 11008 13.51 /
+    // 12.91, 28672 x 8192 (2x2c3) 48.40 / 47.60, 8192 x 28672 (4x2c2) 46.88 / 46.40;
+    // 11008 x 4096 (4x1c3) 12.15 / 12.22. Unlike the tiled kernel's, builds of three CTAs an
+    // SM gain too, so every staged one defers.
+    int c0 = first;
+    if (c0 < chunks) multiply_batch(c0);
+    k = guard_exponent(amax_s);
+    if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
+      __syncthreads();  // every warp is done with the unscaled copy
+      rescale_staged(staged_a, K, k);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+      if (c0 < chunks) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+          fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c0 + 32 * u, chunks, packed, absmax, qabsmax,
+                                           nested_absmax, chunk_shift, unit0);
+        multiply_batch(c0);
+      }
+    }
+    unscale = power_of_two_inverse(k);
+    for (c0 += kStep; c0 < chunks; c0 += kStep) multiply_batch(c0);
+  } else {
+    for (int c0 = lane; c0 < chunks; c0 += kStep) multiply_batch(c0);
   }
 
 #pragma unroll
