@@ -174,11 +174,14 @@ _TGEMV_STATIC_SMEM = _HALF_STATIC_SMEM + 4 * 16 * _HALF_WARPS  # and the strips'
 _TGEMV_WIDE_CONFIG = (1, 2, 3)
 _TGEMV_WIDE_TABLE = 256 * 256  # bytes (the kernel's kWideTableBytes)
 _TGEMV_WIDE_STATIC_SMEM = _TGEMV_STATIC_SMEM - 4 * 256 * 32 + 16  # its static table is a stub
-# The tiles a warp of gemv_4bit_tiled requests before its prologue in the bf16 PROLOGUE_FIRST
-# builds (the kernel's AHEAD; the fp16 ones request all UNROLL). H100, run 48 of
-# NOTES_matmul_4bit.md, bf16 us, one token, all / 1: 4096 x 4096 6.71-6.75 / 6.43-6.48,
-# 11008 x 4096 12.12-12.13 / 11.83-11.84, 4096 x 11008 12.88 / 12.66-12.69; fp16 6.48 / 6.70-6.72.
-_TGEMV_BF16_AHEAD = 1
+# The tiles a warp of gemv_4bit_tiled requests before its prologue in the PROLOGUE_FIRST builds
+# with a short prologue (the kernel's AHEAD): bf16's, which have no range guard, and the wide
+# ones, which read fp16's guard after their first batch; the other fp16 builds request all
+# UNROLL. H100, us, one token, all / 1: bf16 (run 48 of NOTES_matmul_4bit.md) 4096 x 4096
+# 6.71-6.75 / 6.43-6.48, 11008 x 4096 12.12-12.13 / 11.83-11.84, 4096 x 11008 12.88 /
+# 12.66-12.69, fp16 6.48 / 6.70-6.72; fp16 on the wide build (run 137) 4096 x 4096 6.15 /
+# 6.04, 4096 x 11008 12.26 / 11.97.
+_TGEMV_SHORT_PROLOGUE_AHEAD = 1
 # gemm_4bit_small reads A in fragment order (permute_fragments runs first, a copy of A a
 # call) at 9..16 tokens on weights of at least _FRAG_MIN_N rows: each 16-byte activation load
 # of a warp then covers 16 sectors, not 32 (ncu, 28672 x 8192 at 16 tokens: L1 throughput
@@ -1288,13 +1291,15 @@ def _half_order(tiled: bool, first: bool) -> str:
 
 def _tgemv_order(fmt: str, first: bool, wide: bool = False) -> str:
     """gemv_4bit_tiled's trailing template arguments: PROLOGUE_FIRST where ``first``, then
-    AHEAD for bf16 (_TGEMV_BF16_AHEAD); a ``wide`` build (_TGEMV_WIDE_CONFIG) spells all
-    three out (AHEAD otherwise its default, the configuration's UNROLL), then WIDE."""
-    bf16_ahead = fmt == "bfloat16" and first
+    AHEAD for bf16 (_TGEMV_SHORT_PROLOGUE_AHEAD); a ``wide`` build (_TGEMV_WIDE_CONFIG) spells
+    all three out (AHEAD _TGEMV_SHORT_PROLOGUE_AHEAD in either format where ``first``,
+    otherwise its default, the configuration's UNROLL), then WIDE."""
     if wide:
-        ahead = _TGEMV_BF16_AHEAD if bf16_ahead else _TGEMV_WIDE_CONFIG[1]
+        ahead = _TGEMV_SHORT_PROLOGUE_AHEAD if first else _TGEMV_WIDE_CONFIG[1]
         return f", {str(first).lower()}, {ahead}, true"
-    return f", true, {_TGEMV_BF16_AHEAD}" if bf16_ahead else (", true" if first else "")
+    if fmt == "bfloat16" and first:
+        return f", true, {_TGEMV_SHORT_PROLOGUE_AHEAD}"
+    return ", true" if first else ""
 
 
 def _prologue_first(grid: int, ctas: int, rows: int, K: int) -> bool:

@@ -674,7 +674,7 @@ def test_gpu_one_token_prologue_order_same_bits(cp, monkeypatch, path, tiled, ne
         # after TILED = false on gemv_4bit_half's bitsandbytes layout, and before
         # gemv_4bit_tiled's bf16 AHEAD), then the other
         assert kernels[0] != kernels[1] and kernels[0].startswith(kernels[1][:-1]), kernels
-        ahead = f", {mm._TGEMV_BF16_AHEAD}" if path.startswith("tgemv") and fmt == "bfloat16" else ""
+        ahead = f", {mm._TGEMV_SHORT_PROLOGUE_AHEAD}" if path.startswith("tgemv") and fmt == "bfloat16" else ""
         assert kernels[0].endswith(f", true{ahead}>"), kernels
         np.testing.assert_array_equal(outs[0], outs[1])
         got = outs[0].view(np.float16) if fmt == "float16" else outs[0]

@@ -576,6 +576,19 @@ def test_tgemv_config_and_pick(monkeypatch):
     assert not mm._tgemv_applies("float32", 1, 4096, 4096, True)
 
 
+def test_tgemv_ahead_rule():
+    # The PROLOGUE_FIRST builds with a short prologue request one tile a warp before it: bf16's
+    # (no range guard) and the wide ones (fp16's guard read after the first batch); the other
+    # fp16 builds request their whole first batch. Template arguments after the configuration.
+    ahead = mm._TGEMV_SHORT_PROLOGUE_AHEAD
+    assert mm._tgemv_order("float16", True, wide=True) == f", true, {ahead}, true"
+    assert mm._tgemv_order("bfloat16", True, wide=True) == f", true, {ahead}, true"
+    assert mm._tgemv_order("float16", False, wide=True) == f", false, {mm._TGEMV_WIDE_CONFIG[1]}, true"
+    assert mm._tgemv_order("bfloat16", True) == f", true, {ahead}"
+    assert mm._tgemv_order("float16", True) == ", true"
+    assert mm._tgemv_order("bfloat16", False) == mm._tgemv_order("float16", False) == ""
+
+
 def test_tgemv_wide_rule():
     # The wide table where two of its CTAs an SM hold the whole grid (one strip a CTA):
     # an H100's 132 SMs and 228 KB an SM.
@@ -596,7 +609,7 @@ def test_tgemv_wide_rule():
     from cupyquant import rawkernels
 
     exprs = rawkernels.expressions("gemv_4bit.cu")
-    assert "gemv_4bit_tiled<Float16, true, 1, 2, 3, true, 2, true>" in exprs
+    assert "gemv_4bit_tiled<Float16, true, 1, 2, 3, true, 1, true>" in exprs
     assert "gemv_4bit_tiled<BFloat16, true, 1, 2, 3, true, 1, true>" in exprs
     assert sum(e.startswith("gemv_4bit_tiled<") and e.endswith(", true>") and e.count(",") == 7 for e in exprs) == 8
 

@@ -518,8 +518,8 @@ __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, in
 // NOTES_matmul_4bit.md run 46). Elsewhere the weights first do better (28672 x 8192 tiled:
 // 49.8 against 50.5 us with the prologue first): a CTA of a later wave, or with a long
 // stream of weights, then starts that stream at once.
-// fp16's range guard: STAGED builds read it after their first batch, not right after the
-// prologue's barrier (kDeferGuard, below).
+// STAGED builds multiply their first batch outside the chunk loop (kPeelFirst), and in fp16
+// read the range guard after it, not right after the prologue's barrier (kDeferGuard, below).
 template <class Fmt, bool NESTED, int ROWS, int UNROLL, int CTAS, bool STAGED, bool TILED = false,
           bool PROLOGUE_FIRST = false>
 __global__ void __launch_bounds__(kHalfThreads, CTAS)
@@ -566,8 +566,10 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   } else {
     q4::fill_byte_table<Fmt, NESTED, kHalfThreads>(lut, code2_s, table, code2);
   }
-  // fp16's range guard read after the first batch (below) where A is staged
-  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && STAGED;
+  // Staged builds multiply the first batch outside the chunk loop and read fp16's range guard
+  // after it (below).
+  constexpr bool kPeelFirst = STAGED;
+  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && kPeelFirst;
   int k = prepare_activations<Fmt, STAGED, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
   const u32 scale2 = half2_power_of_two(k);  // (read by unstaged builds only, which never defer)
   float unscale = power_of_two_inverse(k);  // (a deferred guard sets it again)
@@ -604,32 +606,39 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
                                        nested_absmax, chunk_shift, unit0);
     }
   };
-  if constexpr (kDeferGuard) {
-    // As in gemv_4bit_tiled: the guard is read once the first batch is multiplied and its
-    // refills are in flight; where k != 0 the first batch is fetched again and multiplied on
-    // the rescaled copy (same bits as the guard read first). Warps past N stay for the
-    // barriers and multiply nothing. H100, one fp16 token, us, read first / deferred
-    // (NOTES_matmul_4bit.md run 133): 4096 x 4096 (2x2c3) 6.94 / 6.49, 4096 x 11008 13.51 /
-    // 12.91, 28672 x 8192 (2x2c3) 48.40 / 47.60, 8192 x 28672 (4x2c2) 46.88 / 46.40;
-    // 11008 x 4096 (4x1c3) 12.15 / 12.22. Unlike the tiled kernel's, builds of three CTAs an
-    // SM gain too, so every staged one defers.
+  // STAGED builds multiply the first batch outside the loop, as gemv_4bit_tiled's builds of
+  // two CTAs an SM do. H100, one bf16 token, us, looped / peeled (NOTES_matmul_4bit.md runs
+  // 135-136): 28672 x 8192 (2x2c3) 47.38 / 46.99, 11008 x 4096 (4x1c3) 12.14 / 11.92, 4096 x
+  // 4096 (2x2c3) 6.94 / 6.90, 8192 x 28672 (4x2c2) 46.52 / 46.50; the unstaged build loses
+  // (4096 x 4096, forced: 7.64 / 7.95) and keeps the loop.
+  if constexpr (kPeelFirst) {
     int c0 = first;
     if (c0 < chunks) multiply_batch(c0);
-    k = guard_exponent(amax_s);
-    if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
-      __syncthreads();  // every warp is done with the unscaled copy
-      rescale_staged(staged_a, K, k);
+    if constexpr (kDeferGuard) {
+      // As in gemv_4bit_tiled: the guard is read once the first batch is multiplied and its
+      // refills are in flight; where k != 0 the first batch is fetched again and multiplied on
+      // the rescaled copy (same bits as the guard read first). Warps past N stay for the
+      // barriers and multiply nothing. H100, one fp16 token, us, read first / deferred
+      // (NOTES_matmul_4bit.md run 133): 4096 x 4096 (2x2c3) 6.94 / 6.49, 4096 x 11008 13.51 /
+      // 12.91, 28672 x 8192 (2x2c3) 48.40 / 47.60, 8192 x 28672 (4x2c2) 46.88 / 46.40;
+      // 11008 x 4096 (4x1c3) 12.15 / 12.22. Unlike the tiled kernel's, builds of three CTAs an
+      // SM gain too, so every staged one defers.
+      k = guard_exponent(amax_s);
+      if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
+        __syncthreads();  // every warp is done with the unscaled copy
+        rescale_staged(staged_a, K, k);
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
-      if (c0 < chunks) {
+        for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+        if (c0 < chunks) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
-          fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c0 + 32 * u, chunks, packed, absmax, qabsmax,
-                                           nested_absmax, chunk_shift, unit0);
-        multiply_batch(c0);
+          for (int u = 0; u < UNROLL; ++u)
+            fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c0 + 32 * u, chunks, packed, absmax,
+                                             qabsmax, nested_absmax, chunk_shift, unit0);
+          multiply_batch(c0);
+        }
       }
+      unscale = power_of_two_inverse(k);
     }
-    unscale = power_of_two_inverse(k);
     for (c0 += kStep; c0 < chunks; c0 += kStep) multiply_batch(c0);
   } else {
     for (int c0 = lane; c0 < chunks; c0 += kStep) multiply_batch(c0);
@@ -669,18 +678,18 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
 // for bf16 with PROLOGUE_FIRST: without fp16's range check its prologue is short, and fewer
 // weight bytes requested ahead let its loads land sooner (H100, one token, 4096 x 4096 6.73
 // -> 6.45 us, 11008 x 4096 12.12 -> 11.83; fp16 loses 0.1-0.2 with it; NOTES_matmul_4bit.md
-// run 48).
+// run 48). fp16's WIDE builds take 1 too, since they read the guard late (run 137: 4096 x
+// 4096 6.15 -> 6.04, 4096 x 11008 12.26 -> 11.97).
 // WIDE: the wide byte table (ByteLookup), first in the dynamic shared memory (kWideTableBytes,
 // then A). Its multiplies issue ~17% fewer instructions (SASS of the 1x2c3 builds); the
 // launcher takes it where two of its CTAs an SM hold the grid in one wave (_tgemv_wide).
 // H100, one token, us, narrow / wide (fp16, bf16; same bits; NOTES_matmul_4bit.md run 125):
 // 4096 x 4096 6.45 / 6.36, 6.40 / 6.17; 2048 x 4096 5.16 / 4.95, 5.29 / 4.91; 4096 x 11008
 // 12.88 / 12.39, 12.62 / 12.08; 4096 x 14336 15.93 / 15.02, 15.55 / 14.69. Elsewhere its
-// footprint costs more than it saves (28672 x 8192: 49.9 / 52.0, run 123). fp16 WIDE builds
-// also request the nested offset at entry, before the weights, not after the prologue (4096
-// x 4096 6.46 -> 6.34; in bf16 builds it lost, 6.15 -> 6.45: run 123).
-// fp16's range guard: builds of at most two CTAs an SM (WIDE, or CTAS < 3) read it after
-// their first batch, not right after the prologue's barrier (kDeferGuard, below).
+// footprint costs more than it saves (28672 x 8192: 49.9 / 52.0, run 123).
+// Builds of at most two CTAs an SM (WIDE, or CTAS < 3) multiply their first batch outside the
+// tile loop (kPeelFirst), and in fp16 read the range guard after it, not right after the
+// prologue's barrier (kDeferGuard, below).
 constexpr int kWideTableBytes = 256 * 256;
 
 template <class Fmt, bool NESTED, int STRIPS, int UNROLL, int CTAS, bool PROLOGUE_FIRST = false, int AHEAD = UNROLL,
@@ -713,8 +722,6 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
 
   q4::ByteTableInputs<Fmt, NESTED, kHalfThreads> table_inputs;
   ActivationHead head;
-  constexpr bool kOffsetFirst = NESTED && WIDE && SumsInHalf<Fmt>::value;
-  const float early_offset = kOffsetFirst ? __ldg(offset) : 0.0f;
   if constexpr (PROLOGUE_FIRST) {
     table_inputs.load(table, code2);
     head.load(A, K);
@@ -740,14 +747,16 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   } else {
     q4::fill_byte_table<Fmt, NESTED, kHalfThreads, WIDE>(lut, code2_s, table, code2);
   }
-  // fp16's range guard read after the first batch (below) where at most two CTAs share an SM
-  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && (WIDE || CTAS < 3);
+  // Builds of at most two CTAs an SM multiply their first batch outside the tile loop, and
+  // read fp16's range guard after it (below).
+  constexpr bool kPeelFirst = WIDE || CTAS < 3;
+  constexpr bool kDeferGuard = SumsInHalf<Fmt>::value && kPeelFirst;
   int k = prepare_activations<Fmt, true, PROLOGUE_FIRST, kDeferGuard>(A, K, staged_a, amax_s, head);
   float unscale = power_of_two_inverse(k);  // (a deferred guard sets it again)
 #pragma unroll
   for (int u = AHEAD; u < UNROLL; ++u) fetch(u, part + kParts * u);
 
-  const float off = kOffsetFirst ? early_offset : (NESTED ? __ldg(offset) : 0.0f);
+  const float off = NESTED ? __ldg(offset) : 0.0f;
   const ByteLookup<WIDE> lookup{q4::shared_address(lut), 4u * (u32)lane};
   const u32 stage = q4::shared_address(staged_a);
   float acc[2] = {0.0f, 0.0f};
@@ -767,29 +776,36 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       fetch(u, t + kStep);
     }
   };
-  if constexpr (kDeferGuard) {
+  if constexpr (kPeelFirst) {
+    // The first batch out of the loop: ptxas then schedules it apart from the refilling
+    // loop, which gains wherever at most two CTAs share an SM and loses with three narrow
+    // ones, whose other CTAs' warps fill the wait anyway. H100, one bf16 token, us, looped /
+    // peeled (NOTES_matmul_4bit.md run 135): 4096 x 4096 (wide) 6.14 / 5.98, 4096 x 11008
+    // (wide) 12.10 / 11.87, 28672 x 8192 (2x3c2) 49.30 / 49.27; 11008 x 4096 (2x2c3) 11.83
+    // / 12.06, and fp16 6144 x 4096 (1x2c3) 7.63 / 8.23.
     int t0 = live ? part : tiles;
-    // fp16's range guard is read once the first batch is multiplied, its refills in flight:
-    // read right after the barrier, it holds up every warp's first multiply. Where k != 0
-    // (A's largest magnitude below 2^-2) the first batch is fetched again and multiplied on
-    // the rescaled copy, so every sum is the one the guard read first gives (same bits).
-    // H100, one fp16 token, us, read first / deferred (NOTES_matmul_4bit.md run 132): 4096 x
-    // 4096 6.33 / 6.22, 2048 x 4096 5.01 / 4.90, 28672 x 8192 49.30 / 48.68, 32000 x 4096
-    // 28.84 / 28.09. With three narrow CTAs an SM it loses (11008 x 4096 11.86 / 12.19, 6144
-    // x 4096 7.64 / 7.99): there other CTAs' warps fill the wait, and the guard stays first.
     if (t0 < tiles) multiply_batch(t0);
-    k = guard_exponent(amax_s);
-    if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
-      __syncthreads();  // every warp is done with the unscaled copy
-      rescale_staged(staged_a, K, k);
-      acc[0] = acc[1] = 0.0f;
-      if (t0 < tiles) {
+    if constexpr (kDeferGuard) {
+      // fp16's range guard is read once the first batch is multiplied, its refills in flight:
+      // read right after the barrier, it holds up every warp's first multiply. Where k != 0
+      // (A's largest magnitude below 2^-2) the first batch is fetched again and multiplied on
+      // the rescaled copy, so every sum is the one the guard read first gives (same bits).
+      // H100, one fp16 token, us, read first / deferred (NOTES_matmul_4bit.md run 132): 4096
+      // x 4096 6.33 / 6.22, 2048 x 4096 5.01 / 4.90, 28672 x 8192 49.30 / 48.68, 32000 x
+      // 4096 28.84 / 28.09.
+      k = guard_exponent(amax_s);
+      if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
+        __syncthreads();  // every warp is done with the unscaled copy
+        rescale_staged(staged_a, K, k);
+        acc[0] = acc[1] = 0.0f;
+        if (t0 < tiles) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) fetch(u, t0 + kParts * u);
-        multiply_batch(t0);
+          for (int u = 0; u < UNROLL; ++u) fetch(u, t0 + kParts * u);
+          multiply_batch(t0);
+        }
       }
+      unscale = power_of_two_inverse(k);
     }
-    unscale = power_of_two_inverse(k);
     for (t0 += kStep; t0 < tiles; t0 += kStep) multiply_batch(t0);
   } else {
     for (int t0 = live ? part : tiles; t0 < tiles; t0 += kStep) multiply_batch(t0);
