@@ -464,6 +464,21 @@ __device__ __forceinline__ void rescale_staged(uint4* staged_a, int K, int k) {
   __syncthreads();
 }
 
+// fp16's range guard read late, once a warp's first batch is multiplied (every thread of the
+// CTA calls it): k from the warps' maxima (guard_exponent); where k != 0 the staged copy is
+// rescaled and `redo` multiplies the first batch again on it, so every sum is the one an
+// early read gives. Returns k.
+template <class Redo>
+__device__ __forceinline__ int read_guard_late(const u32* amax_s, uint4* staged_a, int K, Redo&& redo) {
+  const int k = guard_exponent(amax_s);
+  if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
+    __syncthreads();  // every warp is done with the unscaled copy
+    rescale_staged(staged_a, K, k);
+    redo();
+  }
+  return k;
+}
+
 // The one-token kernels' activation prologue, run by every thread of a CTA of kHalfThreads:
 // STAGED copies A (K fp16 / bf16 values) into staged_a at staged_unit positions; for fp16 it
 // also finds A's largest magnitude and returns k such that the kernel may treat A as 2^k
@@ -623,10 +638,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
       // 12.91, 28672 x 8192 (2x2c3) 48.40 / 47.60, 8192 x 28672 (4x2c2) 46.88 / 46.40;
       // 11008 x 4096 (4x1c3) 12.15 / 12.22. Unlike the tiled kernel's, builds of three CTAs an
       // SM gain too, so every staged one defers.
-      k = guard_exponent(amax_s);
-      if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
-        __syncthreads();  // every warp is done with the unscaled copy
-        rescale_staged(staged_a, K, k);
+      k = read_guard_late(amax_s, staged_a, K, [&] {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
         if (c0 < chunks) {
@@ -636,7 +648,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
                                              qabsmax, nested_absmax, chunk_shift, unit0);
           multiply_batch(c0);
         }
-      }
+      });
       unscale = power_of_two_inverse(k);
     }
     for (c0 += kStep; c0 < chunks; c0 += kStep) multiply_batch(c0);
@@ -788,22 +800,18 @@ gemv_4bit_tiled(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     if constexpr (kDeferGuard) {
       // fp16's range guard is read once the first batch is multiplied, its refills in flight:
       // read right after the barrier, it holds up every warp's first multiply. Where k != 0
-      // (A's largest magnitude below 2^-2) the first batch is fetched again and multiplied on
-      // the rescaled copy, so every sum is the one the guard read first gives (same bits).
+      // (A's largest magnitude below 2^-2) the first batch is fetched and multiplied again.
       // H100, one fp16 token, us, read first / deferred (NOTES_matmul_4bit.md run 132): 4096
       // x 4096 6.33 / 6.22, 2048 x 4096 5.01 / 4.90, 28672 x 8192 49.30 / 48.68, 32000 x
       // 4096 28.84 / 28.09.
-      k = guard_exponent(amax_s);
-      if (k != 0) {  // k is the CTA's: the barriers are reached by all threads or none
-        __syncthreads();  // every warp is done with the unscaled copy
-        rescale_staged(staged_a, K, k);
+      k = read_guard_late(amax_s, staged_a, K, [&] {
         acc[0] = acc[1] = 0.0f;
         if (t0 < tiles) {
 #pragma unroll
           for (int u = 0; u < UNROLL; ++u) fetch(u, t0 + kParts * u);
           multiply_batch(t0);
         }
-      }
+      });
       unscale = power_of_two_inverse(k);
     }
     for (t0 += kStep; t0 < tiles; t0 += kStep) multiply_batch(t0);
