@@ -486,7 +486,7 @@ __device__ __forceinline__ int read_guard_late(const u32* amax_s, uint4* staged_
 // by the caller as it is read), else 0. Ends with a barrier (two where a staged copy is
 // rescaled). HEAD: A's first units come from `head` (ActivationHead::load, called earlier).
 // DEFER_GUARD: the warps' maxima are left in amax_s, k is not read (0 is returned); the
-// caller reads it later (guard_exponent) and rescales the staged copy itself.
+// caller reads it later and rescales the staged copy itself (read_guard_late).
 template <class Fmt, bool STAGED, bool HEAD, bool DEFER_GUARD = false>
 __device__ __forceinline__ int prepare_activations(const u16* __restrict__ A, int K, uint4* staged_a, u32* amax_s,
                                                    const ActivationHead& head) {
@@ -571,11 +571,13 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
   uint4 w[UNROLL][ROWS];
   float sv[UNROLL][ROWS];
   u32 sq[UNROLL][ROWS];
+  auto fetch = [&](int u, int c) {  // chunk c of each of the warp's rows into slot u (nothing past K)
+    fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c, chunks, packed, absmax, qabsmax, nested_absmax,
+                                     chunk_shift, unit0);
+  };
   const int first = row0 < N ? lane : chunks;  // a warp past N loads nothing
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u)
-    fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, first + 32 * u, chunks, packed, absmax, qabsmax,
-                              nested_absmax, chunk_shift, unit0);
+  for (int u = 0; u < UNROLL; ++u) fetch(u, first + 32 * u);
   if constexpr (PROLOGUE_FIRST) {
     table_inputs.fill(lut, code2_s);
   } else {
@@ -617,8 +619,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
         const float s = q4::scale_decode<NESTED>(sv[u][r], sq[u][r], code2_s, off);
         acc[r] = fmaf(chunk_dot_half<Fmt>(w[u][r], x, lookup), s, acc[r]);
       }
-      fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c + kStep, chunks, packed, absmax, qabsmax,
-                                       nested_absmax, chunk_shift, unit0);
+      fetch(u, c + kStep);
     }
   };
   // STAGED builds multiply the first batch outside the loop, as gemv_4bit_tiled's builds of
@@ -643,9 +644,7 @@ gemv_4bit_half(const u16* __restrict__ A, const u8* __restrict__ packed, const f
         for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
         if (c0 < chunks) {
 #pragma unroll
-          for (int u = 0; u < UNROLL; ++u)
-            fetch_chunk<NESTED, ROWS, TILED>(w[u], sv[u], sq[u], chunk0, c0 + 32 * u, chunks, packed, absmax,
-                                             qabsmax, nested_absmax, chunk_shift, unit0);
+          for (int u = 0; u < UNROLL; ++u) fetch(u, c0 + 32 * u);
           multiply_batch(c0);
         }
       });
