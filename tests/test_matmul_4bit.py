@@ -857,13 +857,16 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
     # requested: the same bits, on 8-warp CTAs whose warps have several whole
     # batches (K = 8192 and more, split 8 ways at most), one (K = 4096) or fewer segments than
     # a batch of 4 (K = 384 / 320, unsplit), one or two row tiles a warp, and a last batch cut
-    # short or (row-major, K % 128 = 64) a segment K cuts.
+    # short or (row-major, K % 128 = 64) a segment K cuts. The short builds (BATCH 4) sum a
+    # split over all 8 warps with every partial loaded first (ksplit_store), the others in
+    # cta_ksplit_sum's loop: K = 4096 is split 8 ways, so the two are compared there.
     shapes = (((272, 8192), (144, 8320), (272, 4096), (144, 384)) if tiled
               else ((272, 8192), (48, 8256), (272, 4096), (48, 320)))  # fmt: skip
     paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
     batch4 = mm._SMALL_BATCH_TWO_TILES  # built for 9..16 tokens only
     schedules = [(False, 0, False), (True, 0, False)] + (
         [(False, batch4, False), (True, batch4, False), (True, batch4, True)] if M > 8 else [])
+    splits = set()
     for (N, K), path in ((shape, path) for shape in shapes for path in paths):
         a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N)
         ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
@@ -873,7 +876,8 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
         for early, batch, after in schedules:
             monkeypatch.setattr(mm, "_small_schedule", lambda *_, e=early, b=batch: (e, b))
             monkeypatch.setattr(mm, "_small_last_after_multiply", lambda _, a=after: a)
-            kernel, tiles, _, _, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8, tiled=tiled)
+            kernel, tiles, _, ksplit, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8, tiled=tiled)
+            splits.add(ksplit)
             flags = (f", {str(tiled).lower()}, {str(early).lower()}, {batch}{', true' if after else ''}" if batch
                      else f", {str(tiled).lower()}, true" if early else mm._TILED_ARG[tiled])  # fmt: skip
             used_rt = rt or int(kernel.split(", ")[3])
@@ -887,6 +891,7 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
             np.testing.assert_array_equal(other, outs[0])
         result = outs[0].view(np.float16) if fmt == "float16" else outs[0]
         assert rel_error(result, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt], (N, K, path)
+    assert 8 in splits  # a split over all 8 warps was among the cases
 
 
 def test_half_config_rejects_unbuilt():

@@ -202,7 +202,13 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int t
 // fragment registers, where cta_ksplit_sum leaves the whole sum and store to the group's
 // first warp. The sum adds kpart 0, 1, .. in the same order, so the bits are the same.
 // Every thread of the CTA calls it (barriers); with ksplit == 1 each warp stores its tiles.
-template <class Fmt, int RT, int MT>
+// Where the split spans all WARPS warps (one group a CTA, as at 4096 x 4096), a warp's
+// registers are kpart + WARPS r: all their partials are loaded before the first add, not
+// one shared-memory trip an add in a loop over the run-time split, which every warp of the
+// CTA waited out after the last barrier. Same sums in the same order. H100, us, loop /
+// loaded first (NOTES_matmul_4bit.md run 143): 4096 x 4096 at 16 tokens tiled 8.30 / 7.90,
+// row-major 8.89 / 8.56, at 9 tokens 7.78 / 7.43; 8192 x 4096 at 16 tokens 11.78 / 11.24.
+template <class Fmt, int RT, int MT, int WARPS>
 __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], float* red, int warp, int lane, int kpart,
                                              int ksplit, bool warp_valid, int tile0, int tok0, int M, int N,
                                              const u16* __restrict__ bias, int has_bias, u16* __restrict__ out) {
@@ -218,6 +224,25 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
   __syncthreads();
   if (!warp_valid) return;
   const float* first = red + (warp - kpart) * kPerWarp * 32 + lane;  // the group's kpart-0 warp
+  if constexpr (kPerWarp % WARPS == 0) {
+    if (ksplit == WARPS) {
+      constexpr int kOwn = kPerWarp / WARPS;  // registers this warp sums
+      float part[kOwn][WARPS];
+#pragma unroll
+      for (int r = 0; r < kOwn; ++r)
+#pragma unroll
+        for (int p = 0; p < WARPS; ++p) part[r][p] = first[(p * kPerWarp + kpart + WARPS * r) * 32];
+#pragma unroll
+      for (int r = 0; r < kOwn; ++r) {
+        float sum = part[r][0];
+#pragma unroll
+        for (int p = 1; p < WARPS; ++p) sum += part[r][p];
+        const int c = kpart + WARPS * r;  // register c is acc[rt][j][i] with c = (rt * MT + j) * 4 + i
+        store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
+      }
+      return;
+    }
+  }
   for (int c = kpart; c < kPerWarp; c += ksplit) {
     float sum = first[c * 32];
     for (int p = 1; p < ksplit; ++p) sum += first[(p * kPerWarp + c) * 32];
@@ -643,8 +668,8 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
 
   if constexpr (kShortShare) {
-    ksplit_store<Fmt>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0, tok0, M, N,
-                      bias, has_bias, out);
+    ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0,
+                                     tok0, M, N, bias, has_bias, out);
     return;
   }
   if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
