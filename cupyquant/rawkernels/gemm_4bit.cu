@@ -224,6 +224,9 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
   __syncthreads();
   if (!warp_valid) return;
   const float* first = red + (warp - kpart) * kPerWarp * 32 + lane;  // the group's kpart-0 warp
+  auto store_register = [&](float sum, int c) {  // register c is acc[rt][j][i], c = (rt * MT + j) * 4 + i
+    store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
+  };
   if constexpr (kPerWarp % WARPS == 0) {
     if (ksplit == WARPS) {
       constexpr int kOwn = kPerWarp / WARPS;  // registers this warp sums
@@ -237,8 +240,7 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
         float sum = part[r][0];
 #pragma unroll
         for (int p = 1; p < WARPS; ++p) sum += part[r][p];
-        const int c = kpart + WARPS * r;  // register c is acc[rt][j][i] with c = (rt * MT + j) * 4 + i
-        store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
+        store_register(sum, kpart + WARPS * r);
       }
       return;
     }
@@ -246,8 +248,7 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
   for (int c = kpart; c < kPerWarp; c += ksplit) {
     float sum = first[c * 32];
     for (int p = 1; p < ksplit; ++p) sum += first[(p * kPerWarp + c) * 32];
-    // register c is acc[rt][j][i] with c = (rt * MT + j) * 4 + i
-    store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
+    store_register(sum, c);
   }
 }
 
