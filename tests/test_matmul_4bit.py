@@ -894,6 +894,36 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
     assert 8 in splits  # a split over all 8 warps was among the cases
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
+@pytest.mark.parametrize("M", (2, 5, 8))
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_one_token_tile_split_sum_same_bits(cp, tiled, M, fmt):
+    # Up to 8 tokens on 8 warps, K split over all 8: the builds reading A row-major sum the
+    # split from partials loaded at once, spread over the warps (ksplit_store); those reading
+    # it in fragment order in cta_ksplit_sum's loop. The adds are the same, in the same
+    # order: the same bits, for one and two row tiles a warp (4 and 8 registers, fewer than
+    # the warps or as many), rows past N, and (row-major) a last segment that K cuts.
+    shapes = ((208, 4096), (272, 4096)) if tiled else ((200, 4096), (272, 4160))
+    for (N, K), rt in ((shape, rt) for shape in shapes for rt in (1, 2)):
+        a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=M + N + rt)
+        ga, gp, gqs, gb = to_gpu(cp, a_bits, packed, qs, bias_bits)
+        data = cq.tile_4bit(gp, gqs).data if tiled else gp
+        outs = []
+        for frag in (False, True):
+            kernel, _, _, ksplit, _, warps = mm._pick_mma(M, N, K, rt, frag=frag, warps=8 if tiled else None,
+                                                          tiled=tiled)  # fmt: skip
+            assert (ksplit, warps) == (8, 8) and kernel.startswith(f"gemm_4bit_small<{{}}, {{}}, 1, {rt}, "
+                                                                   f"{str(frag).lower()}, 8")  # fmt: skip
+            out = cp.full(M * N, 0x7E00 if fmt == "float16" else 0x7FC0, dtype=np.uint16)
+            path = f"mma-frag-rt{rt}" if frag else f"mma-rt{rt}"
+            mm._matmul_fused(ga, fmt, M, N, K, data, gqs, gb, out.view(ga.dtype), path=path, tiled=tiled)
+            outs.append(cp.asnumpy(out))
+        np.testing.assert_array_equal(outs[0], outs[1])
+        result = outs[0].view(np.float16) if fmt == "float16" else outs[0]
+        assert rel_error(result, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt], (N, K, rt)
+
+
 def test_half_config_rejects_unbuilt():
     for config in mm._HALF_CONFIGS:
         assert mm._half_config(mm._half_path(config), 64, 64) == config

@@ -203,7 +203,8 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[RT][MT][4], int t
 // first warp. The sum adds kpart 0, 1, .. in the same order, so the bits are the same.
 // Every thread of the CTA calls it (barriers); with ksplit == 1 each warp stores its tiles.
 // Where the split spans all WARPS warps (one group a CTA, as at 4096 x 4096), a warp's
-// registers are kpart + WARPS r: all their partials are loaded before the first add, not
+// registers are kpart + WARPS r (with fewer registers than warps, warp kpart sums register
+// kpart, and the others have none): all their partials are loaded before the first add, not
 // one shared-memory trip an add in a loop over the run-time split, which every warp of the
 // CTA waited out after the last barrier. Same sums in the same order. H100, us, loop /
 // loaded first (NOTES_matmul_4bit.md run 143): 4096 x 4096 at 16 tokens tiled 8.30 / 7.90,
@@ -227,9 +228,10 @@ __device__ __forceinline__ void ksplit_store(const float (&acc)[RT][MT][4], floa
   auto store_register = [&](float sum, int c) {  // register c is acc[rt][j][i], c = (rt * MT + j) * 4 + i
     store_fragment<Fmt>(sum, c / (MT * 4), (c / 4) % MT, c % 4, tile0, tok0, g, t, M, N, bias, has_bias, out);
   };
-  if constexpr (kPerWarp % WARPS == 0) {
+  if constexpr (kPerWarp % WARPS == 0 || kPerWarp < WARPS) {
     if (ksplit == WARPS) {
-      constexpr int kOwn = kPerWarp / WARPS;  // registers this warp sums
+      constexpr int kOwn = (kPerWarp + WARPS - 1) / WARPS;  // registers this warp sums
+      if (kPerWarp < WARPS && kpart >= kPerWarp) return;
       float part[kOwn][WARPS];
 #pragma unroll
       for (int r = 0; r < kOwn; ++r)
@@ -672,6 +674,22 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0,
                                      tok0, M, N, bias, has_bias, out);
     return;
+  }
+  // One token tile on 8 warps (2..8 tokens, A row-major), split over all 8 (the narrower
+  // weights): ksplit_store's sum from partials loaded at once, spread over the warps, not
+  // the first warp's loop over the split. Same bits. H100, us, loop / loaded first
+  // (NOTES_matmul_4bit.md run 147): 4096 x 4096 tiled at 2 tokens 7.81 / 7.55, at 8 8.20 /
+  // 8.08, row-major at 8 8.86 / 8.72; 11008 x 4096 tiled at 8 14.30 / 14.06. The others keep
+  // the loop: 4-warp CTAs split 4 ways lost 16% with this sum (11008 x 4096 row-major at 8
+  // tokens 16.10 / 18.65), and the tiled builds with plain (not nested) scales and the
+  // table built first, which ptxas then gave a spilled register across the loop, lost 1-2%
+  // (run 148: 4096 x 4096 at 4 tokens 7.53 / 7.63, 11008 x 4096 at 8 15.00 / 15.27).
+  if constexpr (MT == 1 && WARPS == 8 && !FRAG_A && (NESTED || EARLY || !TILED)) {
+    if (ksplit == WARPS) {
+      ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid,
+                                       tile0, tok0, M, N, bias, has_bias, out);
+      return;
+    }
   }
   if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
   if (kpart != 0 || !warp_valid) return;
