@@ -670,26 +670,21 @@ gemm_4bit_small(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     advance(1);
   }
 
-  if constexpr (kShortShare) {
-    ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0,
-                                     tok0, M, N, bias, has_bias, out);
-    return;
-  }
-  // One token tile on 8 warps (2..8 tokens, A row-major), split over all 8 (the narrower
-  // weights): ksplit_store's sum from partials loaded at once, spread over the warps, not
-  // the first warp's loop over the split. Same bits. H100, us, loop / loaded first
+  // The short builds sum the split in ksplit_store, and so do the builds of one token tile
+  // on 8 warps (2..8 tokens, A row-major) where the split spans all 8 (the narrower
+  // weights): there ksplit_store's sum from partials loaded at once, spread over the warps,
+  // replaces the first warp's loop over the split. Same bits. H100, us, loop / loaded first
   // (NOTES_matmul_4bit.md run 147): 4096 x 4096 tiled at 2 tokens 7.81 / 7.55, at 8 8.20 /
   // 8.08, row-major at 8 8.86 / 8.72; 11008 x 4096 tiled at 8 14.30 / 14.06. The others keep
   // the loop: 4-warp CTAs split 4 ways lost 16% with this sum (11008 x 4096 row-major at 8
   // tokens 16.10 / 18.65), and the tiled builds with plain (not nested) scales and the
   // table built first, which ptxas then gave a spilled register across the loop, lost 1-2%
   // (run 148: 4096 x 4096 at 4 tokens 7.53 / 7.63, 11008 x 4096 at 8 15.00 / 15.27).
-  if constexpr (MT == 1 && WARPS == 8 && !FRAG_A && (NESTED || EARLY || !TILED)) {
-    if (ksplit == WARPS) {
-      ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid,
-                                       tile0, tok0, M, N, bias, has_bias, out);
-      return;
-    }
+  constexpr bool kSpreadWholeSplit = MT == 1 && WARPS == 8 && !FRAG_A && (NESTED || EARLY || !TILED);
+  if (kShortShare || (kSpreadWholeSplit && ksplit == WARPS)) {
+    ksplit_store<Fmt, RT, MT, WARPS>(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit, warp_valid, tile0,
+                                     tok0, M, N, bias, has_bias, out);
+    return;
   }
   if (ksplit > 1) cta_ksplit_sum(acc, reinterpret_cast<float*>(lut), warp, lane, kpart, ksplit);
   if (kpart != 0 || !warp_valid) return;
