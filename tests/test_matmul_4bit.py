@@ -857,9 +857,11 @@ def test_gpu_small_early_same_bits(cp, monkeypatch, tiled, M, fmt):
     # requested: the same bits, on 8-warp CTAs whose warps have several whole
     # batches (K = 8192 and more, split 8 ways at most), one (K = 4096) or fewer segments than
     # a batch of 4 (K = 384 / 320, unsplit), one or two row tiles a warp, and a last batch cut
-    # short or (row-major, K % 128 = 64) a segment K cuts. The short builds (BATCH 4) sum a
-    # split over all 8 warps with every partial loaded first (ksplit_store), the others in
-    # cta_ksplit_sum's loop: K = 4096 is split 8 ways, so the two are compared there.
+    # short or (row-major, K % 128 = 64) a segment K cuts. At 16 tokens the short builds
+    # (BATCH 4) sum a split over all 8 warps with every partial loaded first (ksplit_store),
+    # the others in cta_ksplit_sum's loop: K = 4096 is split 8 ways, so the two are compared
+    # there. (At 2..8 tokens these builds all take ksplit_store at that split;
+    # test_gpu_one_token_tile_split_sum_same_bits compares it with the loop.)
     shapes = (((272, 8192), (144, 8320), (272, 4096), (144, 384)) if tiled
               else ((272, 8192), (48, 8256), (272, 4096), (48, 320)))  # fmt: skip
     paths = ("mma-w8", "mma-rt2") if tiled and M <= 8 else ("mma-w8",)  # (8 warps either way)
