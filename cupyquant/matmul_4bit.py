@@ -21,8 +21,8 @@ without any host synchronisation, so every path can be captured in a CUDA graph:
   MMA, activations read by the tensor cores from shared memory, a warp of its own fetching
   the scales, K split likewise where the rows leave SMs idle; 64 tokens a CTA on one
   warpgroup, or two at their own split where that pays (``_wgmma_default_split``); above
-  64 tokens, mostly 128 or 256 tokens a CTA on two warpgroups; 256-token CTAs read the
-  activations from an image of their shared-memory buffers, one bulk copy a stage).
+  64 tokens, mostly 128 or 256 tokens a CTA on two warpgroups; on 256-token CTAs the TMA
+  unit copies the activations, one tensor copy a stage).
 * one fp16 / bf16 token (M = 1, K % 32 == 0, aligned): ``gemv_4bit_half``
   (``rawkernels/gemv_4bit.cu``) on CUDA cores: the byte table's code pairs in A's format
   times the activations, summed in A's format over each 32-element chunk (8 products a
@@ -40,8 +40,7 @@ The cuBLAS call goes through ctypes to the libcublas CuPy loaded, on CuPy's hand
 current stream, because CuPy's binding refuses to run during stream capture.
 
 Some calls take temporaries from CuPy's current memory pool, in stream order: A in fragment
-order (9..16 tokens on wide weights), the activation image of 256-token ``gemm_4bit_wgmma``
-CTAs (129..512 tokens on an H100 / H200), the split-K workspace, the dequantized weight. A CUDA
+order (9..16 tokens on wide weights), the split-K workspace, the dequantized weight. A CUDA
 graph captured through this API keeps their addresses, so keep those blocks from being
 handed out again while the graph lives (capture with a pool of its own, or hold the pool's
 memory; the torch adapter's graphs use torch's graph pool and need nothing).
@@ -60,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _cublas, _xp
+from . import _cublas, _tensor_map, _xp
 from . import _reference as ref
 from .blockwise import _check_array, _gpu_scales, check_state_4bit, dequantize_4bit_bits
 from .quant_state import QuantState
@@ -90,8 +89,8 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   so; H100 run 39): wins at M = 256 (28672x8192: 280 vs 402, 8192x28672: 231 vs 392,
 #   4096x14336: 77 vs 113, 5120x13824: 91 vs 127, 11008x4096: 76 vs 82, 14336x4096 and
 #   13824x5120 on the one-chunk grid of 192 tokens: 72 vs 103, 86 vs 125); lost at M = 512
-#   on 28672x8192 (558 vs 546: a second 256-token chunk) before the activation image, so the
-#   range stopped at 256 ("tc-wgmma-512" below moves it where the image wins). (Run 36,
+#   on 28672x8192 (558 vs 546: a second 256-token chunk) before the activations' bulk copies,
+#   so the range stopped at 256 ("tc-wgmma-512" below moves it where they win). (Run 36,
 #   before 256-token CTAs: K >= 8192 only, up to 256; 11008x4096 lost at 224 then.)
 # * "gemv" with float32 activations (CUDA-core kernel; H200): wins at M = 4 (63 vs 67 us at
 #   4096x4096, 569 vs 795 us at 28672x8192), loses at M = 8.
@@ -99,8 +98,8 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   22.8 us at 4096x4096), loses at M = 2 there (28.9 vs 22.6 us, measured with K % 32 == 0;
 #   the general path for odd K is slower still).
 # * "tc-wgmma-512" (the same, N >= _TILE_MIN_N and K >= _WGMMA_LONG_K, where 512 tokens on
-#   256-token CTAs fill _WGMMA_FULL_WAVES of their waves, _wgmma_fills_waves; H100 run 49, with
-#   the activation image, two m64n128k16 a k slice): wins at 320..512 on 8192x28672 (393 /
+#   256-token CTAs fill _WGMMA_FULL_WAVES of their waves, _wgmma_fills_waves; H100 run 49, the
+#   activations' bulk copies from an image pass, two m64n128k16 a k slice): wins at 320..512 on 8192x28672 (393 /
 #   383 / 378 at 320 / 384 / 512 vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at
 #   320 / 512), at 384..512 on 28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near
 #   tie; 456-490 with one m64n256k16), loses at 640 on all three (731 / 748 / 232 vs 664 /
@@ -657,9 +656,9 @@ def _tile_default(M: int, row_tiles: int, segments: int, sms: int) -> tuple[int,
 _WGMMA_GROUPS = {64: 1, 128: 2, 256: 2}  # the kernel's TOKENS -> its default warpgroups (WgmmaShape's GROUPS)
 _WGMMA_SCALE_THREADS = {64: 32, 128: 32, 256: 128}  # and its scale threads (WgmmaShape::kScaleThreads)
 _WGMMA_TOKEN_WIDTHS = tuple(_WGMMA_GROUPS)
-# (tokens, X_IMAGE, warpgroups) of the builds: every width with either copy of the
-# activations at its own warpgroups, and 64 tokens on two (threads' copies; _wgmma_default_split).
-_WGMMA_BUILDS = tuple((t, image, _WGMMA_GROUPS[t]) for t in _WGMMA_TOKEN_WIDTHS for image in (False, True)) + (
+# (tokens, X_TMA, warpgroups) of the builds: every width with either copy of the activations
+# at its own warpgroups, and 64 tokens on two (threads' copies; _wgmma_default_split).
+_WGMMA_BUILDS = tuple((t, tma, _WGMMA_GROUPS[t]) for t in _WGMMA_TOKEN_WIDTHS for tma in (False, True)) + (
     (64, False, 2),)  # fmt: skip
 _WGMMA_ROWS = 128
 _WGMMA_STAGE_K = 64
@@ -715,7 +714,7 @@ def _wgmma_accs(tokens: int, groups: int | None = None) -> int:
     return _WGMMA_ROWS * tokens // _wgmma_mma_threads(tokens, groups)
 
 
-def _wgmma_groups(tokens: int, image: bool, forced: int | None = None) -> int:
+def _wgmma_groups(tokens: int, tma: bool, forced: int | None = None) -> int:
     """The warpgroups of a ``tokens``-token gemm_4bit_wgmma CTA: ``forced`` (checked against
     the builds), else the width's own (_WGMMA_GROUPS). The default dispatch's choice at 64
     tokens is :func:`_wgmma_default_split`'s."""
@@ -724,8 +723,8 @@ def _wgmma_groups(tokens: int, image: bool, forced: int | None = None) -> int:
     if forced not in (1, 2) or (forced == 1 and tokens != 64):
         raise ValueError(f"gemm_4bit_wgmma is built with 1 or 2 warpgroups at 64 tokens a CTA and 2 above, "
                          f"got {forced} at {tokens}")  # fmt: skip
-    if image and forced != _WGMMA_GROUPS[tokens]:
-        raise ValueError(f"the activation image build has {_WGMMA_GROUPS[tokens]} warpgroup(s) at {tokens} tokens "
+    if tma and forced != _WGMMA_GROUPS[tokens]:
+        raise ValueError(f"the TMA build has {_WGMMA_GROUPS[tokens]} warpgroup(s) at {tokens} tokens "
                          f"a CTA, got {forced}")  # fmt: skip
     return forced
 
@@ -736,7 +735,7 @@ def _wgmma_fill_split(ctas: int, stages: int, ctas_per_sm: int) -> int:
     return _nonempty_split(stages, max(1, min(ctas_per_sm * _sm_count() // ctas, stages // _WGMMA_MIN_SHARE)))
 
 
-def _wgmma_default_split(tokens: int, ctas: int, stages: int, image: bool,
+def _wgmma_default_split(tokens: int, ctas: int, stages: int, tma: bool,
                          groups: int | None) -> tuple[int, int]:  # fmt: skip
     """(ksplit, warpgroups) of ``ctas`` tiles of ``tokens`` tokens and ``stages`` K stages,
     ``groups`` forced or None. The split fills the SMs with the build's CTAs (two an SM with
@@ -756,12 +755,11 @@ def _wgmma_default_split(tokens: int, ctas: int, stages: int, image: bool,
     At twice the stages they split even (4096 x 8192 27.9 against 29.4, 4096 x 11008 32.7
     against 33.5 at 33 tokens; 5120 x 13824 46.4 against 42.9, 7168 x 7168 37.5 against
     35.1, 6144 x 4096 25.9 against 25.3) and lose above (8192 x 8192, 64 tiles split 2
-    against 4, 45.2 against 40.9), so those keep one. The activation image build has the
-    width's own."""
+    against 4, 45.2 against 40.9), so those keep one. The TMA build has the width's own."""
     if groups is not None:
-        groups = _wgmma_groups(tokens, image, groups)  # checked against the builds
+        groups = _wgmma_groups(tokens, tma, groups)  # checked against the builds
     own = _wgmma_fill_split(ctas, stages, _wgmma_ctas_per_sm(tokens))
-    if tokens == 64 and not image and groups != 1:
+    if tokens == 64 and not tma and groups != 1:
         alone = _wgmma_fill_split(ctas, stages, 1)
         if groups == 2 or (ctas <= _sm_count() and 2 * alone > own):
             return alone, 2
@@ -820,28 +818,28 @@ def _wgmma_supported() -> bool:
 
 
 def _pick_wgmma(M: int, N: int, K: int, ksplit: int | None = None, tiled: bool = False,
-                tokens: int = 64, image: bool = False,
+                tokens: int = 64, tma: bool = False,
                 groups: int | None = None) -> tuple[str, int, int, int, int]:  # fmt: skip
     """(kernel expression prefix, token chunks, CTAs a split, ksplit, warpgroups a CTA) of
     ``gemm_4bit_wgmma`` with ``tokens`` tokens a CTA; ``ksplit`` and ``groups`` forced, or
     None for :func:`_wgmma_default_split`'s (a forced split at 64 tokens takes two warpgroups
-    where its grid holds one CTA an SM). ``image``: the X_IMAGE build, which reads the
-    activations from :func:`_wgmma_x_image`'s copy."""
+    where its grid holds one CTA an SM). ``tma``: the X_TMA build, whose activations the TMA
+    unit copies through a tensor map (:func:`_wgmma_x_map`)."""
     if tokens not in _WGMMA_TOKEN_WIDTHS:
         raise ValueError(f"gemm_4bit_wgmma is built for {_WGMMA_TOKEN_WIDTHS} tokens a CTA, got {tokens}")
     chunks = -(-M // tokens)
     ctas = -(-N // _WGMMA_ROWS) * chunks
     stages = -(-K // _WGMMA_STAGE_K)
     if ksplit is None:
-        ksplit, groups = _wgmma_default_split(tokens, ctas, stages, image, groups)
+        ksplit, groups = _wgmma_default_split(tokens, ctas, stages, tma, groups)
     elif ksplit < 1:
         raise ValueError(f"ksplit must be >= 1, got {ksplit}")
     else:  # a forced split: at 64 tokens, two warpgroups where its grid holds one CTA an SM
         ksplit = _nonempty_split(stages, ksplit)
-        if groups is None and tokens == 64 and not image and ctas * ksplit <= _sm_count():
+        if groups is None and tokens == 64 and not tma and ctas * ksplit <= _sm_count():
             groups = 2
-        groups = _wgmma_groups(tokens, image, groups)
-    return _wgmma_expression(tiled, tokens, image, groups), chunks, ctas, ksplit, groups
+        groups = _wgmma_groups(tokens, tma, groups)
+    return _wgmma_expression(tiled, tokens, tma, groups), chunks, ctas, ksplit, groups
 
 
 # A balanced last wave (gemm_4bit_wgmma's split_from): where the tiles of one-CTA-an-SM
@@ -893,40 +891,32 @@ def _wgmma_split_from(ctas: int, ksplit: int, tokens: int, stages: int, sms: int
     return ctas - tail, _nonempty_split(stages, balance)
 
 
-def _wgmma_expression(tiled: bool, tokens: int, image: bool, groups: int | None = None) -> str:
+def _wgmma_expression(tiled: bool, tokens: int, tma: bool, groups: int | None = None) -> str:
     """``gemm_4bit_wgmma``'s instantiation, with the format and NESTED left as ``{}``
     (trailing template arguments at their defaults are left out; ``groups`` None: the width's)."""
     if groups is not None and groups != _WGMMA_GROUPS[tokens]:
-        return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, {str(image).lower()}, {groups}>"
-    if image:
+        return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, {str(tma).lower()}, {groups}>"
+    if tma:
         return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}, true>"
     if tokens == 64:
         return f"gemm_4bit_wgmma<{{}}, {{}}{_TILED_ARG[tiled]}>"
     return f"gemm_4bit_wgmma<{{}}, {{}}, {str(tiled).lower()}, {tokens}>"
 
 
-def _wgmma_x_image(a_bits: Any, M: int, K: int, tokens: int) -> Any:
-    """A (M x K 16-bit) copied into the X_IMAGE build's activation image for ``tokens``
-    tokens a CTA: each CTA stage's shared-memory buffer as it lies there (128-byte swizzle,
-    zeros past M and K), so that one bulk copy moves it. A fresh array from the current pool,
-    written on the current stream."""
-    from .rawkernels import get_function
-
-    chunks, stages = -(-M // tokens), -(-K // _WGMMA_STAGE_K)
-    if chunks * tokens > _xp.MAX_GRID_Y:
-        raise ValueError(f"the activation image takes up to {_xp.MAX_GRID_Y} padded tokens, got {chunks * tokens}")
-    image = _xp.cupy().empty(chunks * tokens * stages * _WGMMA_STAGE_K, dtype=np.uint16)
-    kernel = get_function("gemm_4bit_wgmma.cu", "wgmma_x_image")
-    grid = (-(-stages * 8 // 256), chunks * tokens)
-    kernel(grid, (256,), (a_bits, image, np.int32(M), np.int32(K), np.int32(tokens)))
-    return image
+def _wgmma_x_map(a_bits: Any, M: int, K: int, tokens: int) -> np.ndarray:
+    """The X_TMA build's tensor map of A (M x K 16-bit values, row-major): boxes of 64 k (one
+    stage, a 128-byte swizzle row) x ``tokens`` tokens (a CTA's), zeros past M and K. The
+    kernel takes it by value; the pass that once wrote a swizzled copy of A for plain bulk
+    copies cost 6% at 256 tokens on 8192 x 28672 (H100, run 150 of NOTES_matmul_4bit.md)."""
+    return _tensor_map.rows_map(a_bits.data.ptr, M, K, tokens, _WGMMA_STAGE_K)
 
 
 def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, int | None, bool | None]:
-    """(tokens, ksplit, balance, groups, image) of a
+    """(tokens, ksplit, balance, groups, tma) of a
     "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-g<groups>][-bulk|-threads]" path (-k: every tile
-    split; -b: the last wave's tiles split, 1 for none; -g: warpgroups a CTA; -bulk: the X_IMAGE
-    build, -threads: the threads copy the activations); None where the default rule picks."""
+    split; -b: the last wave's tiles split, 1 for none; -g: warpgroups a CTA; -bulk: the X_TMA
+    build, whose activations the TMA unit copies, -threads: the threads copy them); None where
+    the default rule picks."""
     match = re.fullmatch(r"wgmma(?:-t(\d+))?(?:-k(\d+))?(?:-b(\d+))?(?:-g(\d+))?(?:-(bulk|threads))?", path)
     if match is None:
         raise ValueError(f"unknown fused path {path!r}")
@@ -935,18 +925,19 @@ def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, int | No
     return tokens, ksplit, balance, groups, (None if copies is None else copies == "bulk")
 
 
-def _wgmma_image_routed(M: int, N: int, K: int) -> bool:
-    """Whether the default tensor-core dispatch runs gemm_4bit_wgmma's X_IMAGE build."""
+def _wgmma_tma_routed(M: int, N: int, K: int) -> bool:
+    """Whether the default tensor-core dispatch runs gemm_4bit_wgmma's X_TMA build."""
     if M <= 8 * _MMA_TOKEN_TILES[1] or not _wgmma_default(M, N, K):
         return False
-    return _wgmma_image_default(_wgmma_tokens(M, N, K))
+    return _wgmma_tma_default(_wgmma_tokens(M, N, K))
 
 
-def _wgmma_image_default(tokens: int) -> bool:
-    """Whether the default dispatch runs gemm_4bit_wgmma's X_IMAGE build (activations copied
-    into an image first, then one bulk copy a stage) on CTAs of ``tokens`` tokens: on 256,
-    where the threads' copies of 32 KB a stage cost the most. H100, run 49 of
-    NOTES_matmul_4bit.md, us, the image (its pass included) against the threads' copies: at
+def _wgmma_tma_default(tokens: int) -> bool:
+    """Whether the default dispatch runs gemm_4bit_wgmma's X_TMA build (one tensor copy of the
+    activations a stage, by the TMA unit) on CTAs of ``tokens`` tokens: on 256, where the
+    threads' copies of 32 KB a stage cost the most. H100, run 49 of NOTES_matmul_4bit.md, us,
+    bulk copies (from an image of A that a pass of its own wrote, since replaced by the
+    tensor map: faster still, run 150) against the threads' copies: at
     256 tokens 28672 x 8192 245 / 276, 8192 x 28672 233 / 237, 11008 x 4096 64 / 71, 14336 x
     4096 65 / 73; at 512 tokens 28672 x 8192 501 / 582, 8192 x 28672 439 / 513. On 64- and
     128-token CTAs it is as fast or slower (64 tokens: 28672 x 8192 114.8 / 114.8, 8192 x
@@ -1027,9 +1018,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     A ``gemm_4bit_tile_split`` launch also carries its workspace (float32 partial sums and
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
     current CuPy pool on the current stream (so a prepared launch never takes a split path).
-    Fragment order launches ``permute_fragments`` here, and the X_IMAGE build of
-    ``gemm_4bit_wgmma`` its ``wgmma_x_image``, on the current stream, and the kernel's A is
-    that copy (so a prepared launch never takes those paths either).
+    Fragment order launches ``permute_fragments`` here, on the current stream, and the
+    kernel's A is that copy; the X_TMA build of ``gemm_4bit_wgmma`` takes a tensor map of A
+    made here (so a prepared launch never takes those paths either).
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), every path but
     "stage": up to 16 tokens ``gemm_4bit_small`` (always 8 warps a CTA up to 8 tokens, H100
@@ -1050,13 +1041,13 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         else:
             path = "tile" if N >= _TILE_MIN_N else "mma-wide"
     if path.startswith("wgmma"):  # forced parts of the path, the rest by the default rules
-        tokens, forced, balance, groups, image = _wgmma_path(path)
+        tokens, forced, balance, groups, tma = _wgmma_path(path)
         if not _wgmma_supported():
             raise ValueError(f"gemm_4bit_wgmma needs a compute capability 9.0 GPU (H100 / H200), got "
                              f"{_compute_capability()}")  # fmt: skip
         tokens = _wgmma_tokens(M, N, K) if tokens is None else tokens
-        image = _wgmma_image_default(tokens) if image is None else image
-        expr, chunks, ctas, ksplit, groups = _pick_wgmma(M, N, K, forced, tiled, tokens, image, groups)
+        tma = _wgmma_tma_default(tokens) if tma is None else tma
+        expr, chunks, ctas, ksplit, groups = _pick_wgmma(M, N, K, forced, tiled, tokens, tma, groups)
         split_from, ksplit = _wgmma_split_from(ctas, ksplit, tokens, -(-K // _WGMMA_STAGE_K), _sm_count(), balance)
         kernel = get_function("gemm_4bit_wgmma.cu", expr.format(_MMA_STRUCT[fmt], str(qs.nested).lower()))
         if tokens in _WGMMA_SETMAXNREG:
@@ -1068,10 +1059,9 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         split_tiles = ctas - split_from
         accs, mma_threads = _wgmma_accs(tokens, groups), _wgmma_mma_threads(tokens, groups)
         workspace = _split_workspace(ksplit, split_tiles, accs, mma_threads) if ksplit > 1 else (out_bits, out_bits)
-        if image:  # the activation image first (same stream); the kernel reads that copy
-            a_bits = _wgmma_x_image(a_bits, M, K, tokens)
+        x_map = _wgmma_x_map(a_bits, M, K, tokens) if tma else _tensor_map.zero_map()  # (unread without TMA)
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace,
-                         np.int32(split_from))  # fmt: skip
+                         np.int32(split_from), x_map)  # fmt: skip
         return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
         mt = rt = ks = None
@@ -1336,8 +1326,8 @@ class FusedLaunch:
     the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
     per-call host cost is that one driver call. The prepared arguments assume a 16-byte
     aligned, contiguous A of M x K values (check with :meth:`accepts`). Launches that need a
-    buffer a call (a split-K workspace, A in fragment order, the activation image) are never
-    prepared (:func:`prepare_fused`).
+    buffer a call (a split-K workspace, A in fragment order) or a tensor map of A (the
+    X_TMA build of ``gemm_4bit_wgmma``) are never prepared (:func:`prepare_fused`).
     """
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
@@ -1346,9 +1336,11 @@ class FusedLaunch:
         self._function = kernel.kernel.ptr  # the compiled CUfunction of the current device
         self._dims = (*grid, *(1,) * (3 - len(grid)), *block, *(1,) * (3 - len(block)), shared_mem)
         self._values = [
-            ctypes.c_uint64(a.data.ptr) if _xp.is_cupy_array(a) else _CTYPE_OF[np.asarray(a).dtype.name](a.item())
+            ctypes.c_uint64(a.data.ptr) if _xp.is_cupy_array(a)
+            else ctypes.create_string_buffer(a.tobytes(), a.nbytes) if np.asarray(a).dtype == _tensor_map.MAP_DTYPE
+            else _CTYPE_OF[np.asarray(a).dtype.name](a.item())
             for a in args
-        ]
+        ]  # fmt: skip
         self._params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(v) for v in self._values))
         self._lock = threading.Lock()  # the parameter block is shared by the threads using this weight
         self._keep = keep  # the arrays whose addresses the arguments hold stay alive
@@ -1375,7 +1367,7 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     weight ``packed`` / ``quant_state`` (bitsandbytes layout; ``tiled``: the tile order of
     :mod:`cupyquant.tiled_4bit`), or None where the fused kernels do not apply (M above
     :func:`fused_max_m`, empty shapes; a tiled weight at an odd address) or the launch needs
-    a buffer a call (split K, A in fragment order, the activation image). Call inside the
+    a buffer a call (split K, A in fragment order) or a tensor map of A. Call inside the
     weight's device context."""
     N, K = _weight_shape(quant_state)
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
@@ -1393,9 +1385,10 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     elif _half_applies(fmt, M, N, K, aligned):
         kernel, grid, block, args, smem = _half_launch(*operands, tiled=tiled)
     elif fmt != "float32" and aligned:
-        if _frag_default(M, N) or _wgmma_image_routed(M, N, K):
-            # A is copied into fragment order or into the activation image a call, into a
-            # buffer from the pool on the call's stream: the general path does that.
+        if _frag_default(M, N) or _wgmma_tma_routed(M, N, K):
+            # A is copied into fragment order a call, into a buffer from the pool on the
+            # call's stream, or named by a tensor map that holds its address, which the
+            # prepared block does not rewrite: the general path does those.
             return None
         kernel, grid, block, args, smem = _mma_launch(*operands, tiled=tiled)
         if len(grid) > 1 and grid[1] > 1:
@@ -1577,9 +1570,9 @@ def _kernel_expressions(source: str) -> list[str]:
             for f in ("float16", "bfloat16") for n in nested for st, u, c in _TGEMV_CONFIGS for first in (False, True)
             for wide in ((False, True) if (st, u, c) == _TGEMV_WIDE_CONFIG else (False,))]  # fmt: skip
     if source == "gemm_4bit_wgmma.cu":
-        return ["wgmma_x_image"] + [
-            _wgmma_expression(tiled, tokens, image, groups).format(f, n)
-            for tokens, image, groups in _WGMMA_BUILDS for tiled in (False, True) for f in _MMA_STRUCT.values()
+        return [
+            _wgmma_expression(tiled, tokens, tma, groups).format(f, n)
+            for tokens, tma, groups in _WGMMA_BUILDS for tiled in (False, True) for f in _MMA_STRUCT.values()
             for n in nested]  # fmt: skip
     out = ["permute_fragments"]
     frag_flags = ("false", "true")

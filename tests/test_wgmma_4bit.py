@@ -55,12 +55,12 @@ def test_wgmma_split_rule(monkeypatch):
 
 def test_wgmma_two_groups_rule(monkeypatch):
     # 64-token CTAs run on two warpgroups (one CTA an SM) where that split is more than half
-    # the one-warpgroup build's (two CTAs an SM); wider CTAs always have two, and the
-    # activation image build its own.
+    # the one-warpgroup build's (two CTAs an SM); wider CTAs always have two, and the TMA
+    # build its own.
     monkeypatch.setattr(mm, "_sm_count", lambda: 132)
-    assert mm._wgmma_groups(64, image=False) == mm._wgmma_groups(64, image=True) == 1
-    assert mm._wgmma_groups(128, image=False) == mm._wgmma_groups(256, image=True) == 2
-    # (ksplit, warpgroups) of (tokens, tiles, stages, image, forced warpgroups)
+    assert mm._wgmma_groups(64, tma=False) == mm._wgmma_groups(64, tma=True) == 1
+    assert mm._wgmma_groups(128, tma=False) == mm._wgmma_groups(256, tma=True) == 2
+    # (ksplit, warpgroups) of (tokens, tiles, stages, tma, forced warpgroups)
     split = mm._wgmma_default_split
     assert split(64, 32, 64, False, None) == (4, 2)  # 4096 x 4096: 128 CTAs either way
     assert split(64, 33, 64, False, None) == (4, 2)  # 4224 x 4096: 132
@@ -70,7 +70,7 @@ def test_wgmma_two_groups_rule(monkeypatch):
     assert split(64, 48, 64, False, None) == (4, 1)  # 6144 x 4096: 4 against 2
     assert split(64, 64, 128, False, None) == (4, 1)  # 8192 x 8192: 4 against 2
     assert split(64, 224, 128, False, None) == (1, 1)  # 28672 x 8192: more tiles than SMs
-    assert split(64, 40, 64, True, None) == (4, 1)  # the image build keeps its warpgroup
+    assert split(64, 40, 64, True, None) == (4, 1)  # the TMA build keeps its warpgroup
     assert split(64, 40, 64, False, 1) == (4, 1)  # forced: the split for the warpgroups
     assert split(64, 64, 128, False, 2) == (2, 2)
     assert split(128, 64, 128, False, None) == (2, 2)
@@ -91,8 +91,8 @@ def test_wgmma_two_groups_rule(monkeypatch):
         mm._pick_wgmma(130, 4096, 4096, tokens=128, groups=1)
     with pytest.raises(ValueError, match="got 3 at 64"):
         mm._pick_wgmma(40, 4096, 4096, groups=3)
-    with pytest.raises(ValueError, match="activation image build has 1 warpgroup.* at 64 tokens a CTA, got 2"):
-        mm._pick_wgmma(40, 4096, 4096, image=True, groups=2)
+    with pytest.raises(ValueError, match="TMA build has 1 warpgroup.* at 64 tokens a CTA, got 2"):
+        mm._pick_wgmma(40, 4096, 4096, tma=True, groups=2)
 
 
 def test_wgmma_default_rule(monkeypatch):
@@ -159,9 +159,9 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_check_launch_registers", lambda kernel, tokens: None)
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
-    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-3:])  # the workspace and split_from
-    images = []
-    monkeypatch.setattr(mm, "_wgmma_x_image", lambda a, M, K, tokens: images.append((M, K, tokens)) or "image")
+    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-4:-1])  # the workspace and split_from
+    maps = []
+    monkeypatch.setattr(mm, "_wgmma_x_map", lambda a, M, K, tokens: maps.append((M, K, tokens)) or "map")
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
@@ -171,14 +171,14 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128>")
     assert grid == (64, 2) and block == (288,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(128)
-    assert images == []  # the threads copy the activations of 64- and 128-token CTAs
-    # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2), reading the
-    # activation image made first.
+    assert maps == []  # the threads copy the activations of 64- and 128-token CTAs
+    # Above 128, 256 a CTA on two warpgroups and a scale warpgroup (split in 2), the TMA unit
+    # copying the activations through a tensor map of A.
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 200, 8192, 28672, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
     assert grid == (64, 2) and block == (384,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
-    assert images == [(200, 28672, 256)]
+    assert maps == [(200, 28672, 256)]
     # 4096 x 4096 at 40 tokens: 32 tiles split 4, one CTA an SM, so two warpgroups of 32
     # accumulators a thread.
     qs.shape = (4096, 4096)
@@ -194,7 +194,7 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256>")
     kernel, *_ = mm._mma_launch(a_bits, "float16", 100, 8192, 28672, packed, qs, None, a_bits, path="wgmma-bulk")
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 128, true>")
-    assert images == [(200, 28672, 256), (100, 28672, 128)]
+    assert maps == [(200, 28672, 256), (100, 28672, 128)]
     # 512 tokens on 28672 x 8192: 448 unsplit tiles, the last wave's 52 split in 2 (the grid's
     # second row holds their second halves; the whole tiles' CTAs there return at once).
     workspaces.clear()
@@ -209,10 +209,10 @@ def test_wgmma_source_is_built_for_sm90a_only():
     assert rawkernels.compile_options("gemm_4bit.cu") == rawkernels.COMPILE_OPTIONS
     expressions = rawkernels.expressions("gemm_4bit_wgmma.cu")
     # 3 widths x 2 activation copies, and 64 tokens on two warpgroups; x 2 layouts x 2 formats
-    # x nested or not; and the image kernel.
-    assert len(expressions) == 7 * 8 + 1 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
+    # x nested or not.
+    assert len(expressions) == 7 * 8 and "gemm_4bit_wgmma<MmaBFloat16, true, true>" in expressions
     assert "gemm_4bit_wgmma<MmaBFloat16, false, true, 64, false, 2>" in expressions
-    assert "wgmma_x_image" in expressions and "gemm_4bit_wgmma<MmaHalf, true, false, 64, true>" in expressions
+    assert "gemm_4bit_wgmma<MmaHalf, true, false, 64, true>" in expressions
     assert "gemm_4bit_wgmma<MmaHalf, false, true, 128>" in expressions
     assert "gemm_4bit_wgmma<MmaBFloat16, true, false, 256>" in expressions
 
@@ -416,33 +416,6 @@ def test_gpu_wgmma_tiled_odd_shares(hopper, path, fmt):
         tiled = _run_tiled(hopper, a_bits, fmt, 130, packed, qs, bias_bits, path)
         np.testing.assert_array_equal(tiled.view(np.uint16), row_major.view(np.uint16))
         assert rel_error(tiled, fmt, reference(a_bits, fmt, 130, packed, qs, bias_bits)) < TOLERANCE[fmt]
-
-
-def _x_image_reference(a_bits, M, K, tokens):
-    """The X_IMAGE build's activation image in NumPy: [chunk][stage][token][8 units of 8 k],
-    unit u of token r stored at unit u ^ (r % 8) of its 128-byte row, zeros past M and K."""
-    chunks, stages = -(-M // tokens), -(-K // 64)
-    padded = np.zeros((chunks * tokens, stages * 64), dtype=np.uint16)
-    padded[:M, :K] = np.asarray(a_bits).reshape(M, K)
-    units = padded.reshape(chunks, tokens, stages, 8, 8).transpose(0, 2, 1, 3, 4)  # [c][st][r][u][8]
-    image = np.empty_like(units)
-    r = np.arange(tokens)[:, None]
-    image[:, :, r, np.arange(8)[None, :] ^ (r % 8)] = units
-    return image.reshape(-1)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", (64, 128, 256))
-@pytest.mark.parametrize("shape", ((70, 96), (256, 128), (3, 4160)), ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gpu_wgmma_x_image_layout(cp, tokens, shape):
-    # The image is each CTA stage's swizzled shared-memory buffer: checked here against the
-    # layout written out in NumPy (K % 64 == 32 and M short of a chunk included).
-    if not mm._wgmma_supported():
-        pytest.skip("wgmma_x_image is built with gemm_4bit_wgmma, for compute capability 9.0 only")
-    M, K = shape
-    a_bits = np.random.default_rng(M).integers(1, 2**16, size=M * K, dtype=np.uint16)
-    image = mm._wgmma_x_image(cp.asarray(a_bits), M, K, tokens)
-    np.testing.assert_array_equal(cp.asnumpy(image), _x_image_reference(a_bits, M, K, tokens))
 
 
 @pytest.mark.gpu
@@ -695,20 +668,20 @@ def test_gpu_wgmma_graph_capture(hopper):
 
 
 @pytest.mark.gpu
-def test_gpu_wgmma_image_graph_capture(hopper, monkeypatch):
-    # 256 tokens on 8192 x 2048: 256-token CTAs reading the activation image, K split in 2.
-    # The image pass and the split workspace run inside the graph; two replays give the eager
-    # result bit for bit.
+def test_gpu_wgmma_tma_graph_capture(hopper, monkeypatch):
+    # 256 tokens on 8192 x 2048: 256-token CTAs whose activations the TMA unit copies, K split
+    # in 2. The launch (its tensor map a parameter) and the split workspace are captured; two
+    # replays give the eager result bit for bit.
     M, N, K = 256, 8192, 2048
-    assert mm._wgmma_image_routed(M, N, K) and mm._pick_wgmma(M, N, K, tokens=256)[3] == 2
-    images = []
-    real_image = mm._wgmma_x_image
-    monkeypatch.setattr(mm, "_wgmma_x_image", lambda *a: images.append(a[1:]) or real_image(*a))
+    assert mm._wgmma_tma_routed(M, N, K) and mm._pick_wgmma(M, N, K, tokens=256)[3] == 2
+    maps = []
+    real_map = mm._wgmma_x_map
+    monkeypatch.setattr(mm, "_wgmma_x_map", lambda *a: maps.append(a[1:]) or real_map(*a))
     a_bits, packed, qs, bias_bits = make_case(N, K, M, "float16", seed=19)
     ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
     out = hopper.zeros(M * N, dtype=np.float16)
     eager = replays_equal_eager(hopper, lambda: mm.matmul_4bit_bits(ga, "float16", M, gp, gqs, gb, out), out)
-    assert images == [(M, K, 256)] * 2  # eagerly, then under capture
-    # The image is a buffer a call: prepare_fused leaves the launch to the general path.
-    assert mm.prepare_fused("float16", M, gp, gqs, True) is None and len(images) == 2
+    assert maps == [(M, K, 256)] * 2  # eagerly, then under capture
+    # The map holds A's address: prepare_fused leaves the launch to the general path.
+    assert mm.prepare_fused("float16", M, gp, gqs, True) is None and len(maps) == 2
     assert rel_error(eager, "float16", reference(a_bits, "float16", M, packed, qs, bias_bits)) < TOLERANCE["float16"]

@@ -7,7 +7,7 @@
 // at 255 registers). Here the activations stay in shared memory, where the tensor cores read
 // them asynchronously; the threads only decode weights into the wgmma's register operand.
 //
-// Data layout: as gemm_4bit.cu (A u16[M, K] row-major, or its image in X_IMAGE builds;
+// Data layout: as gemm_4bit.cu (A u16[M, K] row-major, which X_TMA builds read through a tensor map;
 // packed in the bitsandbytes layout, or
 // TILED in 16-row x 128-k tiles, cupyquant/tiled_4bit.py; table, scales, bias, out). Requires
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
@@ -40,15 +40,18 @@
 //            kXStages buffers, two stages ahead; token r's 16-byte unit u (8 k) at byte
 //            r * 128 + ((u ^ (r & 7)) << 4), the swizzle the descriptor names (a quarter
 //            warp's copies of 8 units of one token then hit 8 distinct bank groups).
-//            X_IMAGE builds read A from an image of these buffers instead (wgmma_x_image,
-//            below, written first by its own launch): the scale warp's first thread moves a
-//            stage with one bulk copy (cp.async.bulk, the TMA unit's), which counts its bytes
-//            on the buffer's mbarrier, and the warpgroups wait for that barrier's phase before
-//            their wgmma. The threads then issue no X copies, and since the bulk copy and the
+//            X_TMA builds have the TMA unit copy them instead: the scale warp's first thread
+//            moves a stage with one tensor copy (cp.async.bulk.tensor) of the box of 64 k x T
+//            tokens at (k, tok0) of A's tensor map (x_map: cupyquant/_tensor_map.py), which
+//            lands in this swizzle with zeros past M and K and counts its bytes on the
+//            buffer's mbarrier; the warpgroups wait for that barrier's phase before their
+//            wgmma. The threads then issue no X copies, and since the tensor copy and the
 //            wgmma both use the async proxy, the stage's proxy fence goes too. It pays where a
 //            stage's X is largest: 256 tokens a CTA, 8 copies a thread a stage otherwise
-//            (28672 x 8192 at 512 tokens 582 -> 501-512 us; at 64 and 128 tokens no gain, run 49
-//            of NOTES_matmul_4bit.md, as run 36 found before 256-token CTAs existed);
+//            (28672 x 8192 at 512 tokens 582 -> 501-512 us with a bulk copy from a swizzled
+//            image of A that a pass of its own wrote, run 49 of NOTES_matmul_4bit.md; at 64 and
+//            128 tokens no gain, as run 36 found before 256-token CTAs existed). The tensor map
+//            took that pass's place (8192 x 28672 at 256 tokens 215 -> 202 us, run 150);
 //   packed   the stage's 4 KB of packed weights, row r's 32 bytes at byte 32 r, copied with
 //            cp.async three stages ahead (kPStages buffers): thread c copies chunk c (and
 //            c + 128 with one warpgroup), chunk j = row j / 2, k 32 (j % 2) .. + 32 (a warp's
@@ -73,14 +76,14 @@
 // of 64 rows each measured no faster: run 36.)
 //
 // Pipeline, stage i (one barrier a stage, named barrier 1 over all threads):
-//   warpgroups: copy X(i + 2) into the buffer of stage i - 2 (X_IMAGE: the scale warp's first
+//   warpgroups: copy X(i + 2) into the buffer of stage i - 2 (X_TMA: the scale warp's first
 //   thread, as it enters stage i) and the packed weights of i + 3
 //   into that of i - 1 (their wgmma and decoding are done: the barrier ending stage i - 1);
 //   issue stage i's wgmma (four a row block) on its register operands and X buffer
 //   i % kXStages, commit; wait for stage i - 1's wgmma (stage i's run on, across the
 //   barrier, while the next are decoded); decode stage i + 1 into the register set of i - 1;
 //   wait for this thread's copies of X(i + 1) and the packed weights of i + 2, make the
-//   shared writes visible to the tensor cores' (async) proxy (X_IMAGE: the packed weights
+//   shared writes visible to the tensor cores' (async) proxy (X_TMA: the packed weights
 //   only, and no proxy fence; the warpgroups wait for X(i)'s mbarrier before its wgmma);
 //   scale warp: write the scales of stage i + 2; fetch those of stage i + 6;
 //   barrier.
@@ -165,7 +168,7 @@ struct WgmmaShape {
   static constexpr int kCtasPerSm = GROUPS == 1 ? 2 : 1;
   // Dynamic shared memory: X buffers | packed weight buffers | scale buffers | byte table
   // u32[256][32] | code2 float[256] | the split-K flag (16 bytes) | an mbarrier an X buffer
-  // (X_IMAGE), plus 1 KB to align the X buffers to the swizzle atom's 1024 bytes.
+  // (X_TMA), plus 1 KB to align the X buffers to the swizzle atom's 1024 bytes.
   static constexpr int kSmemBytes =
       kXStages * kXBytes + kPStages * (kPBytes + kSBytes) + 4 * (256 * 32 + 256) + 16 + 8 * kXStages + 1024;
 };
@@ -259,21 +262,30 @@ __device__ __forceinline__ void named_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kCount) : "memory");
 }
 
-// The X_IMAGE build's copies: one bulk copy a stage (the TMA unit's, off the threads), which
+// The X_TMA build's copies: one tensor copy a stage (the TMA unit's, off the threads), which
 // counts its bytes on the buffer's mbarrier; the warpgroups wait for the barrier's phase.
 __device__ __forceinline__ void mbarrier_init(u32 bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
 }
-// The initialised barriers become visible to the bulk copies' (async) proxy.
+// The initialised barriers become visible to the tensor copies' (async) proxy.
 __device__ __forceinline__ void fence_mbarrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
-// Arrives on `bar` (its one expected arrival) and expects `bytes` from the copy issued next.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+// A's TMA tensor map (a CUtensorMap, opaque to the kernel): 2-D u16 [M][K], box 64 k x TOKENS
+// tokens, 128-byte swizzle, zeros out of bounds (cupyquant/_tensor_map.py).
+struct alignas(128) XMap {
+  u64 opaque[16];
+};
+
+// Arrives on `bar` (its one expected arrival) and expects `bytes` from the copy of the box at
+// (k, row) issued next: the whole box, zeros out of bounds included.
+__device__ __forceinline__ void tensor_copy(u32 dst, const XMap* map, int k, int row, u32 bytes, u32 bar) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(reinterpret_cast<u64>(map)), "r"(k), "r"(row), "r"(bar)
+      : "memory");
 }
 
 __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
@@ -286,14 +298,14 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 
 }  // namespace
 
-// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_IMAGE, GROUPS>: Fmt is MmaHalf (fp16) or
-// MmaBFloat16 (bf16); TOKENS a CTA and its warpgroups (WgmmaShape); X_IMAGE: A is
-// wgmma_x_image's image of A (below). (64 tokens on one warpgroup: __launch_bounds__ minimum
+// gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_TMA, GROUPS>: Fmt is MmaHalf (fp16) or
+// MmaBFloat16 (bf16); TOKENS a CTA and its warpgroups (WgmmaShape); X_TMA: the TMA unit
+// copies X through x_map (which the other builds take and do not read). (64 tokens on one warpgroup: __launch_bounds__ minimum
 // of 2 CTAs an SM: the shared memory allows two, and they overlap one CTA's decoding with the
 // other's barrier waits. Ten warps an SM put three on some of its four schedulers, whose
 // register files then bound a thread to 168 registers. On two warpgroups two CTAs an SM would
 // leave 112 registers a thread, and the build spilled ~570 bytes a thread.)
-template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_IMAGE = false,
+template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_TMA = false,
           int GROUPS = default_groups(TOKENS)>
 __global__ void __launch_bounds__(WgmmaShape<TOKENS, GROUPS>::kThreads, WgmmaShape<TOKENS, GROUPS>::kCtasPerSm)
 gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const float* __restrict__ table,
@@ -301,7 +313,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
                 int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters,
-                int split_from) {
+                int split_from, const __grid_constant__ XMap x_map) {
   using S = WgmmaShape<TOKENS, GROUPS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
@@ -325,7 +337,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   u32* lut = reinterpret_cast<u32*>(smem + kXStages * kXBytes + kPStages * (kPBytes + kSBytes));
   float* code2_s = reinterpret_cast<float*>(lut + 256 * 32);
   int* last_flag = reinterpret_cast<int*>(code2_s + 256);
-  const u32 x_bars = shared_address(last_flag) + 16;  // X_IMAGE: the mbarrier of X buffer b at + 8 b
+  const u32 x_bars = shared_address(last_flag) + 16;  // X_TMA: the mbarrier of X buffer b at + 8 b
   q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -352,7 +364,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   const u32 x_dst = sw128_offset(x_tok, tid & 7);           // copy q: + kXTokStep q rows of 128 bytes
   auto copy_x = [&](int s) {
     if (s >= stages) return;
-    if constexpr (X_IMAGE) return;  // the scale warp's first thread issues the bulk copies
+    if constexpr (X_TMA) return;  // the scale warp's first thread issues the tensor copies
     const u32 base = xs + (u32)(s % kXStages) * kXBytes + x_dst;
     const bool k_ok = x_k0 + kStageK * s < K;  // K % 32 == 0: a unit is wholly in or out
 #pragma unroll
@@ -417,15 +429,14 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   if (warp >= S::kScaleWarp) {
     if constexpr (S::kScaleRegs > 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(S::kScaleRegs));
     const int st = tid - kMmaThreads;  // this scale thread
-    // X_IMAGE: scale thread 0 copies X, stage s as the loop below enters stage s - 2, after
+    // X_TMA: scale thread 0 copies X, stage s as the loop below enters stage s - 2, after
     // the barrier that ends stage s - 3 (the warpgroups passed it having waited for the wgmma
-    // of stage s - 4, the buffer's last reader). A is the image; this CTA's stages start at
-    // x_image.
-    const bool x_issuer = X_IMAGE && st == 0;
-    const u8* x_image = reinterpret_cast<const u8*>(A) + ((i64)chunk * stages_all + st_begin) * kXBytes;
+    // of stage s - 4, the buffer's last reader).
+    const bool x_issuer = X_TMA && st == 0;
     auto issue_x = [&](int s) {
       if (x_issuer && s < stages)
-        bulk_copy(xs + (u32)(s % kXStages) * kXBytes, x_image + (i64)s * kXBytes, kXBytes, x_bars + 8 * (s % kXStages));
+        tensor_copy(xs + (u32)(s % kXStages) * kXBytes, &x_map, kStageK * (st_begin + s), tok0, kXBytes,
+                    x_bars + 8 * (s % kXStages));
     };
     if (x_issuer) {
 #pragma unroll
@@ -538,7 +549,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   cp_async_commit();
   named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
   cp_async_wait<1>();                      // X(0) and the packed weights of stages 0 and 1
-  if constexpr (!X_IMAGE) fence_proxy_async();
+  if constexpr (!X_TMA) fence_proxy_async();
   named_barrier<kThreads>(kStageBarrier);  // and the scales of stages 0 and 1
   decode(0, frag[0]);
 
@@ -569,7 +580,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       }
       cp_async_commit();
       const u32 xa = xs + (u32)(s % kXStages) * kXBytes;
-      if constexpr (X_IMAGE) mbarrier_wait(x_bars + 8 * (s % kXStages), (s / kXStages) & 1);  // X(s) landed
+      if constexpr (X_TMA) mbarrier_wait(x_bars + 8 * (s % kXStages), (s / kXStages) & 1);  // X(s) landed
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -580,7 +591,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
       wgmma_wait<1>();  // stage s - 1's wgmma: its register set and X buffer are free
       if (s + 1 < stages) decode(s + 1, frag[(d + 1) & 1]);
       cp_async_wait<1>();  // this thread's copies of X(s + 1) and the packed weights of s + 2
-      if constexpr (!X_IMAGE) fence_proxy_async();  // (bulk copies write through the async proxy already)
+      if constexpr (!X_TMA) fence_proxy_async();  // (tensor copies write through the async proxy already)
       named_barrier<kThreads>(kStageBarrier);
     }
     if constexpr (kLoopPointer) w_loop += 2 * 1024;
@@ -639,23 +650,4 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
           if (tok < M) out[(i64)tok * N + row] = Fmt::from_float(__fadd_rn(acc[b][4 * j + 2 * h + e], bv));
         }
     }
-}
-
-// wgmma_x_image: A (u16[M, K], row-major) into the X_IMAGE build's activation image, every
-// stage's shared-memory X buffer as it lies there: image[chunk][stage][token r of TOKENS]
-// [128 bytes], unit u (k 8 u .. + 8 of the stage) at byte 16 (u ^ (r & 7)) of the token's
-// row (the 128-byte swizzle), zeros past M and K. One bulk copy then moves a stage.
-//   grid (ceil(stages * 8 / 256), chunks * TOKENS), block 256: thread j of row y is unit j % 8
-//   of stage j / 8 of padded token y (reads run along the token's row).
-extern "C" __global__ void __launch_bounds__(256)
-wgmma_x_image(const u16* __restrict__ A, u16* __restrict__ image, int M, int K, int tokens) {
-  const int stages = (K + kStageK - 1) / kStageK;
-  const int j = blockIdx.x * 256 + threadIdx.x, y = blockIdx.y;
-  if (j >= stages * 8) return;
-  const int st = j >> 3, u = j & 7, r = y % tokens, k = kStageK * st + 8 * u;
-  uint4 v = make_uint4(0u, 0u, 0u, 0u);
-  if (y < M && k < K) v = *reinterpret_cast<const uint4*>(A + (i64)y * K + k);  // K % 32 == 0: whole units
-  // The stage's buffer, then token r's unit u in it (tokens % 8 == 0, so r's swizzle is the buffer's).
-  const i64 buffer = ((i64)(y / tokens) * stages + st) * tokens * 128;
-  *reinterpret_cast<uint4*>(reinterpret_cast<u8*>(image) + buffer + sw128_offset(r, u)) = v;
 }
