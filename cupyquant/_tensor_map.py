@@ -4,7 +4,7 @@ Tensor Memory Accelerator, passed to a kernel by value as a one-element NumPy ar
 A map names a row-major matrix of 16-bit values in device memory, the box a copy moves and
 the shared-memory swizzle it lands in; out-of-bounds elements arrive as zeros. Encoding is a
 host call into the driver (no device work), so a map can be made per call and captured into
-a CUDA graph with the launch that takes it.
+a CUDA graph with the launch that takes it (the launch copies its parameters).
 """
 
 from __future__ import annotations
@@ -39,15 +39,21 @@ def _encode_tiled():
     return fn
 
 
+@lru_cache(maxsize=1)
 def zero_map() -> np.ndarray:
-    """A map-sized argument for kernel builds that take a map and do not read it."""
-    return np.zeros(1, dtype=MAP_DTYPE)
+    """A map-sized argument for kernel builds that take a map and do not read it (read-only)."""
+    zero = np.zeros(1, dtype=MAP_DTYPE)
+    zero.flags.writeable = False
+    return zero
 
 
+@lru_cache(maxsize=256)
 def rows_map(address: int, rows: int, cols: int, box_rows: int, box_cols: int) -> np.ndarray:
     """The map of a row-major ``rows`` x ``cols`` matrix of 16-bit values at device ``address``,
     copied in boxes of ``box_rows`` x ``box_cols`` (``box_cols`` * 2 == 128: one 128-byte
-    swizzle atom a row), landing with the 128-byte swizzle; zeros past the matrix."""
+    swizzle atom a row), landing with the 128-byte swizzle; zeros past the matrix. Read-only;
+    a map depends on nothing but these numbers, so maps are kept for the addresses a model
+    reuses call after call (a driver call costs more than the lookup)."""
     if box_cols * 2 != 128:
         raise ValueError(f"the 128-byte swizzle takes rows of 128 bytes: box_cols must be 64, got {box_cols}")
     if not 1 <= box_rows <= 256:
@@ -66,6 +72,7 @@ def rows_map(address: int, rows: int, cols: int, box_rows: int, box_cols: int) -
     if status != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for a {rows} x {cols} matrix, "
                            f"box {box_rows} x {box_cols}")  # fmt: skip
-    out = zero_map()
+    out = np.zeros(1, dtype=MAP_DTYPE)
     ctypes.memmove(out.ctypes.data, aligned, _MAP_BYTES)
+    out.flags.writeable = False
     return out
