@@ -299,12 +299,12 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 }  // namespace
 
 // gemm_4bit_wgmma<Fmt, NESTED, TILED, TOKENS, X_TMA, GROUPS>: Fmt is MmaHalf (fp16) or
-// MmaBFloat16 (bf16); TOKENS a CTA and its warpgroups (WgmmaShape); X_TMA: the TMA unit
-// copies X through x_map (which the other builds take and do not read). (64 tokens on one warpgroup: __launch_bounds__ minimum
-// of 2 CTAs an SM: the shared memory allows two, and they overlap one CTA's decoding with the
-// other's barrier waits. Ten warps an SM put three on some of its four schedulers, whose
-// register files then bound a thread to 168 registers. On two warpgroups two CTAs an SM would
-// leave 112 registers a thread, and the build spilled ~570 bytes a thread.)
+// MmaBFloat16 (bf16); TOKENS a CTA and its warpgroups (WgmmaShape); X_TMA: the TMA unit copies X
+// through x_map (which the other builds take and do not read). (64 tokens on one warpgroup:
+// __launch_bounds__ minimum of 2 CTAs an SM: the shared memory allows two, and they overlap one
+// CTA's decoding with the other's barrier waits. Ten warps an SM put three on some of its four
+// schedulers, whose register files then bound a thread to 168 registers. On two warpgroups two
+// CTAs an SM would leave 112 registers a thread, and the build spilled ~570 bytes a thread.)
 template <class Fmt, bool NESTED, bool TILED = false, int TOKENS = 64, bool X_TMA = false,
           int GROUPS = default_groups(TOKENS)>
 __global__ void __launch_bounds__(WgmmaShape<TOKENS, GROUPS>::kThreads, WgmmaShape<TOKENS, GROUPS>::kCtasPerSm)
