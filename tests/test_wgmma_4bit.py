@@ -422,8 +422,9 @@ def test_gpu_wgmma_tiled_odd_shares(hopper, path, fmt):
 @pytest.mark.parametrize("tiled", (False, True), ids=("row-major", "tiled"))
 @pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
 def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
-    # The X_IMAGE build changes only how the activations reach shared memory: the same bits
-    # as the threads' copies, for every width, split and partial chunk.
+    # The X_TMA build (tensor copies by the TMA unit) changes only how the activations reach
+    # shared memory: the same bits as the threads' copies, for every width, split and partial
+    # chunk.
     cases = (
         (((272, 1024), 70), ((304, 4224), 513), ((144, 128), 33))
         if tiled
