@@ -911,6 +911,17 @@ def _wgmma_x_map(a_bits: Any, M: int, K: int, tokens: int) -> np.ndarray:
     return _tensor_map.rows_map(a_bits.data.ptr, M, K, tokens, _WGMMA_STAGE_K)
 
 
+def _wgmma_out_map(out_bits: Any, M: int, N: int, tokens: int) -> np.ndarray | None:
+    """The X_TMA build's tensor map of the output (M x N 16-bit values, row-major), which each
+    warpgroup writes in one tensor store of its 64 rows x ``tokens`` tokens; None where TMA
+    cannot address it (N % 8 != 0, or an output not 16-byte aligned: the threads store it
+    then). The threads' own stores took ~6.4 us of a 256-token CTA's ~112 on 28672 x 8192
+    (H100, run 155 of NOTES_matmul_4bit.md)."""
+    if N % 8 or out_bits.data.ptr % 16:
+        return None
+    return _tensor_map.rows_map(out_bits.data.ptr, M, N, tokens, 64)  # boxes of a row block (64 rows)
+
+
 def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, int | None, bool | None]:
     """(tokens, ksplit, balance, groups, tma) of a
     "wgmma[-t<tokens>][-k<ksplit>][-b<split>][-g<groups>][-bulk|-threads]" path (-k: every tile
@@ -1060,8 +1071,10 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
         accs, mma_threads = _wgmma_accs(tokens, groups), _wgmma_mma_threads(tokens, groups)
         workspace = _split_workspace(ksplit, split_tiles, accs, mma_threads) if ksplit > 1 else (out_bits, out_bits)
         x_map = _wgmma_x_map(a_bits, M, K, tokens) if tma else _tensor_map.zero_map()  # (unread without TMA)
+        out_map = _wgmma_out_map(out_bits, M, N, tokens) if tma else None
         args = _mma_args(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, ksplit, chunks, *workspace,
-                         np.int32(split_from), x_map)  # fmt: skip
+                         np.int32(split_from), x_map, _tensor_map.zero_map() if out_map is None else out_map,
+                         np.int32(out_map is not None))  # fmt: skip
         return kernel, (ctas, ksplit), (threads,), args, smem
     if path.startswith("tile"):
         mt = rt = ks = None

@@ -159,9 +159,11 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     monkeypatch.setattr(mm, "_check_launch_registers", lambda kernel, tokens: None)
     workspaces = []
     monkeypatch.setattr(mm, "_split_workspace", lambda *shape: workspaces.append(shape) or ("partial", "counters"))
-    monkeypatch.setattr(mm, "_mma_args", lambda *args: args[-4:-1])  # the workspace and split_from
-    maps = []
+    maps, out_maps, tails = [], [], []
+    # The workspace and split_from; the maps and the store flag are kept in tails.
+    monkeypatch.setattr(mm, "_mma_args", lambda *args: tails.append(args[-3:]) or args[-6:-3])
     monkeypatch.setattr(mm, "_wgmma_x_map", lambda a, M, K, tokens: maps.append((M, K, tokens)) or "map")
+    monkeypatch.setattr(mm, "_wgmma_out_map", lambda out, M, N, tokens: out_maps.append((M, N, tokens)) or "out map")
     a_bits, packed, qs, _ = make_case(64, 256, 1, "float16")
     qs.shape = (8192, 28672)
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 64, 8192, 28672, packed, qs, None, a_bits)
@@ -178,7 +180,12 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
     assert grid == (64, 2) and block == (384,) and args == ("partial", "counters", 0) and smem == mm._wgmma_smem(256)
     assert workspaces == [(4, 64, 64, 128), (2, 64, 64, 256), (2, 64, 128, 256)]
-    assert maps == [(200, 28672, 256)]
+    assert maps == [(200, 28672, 256)] and out_maps == [(200, 8192, 256)]
+    # The threads' builds get zero maps and store their output themselves; the TMA build stores
+    # through out's map.
+    zero = mm._tensor_map.zero_map()
+    assert all(t[0] is zero and t[1] is zero and t[2] == 0 for t in tails[:2])
+    assert tails[2] == ("map", "out map", 1)
     # 4096 x 4096 at 40 tokens: 32 tiles split 4, one CTA an SM, so two warpgroups of 32
     # accumulators a thread.
     qs.shape = (4096, 4096)
@@ -202,6 +209,25 @@ def test_default_dispatch_reaches_the_wgmma_launcher(monkeypatch):
     kernel, grid, block, args, smem = mm._mma_launch(a_bits, "float16", 512, 28672, 8192, packed, qs, None, a_bits)
     assert kernel == ("gemm_4bit_wgmma.cu", "gemm_4bit_wgmma<MmaHalf, true, false, 256, true>")
     assert grid == (448, 2) and args == ("partial", "counters", 396) and workspaces == [(2, 52, 128, 256)]
+
+
+class _FakeOut:
+    """An output array's address, as the launcher reads it (``.data.ptr``)."""
+
+    def __init__(self, ptr):
+        self.data = type("Pointer", (), {"ptr": ptr})()
+
+
+def test_wgmma_out_map_only_where_tma_can_address_out(monkeypatch):
+    # out's tensor map: rows of N 16-bit values, boxes of 64 rows x the CTA's tokens; none
+    # where the row stride (N % 8) or the address is not a multiple of 16 bytes.
+    made = []
+    monkeypatch.setattr(mm._tensor_map, "rows_map", lambda *args: made.append(args) or "map")
+    assert mm._wgmma_out_map(_FakeOut(0x10000), 300, 28672, 256) == "map"
+    assert made == [(0x10000, 300, 28672, 256, 64)]
+    assert mm._wgmma_out_map(_FakeOut(0x10000), 300, 300, 256) is None
+    assert mm._wgmma_out_map(_FakeOut(0x10002), 300, 28672, 256) is None
+    assert len(made) == 1
 
 
 def test_wgmma_source_is_built_for_sm90a_only():
@@ -439,6 +465,35 @@ def test_gpu_wgmma_bulk_equals_threads(hopper, tiled, fmt):
                 bulk = run(path=f"wgmma-t{tokens}{split}-bulk")
                 np.testing.assert_array_equal(bulk.view(np.uint16), threads.view(np.uint16), err_msg=f"{tokens}{split}")
         assert rel_error(bulk, fmt, reference(a_bits, fmt, M, packed, qs, bias_bits)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_gpu_wgmma_tensor_store_writes_out_only(hopper, fmt):
+    # The X_TMA build stores each row block's box through out's tensor map: nothing past N
+    # (a partial row group) or M (a partial token chunk) is written, nor around out; an out
+    # that TMA cannot address (not 16-byte aligned) gets the threads' stores. The same bits
+    # as the threads' build either way, split or not.
+    N, K, M = 272, 1024, 300
+    a_bits, packed, qs, bias_bits = make_case(N, K, M, fmt, seed=23)
+    ga, gp, gqs, gb = to_gpu(hopper, a_bits, packed, qs, bias_bits)
+    sentinel = 0x7E00 if fmt == "float16" else 0x7FC0
+    dtype = np.float16 if fmt == "float16" else np.uint16
+    for offset in (8, 1):  # elements: 16 bytes (the map), 2 bytes (the threads)
+        for split in ("-k1", "-k2"):
+            results = {}
+            for copies in ("threads", "bulk"):
+                whole = hopper.full(M * N + 64, sentinel, dtype=np.uint16)
+                end = offset + M * N
+                out = whole[offset:end].view(dtype)
+                assert (out.data.ptr % 16 == 0) == (offset == 8)
+                mm._matmul_fused(ga, fmt, M, N, K, gp, gqs, gb, out, path=f"wgmma-t256{split}-{copies}")
+                around = hopper.asnumpy(hopper.concatenate((whole[:offset], whole[end:])))
+                assert (around == sentinel).all(), (offset, split, copies)
+                results[copies] = hopper.asnumpy(out.view(np.uint16))
+            np.testing.assert_array_equal(results["bulk"], results["threads"], err_msg=f"{offset} {split}")
+    expected = reference(a_bits, fmt, M, packed, qs, bias_bits)
+    assert rel_error(results["bulk"].view(dtype), fmt, expected) < TOLERANCE[fmt]
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@
 // at 255 registers). Here the activations stay in shared memory, where the tensor cores read
 // them asynchronously; the threads only decode weights into the wgmma's register operand.
 //
-// Data layout: as gemm_4bit.cu (A u16[M, K] row-major, which X_TMA builds read through a tensor map;
-// packed in the bitsandbytes layout, or
+// Data layout: as gemm_4bit.cu (A u16[M, K] row-major, which X_TMA builds read through a tensor map
+// and, where N % 8 == 0, write out through another: see the epilogue; packed in the bitsandbytes layout, or
 // TILED in 16-row x 128-k tiles, cupyquant/tiled_4bit.py; table, scales, bias, out). Requires
 // K % 32 == 0 (TILED: K % 128 == 0 and N % 16 == 0) and 16-byte aligned A and packed.
 //
@@ -130,6 +130,7 @@ constexpr int kSBytes = 4 * kRows * kStageK / 32;  // a packed scale pair a 32-k
 constexpr int kScaleAhead = 6;                     // stages the scale warp fetches ahead
 constexpr int kStageBarrier = 1;                   // named barriers: the prologue's and each stage's (all threads)
 constexpr int kMmaBarrier = 2;                     // and the warpgroups', after the scale warp has left
+constexpr int kStoreBarrier = 3;                   // + warpgroup: a warpgroup's output box is staged (X_TMA)
 
 // The CTA's shape for TOKENS tokens (64, 128 or 256) on GROUPS warpgroups. 64: one warpgroup
 // computes both row blocks, two CTAs an SM; or two warpgroups, one row block each, one CTA an
@@ -288,6 +289,27 @@ __device__ __forceinline__ void tensor_copy(u32 dst, const XMap* map, int k, int
       : "memory");
 }
 
+// Four 8x8 blocks of 16-bit values from accumulator fragments (thread (g, t) holds row g,
+// columns 2t, 2t + 1 of block m in r[m]) into shared memory transposed: lane 8m + k gives the
+// address of column k of block m, whose 8 values land there as one 16-byte unit.
+__device__ __forceinline__ void store_matrix_x4_trans(u32 address, const u32 (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// The X_TMA build's output: one tensor store of a staged box (64 rows x T tokens) to (row,
+// token) of out's tensor map, which writes nothing past N and M. The issuing thread waits
+// until the box has been read out of shared memory (the CTA may then exit).
+__device__ __forceinline__ void tensor_store(const XMap* map, int row, int token, u32 src) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
+                   reinterpret_cast<u64>(map)),
+               "r"(row), "r"(token), "r"(src)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
 __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
   u32 done;
   do {
@@ -313,7 +335,8 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
                 const float* __restrict__ nested_absmax, const float* __restrict__ offset,
                 const u16* __restrict__ bias, u16* __restrict__ out, int M, int N, int K, int block_shift,
                 int has_bias, int ksplit, int token_chunks, float* __restrict__ partial, u32* __restrict__ counters,
-                int split_from, const __grid_constant__ XMap x_map) {
+                int split_from, const __grid_constant__ XMap x_map, const __grid_constant__ XMap out_map,
+                int store_by_map) {
   using S = WgmmaShape<TOKENS, GROUPS>;
   constexpr int kTokens = S::kTokens, kMmaThreads = S::kMmaThreads, kThreads = S::kThreads;
   constexpr int kXBytes = S::kXBytes, kBlocks = S::kBlocks, kAccs = S::kAccs;
@@ -635,6 +658,56 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   }
 
   // Epilogue: bias, one rounding.
+  // X_TMA builds, where out has a map (store_by_map: N % 8 == 0, out 16-byte aligned): each
+  // row block is staged in shared memory as out's box lands there (token r's rows 8u .. + 8 in
+  // unit u at sw128_offset(r, u)), four 8x8 blocks an stmatrix, and leaves in one tensor store.
+  // The staging reuses X buffers no wgmma reads any more: those after the last stage's (the
+  // other warpgroup may still run the last stage's wgmma; the stage barriers say the one before
+  // is done). Why: the threads' 2-byte stores, four tokens' 16 bytes a warp instruction, took
+  // ~6.4 us of a 256-token CTA's ~112 (H100, run 155 of NOTES_matmul_4bit.md).
+  if constexpr (X_TMA) {
+    if (store_by_map) {
+      const int m = lane >> 3, k = lane & 7;  // lane 8m + k: column k of block m of an stmatrix
+#pragma unroll
+      for (int b = 0; b < kBlocks; ++b) {
+        const int B = block_of(b);
+        const u32 box = xs + (u32)((stages + B) % kXStages) * kXBytes;
+        float bv[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = n0 + 64 * B + 16 * wq + g + 8 * h;
+          bv[h] = has_bias && row < N ? Fmt::to_float(bias[row]) : 0.0f;
+        }
+        // Block m of tokens 8j .. + 16: rows 16 wq + 8 (m % 2) .. + 8 (unit 2 wq + m % 2) of
+        // tokens 8 (j + m / 2) + k, whose row of the box r has r % 8 == k.
+        const u32 column = box + 1024 * (m >> 1) + 128 * k + (((2 * wq + (m & 1)) ^ k) << 4);
+#pragma unroll
+        for (int j = 0; j < kTokens / 8; j += 2) {
+          u32 r[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int i = 4 * (j + (q >> 1)) + 2 * (q & 1);
+            r[q] = pack2<Fmt>(__fadd_rn(acc[b][i], bv[q & 1]), __fadd_rn(acc[b][i + 1], bv[q & 1]));
+          }
+          store_matrix_x4_trans(column + 1024 * j, r);
+        }
+      }
+      fence_proxy_async();  // the staged boxes become visible to the tensor store (async proxy)
+      if (wg == 0) {  // (ids the compiler sees: a computed one reserves all 16 barriers)
+        named_barrier<128>(kStoreBarrier);
+      } else {
+        named_barrier<128>(kStoreBarrier + 1);
+      }
+      if (wq == 0 && lane == 0) {
+#pragma unroll
+        for (int b = 0; b < kBlocks; ++b) {
+          const int B = block_of(b);
+          tensor_store(&out_map, n0 + 64 * B, tok0, xs + (u32)((stages + B) % kXStages) * kXBytes);
+        }
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b)
 #pragma unroll
