@@ -361,14 +361,7 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   float* code2_s = reinterpret_cast<float*>(lut + 256 * 32);
   int* last_flag = reinterpret_cast<int*>(code2_s + 256);
   const u32 x_bars = shared_address(last_flag) + 16;  // X_TMA: the mbarrier of X buffer b at + 8 b
-  // At 256 tokens the byte table is filled after each role has sent its first loads (the
-  // first stages' weights and activations; the scale warpgroup's first scales), so that their
-  // trips to DRAM overlap the table's: a CTA's first wgmma 2.88 -> 2.56 us after its start
-  // (H100, 28672 x 8192 at 512 tokens, run 157 of NOTES_matmul_4bit.md). On 128 tokens and on
-  // 64 on two warpgroups it lost 2-3.5%; 64 on one warpgroup, at its register limit, spilled.
-  constexpr bool kFillLate = TOKENS == 256;
-  auto fill_table = [&]() { q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2); };
-  if constexpr (!kFillLate) fill_table();
+  q4::fill_byte_table<Fmt, NESTED, kThreads>(lut, code2_s, table, code2);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -543,7 +536,6 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
     u32 cr[kScaleAhead][kScaleRows][2];
 #pragma unroll
     for (int d = 0; d < kScaleAhead; ++d) fetch(d, vr[d], cr[d]);
-    if constexpr (kFillLate) fill_table();
     named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
     store(0, vr[0], cr[0]);
     store(1, vr[1], cr[1]);
@@ -578,7 +570,6 @@ gemm_4bit_wgmma(const u16* __restrict__ A, const u8* __restrict__ packed, const 
   copy_x(1);
   copy_w(2);
   cp_async_commit();
-  if constexpr (kFillLate) fill_table();
   named_barrier<kThreads>(kStageBarrier);  // the table and code2 are published
   cp_async_wait<1>();                      // X(0) and the packed weights of stages 0 and 1
   if constexpr (!X_TMA) fence_proxy_async();
