@@ -1030,8 +1030,8 @@ def _mma_launch(a_bits, fmt, M, N, K, packed, qs, bias_bits, out_bits, path: str
     zeroed arrival counters, :func:`_split_workspace`) in ``args``, allocated here from the
     current CuPy pool on the current stream (so a prepared launch never takes a split path).
     Fragment order launches ``permute_fragments`` here, on the current stream, and the
-    kernel's A is that copy; the X_TMA build of ``gemm_4bit_wgmma`` takes a tensor map of A
-    made here (so a prepared launch never takes those paths either).
+    kernel's A is that copy; the X_TMA build of ``gemm_4bit_wgmma`` takes tensor maps of A and
+    of the output made here (so a prepared launch never takes those paths either).
 
     ``tiled``: ``packed`` is in tile order (:mod:`cupyquant.tiled_4bit`), every path but
     "stage": up to 16 tokens ``gemm_4bit_small`` (always 8 warps a CTA up to 8 tokens, H100
@@ -1339,8 +1339,8 @@ class FusedLaunch:
     the given stream (cuLaunchKernel copies the parameters, so the block is reused). The
     per-call host cost is that one driver call. The prepared arguments assume a 16-byte
     aligned, contiguous A of M x K values (check with :meth:`accepts`). Launches that need a
-    buffer a call (a split-K workspace, A in fragment order) or a tensor map of A (the
-    X_TMA build of ``gemm_4bit_wgmma``) are never prepared (:func:`prepare_fused`).
+    buffer a call (a split-K workspace, A in fragment order) or tensor maps of A and the
+    output (the X_TMA build of ``gemm_4bit_wgmma``) are never prepared (:func:`prepare_fused`).
     """
 
     __slots__ = ("_function", "_dims", "_values", "_params", "_lock", "_keep")
@@ -1380,8 +1380,8 @@ def prepare_fused(fmt: str, M: int, packed: Any, quant_state: QuantState, has_bi
     weight ``packed`` / ``quant_state`` (bitsandbytes layout; ``tiled``: the tile order of
     :mod:`cupyquant.tiled_4bit`), or None where the fused kernels do not apply (M above
     :func:`fused_max_m`, empty shapes; a tiled weight at an odd address) or the launch needs
-    a buffer a call (split K, A in fragment order) or a tensor map of A. Call inside the
-    weight's device context."""
+    a buffer a call (split K, A in fragment order) or tensor maps of A and the output. Call
+    inside the weight's device context."""
     N, K = _weight_shape(quant_state)
     aligned = K % 32 == 0 and packed.data.ptr % 16 == 0  # A: FusedLaunch.accepts, per call
     if M < 1 or N == 0 or K == 0 or not _fused_applies(fmt, M, N, K, aligned):
