@@ -99,12 +99,12 @@ __all__ = ["matmul_4bit", "gemv_4bit", "matmul_4bit_bits", "fused_max_m", "prepa
 #   the general path for odd K is slower still).
 # * "tc-wgmma-512" (the same, N >= _TILE_MIN_N and K >= _WGMMA_LONG_K, where 512 tokens on
 #   256-token CTAs fill _WGMMA_FULL_WAVES of their waves, _wgmma_fills_waves; H100 run 49, the
-#   activations' bulk copies from an image pass, two m64n128k16 a k slice): wins at 320..512 on 8192x28672 (393 /
-#   383 / 378 at 320 / 384 / 512 vs 403 / 418 / 486) and 8192x8192 (118 / 126 vs 124 / 153 at
-#   320 / 512), at 384..512 on 28672x8192 (452 / 512 vs 477 / 550; 449 vs 436 at 320, a near
-#   tie; 456-490 with one m64n256k16), loses at 640 on all three (731 / 748 / 232 vs 664 /
-#   556 / 174). Where the grid leaves SMs idle it loses at 512: 11008x4096 (172 CTAs on 132
-#   SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
+#   activations' bulk copies from an image pass, two m64n128k16 a k slice): wins at 320..512
+#   on 8192x28672 (393 / 383 / 378 at 320 / 384 / 512 vs 403 / 418 / 486) and 8192x8192 (118
+#   / 126 vs 124 / 153 at 320 / 512), at 384..512 on 28672x8192 (452 / 512 vs 477 / 550; 449
+#   vs 436 at 320, a near tie; 456-490 with one m64n256k16), loses at 640 on all three (731 /
+#   748 / 232 vs 664 / 556 / 174). Where the grid leaves SMs idle it loses at 512: 11008x4096
+#   (172 CTAs on 132 SMs: 128 vs 106), 5120x13824 (80 CTAs: 188 vs 161).
 _FUSED_MAX_M = {"tc": 32, "tc-wgmma": 128, "tc-wgmma-256": 256, "tc-wgmma-512": 512, "tc-tile": 192,
                 "gemv-float32": 4, "gemv-16bit": 1}  # fmt: skip
 _WGMMA_FULL_WAVES = 0.8
@@ -919,7 +919,7 @@ def _wgmma_out_map(out_bits: Any, M: int, N: int, tokens: int) -> np.ndarray | N
     (H100, run 155 of NOTES_matmul_4bit.md)."""
     if N % 8 or out_bits.data.ptr % 16:
         return None
-    return _tensor_map.rows_map(out_bits.data.ptr, M, N, tokens, 64)  # boxes of a row block (64 rows)
+    return _tensor_map.rows_map(out_bits.data.ptr, M, N, tokens, _WGMMA_ROWS // 2)  # a box: one warpgroup's row block
 
 
 def _wgmma_path(path: str) -> tuple[int | None, int | None, int | None, int | None, bool | None]:
